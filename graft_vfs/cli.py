@@ -1,0 +1,212 @@
+"""The ``graft`` command line: run the server, move databases in and out, query, sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from graft_vfs.errors import GraftError
+
+REMOTE = click.option(
+    "--remote",
+    envvar="GRAFT_REMOTE",
+    required=True,
+    help="Graft server URL, e.g. http://127.0.0.1:3000 (env: GRAFT_REMOTE).",
+)
+REMOTE_OPTIONAL = click.option(
+    "--remote",
+    envvar="GRAFT_REMOTE",
+    default=None,
+    help="Graft server URL (env: GRAFT_REMOTE); without it only the local cache is used.",
+)
+CACHE = click.option(
+    "--cache",
+    "cache_dir",
+    envvar="GRAFT_CACHE_DIR",
+    default=os.path.join(os.path.expanduser("~"), ".cache", "graft"),
+    show_default=True,
+    help="Local cache directory (env: GRAFT_CACHE_DIR).",
+)
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Report graft errors as one line on stderr and exit 1, without a traceback."""
+    import functools
+
+    import apsw
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (GraftError, apsw.Error) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, sort_keys=True))
+
+
+@click.group()
+@click.version_option(package_name="graft-vfs")
+def main() -> None:
+    """graft: lazily replicated SQLite volumes on object storage."""
+
+
+@main.command()
+@click.option(
+    "--store",
+    default="./graft-data",
+    show_default=True,
+    help="Where volumes live: a directory (the embedded default) or file:// URL.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=3000, show_default=True, type=int, help="Port (0: any free port).")
+@click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
+@_fail_cleanly
+def server(store: str, host: str, port: int, log_level: str) -> None:
+    """Run the graft server (stateless: everything is in the store)."""
+    from server.app import serve
+
+    serve(store, host=host, port=port, log_level=log_level)
+
+
+@main.command("import")
+@click.argument("database", type=click.Path(dir_okay=False))
+@click.argument("volume")
+@REMOTE
+@click.option("--replace", is_flag=True, help="Commit over an existing volume as its next LSN.")
+@_fail_cleanly
+def import_(database: str, volume: str, remote: str, replace: bool) -> None:
+    """Import a SQLite DATABASE file as VOLUME."""
+    from graft_vfs.remote import Remote
+    from graft_vfs.transfer import import_database
+
+    size = os.path.getsize(database) if os.path.isfile(database) else 0
+    with click.progressbar(length=max(size // 4096, 1), label="reading", file=sys.stderr) as bar:
+        lsn = import_database(Remote(remote), database, volume, replace=replace, progress=bar.update)
+    _echo_json({"volume": volume, "lsn": lsn, "pages": size // 4096})
+
+
+@main.command()
+@click.argument("volume")
+@click.argument("output", type=click.Path(dir_okay=False))
+@REMOTE
+@click.option("--lsn", type=int, default=None, help="Export this past LSN (default: latest).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@_fail_cleanly
+def export(volume: str, output: str, remote: str, lsn: int | None, force: bool) -> None:
+    """Export VOLUME to a SQLite file OUTPUT."""
+    from graft_vfs.remote import Remote
+    from graft_vfs.transfer import export_database
+
+    client = Remote(remote)
+    total = client.snapshot(volume).page_count if lsn is None else 0
+    with click.progressbar(length=max(total, 1), label="writing", file=sys.stderr) as bar:
+        got = export_database(
+            client, volume, output, lsn=lsn, overwrite=force, progress=bar.update
+        )
+    _echo_json({"volume": volume, "lsn": got, "file": output})
+
+
+@main.command()
+@click.argument("volume")
+@click.argument("statements")
+@REMOTE_OPTIONAL
+@CACHE
+@click.option("--json", "as_json", is_flag=True, help="Print rows as JSON objects, one a line.")
+@_fail_cleanly
+def sql(volume: str, statements: str, remote: str | None, cache_dir: str, as_json: bool) -> None:
+    """Run SQL STATEMENTS on VOLUME and print the rows; writes are pushed before exit."""
+    import graft_vfs
+
+    con = graft_vfs.connect(volume, remote=remote, cache_dir=cache_dir)
+    cursor = con.cursor()
+    for row in cursor.execute(statements):
+        if as_json:
+            names = [d[0] for d in cursor.get_description()]
+            click.echo(json.dumps(dict(zip(names, row)), default=_json_value))
+        else:
+            click.echo("|".join("" if v is None else str(_json_value(v)) for v in row))
+    if remote:
+        from graft_vfs import sync
+
+        vol = graft_vfs.runtime_of(_vfs_name(con)).volume(volume, create=False)
+        if vol.refresh().pending:
+            sync.push(vol)
+
+
+def _vfs_name(con: Any) -> str:
+    return con.open_vfs
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.hex()
+    return v
+
+
+def _open_volume(volume: str, remote: str | None, cache_dir: str) -> Any:
+    from graft_vfs.runtime import Runtime
+
+    runtime = Runtime(remote, cache_dir)
+    return runtime, runtime.volume(volume, create=False)
+
+
+@main.command()
+@click.argument("volume")
+@REMOTE_OPTIONAL
+@CACHE
+@_fail_cleanly
+def status(volume: str, remote: str | None, cache_dir: str) -> None:
+    """Show VOLUME's sync state in the local cache (JSON)."""
+    runtime, vol = _open_volume(volume, remote, cache_dir)
+    try:
+        out = vol.status()
+        if remote:
+            out["server_lsn"] = runtime.require_remote().snapshot(volume).lsn
+        _echo_json(out)
+    finally:
+        runtime.close()
+
+
+def _sync_command(name: str, doc: str) -> None:
+    @main.command(name=name, help=doc)
+    @click.argument("volume")
+    @REMOTE
+    @CACHE
+    @_fail_cleanly
+    def command(volume: str, remote: str, cache_dir: str) -> None:
+        from graft_vfs import sync
+
+        runtime, vol = _open_volume(volume, remote, cache_dir)
+        try:
+            _echo_json(getattr(sync, name)(vol))
+        finally:
+            runtime.close()
+
+
+_sync_command("pull", "Pull VOLUME's latest snapshot from the server (changed-page bitmap only).")
+_sync_command("push", "Push VOLUME's local commits to the server as one commit.")
+_sync_command("reset", "Discard VOLUME's unpushed local commits and take the server's latest.")
+
+
+@main.command()
+@REMOTE
+@_fail_cleanly
+def volumes(remote: str) -> None:
+    """List the volumes on the server (JSON)."""
+    from graft_vfs.remote import Remote
+
+    _echo_json(Remote(remote).list_volumes())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Segments: immutable objects of zstd-compressed pages with an index and checksums.
+
+Layout (all integers big-endian)::
+
+    b"GRFTSEG1" | u32 count | u32 index_len | index | u32 crc32(everything before) | blobs
+
+``index`` is msgpack: a list of ``[page, offset, length, crc32]`` with absolute byte
+offsets of each page's zstd frame, sorted by page. Each page is compressed on its own,
+so a reader can fetch one page, or a run of adjacent pages, with one ranged read.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import msgpack
+import zstandard
+
+from graft_vfs.core.ids import PAGE_SIZE
+from graft_vfs.errors import CorruptData, InvalidRequest
+
+MAGIC = b"GRFTSEG1"
+_HEADER = struct.Struct(">8sII")
+HEADER_SIZE = _HEADER.size
+ZSTD_LEVEL = 3
+MAX_SEGMENT_PAGES = 1 << 20
+
+
+class Entry(NamedTuple):
+    """Where one page's compressed frame lives inside a segment."""
+
+    page: int
+    offset: int
+    length: int
+    crc: int
+
+
+def encode_segment(pages: Iterable[tuple[int, bytes]]) -> tuple[bytes, list[Entry]]:
+    """Build a segment from ``(page, 4096 bytes)`` pairs; returns (bytes, index)."""
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    items = sorted(pages)
+    blobs = []
+    for page, data in items:
+        if len(data) != PAGE_SIZE:
+            raise InvalidRequest(f"page {page} has {len(data)} bytes, expected {PAGE_SIZE}")
+        blobs.append(cctx.compress(data))
+    # The index holds absolute offsets, which depend on the index's own size:
+    # msgpack ints grow with value, so iterate until the size is stable.
+    index_len = 0
+    while True:
+        start = HEADER_SIZE + index_len + 4
+        entries = []
+        off = start
+        for (page, _), blob in zip(items, blobs):
+            entries.append(Entry(page, off, len(blob), zlib.crc32(blob)))
+            off += len(blob)
+        packed = msgpack.packb([list(e) for e in entries])
+        if len(packed) == index_len:
+            break
+        index_len = len(packed)
+    head = _HEADER.pack(MAGIC, len(entries), index_len) + packed
+    head += struct.pack(">I", zlib.crc32(head))
+    return head + b"".join(blobs), entries
+
+
+def segment_head_size(prefix: bytes) -> int:
+    """From the first HEADER_SIZE bytes, how many bytes hold the header and index."""
+    magic, _count, index_len = _parse_header(prefix)
+    return HEADER_SIZE + index_len + 4
+
+
+def _parse_header(prefix: bytes) -> tuple[bytes, int, int]:
+    if len(prefix) < HEADER_SIZE:
+        raise CorruptData("segment is truncated (no header)")
+    magic, count, index_len = _HEADER.unpack_from(prefix)
+    if magic != MAGIC:
+        raise CorruptData("not a graft segment (bad magic)")
+    if count > MAX_SEGMENT_PAGES or index_len > count * 32 + 16:
+        raise CorruptData("segment header is out of range")
+    return magic, count, index_len
+
+
+def decode_index(head: bytes) -> list[Entry]:
+    """Parse and verify a segment's header and index (the first bytes of it)."""
+    _, count, index_len = _parse_header(head)
+    end = HEADER_SIZE + index_len
+    if len(head) < end + 4:
+        raise CorruptData("segment is truncated (index)")
+    (crc,) = struct.unpack_from(">I", head, end)
+    if zlib.crc32(head[:end]) != crc:
+        raise CorruptData("segment index checksum mismatch")
+    try:
+        raw = msgpack.unpackb(head[HEADER_SIZE:end])
+        entries = [Entry(int(p), int(o), int(n), int(c)) for p, o, n, c in raw]
+    except Exception as exc:
+        raise CorruptData("segment index is unreadable") from exc
+    if len(entries) != count:
+        raise CorruptData("segment index count mismatch")
+    return entries
+
+
+def decode_page(entry: Entry, blob: bytes) -> bytes:
+    """Verify and decompress one page's frame; never returns wrong data."""
+    if len(blob) != entry.length or zlib.crc32(blob) != entry.crc:
+        raise CorruptData(f"checksum mismatch for page {entry.page}")
+    try:
+        data = zstandard.ZstdDecompressor().decompress(blob, max_output_size=PAGE_SIZE)
+    except zstandard.ZstdError as exc:
+        raise CorruptData(f"page {entry.page} does not decompress") from exc
+    if len(data) != PAGE_SIZE:
+        raise CorruptData(f"page {entry.page} decompressed to {len(data)} bytes")
+    return data
+
+
+def decode_segment(data: bytes) -> list[tuple[int, bytes]]:
+    """Verify a whole segment and return its ``(page, bytes)`` pairs, sorted by page."""
+    entries = decode_index(data)
+    pages = []
+    last = -1
+    end = segment_head_size(data)
+    for e in entries:
+        if e.page <= last or e.offset != end:
+            raise CorruptData("segment index is not contiguous and sorted")
+        last = e.page
+        end = e.offset + e.length
+        pages.append((e.page, decode_page(e, data[e.offset : e.offset + e.length])))
+    if end != len(data):
+        raise CorruptData("segment length does not match its index")
+    return pages

@@ -1,0 +1,221 @@
+"""HTTP client of the graft server: pooled keep-alive connections, retries, timeouts.
+
+This is the boundary where transport errors and error responses become graft_vfs
+exceptions; nothing above it sees urllib3.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import msgpack
+import urllib3
+from pyroaring import BitMap
+from urllib3.util.retry import Retry
+
+from graft_vfs.core.graft import decode_graft, encode_graft
+from graft_vfs.core.ids import validate_volume_id
+from graft_vfs.core.pages import ZERO_PAGE
+from graft_vfs.core.segment import Entry, decode_page, encode_segment
+from graft_vfs.errors import (
+    CommitConflict,
+    CorruptData,
+    GraftError,
+    InvalidRequest,
+    InvalidVolumeId,
+    RemoteError,
+    SnapshotNotFound,
+    VolumeNotFound,
+)
+
+MSGPACK = "application/x-msgpack"
+MAX_PAGES_PER_READ = 4096
+# Pushes whose segment would exceed this go as several uploaded segments plus a
+# small commit request, so no single request body grows with the push.
+MAX_INLINE_PAGES = 2048
+
+_ERRORS: dict[str, type[GraftError]] = {
+    "invalid_request": InvalidRequest,
+    "invalid_volume_id": InvalidVolumeId,
+    "volume_not_found": VolumeNotFound,
+    "snapshot_not_found": SnapshotNotFound,
+    "corrupt_data": CorruptData,
+}
+
+
+@dataclass
+class Snapshot:
+    """The server's view of a volume at one LSN."""
+
+    vid: str
+    lsn: int
+    page_count: int
+
+
+@dataclass
+class Transfer:
+    """What one request moved, for the caller's statistics."""
+
+    requests: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+
+
+class Remote:
+    """A client of one graft server URL; safe to share between threads."""
+
+    def __init__(
+        self, url: str, *, timeout: float = 30.0, retries: int = 4, token: str | None = None
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise InvalidRequest(f"remote URL must start with http:// or https://, got {url!r}")
+        self.url = url.rstrip("/")
+        # Every endpoint is safe to retry: reads are pure, and a retried commit carries
+        # the same content hash, which the server recognises instead of applying twice.
+        retry = Retry(
+            total=retries,
+            connect=retries,
+            read=retries,
+            status=retries,
+            backoff_factor=0.2,
+            status_forcelist=(502, 503, 504),
+            allowed_methods=None,
+            raise_on_status=False,
+        )
+        self._pool = urllib3.PoolManager(
+            num_pools=4,
+            maxsize=8,
+            retries=retry,
+            timeout=urllib3.Timeout(connect=5.0, read=timeout),
+        )
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def close(self) -> None:
+        self._pool.clear()
+
+    # -- transport ------------------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: dict | bytes | None = None,
+        transfer: Transfer | None = None,
+        content_type: str = MSGPACK,
+    ) -> dict:
+        headers = dict(self._headers)
+        data = None
+        if body is not None:
+            data = body if isinstance(body, bytes) else msgpack.packb(body)
+            headers["Content-Type"] = content_type
+        try:
+            resp = self._pool.request(method, self.url + path, body=data, headers=headers)
+        except urllib3.exceptions.HTTPError as exc:
+            raise RemoteError(f"graft server {self.url} unreachable: {exc}") from exc
+        if transfer is not None:
+            transfer.requests += 1
+            transfer.bytes_received += len(resp.data)
+            transfer.bytes_sent += len(data or b"")
+        if resp.status >= 400:
+            raise self._error(resp)
+        try:
+            if resp.headers.get("Content-Type", "").startswith("application/json"):
+                return json.loads(resp.data)
+            return msgpack.unpackb(resp.data)
+        except Exception as exc:
+            raise RemoteError(f"graft server sent an unreadable response to {path}") from exc
+
+    def _error(self, resp: urllib3.BaseHTTPResponse) -> GraftError:
+        try:
+            info = json.loads(resp.data)
+            code, message = info.get("error"), info.get("message", "")
+        except Exception:
+            info, code, message = {}, None, resp.data[:200].decode("utf-8", "replace")
+        if code == "conflict":
+            return CommitConflict(message or "commit conflict", info.get("latest_lsn"))
+        cls = _ERRORS.get(code or "")
+        if cls is not None:
+            return cls(message)
+        return RemoteError(f"graft server answered {resp.status}: {message}", resp.status)
+
+    # -- API ------------------------------------------------------------------------
+
+    def health(self) -> dict:
+        return self._call("GET", "/v1/health")
+
+    def list_volumes(self) -> list[dict]:
+        return self._call("GET", "/v1/volumes")["volumes"]
+
+    def snapshot(self, vid: str, transfer: Transfer | None = None) -> Snapshot:
+        d = self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}", transfer=transfer)
+        return Snapshot(vid, int(d["lsn"]), int(d["page_count"]))
+
+    def pull(
+        self, vid: str, since: int, transfer: Transfer | None = None
+    ) -> tuple[Snapshot, BitMap]:
+        """The latest snapshot and the pages changed in ``(since, latest]``."""
+        d = self._call(
+            "POST", f"/v1/volumes/{validate_volume_id(vid)}/pull", {"since": since}, transfer
+        )
+        return Snapshot(vid, int(d["lsn"]), int(d["page_count"])), decode_graft(d["graft"])
+
+    def read_pages(
+        self, vid: str, lsn: int, pages: Iterable[int], transfer: Transfer | None = None
+    ) -> dict[int, tuple[int, bytes]]:
+        """Pages as of ``lsn``: ``{page: (version_lsn, 4096 bytes)}``, each verified."""
+        wanted = BitMap(pages)
+        out: dict[int, tuple[int, bytes]] = {}
+        path = f"/v1/volumes/{validate_volume_id(vid)}/read"
+        ordered = list(wanted)
+        for i in range(0, len(ordered), MAX_PAGES_PER_READ):
+            chunk = ordered[i : i + MAX_PAGES_PER_READ]
+            d = self._call("POST", path, {"lsn": lsn, "pages": encode_graft(chunk)}, transfer)
+            for page, version, crc, frame in d["pages"]:
+                if frame:
+                    data = decode_page(Entry(page, 0, len(frame), crc), frame)
+                else:
+                    data = ZERO_PAGE
+                out[page] = (version, data)
+        missing = wanted - BitMap(out.keys())
+        if missing:
+            raise RemoteError(f"graft server did not return pages {list(missing)[:10]}")
+        return out
+
+    def log_entry(self, vid: str, lsn: int) -> dict | None:
+        try:
+            return self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}/log/{int(lsn)}")
+        except (SnapshotNotFound, VolumeNotFound):
+            return None
+
+    def commit(
+        self,
+        vid: str,
+        base: int,
+        page_count: int,
+        pages: dict[int, bytes],
+        digest: bytes,
+        transfer: Transfer | None = None,
+    ) -> int:
+        """Commit ``pages`` on top of ``base``; returns the new LSN or raises CommitConflict.
+
+        ``digest`` is ``core.commit.commit_hash`` of the commit: a retry with the same
+        digest after a lost response is recognised by the server, never applied twice.
+        """
+        validate_volume_id(vid)
+        body: dict = {"base": base, "page_count": page_count, "hash": digest}
+        items = sorted(pages.items())
+        if len(items) <= MAX_INLINE_PAGES:
+            body["segment"] = encode_segment(items)[0]
+        else:
+            sids = []
+            for i in range(0, len(items), MAX_INLINE_PAGES):
+                seg, _ = encode_segment(items[i : i + MAX_INLINE_PAGES])
+                d = self._call(
+                    "POST", "/v1/segments", seg, transfer, content_type="application/octet-stream"
+                )
+                sids.append(d["sid"])
+            body["segments"] = sids
+        d = self._call("POST", f"/v1/volumes/{vid}/commit", body, transfer)
+        return int(d["lsn"])

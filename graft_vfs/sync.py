@@ -1,0 +1,123 @@
+"""Push, pull and reset: moving a volume between the local store and the server.
+
+Push sends the union of the pending local commits as one remote commit (a roll-up),
+based on the last remote LSN this client synced with. Before sending, the push is
+recorded as an intent (target local LSN, base, content hash), so a client killed
+after the server accepted it retries the same commit, which the server recognises
+by its hash instead of applying it twice.
+
+Pull never overwrites unpushed local commits: the volume is reported diverged and
+the user chooses (``graft_reset`` discards the local commits).
+"""
+
+from __future__ import annotations
+
+from graft_vfs.core.commit import commit_hash
+from graft_vfs.errors import CommitConflict, Diverged
+from graft_vfs.faults import crash_point
+from graft_vfs.local import PushIntent
+from graft_vfs.remote import Transfer
+from graft_vfs.volume import Volume
+
+
+def _diverged_message(vol: Volume, latest: int | None) -> str:
+    row = vol.row
+    where = f"the server is at LSN {latest}" if latest is not None else "the server moved on"
+    return (
+        f"volume {vol.vid!r} diverged: {row.pending} local commit(s) were made on remote "
+        f"LSN {row.remote_lsn} and {where}; PRAGMA graft_reset (or `graft reset`) "
+        "discards them and takes the server's latest"
+    )
+
+
+def push(vol: Volume) -> dict:
+    """Push pending local commits as one remote commit; raises Diverged on conflict."""
+    remote = vol.runtime.require_remote()
+    with vol.sync_lock:
+        row = vol.refresh()
+        intent = row.push_intent
+        if intent is not None:
+            target, base = intent["local_lsn"], intent["base"]
+        elif row.pending == 0:
+            return {"pushed": False, "remote_lsn": row.remote_lsn, "local_lsn": row.local_lsn}
+        elif row.diverged:
+            raise Diverged(_diverged_message(vol, None))
+        else:
+            target, base = row.local_lsn, row.remote_lsn
+        local = vol.local
+        page_count = local.page_count_at(vol.id, target)
+        changed = [p for p in local.pending_changes(vol.id, row.sync_lsn, target) if p < page_count]
+        pages = local.pages_at(vol.id, changed, target)
+        digest = commit_hash(vol.vid, base, page_count, pages.items())
+        local.set_push_intent(vol.id, PushIntent(target, base, digest))
+        crash_point("client.push.before_send")
+        transfer = Transfer()
+        try:
+            remote_lsn = remote.commit(vol.vid, base, page_count, pages, digest, transfer)
+        except CommitConflict as exc:
+            local.set_push_intent(vol.id, None)
+            local.set_diverged(vol.id, True)
+            vol.refresh()
+            raise Diverged(_diverged_message(vol, exc.latest_lsn)) from exc
+        finally:
+            vol.stats.count(transfer)
+        crash_point("client.push.after_ack")
+        local.record_push(vol.id, target, remote_lsn)
+        vol.stats.commits_pushed += 1
+        vol.stats.pages_pushed += len(pages)
+        vol.refresh()
+        return {
+            "pushed": True,
+            "remote_lsn": remote_lsn,
+            "local_lsn": target,
+            "local_commits": target - row.sync_lsn,
+            "pages": len(pages),
+        }
+
+
+def pull(vol: Volume) -> dict:
+    """Take the server's latest snapshot (metadata and changed-page bitmap only)."""
+    remote = vol.runtime.require_remote()
+    with vol.sync_lock:
+        row = vol.refresh()
+        if row.push_intent is not None:
+            push(vol)  # finish the push in flight first: it may have landed
+            row = vol.refresh()
+        transfer = Transfer()
+        try:
+            snap, changed = remote.pull(vol.vid, row.remote_lsn, transfer)
+        finally:
+            vol.stats.count(transfer)
+        if snap.lsn == row.remote_lsn:
+            return {"pulled": False, "remote_lsn": snap.lsn, "local_lsn": row.local_lsn}
+        if row.pending:
+            vol.local.set_diverged(vol.id, True)
+            vol.refresh()
+            raise Diverged(_diverged_message(vol, snap.lsn))
+        lsn = vol.local.apply_pull(vol.id, snap.lsn, snap.page_count, changed)
+        vol.advance(lsn, snap.page_count, changed)
+        vol.stats.commits_pulled += snap.lsn - row.remote_lsn
+        vol.refresh()
+        return {
+            "pulled": True,
+            "remote_lsn": snap.lsn,
+            "local_lsn": lsn,
+            "changed_pages": len(changed),
+            "page_count": snap.page_count,
+        }
+
+
+def reset(vol: Volume) -> dict:
+    """Discard unpushed local commits and take the server's latest snapshot."""
+    with vol.sync_lock:
+        row = vol.refresh()
+        discarded = row.pending
+        result = vol.local.discard_pending(vol.id)
+        if result is not None:
+            lsn, changed = result
+            vol.advance(lsn, vol.local.page_count_at(vol.id, lsn), changed)
+        vol.refresh()
+        out = {"discarded_commits": discarded}
+        if vol.runtime.remote is not None:
+            out.update(pull(vol))
+        return out

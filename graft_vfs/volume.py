@@ -1,0 +1,184 @@
+"""One volume inside a runtime: its snapshot, page reads, local commits and statistics.
+
+The hot path (pin a snapshot, read a cached page, page count) touches only memory:
+``snapshot`` is one tuple swapped atomically, and the page cache is an LRU of
+``page -> (row_lsn, data)`` that is valid for every snapshot at or after ``row_lsn``
+because every change to a page (commit, pull, reset) replaces or evicts its entry.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from pyroaring import BitMap
+
+from graft_vfs.core.pages import ZERO_PAGE
+from graft_vfs.faults import crash_point
+from graft_vfs.local import VolumeRow
+from graft_vfs.remote import Transfer
+
+if TYPE_CHECKING:
+    from graft_vfs.runtime import Runtime
+
+
+@dataclass
+class Stats:
+    """Counters reported by ``PRAGMA graft_stats``."""
+
+    pages_fetched: int = 0
+    bytes_fetched: int = 0
+    requests: int = 0
+    cache_hits: int = 0  # pages served from memory
+    local_hits: int = 0  # pages served from the local store on disk
+    cache_misses: int = 0  # pages that had to come from the server
+    commits_local: int = 0
+    commits_pushed: int = 0
+    pages_pushed: int = 0
+    bytes_pushed: int = 0
+    commits_pulled: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def count(self, t: Transfer) -> None:
+        self.requests += t.requests
+        self.bytes_fetched += t.bytes_received
+        self.bytes_pushed += t.bytes_sent
+
+
+class Volume:
+    """A volume opened by a runtime; shared by all its connections in the process."""
+
+    def __init__(self, runtime: Runtime, row: VolumeRow, cache_pages: int) -> None:
+        self.runtime = runtime
+        self.local = runtime.local
+        self.vid = row.vid
+        self.id = row.id
+        self.row = row
+        # (local LSN, page count) of the latest local snapshot; replaced, never mutated.
+        self.snapshot: tuple[int, int] = (row.local_lsn, row.page_count)
+        self.lock = threading.RLock()
+        self.writer = threading.Lock()  # one writer per volume per process
+        self.sync_lock = threading.RLock()  # one push/pull/reset at a time
+        self.cache: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
+        self.cache_pages = cache_pages
+        self.stats = Stats()
+        self.last_error: str | None = None
+
+    # -- reads ----------------------------------------------------------------------
+
+    def read_page(self, pageno: int, lsn: int) -> bytes:
+        """Page ``pageno`` as of local snapshot ``lsn`` (memory, then disk, then server)."""
+        entry = self.cache.get(pageno)
+        if entry is not None and entry[0] <= lsn:
+            self.stats.cache_hits += 1
+            return entry[1]
+        row = self.local.read_page(self.id, pageno, lsn)
+        if row is not None and row[1] is not None:
+            self.stats.local_hits += 1
+            self._remember(pageno, row[0], row[1], lsn)
+            return row[1]
+        return self._fetch(pageno, lsn, row[0] if row else None)
+
+    def peek_page(self, pageno: int, lsn: int) -> bytes | None:
+        """The page at ``lsn`` if it is available without the network, else None."""
+        entry = self.cache.get(pageno)
+        if entry is not None and entry[0] <= lsn:
+            return entry[1]
+        row = self.local.read_page(self.id, pageno, lsn)
+        return row[1] if row is not None else None
+
+    def _fetch(self, pageno: int, lsn: int, marker: int | None) -> bytes:
+        remote = self.runtime.require_remote()
+        self.stats.cache_misses += 1
+        sync_local, sync_remote = self.local.sync_point(self.id, lsn)
+        transfer = Transfer()
+        try:
+            got = remote.read_pages(self.vid, sync_remote, [pageno], transfer)
+        finally:
+            self.stats.count(transfer)
+        self.stats.pages_fetched += len(got)
+        # The content as of sync_remote is the content from the marker (the latest
+        # known change at or before lsn) or, with no marker, from the sync point.
+        row_lsn = marker if marker is not None else sync_local
+        data = got[pageno][1]
+        self.local.store_fetched(self.id, [(pageno, row_lsn, data)])
+        self._remember(pageno, row_lsn, data, lsn)
+        return data
+
+    def _remember(self, pageno: int, row_lsn: int, data: bytes, lsn: int) -> None:
+        # Only a reader at the latest snapshot may fill the cache: an older reader's
+        # page may already have been replaced by a newer commit.
+        with self.lock:
+            if lsn != self.snapshot[0]:
+                return
+            self._cache_put(pageno, row_lsn, data)
+
+    def _cache_put(self, pageno: int, row_lsn: int, data: bytes) -> None:
+        cache = self.cache
+        cache[pageno] = (row_lsn, data)
+        cache.move_to_end(pageno)
+        while len(cache) > self.cache_pages:
+            cache.popitem(last=False)
+
+    # -- writes ---------------------------------------------------------------------
+
+    def commit(self, base: int, pages: dict[int, bytes], page_count: int) -> tuple[int, int]:
+        """Durably commit ``pages`` locally on top of ``base``; returns the new snapshot."""
+        lsn = self.local.commit(self.id, base, pages, page_count)
+        with self.lock:
+            for pageno, data in pages.items():
+                self._cache_put(pageno, lsn, data)
+            self.snapshot = (lsn, page_count)
+            self.row.local_lsn = lsn
+            self.row.page_count = page_count
+        self.stats.commits_local += 1
+        crash_point("client.commit.after_local")
+        self.runtime.schedule_push(self)
+        return self.snapshot
+
+    def advance(self, lsn: int, page_count: int, changed: BitMap) -> None:
+        """A pull or reset made ``lsn`` the latest local snapshot, changing ``changed``."""
+        with self.lock:
+            for pageno in changed:
+                self.cache.pop(pageno, None)
+            self.snapshot = (lsn, page_count)
+
+    def refresh(self) -> VolumeRow:
+        """Reload the sync state from the local store."""
+        row = self.local.load_volume(self.vid)
+        assert row is not None
+        with self.lock:
+            self.row = row
+        return row
+
+    # -- reads at a past LSN that the local log does not hold --------------------------
+
+    def read_remote_page(self, pageno: int, remote_lsn: int) -> bytes:
+        remote = self.runtime.require_remote()
+        transfer = Transfer()
+        try:
+            got = remote.read_pages(self.vid, remote_lsn, [pageno], transfer)
+        finally:
+            self.stats.count(transfer)
+        self.stats.cache_misses += 1
+        self.stats.pages_fetched += 1
+        return got.get(pageno, (0, ZERO_PAGE))[1]
+
+    def status(self) -> dict:
+        row = self.refresh()
+        return {
+            "volume": self.vid,
+            "local_lsn": row.local_lsn,
+            "remote_lsn": row.remote_lsn,
+            "synced_local_lsn": row.sync_lsn,
+            "page_count": row.page_count,
+            "pending_push": row.pending,
+            "push_in_flight": row.push_intent is not None,
+            "diverged": row.diverged,
+            "last_error": self.last_error,
+        }
+

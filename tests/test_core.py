@@ -1,0 +1,127 @@
+"""The pure core: ids, segments, grafts, commit records, page-1 header fields."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pyroaring import BitMap
+
+from graft_vfs.core.commit import CommitRecord, SegmentRef, commit_hash
+from graft_vfs.core.graft import decode_graft, encode_graft
+from graft_vfs.core.ids import PAGE_SIZE, new_segment_id, validate_segment_id, validate_volume_id
+from graft_vfs.core.pages import check_database_header, same_page1, with_counter
+from graft_vfs.core.segment import decode_index, decode_segment, encode_segment
+from graft_vfs.errors import CorruptData, InvalidRequest, InvalidVolumeId, UnsupportedDatabase
+
+
+@pytest.mark.parametrize("name", ["orders", "a", "A.b-c_d", "9" * 128])
+def test_valid_volume_ids(name):
+    assert validate_volume_id(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "../x", "a/b", "..", "a..b", ".hidden", "-x", "x" * 129, "a b", "é", None, 3]
+)
+def test_invalid_volume_ids(name):
+    with pytest.raises(InvalidVolumeId, match="invalid volume name"):
+        validate_volume_id(name)
+
+
+@given(st.text(max_size=40))
+def test_volume_ids_never_escape_a_prefix(name):
+    try:
+        validate_volume_id(name)
+    except InvalidVolumeId:
+        return
+    assert "/" not in name and ".." not in name and name[0].isalnum()
+
+
+def test_segment_ids_are_unique_and_valid():
+    ids = {new_segment_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for sid in ids:
+        validate_segment_id(sid)
+    with pytest.raises(InvalidRequest):
+        validate_segment_id("../../etc/passwd")
+
+
+def _page(seed: int) -> bytes:
+    return (struct.pack(">I", seed) * (PAGE_SIZE // 4))[:PAGE_SIZE]
+
+
+def test_segment_roundtrip_and_random_access():
+    pages = [(p, _page(p)) for p in (7, 1, 300, 2)]
+    data, index = encode_segment(pages)
+    assert [e.page for e in index] == [1, 2, 7, 300]
+    assert decode_segment(data) == sorted(pages)
+    assert decode_index(data) == index
+    e = index[2]
+    from graft_vfs.core.segment import decode_page
+
+    assert decode_page(e, data[e.offset : e.offset + e.length]) == _page(7)
+
+
+def test_segment_corruption_is_detected_never_returned():
+    data, index = encode_segment([(p, os.urandom(64) * 64) for p in range(4)])
+    for pos in (3, 20, index[0].offset + 5, len(data) - 1):
+        flipped = bytearray(data)
+        flipped[pos] ^= 0x40
+        with pytest.raises(CorruptData):
+            decode_segment(bytes(flipped))
+    with pytest.raises(CorruptData):
+        decode_segment(data[:-10])
+
+
+def test_segment_refuses_wrong_page_size():
+    with pytest.raises(InvalidRequest):
+        encode_segment([(0, b"short")])
+
+
+@given(st.sets(st.integers(min_value=0, max_value=2**31 - 1), max_size=200))
+def test_graft_roundtrip(pages):
+    assert decode_graft(encode_graft(pages)) == BitMap(pages)
+
+
+@pytest.mark.parametrize("junk", [b"\x00\x01garbage", os.urandom(37), "text", 5])
+def test_malformed_graft_is_invalid_request(junk):
+    with pytest.raises(InvalidRequest):
+        decode_graft(junk)
+
+
+def test_commit_record_roundtrip_and_hash_is_content_based():
+    data, index = encode_segment([(0, _page(1)), (5, _page(2))])
+    rec = CommitRecord("orders", 3, 6, b"h" * 32, 1.5, [SegmentRef(new_segment_id(), index)])
+    back = CommitRecord.decode(rec.encode())
+    assert back == rec and list(back.pages()) == [0, 5]
+    h1 = commit_hash("orders", 2, 6, [(5, _page(2)), (0, _page(1))])
+    assert h1 == commit_hash("orders", 2, 6, [(0, _page(1)), (5, _page(2))])
+    assert h1 != commit_hash("orders", 2, 6, [(0, _page(1)), (5, _page(3))])
+    assert h1 != commit_hash("orders", 3, 6, [(0, _page(1)), (5, _page(2))])
+    with pytest.raises(CorruptData):
+        CommitRecord.decode(b"\x93garbage")
+
+
+def test_page1_counter_fields_are_served_from_the_snapshot():
+    page1 = bytearray(os.urandom(PAGE_SIZE))
+    served = with_counter(bytes(page1), 77)
+    assert served[24:28] == served[92:96] == struct.pack(">I", 77)
+    assert same_page1(bytes(page1), served)
+    page1[28] ^= 1  # the in-header database size is real content
+    assert not same_page1(bytes(page1), served)
+
+
+def test_database_header_checks_say_how_to_fix():
+    header = bytearray(b"SQLite format 3\x00" + bytes(84))
+    header[16:18] = struct.pack(">H", 1024)
+    with pytest.raises(UnsupportedDatabase, match="VACUUM INTO"):
+        check_database_header(bytes(header), "app.db")
+    header[16:18] = struct.pack(">H", 4096)
+    header[18] = header[19] = 2
+    with pytest.raises(UnsupportedDatabase, match="journal_mode=DELETE"):
+        check_database_header(bytes(header), "app.db")
+    with pytest.raises(UnsupportedDatabase, match="not a SQLite database"):
+        check_database_header(b"hello" * 30, "notes.txt")
