@@ -132,8 +132,8 @@ def connect(
         flags |= apsw.SQLITE_OPEN_READONLY
     else:
         flags |= apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
-    uri = f"file:{volume}?vfs={name}" + (f"&lsn={int(lsn)}" if lsn is not None else "")
-    con = apsw.Connection(uri, flags=flags)
+    uri = f"file:{volume}" + (f"?lsn={int(lsn)}" if lsn is not None else "")
+    con = apsw.Connection(uri, flags=flags, vfs=name)  # con.open_vfs names the client
     con.execute("PRAGMA journal_mode=MEMORY").fetchall()
     return con
 

@@ -15,7 +15,7 @@ import urllib3
 from pyroaring import BitMap
 from urllib3.util.retry import Retry
 
-from graft_vfs.core.graft import decode_graft, encode_graft
+from graft_vfs.core.graft import MAX_PAGES_PER_READ, decode_graft, encode_graft
 from graft_vfs.core.ids import validate_volume_id
 from graft_vfs.core.pages import ZERO_PAGE
 from graft_vfs.core.segment import Entry, decode_page, encode_segment
@@ -31,7 +31,6 @@ from graft_vfs.errors import (
 )
 
 MSGPACK = "application/x-msgpack"
-MAX_PAGES_PER_READ = 4096
 # Pushes whose segment would exceed this go as several uploaded segments plus a
 # small commit request, so no single request body grows with the push.
 MAX_INLINE_PAGES = 2048

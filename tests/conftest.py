@@ -20,7 +20,7 @@ STARTUP_TIMEOUT = 30.0
 
 @dataclass
 class ServerProcess:
-    """A ``python -m server`` child process, stopped by PID."""
+    """A ``graft server`` child process on 127.0.0.1, stopped by PID."""
 
     store: str
     port: int = 0
@@ -35,7 +35,8 @@ class ServerProcess:
         env = {**os.environ, **self.env, **extra_env}
         if "GRAFT_CRASH_AT" not in extra_env:
             env.pop("GRAFT_CRASH_AT", None)
-        cmd = [sys.executable, "-m", "server", "--store", self.store, "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "graft_vfs.cli", "server", "--store", self.store]
+        cmd += ["--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         assert self.proc.stdout is not None

@@ -6,7 +6,7 @@ import os
 import re
 import time
 
-from graft_vfs.errors import InvalidVolumeId
+from graft_vfs.errors import InvalidRequest, InvalidVolumeId
 
 PAGE_SIZE = 4096
 
@@ -38,7 +38,6 @@ _SEGMENT_ID = re.compile(r"[0-9a-f]{32}")
 
 def validate_segment_id(sid: object) -> str:
     if not isinstance(sid, str) or not _SEGMENT_ID.fullmatch(sid):
-        from graft_vfs.errors import InvalidRequest
-
-        raise InvalidRequest(f"invalid segment id {sid!r}")
+        shown = repr(sid)[:40] if isinstance(sid, str) else f"a {type(sid).__name__}"
+        raise InvalidRequest(f"invalid segment id {shown}: expected 32 lowercase hex digits")
     return sid

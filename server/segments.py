@@ -1,0 +1,107 @@
+"""Segments in the object store: verified uploads, index reads and coalesced frame reads.
+
+The byte layout is ``graft_vfs.core.segment``'s; this module adds the I/O. Frames are
+served still compressed (the client decompresses), but never without checking
+their crc32: a corrupt or missing segment raises CorruptData, never wrong data.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+
+from graft_vfs.core.ids import new_segment_id, validate_segment_id
+from graft_vfs.core.segment import (
+    HEADER_SIZE,
+    Entry,
+    decode_index,
+    decode_segment,
+    segment_head_size,
+)
+from graft_vfs.errors import CorruptData, InvalidRequest, StorageError
+from server.objstore import ObjectStore
+
+# Frames closer than this are fetched in one ranged read: one request costs far more
+# than 16 KiB of extra transfer, on S3 as on a disk.
+COALESCE_GAP = 16 * 1024
+
+
+def segment_key(sid: str) -> str:
+    return f"segments/{validate_segment_id(sid)}"
+
+
+def verify_segment(data: bytes) -> list[Entry]:
+    """Check a client's segment (index checksum, each page's checksum and size); return its index.
+
+    Bad bytes from a client are a bad request (400), not corrupt storage (500).
+    """
+    try:
+        decode_segment(data)
+        return decode_index(data)
+    except CorruptData as exc:
+        raise InvalidRequest(f"segment rejected: {exc}") from exc
+
+
+def put_segment(store: ObjectStore, data: bytes) -> str:
+    """Store verified segment bytes under a new segment id and return the id."""
+    sid = new_segment_id()
+    # Segments are immutable: a create-only write makes that hold even if two ids
+    # ever collided (80 random bits make it a theoretical case; the client retries).
+    if not store.put_if_absent(segment_key(sid), data):
+        raise StorageError(f"segment id {sid} already exists")
+    return sid
+
+
+def upload_segment(store: ObjectStore, data: bytes) -> str:
+    """``POST /v1/segments``: verify a segment, store it, return its new id."""
+    verify_segment(data)
+    return put_segment(store, data)
+
+
+def read_segment_index(store: ObjectStore, sid: str) -> list[Entry] | None:
+    """A stored segment's index (two ranged reads: header, then the rest of the head).
+
+    None if no such segment exists; CorruptData if its head fails the checksum.
+    """
+    key = segment_key(sid)
+    header = store.get_range(key, 0, HEADER_SIZE)
+    if header is None:
+        return None
+    rest = store.get_range(key, HEADER_SIZE, segment_head_size(header) - HEADER_SIZE)
+    if rest is None:
+        raise CorruptData(f"segment {sid} disappeared while its index was read")
+    return decode_index(header + rest)
+
+
+def coalesce_runs(entries: Iterable[Entry], gap: int = COALESCE_GAP) -> list[list[Entry]]:
+    """Group entries (by offset) into runs whose neighbours are at most ``gap`` bytes apart."""
+    runs: list[list[Entry]] = []
+    end = 0  # where the current run's bytes end
+    for e in sorted(entries, key=lambda e: e.offset):
+        if runs and e.offset - end <= gap:
+            runs[-1].append(e)
+            end = max(end, e.offset + e.length)
+        else:
+            runs.append([e])
+            end = e.offset + e.length
+    return runs
+
+
+def fetch_frames(store: ObjectStore, sid: str, entries: Iterable[Entry]) -> dict[int, bytes]:
+    """Each entry's compressed frame, crc-checked, by page; one ranged read per run."""
+    key = segment_key(sid)
+    frames: dict[int, bytes] = {}
+    for run in coalesce_runs(entries):
+        start = run[0].offset
+        length = max(e.offset + e.length for e in run) - start
+        data = store.get_range(key, start, length)
+        if data is None:
+            raise CorruptData(f"segment {sid} is missing")
+        if len(data) != length:
+            raise CorruptData(f"segment {sid} is truncated")
+        for e in run:
+            frame = data[e.offset - start : e.offset - start + e.length]
+            if zlib.crc32(frame) != e.crc:
+                raise CorruptData(f"checksum mismatch for page {e.page} in segment {sid}")
+            frames[e.page] = frame
+    return frames

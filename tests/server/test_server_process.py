@@ -1,0 +1,121 @@
+"""The server as a user runs it: ``python -m server`` in a real process, over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import urllib3
+import zstandard
+from pyroaring import BitMap
+
+from graft_vfs.core.commit import commit_hash
+from graft_vfs.core.ids import PAGE_SIZE
+from graft_vfs.core.segment import encode_segment
+
+STARTUP_TIMEOUT = 20.0
+READY = "graft server listening on "
+
+
+@contextmanager
+def running_server(
+    store: Path, crash_at: str | None = None
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Start ``python -m server --port 0``, wait for its listening line, stop it by PID."""
+    env = dict(os.environ)
+    env.pop("GRAFT_CRASH_AT", None)
+    if crash_at:
+        env["GRAFT_CRASH_AT"] = crash_at
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--store", str(store), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], STARTUP_TIMEOUT)
+        line = proc.stdout.readline() if ready else ""
+        assert line.startswith(READY), f"server did not start: {line!r}"
+        yield proc, line[len(READY) :].strip()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def call(http: urllib3.PoolManager, method: str, url: str, body: object = None) -> Any:
+    r = http.request(
+        method,
+        url,
+        body=None if body is None else msgpack.packb(body),
+        headers={"content-type": "application/x-msgpack"},
+        retries=False,
+    )
+    if r.headers.get("content-type", "").startswith("application/json"):
+        return r.status, r.json()
+    return r.status, msgpack.unpackb(r.data)
+
+
+def page(fill: int) -> bytes:
+    return bytes([fill]) * PAGE_SIZE
+
+
+COMMIT = {
+    "base": 0,
+    "page_count": 2,
+    "hash": commit_hash("v", 0, 2, [(0, page(1)), (1, page(2))]),
+    "segment": encode_segment([(0, page(1)), (1, page(2))])[0],
+}
+
+
+def test_real_server_commit_and_read(tmp_path: Path) -> None:
+    http = urllib3.PoolManager()
+    with running_server(tmp_path / "store") as (proc, url):
+        assert call(http, "GET", f"{url}/v1/health")[0] == 200
+        assert call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT) == (200, {"lsn": 1})
+        status, answer = call(
+            http,
+            "POST",
+            f"{url}/v1/volumes/v/read",
+            {"lsn": 1, "pages": BitMap([0, 1]).serialize()},
+        )
+        assert status == 200
+        dctx = zstandard.ZstdDecompressor()
+        assert [dctx.decompress(frame) for _, _, _, frame in answer["pages"]] == [page(1), page(2)]
+        status, error = call(http, "POST", f"{url}/v1/volumes/v/pull", b"not a map")
+        assert (status, error["error"]) == (400, "invalid_request")
+        assert call(http, "GET", f"{url}/v1/volumes/v")[1]["lsn"] == 1
+    assert proc.returncode is not None
+    with running_server(tmp_path / "store") as (_, url):  # the store outlives the process
+        assert call(http, "GET", f"{url}/v1/volumes/v") == (
+            200,
+            {"vid": "v", "lsn": 1, "page_count": 2},
+        )
+
+
+@pytest.mark.parametrize("point", ["server.commit.after_segment", "server.commit.after_log"])
+def test_crash_mid_commit_then_retry(tmp_path: Path, point: str) -> None:
+    http = urllib3.PoolManager()
+    with running_server(tmp_path, crash_at=point) as (proc, url):
+        with pytest.raises(urllib3.exceptions.HTTPError):
+            call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    with running_server(tmp_path) as (_, url):
+        status, _ = call(http, "GET", f"{url}/v1/volumes/v")
+        assert status == (404 if point == "server.commit.after_segment" else 200)
+        # The client retries with the same hash: applied exactly once either way.
+        assert call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT) == (200, {"lsn": 1})
+        assert call(http, "GET", f"{url}/v1/volumes/v/log/1")[1]["hash"] == COMMIT["hash"]
+        assert call(http, "GET", f"{url}/v1/volumes/v/log/2")[0] == 404

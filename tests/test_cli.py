@@ -1,0 +1,111 @@
+"""The graft command line, run as a real process against a real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import apsw
+import pytest
+
+from graft_vfs.errors import VolumeNotFound
+from graft_vfs.remote import Remote
+from graft_vfs.sample import make_sample_database
+
+
+def graft(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "graft_vfs.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"graft {args} failed: {proc.stderr}")
+    return proc
+
+
+def pages_of(path: str) -> list[bytes]:
+    with open(path, "rb") as f:
+        data = f.read()
+    pages = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+    # the change counter fields are served from the LSN, not stored
+    pages[0] = pages[0][:24] + pages[0][28:92] + pages[0][96:]
+    return pages
+
+
+def test_import_export_roundtrip(server, vid, tmp_path):
+    src = make_sample_database(str(tmp_path / "app.db"), orders=20_000)
+    out = graft("import", src, vid, "--remote", server.url)
+    assert json.loads(out.stdout)["lsn"] == 1
+    dst = str(tmp_path / "out.db")
+    graft("export", vid, dst, "--remote", server.url)
+    assert pages_of(dst) == pages_of(src)
+    con = apsw.Connection(dst)
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert con.execute("SELECT count(*) FROM orders").fetchone() == (20_000,)
+    con.close()
+    again = graft("import", src, vid, "--remote", server.url, check=False)
+    assert again.returncode == 1 and "--replace" in again.stderr
+    exists = graft("export", vid, dst, "--remote", server.url, check=False)
+    assert exists.returncode == 1 and "--force" in exists.stderr
+
+
+def _make(path: str, page_size: int, journal_mode: str) -> str:
+    con = apsw.Connection(path)
+    con.execute(f"PRAGMA page_size={page_size}")
+    con.execute(f"PRAGMA journal_mode={journal_mode}").fetchall()
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    con.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "page_size, journal_mode, advice",
+    [(1024, "delete", "VACUUM INTO"), (4096, "wal", "journal_mode=DELETE")],
+)
+def test_import_refuses_unsupported_files_and_writes_nothing(
+    server, vid, tmp_path, page_size, journal_mode, advice
+):
+    src = _make(str(tmp_path / "bad.db"), page_size, journal_mode)
+    proc = graft("import", src, vid, "--remote", server.url, check=False)
+    assert proc.returncode == 1 and advice in proc.stderr
+    with pytest.raises(VolumeNotFound):
+        Remote(server.url).snapshot(vid)
+
+
+def test_import_refuses_non_sqlite_and_bad_names(server, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello " * 100)
+    proc = graft("import", str(notes), "notes", "--remote", server.url, check=False)
+    assert proc.returncode == 1 and "not a SQLite database" in proc.stderr
+    src = _make(str(tmp_path / "ok.db"), 4096, "delete")
+    proc = graft("import", src, "../escape", "--remote", server.url, check=False)
+    assert proc.returncode == 1 and "invalid volume name" in proc.stderr
+
+
+def test_sql_status_and_sync_commands(server, vid, tmp_path):
+    writer = str(tmp_path / "writer")
+    graft("sql", vid, "CREATE TABLE t(k, v); INSERT INTO t VALUES('a', 1), ('b', x'00ff')",
+          "--remote", server.url, "--cache", writer)
+    pushed = Remote(server.url).snapshot(vid).lsn
+    assert pushed >= 1  # pushed before the command exited
+    reader = str(tmp_path / "reader")
+    out = graft("sql", vid, "SELECT k, v FROM t ORDER BY k", "--json",
+                "--remote", server.url, "--cache", reader)
+    assert [json.loads(line) for line in out.stdout.splitlines()] == [
+        {"k": "a", "v": 1},
+        {"k": "b", "v": "00ff"},
+    ]
+    plain = graft("sql", vid, "SELECT k, v FROM t WHERE k = 'a'", "--cache", reader)
+    assert plain.stdout.strip() == "a|1"
+    status = json.loads(graft("status", vid, "--cache", reader).stdout)
+    assert status["volume"] == vid and status["remote_lsn"] == pushed and not status["diverged"]
+    graft("sql", vid, "INSERT INTO t VALUES('c', 3)", "--remote", server.url, "--cache", writer)
+    pulled = json.loads(graft("pull", vid, "--remote", server.url, "--cache", reader).stdout)
+    assert pulled["pulled"] and pulled["remote_lsn"] == pushed + 1
+    bad = graft("sql", vid, "SELECT nope FROM t", "--cache", reader, check=False)
+    assert bad.returncode == 1 and "no such column" in bad.stderr
+    volumes = json.loads(graft("volumes", "--remote", server.url).stdout)
+    assert vid in {v["vid"] for v in volumes}

@@ -1,0 +1,40 @@
+"""The README is checked, not hoped for: commands, PRAGMAs and the Python example."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+
+
+def readme() -> str:
+    with open(README) as f:
+        return f.read()
+
+
+def test_every_command_and_pragma_is_documented():
+    from graft_vfs.cli import main
+    from graft_vfs.vfs import PRAGMAS
+
+    text = readme()
+    for name, command in main.commands.items():
+        assert command.help, f"graft {name} has no help text"
+        assert f"graft {name}" in text, f"graft {name} is not in README.md"
+    for name in PRAGMAS:
+        assert f"PRAGMA {name}" in text, f"PRAGMA {name} is not in README.md"
+
+
+def test_readme_python_example_runs(server, tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", readme(), re.S)
+    assert blocks, "README has no Python example"
+    code = blocks[0]
+    code = code.replace("http://127.0.0.1:3000", server.url)
+    code = code.replace("/tmp/graft-cache", str(tmp_path / "a")).replace(
+        "/tmp/other-cache", str(tmp_path / "b")
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[('hello',)]"  # the replica saw the push

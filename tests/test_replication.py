@@ -1,0 +1,210 @@
+"""Replication through a real server: stateless replicas, push/pull, conflicts, past LSNs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import apsw
+import pytest
+
+import graft_vfs
+from graft_vfs.remote import Remote
+from graft_vfs.sample import make_sample_database
+from graft_vfs.transfer import import_database
+
+
+def pragma(con, name):
+    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
+
+
+@pytest.fixture(scope="module")
+def sample_db(tmp_path_factory):
+    """A 20+ MB database file, made once for the module."""
+    path = make_sample_database(str(tmp_path_factory.mktemp("sample") / "sample.db"))
+    assert os.path.getsize(path) >= 20 * 1024 * 1024
+    return path
+
+
+@pytest.fixture(scope="module")
+def sample_volume(sample_db, server):
+    import_database(Remote(server.url), sample_db, "sample")
+    return "sample"
+
+
+QUERIES = [
+    "SELECT * FROM orders WHERE id = 98765",
+    "SELECT id, amount FROM orders WHERE customer_id = 1234 ORDER BY id",
+    "SELECT * FROM orders WHERE id BETWEEN 5000 AND 5400 ORDER BY id",
+    "SELECT c.name, count(*), round(sum(o.amount), 2) FROM customers c "
+    "JOIN orders o ON o.customer_id = c.id WHERE c.id IN (5, 77, 901) GROUP BY c.id ORDER BY c.id",
+    "SELECT country, count(*), min(id), max(id) FROM customers GROUP BY country ORDER BY country",
+    "SELECT created, count(*), round(avg(amount), 4) FROM orders "
+    "WHERE created >= '2026-11-20' GROUP BY created ORDER BY created",
+    "SELECT count(*), round(sum(amount), 2) FROM orders",
+]
+
+
+def test_stateless_replica_point_lookup_fetches_under_one_percent(client, sample_volume):
+    con = client(sample_volume)
+    status = pragma(con, "graft_status")
+    assert pragma(con, "graft_stats")["bytes_fetched"] < 4096 * 4  # metadata + page 1 only
+    row = con.execute("SELECT id, customer_id FROM orders WHERE id = 123457").fetchone()
+    assert row[0] == 123457
+    rows = con.execute("SELECT id FROM orders WHERE customer_id = 999").fetchall()
+    assert rows
+    stats = pragma(con, "graft_stats")
+    assert 0 < stats["pages_fetched"] < status["page_count"] / 100
+    assert stats["cache_misses"] == stats["pages_fetched"]
+
+
+def test_results_equal_native_sqlite(client, sample_volume, sample_db):
+    native = apsw.Connection(sample_db, flags=apsw.SQLITE_OPEN_READONLY)
+    con = client(sample_volume)
+    for sql in QUERIES:
+        assert con.execute(sql).fetchall() == native.execute(sql).fetchall(), sql
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    native.close()
+
+
+def test_push_then_pull_moves_only_changed_pages(client, vid):
+    a = client(vid, options=graft_vfs.Options(autopush=False))
+    a.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    with a:
+        a.executemany("INSERT INTO t VALUES(?, ?)", ((i, "x" * 200) for i in range(3000)))
+    pushed = pragma(a, "graft_push")
+    assert pragma(a, "graft_status")["pending_push"] == 0
+    b = client(vid)
+    assert b.execute("SELECT count(*) FROM t").fetchone() == (3000,)
+    b.execute("SELECT sum(length(v)) FROM t").fetchall()  # b now has every page
+    fetched = pragma(b, "graft_stats")["pages_fetched"]
+
+    a.execute("UPDATE t SET v = 'changed' WHERE id = 1500")
+    result = pragma(a, "graft_push")
+    assert result["pushed"] and result["remote_lsn"] == pushed["remote_lsn"] + 1
+    pulled = pragma(b, "graft_pull")
+    assert pulled["pulled"] and 1 <= pulled["changed_pages"] <= 3
+    assert pragma(b, "graft_stats")["pages_fetched"] == fetched  # a pull moves no page data
+    assert b.execute("SELECT v FROM t WHERE id = 1500").fetchone() == ("changed",)
+    refetched = pragma(b, "graft_stats")["pages_fetched"] - fetched
+    assert 1 <= refetched <= pulled["changed_pages"]
+    assert b.execute("SELECT count(*) FROM t WHERE v = 'changed'").fetchone() == (1,)
+    assert pragma(b, "graft_stats")["pages_fetched"] - fetched == refetched
+
+
+def test_local_commits_roll_up_into_one_push(client, vid, server):
+    con = client(vid, options=graft_vfs.Options(autopush=False))
+    con.execute("CREATE TABLE t(x)")
+    for i in range(5):
+        con.execute("INSERT INTO t VALUES(?)", (i,))
+    status = pragma(con, "graft_status")
+    assert status["pending_push"] == 6 and status["remote_lsn"] == 0
+    result = pragma(con, "graft_push")
+    assert result == {**result, "pushed": True, "remote_lsn": 1, "local_commits": 6}
+    assert Remote(server.url).snapshot(vid).lsn == 1
+
+
+def test_background_push(client, vid, server):
+    con = client(vid)
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    remote = Remote(server.url)
+    for _ in range(200):
+        if pragma(con, "graft_status")["pending_push"] == 0:
+            break
+        import time
+
+        time.sleep(0.05)
+    assert pragma(con, "graft_status")["pending_push"] == 0
+    assert remote.snapshot(vid).lsn >= 1
+
+
+def test_conflict_diverges_keeps_local_data_and_reset_recovers(client, vid):
+    opts = graft_vfs.Options(autopush=False)
+    a = client(vid, options=opts)
+    a.execute("CREATE TABLE t(who TEXT)")
+    pragma(a, "graft_push")
+    b = client(vid, options=opts)
+    a.execute("INSERT INTO t VALUES('a')")
+    b.execute("INSERT INTO t VALUES('b')")
+    assert pragma(a, "graft_push")["pushed"]
+    with pytest.raises(apsw.SQLError, match="diverged.*graft_reset"):
+        b.execute("PRAGMA graft_push")
+    status = pragma(b, "graft_status")
+    assert status["diverged"] and status["pending_push"] == 1
+    assert b.execute("SELECT who FROM t").fetchall() == [("b",)]  # nothing silently lost
+    with pytest.raises(apsw.SQLError, match="diverged"):
+        b.execute("PRAGMA graft_pull")
+    assert b.execute("SELECT who FROM t").fetchall() == [("b",)]
+    reset = pragma(b, "graft_reset")
+    assert reset["discarded_commits"] == 1
+    assert b.execute("SELECT who FROM t").fetchall() == [("a",)]
+    status = pragma(b, "graft_status")
+    assert not status["diverged"] and status["pending_push"] == 0
+    b.execute("INSERT INTO t VALUES('b2')")
+    assert pragma(b, "graft_push")["pushed"]
+    assert pragma(a, "graft_pull")["pulled"]
+    assert a.execute("SELECT who FROM t ORDER BY who").fetchall() == [("a",), ("b2",)]
+
+
+def test_past_lsn_is_read_only_and_stable(client, vid):
+    a = client(vid, options=graft_vfs.Options(autopush=False))
+    a.execute("CREATE TABLE t(x)")
+    lsns = []
+    for i in range(3):
+        a.execute("INSERT INTO t VALUES(?)", (i,))
+        lsns.append(pragma(a, "graft_push")["remote_lsn"])
+    old = client(vid, lsn=lsns[0])
+    assert old.execute("SELECT x FROM t").fetchall() == [(0,)]
+    with pytest.raises(apsw.ReadOnlyError):
+        old.execute("INSERT INTO t VALUES(9)")
+    fresh = client(vid, lsn=lsns[1])  # a client whose log never saw that LSN
+    assert fresh.execute("SELECT x FROM t ORDER BY x").fetchall() == [(0,), (1,)]
+    with pytest.raises(apsw.CantOpenError, match="no LSN 99"):
+        client(vid, lsn=99)
+
+
+def test_unknown_volume_read_only_is_a_clear_error(client, vid):
+    with pytest.raises(apsw.CantOpenError, match="does not exist"):
+        client(vid, readonly=True)
+
+
+def test_register_reads_environment_and_opens_uri(tmp_path, server, vid, monkeypatch):
+    monkeypatch.setenv("GRAFT_REMOTE", server.url)
+    monkeypatch.setenv("GRAFT_CACHE_DIR", str(tmp_path / "env-cache"))
+    runtime = graft_vfs.register()
+    try:
+        assert runtime.remote is not None and runtime.remote.url == server.url
+        flags = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+        con = apsw.Connection(f"file:{vid}?vfs=graft", flags=flags)
+        con.execute("PRAGMA journal_mode=MEMORY").fetchall()
+        con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(7)")
+        assert con.execute("SELECT x FROM t").fetchall() == [(7,)]
+        assert os.path.exists(tmp_path / "env-cache")
+        con.close()
+    finally:
+        graft_vfs.unregister()
+
+
+def test_corrupt_segment_is_an_error_never_wrong_data(client, vid, own_server):
+    own_server.start()
+    a = client(vid, remote=own_server.url)
+    a.execute("CREATE TABLE t(x); INSERT INTO t VALUES('precious')")
+    pragma(a, "graft_push")
+    segments = os.path.join(own_server.store, "segments")
+    names = os.listdir(segments)
+    for name in names:
+        path = os.path.join(segments, name)
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+        shutil.copy(path, path + ".bak")
+        data[-3] ^= 0xFF  # a byte of the last page's frame, not the index
+        with open(path, "wb") as f:
+            f.write(bytes(data))
+    b = client(vid, remote=own_server.url)
+    with pytest.raises((apsw.CorruptError, apsw.IOError), match="(?i)checksum|corrupt"):
+        b.execute("SELECT x FROM t").fetchall()
+    assert pragma(b, "graft_status")["local_lsn"] == 1  # nothing was recorded
+    for name in names:  # repaired objects serve again: the error was not cached
+        os.replace(os.path.join(segments, name + ".bak"), os.path.join(segments, name))
+    assert b.execute("SELECT x FROM t").fetchall() == [("precious",)]
