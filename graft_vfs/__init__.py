@@ -1,9 +1,9 @@
 """graft_vfs: lazy, partial, strongly consistent replication of SQLite through object storage.
 
-    import apsw, graft_vfs
-    graft_vfs.register(remote="http://127.0.0.1:3000", cache_dir="/tmp/cache")
-    con = apsw.Connection("file:orders?vfs=graft", flags=apsw.SQLITE_OPEN_URI
-                          | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
+import apsw, graft_vfs
+graft_vfs.register(remote="http://127.0.0.1:3000", cache_dir="/tmp/cache")
+con = apsw.Connection("file:orders?vfs=graft", flags=apsw.SQLITE_OPEN_URI
+                      | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
 """
 
 from __future__ import annotations
@@ -118,9 +118,7 @@ def connect(
     and sync state, even within one process. ``lsn`` opens a read-only past snapshot.
     """
     remote = remote if remote is not None else os.environ.get("GRAFT_REMOTE") or None
-    cache_dir = os.path.abspath(
-        cache_dir or os.environ.get("GRAFT_CACHE_DIR") or DEFAULT_CACHE_DIR
-    )
+    cache_dir = os.path.abspath(cache_dir or os.environ.get("GRAFT_CACHE_DIR") or DEFAULT_CACHE_DIR)
     key = hashlib.sha1(f"{remote}\0{cache_dir}".encode()).hexdigest()[:12]
     name = f"graft-{key}"
     with _lock:

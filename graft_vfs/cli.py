@@ -91,7 +91,9 @@ def import_(database: str, volume: str, remote: str, replace: bool) -> None:
 
     size = os.path.getsize(database) if os.path.isfile(database) else 0
     with click.progressbar(length=max(size // 4096, 1), label="reading", file=sys.stderr) as bar:
-        lsn = import_database(Remote(remote), database, volume, replace=replace, progress=bar.update)
+        lsn = import_database(
+            Remote(remote), database, volume, replace=replace, progress=bar.update
+        )
     _echo_json({"volume": volume, "lsn": lsn, "pages": size // 4096})
 
 
@@ -110,9 +112,7 @@ def export(volume: str, output: str, remote: str, lsn: int | None, force: bool) 
     client = Remote(remote)
     total = client.snapshot(volume).page_count if lsn is None else 0
     with click.progressbar(length=max(total, 1), label="writing", file=sys.stderr) as bar:
-        got = export_database(
-            client, volume, output, lsn=lsn, overwrite=force, progress=bar.update
-        )
+        got = export_database(client, volume, output, lsn=lsn, overwrite=force, progress=bar.update)
     _echo_json({"volume": volume, "lsn": got, "file": output})
 
 

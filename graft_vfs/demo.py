@@ -18,11 +18,28 @@ from graft_vfs.sample import make_sample_database
 from graft_vfs.transfer import import_database
 
 QUERIES = [
-    ("order by primary key", "SELECT id, customer_id, created, amount FROM orders WHERE id = 123456"),
-    ("orders of one customer (index)", "SELECT id, created, amount FROM orders WHERE customer_id = 4242 ORDER BY id"),
-    ("join", "SELECT c.name, c.country, count(*), round(sum(o.amount), 2) FROM customers c JOIN orders o ON o.customer_id = c.id WHERE c.id = 777 GROUP BY c.id"),
-    ("date range (index)", "SELECT created, count(*) FROM orders WHERE created BETWEEN '2026-03-01' AND '2026-03-03' GROUP BY created"),
-    ("customers per country", "SELECT country, count(*) FROM customers GROUP BY country ORDER BY country LIMIT 3"),
+    (
+        "order by primary key",
+        "SELECT id, customer_id, created, amount FROM orders WHERE id = 123456",
+    ),
+    (
+        "orders of one customer (index)",
+        "SELECT id, created, amount FROM orders WHERE customer_id = 4242 ORDER BY id",
+    ),
+    (
+        "join",
+        "SELECT c.name, c.country, count(*), round(sum(o.amount), 2) FROM customers c "
+        "JOIN orders o ON o.customer_id = c.id WHERE c.id = 777 GROUP BY c.id",
+    ),
+    (
+        "date range (index)",
+        "SELECT created, count(*) FROM orders "
+        "WHERE created BETWEEN '2026-03-01' AND '2026-03-03' GROUP BY created",
+    ),
+    (
+        "customers per country",
+        "SELECT country, count(*) FROM customers GROUP BY country ORDER BY country LIMIT 3",
+    ),
 ]
 
 
@@ -49,8 +66,10 @@ def main() -> None:
         size = os.path.getsize(db)
         t = time.perf_counter()
         lsn = import_database(Remote(url), db, "orders")
-        print(f"imported {db} ({size / 1e6:.1f} MB, {size // 4096} pages) as volume 'orders' "
-              f"at LSN {lsn} in {time.perf_counter() - t:.1f} s")
+        print(
+            f"imported {db} ({size / 1e6:.1f} MB, {size // 4096} pages) as volume 'orders' "
+            f"at LSN {lsn} in {time.perf_counter() - t:.1f} s"
+        )
 
         cache = os.path.join(work, "replica-cache")
         con = graft_vfs.connect("orders", remote=url, cache_dir=cache)
@@ -72,13 +91,17 @@ def main() -> None:
                 print("   ", row)
             if len(rows) > 5:
                 print(f"    ... {len(rows)} rows")
-            print(f"   pages fetched: {fetched} of {pages} in the volume "
-                  f"({100 * fetched / pages:.2f}%), {after['requests'] - before['requests']} "
-                  f"requests, {ms:.0f} ms\n")
+            print(
+                f"   pages fetched: {fetched} of {pages} in the volume "
+                f"({100 * fetched / pages:.2f}%), {after['requests'] - before['requests']} "
+                f"requests, {ms:.0f} ms\n"
+            )
         total = stats()
-        print(f"total: {total['pages_fetched']} of {pages} pages "
-              f"({100 * total['pages_fetched'] / pages:.2f}%), "
-              f"{total['bytes_fetched'] / 1e3:.0f} kB over {total['requests']} requests")
+        print(
+            f"total: {total['pages_fetched']} of {pages} pages "
+            f"({100 * total['pages_fetched'] / pages:.2f}%), "
+            f"{total['bytes_fetched'] / 1e3:.0f} kB over {total['requests']} requests"
+        )
         con.close()
     finally:
         proc.terminate()

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-
 from collections.abc import Callable
 
 import apsw
 
 from graft_vfs.core.commit import commit_hash
+from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.core.ids import PAGE_SIZE, validate_volume_id
 from graft_vfs.core.pages import check_database_header, with_counter
 from graft_vfs.errors import InvalidRequest, UnsupportedDatabase, VolumeNotFound
-from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.remote import Remote
 
 Progress = Callable[[int], None]

@@ -371,7 +371,11 @@ def _stats(f: GraftFile, value: str | None) -> dict:
 def _version(f: GraftFile, value: str | None) -> dict:
     from graft_vfs import __version__
 
-    return {"graft_vfs": __version__, "sqlite": apsw.sqlite_lib_version(), "apsw": apsw.apsw_version()}
+    return {
+        "graft_vfs": __version__,
+        "sqlite": apsw.sqlite_lib_version(),
+        "apsw": apsw.apsw_version(),
+    }
 
 
 def _sync(f: GraftFile, value: str | None) -> dict:

@@ -181,4 +181,3 @@ class Volume:
             "diverged": row.diverged,
             "last_error": self.last_error,
         }
-

@@ -93,9 +93,7 @@ def client(tmp_path, server):
 
     def make(volume: str, *, cache: str | None = None, remote: str | None = None, **kwargs):
         cache_dir = cache or str(tmp_path / f"cache{len(made)}")
-        con = graft_vfs.connect(
-            volume, remote=remote or server.url, cache_dir=cache_dir, **kwargs
-        )
+        con = graft_vfs.connect(volume, remote=remote or server.url, cache_dir=cache_dir, **kwargs)
         made.append(con)
         return con
 

@@ -87,13 +87,28 @@ def test_import_refuses_non_sqlite_and_bad_names(server, tmp_path):
 
 def test_sql_status_and_sync_commands(server, vid, tmp_path):
     writer = str(tmp_path / "writer")
-    graft("sql", vid, "CREATE TABLE t(k, v); INSERT INTO t VALUES('a', 1), ('b', x'00ff')",
-          "--remote", server.url, "--cache", writer)
+    graft(
+        "sql",
+        vid,
+        "CREATE TABLE t(k, v); INSERT INTO t VALUES('a', 1), ('b', x'00ff')",
+        "--remote",
+        server.url,
+        "--cache",
+        writer,
+    )
     pushed = Remote(server.url).snapshot(vid).lsn
     assert pushed >= 1  # pushed before the command exited
     reader = str(tmp_path / "reader")
-    out = graft("sql", vid, "SELECT k, v FROM t ORDER BY k", "--json",
-                "--remote", server.url, "--cache", reader)
+    out = graft(
+        "sql",
+        vid,
+        "SELECT k, v FROM t ORDER BY k",
+        "--json",
+        "--remote",
+        server.url,
+        "--cache",
+        reader,
+    )
     assert [json.loads(line) for line in out.stdout.splitlines()] == [
         {"k": "a", "v": 1},
         {"k": "b", "v": "00ff"},

@@ -69,7 +69,9 @@ def wait_pushed(con, timeout=20.0):
 
 
 @pytest.mark.parametrize("crash_at", [None, "client.commit.after_local"])
-def test_client_killed_after_local_commit_pushes_on_restart(client, server, vid, tmp_path, crash_at):
+def test_client_killed_after_local_commit_pushes_on_restart(
+    client, server, vid, tmp_path, crash_at
+):
     cache = str(tmp_path / "victim")
     child = run_child(vid, server.url, cache, "commit", crash_at)
     if crash_at is None:

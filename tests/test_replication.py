@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import apsw
 import pytest
@@ -68,29 +70,61 @@ def test_results_equal_native_sqlite(client, sample_volume, sample_db):
     native.close()
 
 
-def test_push_then_pull_moves_only_changed_pages(client, vid):
+READER = """
+import json, sys, graft_vfs
+vid, url, cache = sys.argv[1:4]
+con = graft_vfs.connect(vid, remote=url, cache_dir=cache)
+def fetched():
+    return json.loads(con.execute("PRAGMA graft_stats").fetchone()[0])["pages_fetched"]
+def say(**kw):
+    print(json.dumps(kw), flush=True)
+say(rows=con.execute("SELECT count(*), sum(length(v)) FROM t").fetchone(), fetched=fetched())
+sys.stdin.readline()
+say(pulled=json.loads(con.execute("PRAGMA graft_pull").fetchone()[0]), fetched=fetched())
+say(row=con.execute("SELECT v FROM t WHERE id = 1500").fetchone(), fetched=fetched())
+"""
+
+
+def test_push_then_pull_in_another_process_moves_only_changed_pages(client, vid, server, tmp_path):
     a = client(vid, options=graft_vfs.Options(autopush=False))
     a.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
     with a:
         a.executemany("INSERT INTO t VALUES(?, ?)", ((i, "x" * 200) for i in range(3000)))
-    pushed = pragma(a, "graft_push")
-    assert pragma(a, "graft_status")["pending_push"] == 0
-    b = client(vid)
-    assert b.execute("SELECT count(*) FROM t").fetchone() == (3000,)
-    b.execute("SELECT sum(length(v)) FROM t").fetchall()  # b now has every page
-    fetched = pragma(b, "graft_stats")["pages_fetched"]
+    first = pragma(a, "graft_push")
+    assert first["pushed"] and pragma(a, "graft_status")["pending_push"] == 0
+    b = subprocess.Popen(
+        [sys.executable, "-c", READER, vid, server.url, str(tmp_path / "b-cache")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen = json.loads(b.stdout.readline())
+        assert seen["rows"] == [3000, 600_000]
+        a.execute("UPDATE t SET v = 'changed' WHERE id = 1500")
+        assert pragma(a, "graft_push")["remote_lsn"] == first["remote_lsn"] + 1
+        b.stdin.write("go\n")
+        b.stdin.flush()
+        pulled = json.loads(b.stdout.readline())
+        changed = pulled["pulled"]["changed_pages"]
+        assert pulled["pulled"]["pulled"] and 1 <= changed <= 3
+        assert pulled["fetched"] == seen["fetched"]  # a pull moves no page data
+        read = json.loads(b.stdout.readline())
+        assert read["row"] == ["changed"]
+        assert 1 <= read["fetched"] - seen["fetched"] <= changed  # only changed pages, on read
+    finally:
+        b.kill()
+        b.wait()
 
-    a.execute("UPDATE t SET v = 'changed' WHERE id = 1500")
-    result = pragma(a, "graft_push")
-    assert result["pushed"] and result["remote_lsn"] == pushed["remote_lsn"] + 1
-    pulled = pragma(b, "graft_pull")
-    assert pulled["pulled"] and 1 <= pulled["changed_pages"] <= 3
-    assert pragma(b, "graft_stats")["pages_fetched"] == fetched  # a pull moves no page data
-    assert b.execute("SELECT v FROM t WHERE id = 1500").fetchone() == ("changed",)
-    refetched = pragma(b, "graft_stats")["pages_fetched"] - fetched
-    assert 1 <= refetched <= pulled["changed_pages"]
-    assert b.execute("SELECT count(*) FROM t WHERE v = 'changed'").fetchone() == (1,)
-    assert pragma(b, "graft_stats")["pages_fetched"] - fetched == refetched
+
+def test_sync_pushes_then_pulls(client, vid):
+    opts = graft_vfs.Options(autopush=False)
+    a, b = client(vid, options=opts), client(vid, options=opts)
+    a.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    result = pragma(a, "graft_sync")
+    assert result["push"]["pushed"] and not result["pull"]["pulled"]
+    assert pragma(b, "graft_sync")["pull"]["pulled"]
+    assert b.execute("SELECT x FROM t").fetchall() == [(1,)]
 
 
 def test_local_commits_roll_up_into_one_push(client, vid, server):

@@ -28,6 +28,13 @@ def local(tmp_path):
         graft_vfs.unregister(n)
 
 
+def rows(n: int) -> str:
+    """A row source of n integers (this SQLite build has no generate_series)."""
+    return f"(WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {n}) " + (
+        "SELECT i FROM c)"
+    )
+
+
 def pragma(con, name):
     return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
 
@@ -118,14 +125,14 @@ def test_rollback_after_cache_spill_changes_nothing(local):
 def test_vacuum_truncates_the_volume(local):
     con = local()
     con.execute("CREATE TABLE t(x)")
-    con.execute("INSERT INTO t SELECT randomblob(3000) FROM (WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM c WHERE i<200) SELECT i FROM c)")
+    con.execute(f"INSERT INTO t SELECT randomblob(3000) FROM {rows(200)}")
     big = pragma(con, "graft_snapshot")["page_count"]
     con.execute("DELETE FROM t")
     con.execute("VACUUM")
     small = pragma(con, "graft_snapshot")["page_count"]
     assert small < big / 10
     assert con.execute("PRAGMA page_count").fetchone() == (small,)
-    con.execute("INSERT INTO t SELECT randomblob(3000) FROM (WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM c WHERE i<50) SELECT i FROM c)")
+    con.execute(f"INSERT INTO t SELECT randomblob(3000) FROM {rows(50)}")
     assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
@@ -156,8 +163,15 @@ def test_pragmas_answer_json(local):
         rows = con.execute(f"PRAGMA {name}").fetchall()
         assert len(rows) == 1 and isinstance(json.loads(rows[0][0]), dict)
     stats = pragma(con, "graft_stats")
-    for key in ("pages_fetched", "bytes_fetched", "requests", "cache_hits", "cache_misses",
-                "commits_pushed", "commits_pulled"):
+    for key in (
+        "pages_fetched",
+        "bytes_fetched",
+        "requests",
+        "cache_hits",
+        "cache_misses",
+        "commits_pushed",
+        "commits_pulled",
+    ):
         assert isinstance(stats[key], int)
     with pytest.raises(apsw.SQLError, match="no graft server configured"):
         con.execute("PRAGMA graft_push")

@@ -17,7 +17,9 @@ from graft_vfs.errors import CorruptData
 RECORD_VERSION = 1
 
 
-def commit_hash(vid: str, base_lsn: int, page_count: int, pages: Iterable[tuple[int, bytes]]) -> bytes:
+def commit_hash(
+    vid: str, base_lsn: int, page_count: int, pages: Iterable[tuple[int, bytes]]
+) -> bytes:
     """Content hash that identifies a commit, so a retried push is never applied twice.
 
     Computed over the uncompressed pages in page order, so it does not depend on the

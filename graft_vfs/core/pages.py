@@ -61,7 +61,7 @@ def check_database_header(header: bytes, what: str) -> int:
         )
     if header[18] == 2 or header[19] == 2:
         raise UnsupportedDatabase(
-            f"{what} is in WAL mode: run \"PRAGMA wal_checkpoint(TRUNCATE); "
-            "PRAGMA journal_mode=DELETE\" on it first, then import it"
+            f'{what} is in WAL mode: run "PRAGMA wal_checkpoint(TRUNCATE); '
+            'PRAGMA journal_mode=DELETE" on it first, then import it'
         )
     return header_page_count(header)

@@ -68,7 +68,7 @@ def encode_segment(pages: Iterable[tuple[int, bytes]]) -> tuple[bytes, list[Entr
 
 def segment_head_size(prefix: bytes) -> int:
     """From the first HEADER_SIZE bytes, how many bytes hold the header and index."""
-    magic, _count, index_len = _parse_header(prefix)
+    _, _, index_len = _parse_header(prefix)
     return HEADER_SIZE + index_len + 4
 
 

@@ -11,6 +11,7 @@ import zstandard
 from pyroaring import BitMap
 
 from graft_vfs.core.commit import CommitRecord, SegmentRef, commit_hash
+from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.core.ids import PAGE_SIZE
 from graft_vfs.core.segment import encode_segment
 from graft_vfs.errors import (
@@ -24,7 +25,6 @@ from graft_vfs.errors import (
 from server import volumes as volumes_module
 from server.objstore import MemoryStore
 from server.segments import upload_segment
-from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from server.volumes import Snapshot, Volumes, log_key
 
 
