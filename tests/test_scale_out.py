@@ -1,0 +1,214 @@
+"""Scale-out proof: three server processes on one store, six clients racing to commit.
+
+Each client runs tests/bank_worker.py against one of the servers (round-robin):
+bank transfers, each one SQL transaction plus a push, with random pauses and
+pulls. Pushes race for the next LSN across server processes; the store's
+create-only write decides every race. At the end the test checks, through the
+servers' HTTP API and a fresh replica with an empty cache:
+
+- the log is gapless (1..latest) and every server agrees on the latest LSN;
+- every LSN after the setup was acknowledged to exactly one client, and no LSN
+  was acknowledged twice;
+- every acknowledged transfer is in the final state, and the state at a sample
+  of past LSNs holds exactly the transfers acknowledged up to that LSN;
+- every transfer a client committed locally was either acknowledged or rejected
+  with a "diverged" error (rejections happen: the workload is tuned for them),
+  and no rejected transfer is in any state;
+- the total balance is unchanged, each account equals its initial balance plus
+  its acknowledged transfers, none is negative; ``PRAGMA integrity_check`` is ok.
+
+``GRAFT_SOAK_SECONDS`` lengthens the workload (``make soak``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from conftest import ServerProcess
+
+import graft_vfs
+from graft_vfs.remote import Remote
+
+SERVERS = 3
+WORKERS = 6
+ACCOUNTS = 20
+INITIAL_BALANCE = 1000
+WORKLOAD_SECONDS = float(os.environ.get("GRAFT_SOAK_SECONDS", "12"))
+WORKER_GRACE = 60.0  # beyond the workload, before a worker is killed as hung
+PAST_LSN_SAMPLES = 8
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bank_worker.py")
+
+
+@pytest.fixture
+def shared_store(tmp_path) -> str:
+    """The store the three servers share. Switching to S3 is this one fixture."""
+    return str(tmp_path / "shared-store")
+
+
+@pytest.fixture
+def servers(shared_store):
+    procs: list[ServerProcess] = []
+    try:
+        for _ in range(SERVERS):
+            procs.append(ServerProcess(shared_store).start())
+        yield procs
+    finally:
+        for srv in procs:
+            srv.stop()
+
+
+def pragma(con, name):
+    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
+
+
+def read_log(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_workers(vid: str, servers: list[ServerProcess], tmp_path) -> list[list[dict]]:
+    """Run the workers to completion (killed by PID if hung); return their event logs."""
+    env = {**os.environ, "GRAFT_EXIT_FLUSH_SECONDS": "0"}
+    env.pop("GRAFT_CRASH_AT", None)
+    logs = [str(tmp_path / f"worker{i}.jsonl") for i in range(WORKERS)]
+    procs: list[subprocess.Popen] = []
+    errs = [open(tmp_path / f"worker{i}.stderr", "w+") for i in range(WORKERS)]
+    seed = random.randrange(1 << 30)
+    print(f"scale-out: seed {seed}, {WORKLOAD_SECONDS:g} s workload")
+    try:
+        for i in range(WORKERS):
+            url = servers[i % len(servers)].url
+            cmd = [sys.executable, WORKER, vid, url, str(tmp_path / f"cache{i}"), logs[i]]
+            cmd += [str(WORKLOAD_SECONDS), str(seed + i), f"w{i}"]
+            procs.append(subprocess.Popen(cmd, env=env, stderr=errs[i]))
+        deadline = time.monotonic() + WORKLOAD_SECONDS + WORKER_GRACE
+        for i, proc in enumerate(procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"worker {i} still running {WORKER_GRACE:g} s after its deadline")
+            errs[i].seek(0)
+            assert proc.returncode == 0, f"worker {i} exited {proc.returncode}:\n{errs[i].read()}"
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        for f in errs:
+            f.close()
+    return [read_log(path) for path in logs]
+
+
+@pytest.fixture
+def connect():
+    """graft_vfs.connect, with every client it made closed and unregistered afterwards."""
+    made: list = []
+
+    def make(*args, **kwargs):
+        made.append(graft_vfs.connect(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    names = {con.open_vfs for con in made}
+    for con in made:
+        con.close()
+    for name in names:
+        graft_vfs.unregister(name)
+
+
+@pytest.mark.timeout(WORKLOAD_SECONDS + WORKER_GRACE + 240)
+def test_three_servers_six_clients_bank_transfers(servers, tmp_path, vid, connect):
+    opts = graft_vfs.Options(autopush=False)
+    setup = connect(vid, remote=servers[0].url, cache_dir=str(tmp_path / "setup"), options=opts)
+    with setup:
+        setup.execute("CREATE TABLE accounts(id INTEGER PRIMARY KEY, balance INTEGER NOT NULL)")
+        setup.execute(
+            "CREATE TABLE transfers(tid TEXT PRIMARY KEY, src INTEGER, dst INTEGER, amount INTEGER)"
+        )
+        setup.executemany(
+            "INSERT INTO accounts VALUES (?, ?)",
+            ((i, INITIAL_BALANCE) for i in range(1, ACCOUNTS + 1)),
+        )
+    base_lsn = pragma(setup, "graft_push")["remote_lsn"]
+    assert base_lsn == 1
+
+    logs = run_workers(vid, servers, tmp_path)
+
+    # What the clients were told.
+    acks: list[dict] = []
+    rejected: list[dict] = []
+    for i, events in enumerate(logs):
+        errors = [e for e in events if e["event"] in ("error", "pull_rejected")]
+        assert not errors, f"worker {i}: {errors}"
+        done = [e for e in events if e["event"] == "done"]
+        assert len(done) == 1, f"worker {i} did not finish: {events[-3:]}"
+        assert done[0]["status"]["pending_push"] == 0 and not done[0]["status"]["diverged"]
+        assert done[0]["transfers"] == done[0]["acks"] + done[0]["rejections"]
+        acks += [e for e in events if e["event"] == "ack"]
+        rejected += [e for e in events if e["event"] == "rejected"]
+        resets = [e for e in events if e["event"] == "reset"]
+        # Each rejection was followed by a reset that discarded exactly that transfer.
+        assert [(r["tid"], r["discarded_commits"]) for r in resets] == [
+            (e["tid"], 1) for e in events if e["event"] == "rejected"
+        ]
+    pulls = sum(1 for events in logs for e in events if e["event"] == "pull")
+    print(
+        f"scale-out: {len(acks) + len(rejected)} transfers, {len(acks)} acknowledged pushes, "
+        f"{len(rejected)} conflicts (rejected pushes), {pulls} pulls"
+    )
+    assert len(acks) >= WORKERS, "too few pushes were acknowledged to prove anything"
+    assert len(rejected) >= 3, "no push raced another: the test would not test conflicts"
+    for e in rejected:
+        assert "diverged" in e["message"] and "graft_reset" in e["message"]
+
+    # The log: gapless, and every server agrees on where it ends.
+    remotes = [Remote(srv.url) for srv in servers]
+    latest = remotes[0].snapshot(vid).lsn
+    assert [r.snapshot(vid).lsn for r in remotes] == [latest] * SERVERS
+    for n in range(1, latest + 1):
+        assert remotes[n % SERVERS].log_entry(vid, n) is not None, f"LSN {n} is missing"
+    assert remotes[0].log_entry(vid, latest + 1) is None
+    # Every commit after the setup is exactly one acknowledged transfer.
+    acked_lsns = Counter(e["remote_lsn"] for e in acks)
+    twice = [lsn for lsn, count in acked_lsns.items() if count > 1]
+    assert not twice, f"LSNs acknowledged to more than one push: {twice}"
+    assert sorted(acked_lsns) == list(range(base_lsn + 1, latest + 1))
+    by_lsn = {e["remote_lsn"]: e for e in acks}
+
+    # The final state, read by a fresh replica (empty cache) through another server.
+    replica = connect(vid, remote=servers[1].url, cache_dir=str(tmp_path / "fresh"))
+    assert pragma(replica, "graft_snapshot")["remote_lsn"] == latest
+    assert replica.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    rows = replica.execute("SELECT tid, src, dst, amount FROM transfers").fetchall()
+    final = {tid: {"tid": tid, "src": s, "dst": d, "amount": a} for tid, s, d, a in rows}
+    assert final == {e["tid"]: {k: e[k] for k in ("tid", "src", "dst", "amount")} for e in acks}
+    assert not {e["tid"] for e in rejected} & set(final)
+    expected = {i: INITIAL_BALANCE for i in range(1, ACCOUNTS + 1)}
+    for e in acks:
+        expected[e["src"]] -= e["amount"]
+        expected[e["dst"]] += e["amount"]
+    balances = dict(replica.execute("SELECT id, balance FROM accounts").fetchall())
+    assert balances == expected
+    assert sum(balances.values()) == ACCOUNTS * INITIAL_BALANCE
+    assert min(balances.values()) >= 0
+
+    # Past LSNs: the state at LSN n holds exactly the transfers acknowledged at 2..n.
+    rng = random.Random(latest)
+    sample = sorted(rng.sample(range(base_lsn, latest + 1), min(PAST_LSN_SAMPLES, latest)))
+    for n in sample:
+        k = n % SERVERS  # one client (cache dir) per server, reused across LSNs
+        past = connect(vid, remote=servers[k].url, cache_dir=str(tmp_path / f"past{k}"), lsn=n)
+        tids = {tid for (tid,) in past.execute("SELECT tid FROM transfers")}
+        assert tids == {by_lsn[m]["tid"] for m in range(base_lsn + 1, n + 1)}, f"at LSN {n}"
+        total = past.execute("SELECT sum(balance), min(balance) FROM accounts").fetchone()
+        assert total[0] == ACCOUNTS * INITIAL_BALANCE and total[1] >= 0, f"at LSN {n}"
