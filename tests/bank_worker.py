@@ -5,14 +5,18 @@
 Until SECONDS have passed it repeats: a random short pause, sometimes a pull, one
 transfer (one SQL transaction that moves a random amount between two random
 accounts, never below 0, and inserts a row identifying it in ``transfers``), then
-``PRAGMA graft_push``. A push rejected as diverged is recorded and followed by
-``PRAGMA graft_reset``, which discards only that unacknowledged transfer.
+``PRAGMA graft_push`` (sometimes preceded by a pull while the transfer is still
+pending, which reports a newer server LSN as diverged). A transfer rejected as
+diverged is recorded and followed by ``PRAGMA graft_reset``, which discards only
+that unacknowledged transfer.
 
 LOG_PATH receives one JSON object per line, flushed as it happens, so that a
 worker killed by a timeout still leaves what it saw:
 
     {"event": "ack", "tid": ..., "src": ..., "dst": ..., "amount": ..., "remote_lsn": N}
-    {"event": "rejected", "tid": ..., "message": ...}    (the push was refused: diverged)
+    {"event": "rejected", "via": "push" | "pull", "tid": ..., "message": ...}
+        (the push was refused, or a pull with the transfer pending found the server
+        moved on: the volume is diverged)
     {"event": "reset", "tid": ..., "discarded_commits": N}
     {"event": "pull", "remote_lsn": N, "pulled": bool}
     {"event": "pull_rejected", "message": ...}
@@ -33,6 +37,7 @@ import apsw
 import graft_vfs
 
 PULL_PROBABILITY = 0.5
+PENDING_PULL_PROBABILITY = 0.1  # pull between a transfer's commit and its push
 MAX_PAUSE = 0.03  # seconds; short enough that six workers often race for one LSN
 MAX_AMOUNT = 200
 PUSH_ATTEMPTS = 5  # for transport errors only; a rejection is never retried
@@ -76,7 +81,7 @@ def main(argv: list[str]) -> int:
                     if not is_diverged(exc):
                         raise
                     # Only possible with a local commit pending, which this loop
-                    # never leaves behind; recorded so the test can see it.
+                    # never leaves behind here; recorded (as an error) so the test sees it.
                     counts["pull_rejections"] += 1
                     record(event="pull_rejected", message=str(exc))
                     reset(None)
@@ -99,6 +104,24 @@ def main(argv: list[str]) -> int:
             counts["transfers"] += 1
             transfer = {"tid": tid, "src": src, "dst": dst, "amount": amount}
 
+            if rng.random() < PENDING_PULL_PROBABILITY:
+                # With the transfer pending, a pull that finds a newer remote LSN
+                # reports the volume diverged: the transfer is rejected, not merged.
+                counts["pulls"] += 1
+                try:
+                    result = pragma(con, "graft_pull")
+                    record(event="pull", remote_lsn=result["remote_lsn"], pulled=result["pulled"])
+                    if result["pulled"]:
+                        record(event="error", where="pull", message=f"pulled over {tid}")
+                        break
+                except apsw.SQLError as exc:
+                    if not is_diverged(exc):
+                        raise
+                    counts["rejections"] += 1
+                    record(event="rejected", via="pull", message=str(exc), **transfer)
+                    reset(tid)
+                    continue
+
             for attempt in range(PUSH_ATTEMPTS):
                 try:
                     result = pragma(con, "graft_push")
@@ -106,7 +129,7 @@ def main(argv: list[str]) -> int:
                     if not is_diverged(exc):
                         raise
                     counts["rejections"] += 1
-                    record(event="rejected", message=str(exc), **transfer)
+                    record(event="rejected", via="push", message=str(exc), **transfer)
                     reset(tid)
                     break
                 except apsw.IOError as exc:  # transport: the push intent is retried as is
