@@ -32,6 +32,10 @@ class SnapshotNotFound(GraftError):
     """The requested LSN is beyond the volume's latest or no longer retained."""
 
 
+class SnapshotExpired(SnapshotNotFound):
+    """The LSN is older than the history the volume retains: pull a newer snapshot."""
+
+
 class CommitConflict(GraftError):
     """A commit was based on a snapshot that is no longer the latest."""
 

@@ -26,6 +26,7 @@ from graft_vfs.errors import (
     InvalidRequest,
     InvalidVolumeId,
     RemoteError,
+    SnapshotExpired,
     SnapshotNotFound,
     VolumeNotFound,
 )
@@ -40,6 +41,7 @@ _ERRORS: dict[str, type[GraftError]] = {
     "invalid_volume_id": InvalidVolumeId,
     "volume_not_found": VolumeNotFound,
     "snapshot_not_found": SnapshotNotFound,
+    "snapshot_expired": SnapshotExpired,
     "corrupt_data": CorruptData,
 }
 

@@ -7,7 +7,9 @@ their crc32: a corrupt or missing segment raises CorruptData, never wrong data.
 
 from __future__ import annotations
 
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from graft_vfs.core.ids import new_segment_id, validate_segment_id
@@ -24,6 +26,53 @@ from server.objstore import ObjectStore
 # Frames closer than this are fetched in one ranged read: one request costs far more
 # than 16 KiB of extra transfer, on S3 as on a disk.
 COALESCE_GAP = 16 * 1024
+
+
+class MissingSegment(CorruptData):
+    """A segment a page map points to is not in the store (GC, or damage)."""
+
+
+class SegmentCache:
+    """Recently read page frames, least recently used evicted first, bounded in bytes.
+
+    Segments are immutable, so a cached frame never goes stale.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, sid: str, entry: Entry) -> bytes | None:
+        key = (sid, entry.offset)
+        with self._lock:
+            frame = self._frames.get(key)
+            if frame is None:
+                self.misses += 1
+                return None
+            self._frames.move_to_end(key)
+            self.hits += 1
+            return frame
+
+    def put(self, sid: str, entry: Entry, frame: bytes) -> None:
+        if len(frame) > self.max_bytes:
+            return
+        key = (sid, entry.offset)
+        with self._lock:
+            old = self._frames.pop(key, None)
+            if old is not None:
+                self.bytes -= len(old)
+            self._frames[key] = frame
+            self.bytes += len(frame)
+            while self.bytes > self.max_bytes:
+                _, evicted = self._frames.popitem(last=False)
+                self.bytes -= len(evicted)
+
+    def __len__(self) -> int:
+        return len(self._frames)
 
 
 def segment_key(sid: str) -> str:
@@ -87,16 +136,25 @@ def coalesce_runs(entries: Iterable[Entry], gap: int = COALESCE_GAP) -> list[lis
     return runs
 
 
-def fetch_frames(store: ObjectStore, sid: str, entries: Iterable[Entry]) -> dict[int, bytes]:
+def fetch_frames(
+    store: ObjectStore, sid: str, entries: Iterable[Entry], cache: SegmentCache | None = None
+) -> dict[int, bytes]:
     """Each entry's compressed frame, crc-checked, by page; one ranged read per run."""
     key = segment_key(sid)
     frames: dict[int, bytes] = {}
-    for run in coalesce_runs(entries):
+    wanted = []
+    for e in entries:
+        frame = cache.get(sid, e) if cache is not None else None
+        if frame is None:
+            wanted.append(e)
+        else:
+            frames[e.page] = frame
+    for run in coalesce_runs(wanted):
         start = run[0].offset
         length = max(e.offset + e.length for e in run) - start
         data = store.get_range(key, start, length)
         if data is None:
-            raise CorruptData(f"segment {sid} is missing")
+            raise MissingSegment(f"segment {sid} is missing")
         if len(data) != length:
             raise CorruptData(f"segment {sid} is truncated")
         for e in run:
@@ -104,4 +162,6 @@ def fetch_frames(store: ObjectStore, sid: str, entries: Iterable[Entry]) -> dict
             if zlib.crc32(frame) != e.crc:
                 raise CorruptData(f"checksum mismatch for page {e.page} in segment {sid}")
             frames[e.page] = frame
+            if cache is not None:
+                cache.put(sid, e, frame)
     return frames

@@ -2,10 +2,12 @@
 
 The store is the only truth. A volume's log is ``volumes/{vid}/log/{lsn:020d}``, one
 ``CommitRecord`` per LSN, each created with a create-only write: whoever creates
-LSN n wins, so any number of server processes can share one store. This process
-keeps a cache of a prefix of each log (records are immutable, so a cached record
-is never stale) and, before it answers "what is the latest", probes the store for
-the next LSN until it is missing.
+LSN n wins, so any number of server processes can share one store. Every
+``checkpoint_every`` LSNs (and at each compaction) a checkpoint of the whole page
+map is written, so a cold process reads the latest checkpoint and only the records
+after it: bootstrap costs the same whatever the length of the history. Records are
+immutable, so cached ones are never stale; before it answers "what is the latest",
+a process probes the store for the next LSN until it is missing.
 
 The page index maps each page to the sorted LSNs that wrote it and each LSN to
 where its pages live, so reading page p as of LSN L is one bisect. That is correct
@@ -15,6 +17,7 @@ a page cut off and later grown back always has a version after the regrowth.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from bisect import bisect_right
@@ -22,25 +25,44 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import msgpack
+
 from pyroaring import BitMap
 
+from graft_vfs.core.checkpoint import Checkpoint, Located
 from graft_vfs.core.commit import CommitRecord, SegmentRef
 from graft_vfs.core.graft import MAX_PAGES, MAX_PAGES_PER_READ
 from graft_vfs.core.ids import validate_segment_id, validate_volume_id
-from graft_vfs.core.segment import Entry
+from graft_vfs.core.segment import Entry, encode_frames
 from graft_vfs.errors import (
     CommitConflict,
     CorruptData,
+    GraftError,
     InvalidRequest,
+    SnapshotExpired,
     SnapshotNotFound,
+    StorageError,
     VolumeNotFound,
 )
 from graft_vfs.faults import crash_point
 from server.objstore import ObjectStore
-from server.segments import fetch_frames, put_segment, read_segment_index, verify_segment
+from server.segments import (
+    MissingSegment,
+    SegmentCache,
+    fetch_frames,
+    put_segment,
+    read_segment_index,
+    verify_segment,
+)
 
 MAX_LSN = (1 << 63) - 1  # LSNs travel as msgpack ints and print in 20 digits
 HASH_SIZE = 32  # sha256, see graft_vfs.core.commit.commit_hash
+CHECKPOINT_EVERY = 32  # bootstrap reads at most this many log records
+SMALL_SEGMENT_PAGES = 256  # compaction merges segments holding fewer live pages
+MERGED_SEGMENT_PAGES = 4096
+log = logging.getLogger("graft.server")
+
+HISTORY_VIEWS = 4  # past-LSN page maps kept for reads older than the loaded checkpoint
 
 
 class Snapshot(NamedTuple):
@@ -87,6 +109,23 @@ def log_key(vid: str, lsn: int) -> str:
     return f"volumes/{vid}/log/{lsn:020d}"
 
 
+def checkpoint_prefix(vid: str) -> str:
+    return f"volumes/{vid}/checkpoints/"
+
+
+def checkpoint_key(vid: str, lsn: int) -> str:
+    return f"volumes/{vid}/checkpoints/{lsn:020d}"
+
+
+def retention_key(vid: str) -> str:
+    """Holds ``{"floor": LSN}``: LSNs below it are no longer retained (written by GC)."""
+    return f"volumes/{vid}/retention"
+
+
+def lsn_of(key: str) -> int:
+    return int(key.rsplit("/", 1)[1])
+
+
 def _describe(value: object) -> str:
     # Never echo a client's value whole: it may be megabytes of binary.
     return str(value) if type(value) is int else f"a {type(value).__name__}"
@@ -112,26 +151,67 @@ def _verify_inline(segment: bytes | None) -> list[Entry]:
 class _Commit:
     page_count: int
     hash: bytes
+    timestamp: float
     graft: BitMap
     pages: dict[int, tuple[str, Entry]]  # page -> (sid, where its frame is)
 
 
 class _Volume:
-    """The cached log of one volume: always a prefix of the log in the store."""
+    """The cached log of one volume from a checkpoint (or LSN 0) to the latest record.
+
+    ``versions`` maps each page to the ascending LSNs that wrote it, starting with the
+    version the base checkpoint holds; so it answers for any LSN at or after ``base``.
+    """
 
     def __init__(self, vid: str) -> None:
         self.vid = vid
         self.lock = threading.Lock()  # guards everything below; held across store reads
-        self.listed = False
-        self.commits: list[_Commit] = []  # commits[lsn - 1]
-        self.versions: dict[int, list[int]] = {}  # page -> LSNs that wrote it, ascending
+        self.loaded = False
+        self.reset(None)
+
+    def reset(self, checkpoint: Checkpoint | None) -> None:
+        self.base = checkpoint.lsn if checkpoint else 0
+        self.base_page_count = checkpoint.page_count if checkpoint else 0
+        self.base_time = checkpoint.timestamp if checkpoint else 0.0
+        self.base_pages: dict[int, Located] = dict(checkpoint.pages) if checkpoint else {}
+        self.commits: list[_Commit] = []  # commits[lsn - base - 1]
+        self.versions: dict[int, list[int]] = {
+            page: [loc.version] for page, loc in self.base_pages.items()
+        }
 
     @property
     def latest(self) -> int:
-        return len(self.commits)
+        return self.base + len(self.commits)
+
+    def commit_at(self, lsn: int) -> _Commit:
+        return self.commits[lsn - self.base - 1]
 
     def page_count_at(self, lsn: int) -> int:
-        return self.commits[lsn - 1].page_count if lsn else 0
+        return self.base_page_count if lsn == self.base else self.commit_at(lsn).page_count
+
+    def timestamp_at(self, lsn: int) -> float:
+        return self.base_time if lsn == self.base else self.commit_at(lsn).timestamp
+
+    def locate(self, page: int, lsn: int) -> Located | None:
+        """Where page ``page`` as of ``lsn`` (>= base) lives; None if never written."""
+        lsns = self.versions.get(page, ())
+        i = bisect_right(lsns, lsn)
+        if not i:
+            return None
+        version = lsns[i - 1]
+        if version <= self.base:
+            return self.base_pages[page]
+        sid, entry = self.commit_at(version).pages[page]
+        return Located(version, sid, entry)
+
+    def checkpoint(self, lsn: int) -> Checkpoint:
+        """The page map as of ``lsn`` (>= base)."""
+        pages = {}
+        for page in range(self.page_count_at(lsn)):
+            loc = self.locate(page, lsn)
+            if loc is not None:
+                pages[page] = loc
+        return Checkpoint(self.vid, lsn, self.page_count_at(lsn), self.timestamp_at(lsn), pages)
 
     def apply(self, record: CommitRecord) -> None:
         """Append the record for LSN latest+1 to the cache."""
@@ -146,21 +226,40 @@ class _Volume:
                 pages[e.page] = (seg.sid, e)
         for page in pages:
             self.versions.setdefault(page, []).append(record.lsn)
-        self.commits.append(_Commit(record.page_count, record.hash, record.pages(), pages))
+        self.commits.append(
+            _Commit(record.page_count, record.hash, record.timestamp, record.pages(), pages)
+        )
 
 
 class Volumes:
-    """Every volume in one object store: snapshots, pulls, reads and commits. Thread-safe."""
+    """Every volume in one object store: snapshots, pulls, reads and commits. Thread-safe.
 
-    def __init__(self, store: ObjectStore) -> None:
+    ``cache`` (optional) keeps recently read page frames in memory, bounded in bytes.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        cache: SegmentCache | None = None,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+    ) -> None:
         self.store = store
+        self.cache = cache
+        self.checkpoint_every = checkpoint_every
         self._volumes: dict[str, _Volume] = {}
         self._lock = threading.Lock()
+        self._views: dict[tuple[str, int], _Volume] = {}  # past-LSN page maps, few
+
+    def list_vids(self) -> list[str]:
+        """Every volume with a log or a checkpoint in the store."""
+        return sorted(
+            {key.split("/")[1] for key in self.store.list("volumes/") if "/log/" in key}
+        )
 
     def list_volumes(self) -> list[Snapshot]:
         """The latest snapshot of every volume in the store, by name."""
-        vids = {key.split("/")[1] for key in self.store.list("volumes/") if "/log/" in key}
-        return [self.snapshot(vid) for vid in sorted(vids)]
+        return [self.snapshot(vid) for vid in self.list_vids()]
 
     def snapshot(self, vid: str) -> Snapshot:
         """The latest snapshot. Raises VolumeNotFound if the volume has no commit."""
@@ -177,9 +276,14 @@ class Volumes:
             latest = self._latest(vol)
             if since > latest:
                 raise SnapshotNotFound(f"LSN {since} is beyond the latest LSN {latest} of {vid!r}")
-            graft = BitMap()
-            for commit in vol.commits[since:latest]:
-                graft |= commit.graft
+            if since >= vol.base:
+                graft = BitMap()
+                for lsn in range(since + 1, latest + 1):
+                    graft |= vol.commit_at(lsn).graft
+            else:
+                # Older than the loaded checkpoint: a page changed in (since, latest]
+                # exactly when its latest version is newer than since.
+                graft = BitMap(p for p, lsns in vol.versions.items() if lsns[-1] > since)
             page_count = vol.page_count_at(latest)
         # Pages past the current end were truncated away: nothing to fetch for them.
         graft.remove_range(page_count, MAX_PAGES)
@@ -190,7 +294,8 @@ class Volumes:
 
         Raises InvalidRequest for more than MAX_PAGES_PER_READ pages or a page at or
         beyond the page count at ``lsn``; SnapshotNotFound if ``lsn`` is beyond the
-        latest; CorruptData if a stored frame fails its checksum.
+        latest; SnapshotExpired if GC removed it; CorruptData if a stored frame fails
+        its checksum.
         """
         lsn = _check_int(lsn, "lsn", MAX_LSN)
         if len(pages) > MAX_PAGES_PER_READ:
@@ -198,35 +303,83 @@ class Volumes:
                 f"{len(pages)} pages requested, at most {MAX_PAGES_PER_READ} per read"
             )
         vol = self._volume(vid)
-        located: dict[int, tuple[int, str, Entry]] = {}  # page -> (version, sid, entry)
+        try:
+            return self._read(vol, lsn, pages)
+        except MissingSegment:
+            # GC may have compacted the pages into new segments (and deleted the old
+            # ones after its grace period): reload the map once and retry.
+            if lsn < self._floor(vid):
+                raise SnapshotExpired(
+                    f"LSN {lsn} of {vid!r} is older than its retained history; "
+                    "pull a newer snapshot"
+                ) from None
+            with vol.lock:
+                vol.loaded = False
+                self._views = {k: v for k, v in self._views.items() if k[0] != vid}
+            return self._read(vol, lsn, pages)
+
+    def _read(self, vol: _Volume, lsn: int, pages: BitMap) -> list[PageFrame]:
+        located: dict[int, Located] = {}
         with vol.lock:
             self._ensure_lsn(vol, lsn)
-            page_count = vol.page_count_at(lsn)
-            if pages and pages.max() >= page_count:
-                raise InvalidRequest(
-                    f"page {pages.max()} is beyond the page count {page_count} at LSN {lsn}"
-                )
+            view = vol if lsn >= vol.base else self._history(vol, lsn)
+        page_count = view.page_count_at(lsn)
+        if pages and pages.max() >= page_count:
+            raise InvalidRequest(
+                f"page {pages.max()} is beyond the page count {page_count} at LSN {lsn}"
+            )
+        with view.lock if view is not vol else vol.lock:
             for page in pages:
-                lsns = vol.versions.get(page, ())
-                i = bisect_right(lsns, lsn)
-                if i:
-                    version = lsns[i - 1]
-                    located[page] = (version, *vol.commits[version - 1].pages[page])
+                loc = view.locate(page, lsn)
+                if loc is not None:
+                    located[page] = loc
         # Segments are immutable, so frames are fetched without holding the lock.
         by_segment: dict[str, list[Entry]] = defaultdict(list)
-        for _, sid, entry in located.values():
-            by_segment[sid].append(entry)
+        for loc in located.values():
+            by_segment[loc.sid].append(loc.entry)
         frames: dict[int, bytes] = {}
         for sid, entries in by_segment.items():
-            frames.update(fetch_frames(self.store, sid, entries))
+            frames.update(fetch_frames(self.store, sid, entries, self.cache))
         result = []
         for page in pages:
-            if page in located:
-                version, _, entry = located[page]
-                result.append(PageFrame(page, version, entry.crc, frames[page]))
+            loc = located.get(page)
+            if loc is not None:
+                result.append(PageFrame(page, loc.version, loc.entry.crc, frames[page]))
             else:
                 result.append(PageFrame(page, 0, 0, b""))
         return result
+
+    def _history(self, vol: _Volume, lsn: int) -> _Volume:
+        """A page map valid at ``lsn``, older than ``vol``'s base checkpoint."""
+        key = (vol.vid, lsn)
+        view = self._views.get(key)
+        if view is not None:
+            return view
+        expired = SnapshotExpired(
+            f"LSN {lsn} of {vol.vid!r} is older than its retained history; pull a newer snapshot"
+        )
+        older = [c for c in map(lsn_of, self.store.list(checkpoint_prefix(vol.vid))) if c <= lsn]
+        view = _Volume(vol.vid)
+        if older:
+            data = self.store.get(checkpoint_key(vol.vid, older[-1]))
+            if data is None:
+                raise expired
+            view.reset(Checkpoint.decode(data))
+        for n in range(view.base + 1, lsn + 1):
+            record = self._get_record(vol.vid, n)
+            if record is None:
+                raise expired
+            view.apply(record)
+        view.loaded = True
+        with self._lock:
+            if len(self._views) >= HISTORY_VIEWS:
+                self._views.pop(next(iter(self._views)))
+            self._views[key] = view
+        return view
+
+    def _floor(self, vid: str) -> int:
+        data = self.store.get(retention_key(vid))
+        return int(msgpack.unpackb(data)["floor"]) if data else 0
 
     def log_entry(self, vid: str, lsn: int) -> LogEntry:
         """The record of commit ``lsn``: lets a client that crashed mid-push check it landed."""
@@ -236,8 +389,13 @@ class Volumes:
             self._ensure_lsn(vol, lsn)
             if lsn == 0:
                 raise SnapshotNotFound("LSN 0 is the empty volume: it has no log record")
-            commit = vol.commits[lsn - 1]
-            return LogEntry(lsn, commit.page_count, commit.hash)
+            if lsn > vol.base:
+                commit = vol.commit_at(lsn)
+                return LogEntry(lsn, commit.page_count, commit.hash)
+        record = self._get_record(vid, lsn)
+        if record is None:
+            raise SnapshotExpired(f"LSN {lsn} of {vid!r} is older than its retained history")
+        return LogEntry(lsn, record.page_count, record.hash)
 
     def commit(
         self,
@@ -293,10 +451,20 @@ class Volumes:
         won = self.store.put_if_absent(log_key(vid, base + 1), record.encode())
         crash_point("server.commit.after_log")
 
+        checkpoint = None
         with vol.lock:
             if won and vol.latest == base:
                 vol.apply(record)
-                return base + 1
+                if (base + 1) % self.checkpoint_every == 0:
+                    checkpoint = vol.checkpoint(base + 1)
+        if won:
+            if checkpoint is not None:
+                try:
+                    self._put_checkpoint(checkpoint)
+                except GraftError as exc:  # the commit landed; a later one checkpoints
+                    log.warning("checkpoint of %s at %d failed: %s", vid, base + 1, exc)
+            return base + 1
+        with vol.lock:
             # Lost the race (or someone already cached ours): the record at
             # base+1 decides between "your retry landed" and "conflict". An
             # inline segment written above is now an orphan, left for GC.
@@ -327,20 +495,105 @@ class Volumes:
                 vol = self._volumes[vid] = _Volume(vid)
             return vol
 
-    def _refresh(self, vol: _Volume) -> None:
-        """Bring the cache up to the store's latest record. Caller holds ``vol.lock``."""
-        if not vol.listed:
-            keys = self.store.list(log_prefix(vol.vid))
-            for lsn, key in enumerate(keys, start=1):
+    def _put_checkpoint(self, checkpoint: Checkpoint) -> None:
+        # Any process may write the checkpoint of an LSN, and every one of them
+        # describes the same snapshot, so a plain (overwriting) put is safe.
+        self.store.put(checkpoint_key(checkpoint.vid, checkpoint.lsn), checkpoint.encode())
+
+    def write_checkpoint(self, vid: str, lsn: int | None = None) -> Checkpoint:
+        """Write the checkpoint of ``lsn`` (default: the latest) and return it."""
+        vol = self._volume(vid)
+        with vol.lock:
+            latest = self._latest(vol)
+            lsn = latest if lsn is None else lsn
+            if not vol.base <= lsn <= latest:
+                raise InvalidRequest(f"cannot checkpoint LSN {lsn} of {vid!r} from this cache")
+            checkpoint = vol.checkpoint(lsn)
+        self._put_checkpoint(checkpoint)
+        return checkpoint
+
+    def compact(
+        self,
+        vid: str,
+        lsn: int,
+        relocated: dict[tuple[int, int], Located],
+        merge_upto: int,
+        small_pages: int = SMALL_SEGMENT_PAGES,
+    ) -> Checkpoint:
+        """Write the checkpoint of ``lsn`` with page versions of small segments merged.
+
+        Versions written at or before ``merge_upto`` (whose log records GC is about to
+        drop) that live in segments holding fewer than ``small_pages`` of the
+        checkpoint's pages are copied, still compressed, into new segments, so the
+        old small segments become unreachable. Later versions stay where their
+        retained records point. ``relocated`` maps ``(page, version)`` to a copy made
+        earlier in the same GC run (never copy a version twice); updated in place.
+        """
+        vol = self._volume(vid)
+        with vol.lock:
+            self._latest(vol)
+            if not vol.base <= lsn <= vol.latest:
+                raise InvalidRequest(f"cannot checkpoint LSN {lsn} of {vid!r} from this cache")
+            checkpoint = vol.checkpoint(lsn)
+        by_sid: dict[str, list[Located]] = defaultdict(list)
+        for page, loc in checkpoint.pages.items():
+            copy = relocated.get((page, loc.version))
+            if copy is not None:
+                checkpoint.pages[page] = copy
+            elif loc.version <= merge_upto:
+                by_sid[loc.sid].append(loc)
+        small = [sid for sid, locs in by_sid.items() if len(locs) < small_pages]
+        if len(small) > 1:
+            frames: list[tuple[int, int, bytes]] = []  # (page, version, frame)
+            for sid in small:
+                got = fetch_frames(self.store, sid, [loc.entry for loc in by_sid[sid]])
+                frames += [(loc.entry.page, loc.version, got[loc.entry.page]) for loc in by_sid[sid]]
+            frames.sort()
+            for i in range(0, len(frames), MERGED_SEGMENT_PAGES):
+                chunk = frames[i : i + MERGED_SEGMENT_PAGES]
+                data, entries = encode_frames((page, frame) for page, _, frame in chunk)
+                sid = put_segment(self.store, data)
+                for (page, version, _), entry in zip(chunk, entries):
+                    loc = Located(version, sid, entry)
+                    checkpoint.pages[page] = relocated[(page, version)] = loc
+        self._put_checkpoint(checkpoint)
+        return checkpoint
+
+    def reload(self, vid: str) -> None:
+        """Forget the cached map of ``vid``: the next request reads the latest checkpoint."""
+        vol = self._volume(vid)
+        with vol.lock:
+            vol.loaded = False
+        self._views = {k: v for k, v in self._views.items() if k[0] != vid}
+
+    def _load(self, vol: _Volume) -> None:
+        """Read the latest checkpoint and the log records after it. Caller holds the lock."""
+        for _ in range(3):
+            checkpoints = self.store.list(checkpoint_prefix(vol.vid))
+            checkpoint = None
+            if checkpoints:
+                data = self.store.get(checkpoints[-1])
+                if data is None:
+                    continue  # removed by GC after a newer one was written: list again
+                checkpoint = Checkpoint.decode(data)
+            vol.reset(checkpoint)
+            after = log_key(vol.vid, vol.base)
+            keys = [k for k in self.store.list(log_prefix(vol.vid)) if k > after]
+            for lsn, key in enumerate(keys, start=vol.base + 1):
                 if key != log_key(vol.vid, lsn):
                     raise CorruptData(f"log of {vol.vid!r} has a gap or stray key at {key!r}")
-            # Resumes where an earlier, failed load stopped.
-            for lsn in range(vol.latest + 1, len(keys) + 1):
                 record = self._get_record(vol.vid, lsn)
                 if record is None:
                     raise CorruptData(f"log record {lsn} of {vol.vid!r} vanished after listing")
                 vol.apply(record)
-            vol.listed = True
+            vol.loaded = True
+            return
+        raise StorageError(f"the checkpoints of {vol.vid!r} kept changing while being read")
+
+    def _refresh(self, vol: _Volume) -> None:
+        """Bring the cache up to the store's latest record. Caller holds ``vol.lock``."""
+        if not vol.loaded:
+            self._load(vol)
         # Other processes may have committed since the listing or the last probe.
         while (record := self._get_record(vol.vid, vol.latest + 1)) is not None:
             vol.apply(record)
@@ -353,7 +606,7 @@ class Volumes:
 
     def _ensure_lsn(self, vol: _Volume, lsn: int) -> None:
         """Make ``lsn`` cached, or raise. Past LSNs need no store access: records are immutable."""
-        if not vol.listed or lsn > vol.latest:
+        if not vol.loaded or lsn > vol.latest:
             self._refresh(vol)
         if not vol.latest:
             raise VolumeNotFound(f"volume {vol.vid!r} has no commits")
@@ -368,8 +621,14 @@ class Volumes:
 
     def _landed_or_conflict(self, vol: _Volume, base: int, digest: bytes) -> int:
         """For a commit on a stale ``base``: its earlier attempt landed, or a conflict."""
-        if base < vol.latest and vol.commits[base].hash == digest:
-            return base + 1
+        if base < vol.latest:
+            if base >= vol.base:
+                landed = vol.commit_at(base + 1).hash
+            else:
+                record = self._get_record(vol.vid, base + 1)
+                landed = record.hash if record is not None else b""
+            if landed == digest:
+                return base + 1
         if not vol.latest:
             raise VolumeNotFound(f"volume {vol.vid!r} has no commits, so no LSN {base}")
         raise CommitConflict(

@@ -41,20 +41,24 @@ class Entry(NamedTuple):
 def encode_segment(pages: Iterable[tuple[int, bytes]]) -> tuple[bytes, list[Entry]]:
     """Build a segment from ``(page, 4096 bytes)`` pairs; returns (bytes, index)."""
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    items = sorted(pages)
-    blobs = []
-    for page, data in items:
+    frames = []
+    for page, data in sorted(pages):
         if len(data) != PAGE_SIZE:
             raise InvalidRequest(f"page {page} has {len(data)} bytes, expected {PAGE_SIZE}")
-        blobs.append(cctx.compress(data))
+        frames.append((page, cctx.compress(data)))
+    return encode_frames(frames)
+
+
+def encode_frames(frames: Iterable[tuple[int, bytes]]) -> tuple[bytes, list[Entry]]:
+    """Build a segment from already compressed ``(page, frame)`` pairs (compaction)."""
+    items = sorted(frames)
     # The index holds absolute offsets, which depend on the index's own size:
     # msgpack ints grow with value, so iterate until the size is stable.
     index_len = 0
     while True:
-        start = HEADER_SIZE + index_len + 4
+        off = HEADER_SIZE + index_len + 4
         entries = []
-        off = start
-        for (page, _), blob in zip(items, blobs):
+        for page, blob in items:
             entries.append(Entry(page, off, len(blob), zlib.crc32(blob)))
             off += len(blob)
         packed = msgpack.packb([list(e) for e in entries])
@@ -63,7 +67,7 @@ def encode_segment(pages: Iterable[tuple[int, bytes]]) -> tuple[bytes, list[Entr
         index_len = len(packed)
     head = _HEADER.pack(MAGIC, len(entries), index_len) + packed
     head += struct.pack(">I", zlib.crc32(head))
-    return head + b"".join(blobs), entries
+    return head + b"".join(blob for _, blob in items), entries
 
 
 def segment_head_size(prefix: bytes) -> int:
