@@ -199,6 +199,37 @@ _sync_command("reset", "Discard VOLUME's unpushed local commits and take the ser
 
 
 @main.command()
+@click.option("--store", required=True, help="The store to collect: a directory or file:// URL.")
+@click.option(
+    "--retain-lsns", type=click.IntRange(min=1), default=None, help="Keep the last N LSNs."
+)
+@click.option(
+    "--retain-seconds",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Keep every LSN that was the latest within the last T seconds.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=900.0,
+    show_default=True,
+    help="Seconds an unreachable segment must stay unreachable before it is deleted.",
+)
+@_fail_cleanly
+def gc(store: str, retain_lsns: int | None, retain_seconds: float | None, grace: float) -> None:
+    """Compact and garbage-collect a store; without --retain-* all history is kept."""
+    from server.gc import Retention, collect
+    from server.objstore import open_store
+    from server.volumes import Volumes
+
+    report = collect(
+        Volumes(open_store(store)), Retention(retain_lsns, retain_seconds), grace=grace
+    )
+    _echo_json(report.as_dict())
+
+
+@main.command()
 @REMOTE
 @_fail_cleanly
 def volumes(remote: str) -> None:

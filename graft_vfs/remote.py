@@ -187,6 +187,8 @@ class Remote:
     def log_entry(self, vid: str, lsn: int) -> dict | None:
         try:
             return self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}/log/{int(lsn)}")
+        except SnapshotExpired:
+            raise
         except (SnapshotNotFound, VolumeNotFound):
             return None
 
