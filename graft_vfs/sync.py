@@ -60,7 +60,7 @@ def push(vol: Volume) -> dict:
             vol.refresh()
             raise Diverged(_diverged_message(vol, exc.latest_lsn)) from exc
         finally:
-            vol.stats.count(transfer)
+            vol.stats.count(transfer, push=True)
         crash_point("client.push.after_ack")
         local.record_push(vol.id, target, remote_lsn)
         vol.stats.commits_pushed += 1

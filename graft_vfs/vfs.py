@@ -367,6 +367,7 @@ def _snapshot(f: GraftFile, value: str | None) -> dict:
 
 
 def _stats(f: GraftFile, value: str | None) -> dict:
+    f.vol.stats.prefetch_unused = f.vol.prefetcher.unused
     return f.vol.stats.as_dict()
 
 

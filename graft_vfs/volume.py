@@ -18,6 +18,7 @@ from pyroaring import BitMap
 from graft_vfs.core.pages import ZERO_PAGE
 from graft_vfs.faults import crash_point
 from graft_vfs.local import VolumeRow
+from graft_vfs.prefetch import Prefetcher
 from graft_vfs.remote import Transfer
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ class Stats:
     cache_hits: int = 0  # pages served from memory
     local_hits: int = 0  # pages served from the local store on disk
     cache_misses: int = 0  # pages that had to come from the server
+    pages_prefetched: int = 0  # fetched ahead of a read, along with a missed page
+    prefetch_unused: int = 0  # prefetched pages not read (yet)
     commits_local: int = 0
     commits_pushed: int = 0
     pages_pushed: int = 0
@@ -43,10 +46,12 @@ class Stats:
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
-    def count(self, t: Transfer) -> None:
+    def count(self, t: Transfer, *, push: bool = False) -> None:
         self.requests += t.requests
-        self.bytes_fetched += t.bytes_received
-        self.bytes_pushed += t.bytes_sent
+        if push:
+            self.bytes_pushed += t.bytes_sent
+        else:
+            self.bytes_fetched += t.bytes_received
 
 
 class Volume:
@@ -66,6 +71,7 @@ class Volume:
         self.cache: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
         self.cache_pages = cache_pages
         self.stats = Stats()
+        self.prefetcher = Prefetcher()
         self.last_error: str | None = None
 
     # -- reads ----------------------------------------------------------------------
@@ -76,6 +82,7 @@ class Volume:
         if entry is not None and entry[0] <= lsn:
             self.stats.cache_hits += 1
             return entry[1]
+        self.prefetcher.record(pageno)
         row = self.local.read_page(self.id, pageno, lsn)
         if row is not None and row[1] is not None:
             self.stats.local_hits += 1
@@ -94,19 +101,30 @@ class Volume:
     def _fetch(self, pageno: int, lsn: int, marker: int | None) -> bytes:
         remote = self.runtime.require_remote()
         self.stats.cache_misses += 1
-        sync_local, sync_remote = self.local.sync_point(self.id, lsn)
+        local = self.local
+        sync_local, sync_remote = local.sync_point(self.id, lsn)
+        # The content as of sync_remote is the content from the marker (the latest
+        # known change at or before lsn) or, with no marker, from the sync point.
+        wanted = {pageno: marker if marker is not None else sync_local}
+        page_count = local.page_count_at(self.id, lsn)
+        for p in self.prefetcher.predict(pageno):
+            if 0 <= p < page_count and p not in wanted:
+                row = local.read_page(self.id, p, lsn)
+                if row is None or row[1] is None:
+                    wanted[p] = row[0] if row is not None else sync_local
         transfer = Transfer()
         try:
-            got = remote.read_pages(self.vid, sync_remote, [pageno], transfer)
+            got = remote.read_pages(self.vid, sync_remote, wanted, transfer)
         finally:
             self.stats.count(transfer)
         self.stats.pages_fetched += len(got)
-        # The content as of sync_remote is the content from the marker (the latest
-        # known change at or before lsn) or, with no marker, from the sync point.
-        row_lsn = marker if marker is not None else sync_local
+        local.store_fetched(self.id, [(p, wanted[p], got[p][1]) for p in wanted])
+        ahead = [p for p in wanted if p != pageno]
+        if ahead:
+            self.prefetcher.fetched(ahead)
+            self.stats.pages_prefetched += len(ahead)
         data = got[pageno][1]
-        self.local.store_fetched(self.id, [(pageno, row_lsn, data)])
-        self._remember(pageno, row_lsn, data, lsn)
+        self._remember(pageno, wanted[pageno], data, lsn)
         return data
 
     def _remember(self, pageno: int, row_lsn: int, data: bytes, lsn: int) -> None:

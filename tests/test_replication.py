@@ -58,7 +58,17 @@ def test_stateless_replica_point_lookup_fetches_under_one_percent(client, sample
     assert rows
     stats = pragma(con, "graft_stats")
     assert 0 < stats["pages_fetched"] < status["page_count"] / 100
-    assert stats["cache_misses"] == stats["pages_fetched"]
+    assert stats["cache_misses"] == stats["pages_fetched"]  # random lookups prefetch nothing
+    assert stats["pages_prefetched"] == 0
+
+
+def test_full_scan_fetches_runs_of_pages_per_request(client, sample_volume):
+    con = client(sample_volume)
+    assert con.execute("SELECT count(*), max(length(note)) FROM orders").fetchone()[0] == 200_000
+    stats = pragma(con, "graft_stats")
+    assert stats["pages_fetched"] > 3000
+    assert stats["requests"] < stats["pages_fetched"] / 20
+    assert stats["prefetch_unused"] < stats["pages_prefetched"] / 2
 
 
 def test_results_equal_native_sqlite(client, sample_volume, sample_db):
