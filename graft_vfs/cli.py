@@ -65,17 +65,101 @@ def main() -> None:
     "--store",
     default="./graft-data",
     show_default=True,
-    help="Where volumes live: a directory (the embedded default) or file:// URL.",
+    help="Where volumes live: a directory (the default), file:// URL, or s3://bucket/prefix.",
+)
+@click.option(
+    "--s3-endpoint",
+    envvar="GRAFT_S3_ENDPOINT",
+    default=None,
+    help="URL of an S3-compatible service for s3:// stores (MinIO, R2, Tigris); "
+    "default AWS S3 (env: GRAFT_S3_ENDPOINT).",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=3000, show_default=True, type=int, help="Port (0: any free port).")
 @click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
+@click.option(
+    "--cache-size",
+    default="256MiB",
+    show_default=True,
+    help="In-memory cache of page frames, e.g. 64MiB, 1GB, or 0 for none.",
+)
+@click.option(
+    "--gc-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Run a GC pass every N seconds (see graft gc).",
+)
+@click.option(
+    "--retain-lsns", type=click.IntRange(min=1), default=None, help="GC keeps the last N LSNs."
+)
+@click.option(
+    "--retain-seconds",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="GC keeps every LSN that was the latest within T seconds.",
+)
+@click.option(
+    "--gc-grace",
+    type=click.FloatRange(min=0),
+    default=900.0,
+    show_default=True,
+    help="Seconds an unreachable segment must stay unreachable before GC deletes it.",
+)
 @_fail_cleanly
-def server(store: str, host: str, port: int, log_level: str) -> None:
+def server(
+    store: str,
+    s3_endpoint: str | None,
+    host: str,
+    port: int,
+    log_level: str,
+    cache_size: str,
+    gc_interval: float | None,
+    retain_lsns: int | None,
+    retain_seconds: float | None,
+    gc_grace: float,
+) -> None:
     """Run the graft server (stateless: everything is in the store)."""
     from server.app import serve
+    from server.gc import Retention
 
-    serve(store, host=host, port=port, log_level=log_level)
+    serve(
+        store,
+        host=host,
+        port=port,
+        log_level=log_level,
+        s3_endpoint=s3_endpoint,
+        cache_bytes=parse_size(cache_size),
+        gc_interval=gc_interval,
+        retention=Retention(retain_lsns, retain_seconds),
+        gc_grace=gc_grace,
+    )
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+
+
+def parse_size(text: str) -> int:
+    """``64MiB`` -> 67108864; a bad size is a usage error that says what is accepted."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise click.BadParameter(
+            f"{text!r} is not a size: use a number with an optional unit "
+            "(B, KB, MB, GB, KiB, MiB, GiB)",
+            param_hint="--cache-size",
+        )
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 @main.command("import")

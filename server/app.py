@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import threading
+import time
 from collections.abc import Mapping
 from http import HTTPStatus
 from importlib.metadata import PackageNotFoundError, version
@@ -37,11 +39,13 @@ from graft_vfs.errors import (
     VolumeNotFound,
 )
 from server.objstore import ObjectStore, open_store
-from server.segments import upload_segment
+from server.gc import DEFAULT_GRACE, Retention, collect
+from server.segments import SegmentCache, upload_segment
 from server.volumes import Volumes
 
 MSGPACK = "application/x-msgpack"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+DEFAULT_CACHE = 256 * 1024 * 1024
 LISTEN_BACKLOG = 2048  # connections wait here until uvicorn starts accepting
 
 try:
@@ -143,9 +147,14 @@ def parse_lsn(text: str) -> int:
     return int(text)
 
 
-def create_app(store: ObjectStore, *, max_body: int = DEFAULT_MAX_BODY) -> Starlette:
-    """The ASGI app serving the volumes in ``store``; bodies over ``max_body`` get 413."""
-    volumes = Volumes(store)
+def create_app(
+    store: ObjectStore, *, max_body: int = DEFAULT_MAX_BODY, cache_bytes: int = DEFAULT_CACHE
+) -> Starlette:
+    """The ASGI app serving the volumes in ``store``; bodies over ``max_body`` get 413.
+
+    ``cache_bytes`` bounds the in-memory cache of page frames (0 disables it).
+    """
+    volumes = Volumes(store, cache=SegmentCache(cache_bytes) if cache_bytes else None)
 
     async def read_map(request: Request) -> dict[str, Any]:
         return decode_body(await read_body(request, max_body))
@@ -214,7 +223,7 @@ def create_app(store: ObjectStore, *, max_body: int = DEFAULT_MAX_BODY) -> Starl
         Route("/v1/volumes/{vid}/log/{lsn}", log_entry, methods=["GET"]),
         Route("/v1/segments", upload, methods=["POST"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={
             HTTPException: http_error_response,
@@ -223,6 +232,27 @@ def create_app(store: ObjectStore, *, max_body: int = DEFAULT_MAX_BODY) -> Starl
             Exception: error_response,
         },
     )
+    app.state.volumes = volumes
+    return app
+
+
+def run_gc_periodically(
+    volumes: Volumes, interval: float, retention: Retention, grace: float
+) -> threading.Thread:
+    """Start a daemon thread that runs a GC pass every ``interval`` seconds."""
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                report = collect(volumes, retention, grace=grace)
+                log.info("gc: %s", report.as_dict())
+            except Exception:  # a failed pass is retried at the next interval
+                log.exception("gc pass failed")
+
+    thread = threading.Thread(target=loop, name="graft-gc", daemon=True)
+    thread.start()
+    return thread
 
 
 class _AnnouncingServer(uvicorn.Server):
@@ -256,10 +286,24 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(
-    store_spec: str, host: str = "127.0.0.1", port: int = 3000, log_level: str = "warning"
+    store_spec: str,
+    host: str = "127.0.0.1",
+    port: int = 3000,
+    log_level: str = "warning",
+    *,
+    s3_endpoint: str | None = None,
+    cache_bytes: int = DEFAULT_CACHE,
+    gc_interval: float | None = None,
+    retention: Retention | None = None,
+    gc_grace: float = DEFAULT_GRACE,
 ) -> None:
-    """Serve the store named by ``store_spec`` over HTTP until interrupted."""
-    app = create_app(open_store(store_spec))
+    """Serve the store named by ``store_spec`` over HTTP until interrupted.
+
+    With ``gc_interval``, a GC pass (see server/gc.py) runs every that many seconds.
+    """
+    app = create_app(open_store(store_spec, s3_endpoint), cache_bytes=cache_bytes)
+    if gc_interval:
+        run_gc_periodically(app.state.volumes, gc_interval, retention or Retention(), gc_grace)
     sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host

@@ -25,6 +25,7 @@ class ServerProcess:
     store: str
     port: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)  # extra `graft server` options
     proc: subprocess.Popen | None = None
 
     @property
@@ -36,7 +37,7 @@ class ServerProcess:
         if "GRAFT_CRASH_AT" not in extra_env:
             env.pop("GRAFT_CRASH_AT", None)
         cmd = [sys.executable, "-m", "graft_vfs.cli", "server", "--store", self.store]
-        cmd += ["--port", str(self.port)]
+        cmd += ["--port", str(self.port), *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         assert self.proc.stdout is not None

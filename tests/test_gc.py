@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import apsw
 import pytest
@@ -71,3 +72,20 @@ def test_gc_after_churn(client, vid, own_server):
         assert "older than its retained history" in str(exc)
     with pytest.raises(apsw.Error, match="older than its retained history"):
         client(vid, remote=url, lsn=5).execute("SELECT count(*) FROM t").fetchall()
+
+
+def test_server_runs_gc_periodically(client, vid, own_server):
+    own_server.args = ["--gc-interval", "0.3", "--retain-lsns", "2", "--gc-grace", "0"]
+    own_server.start()
+    writer = client(vid, remote=own_server.url, options=graft_vfs.Options(autopush=False))
+    writer.execute("CREATE TABLE t(x)")
+    for i in range(12):
+        writer.execute("INSERT INTO t VALUES(?)", (i,))
+        pragma(writer, "graft_push")
+    log_dir = os.path.join(own_server.store, "volumes", vid, "log")
+    deadline = time.monotonic() + 20
+    while len(os.listdir(log_dir)) > 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sorted(os.listdir(log_dir))[0].lstrip("0") in ("11", "12")  # the floor moved up
+    fresh = client(vid, remote=own_server.url)
+    assert fresh.execute("SELECT count(*), sum(x) FROM t").fetchone() == (12, sum(range(12)))
