@@ -1,4 +1,4 @@
-"""The command line of the server: ``python -m server --store DIR [--host H] [--port P]``."""
+"""The command line of the server: ``python -m server --store STORE [--host H] [--port P]``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ from server.app import serve
     "--store",
     required=True,
     envvar="GRAFT_STORE",
-    help="Where volumes live: a directory, a file:// URL, or memory:// (lost on exit).",
+    help="Where volumes live: a directory, a file:// URL, s3://bucket/prefix, "
+    "or memory:// (lost on exit).",
+)
+@click.option(
+    "--s3-endpoint",
+    envvar="GRAFT_S3_ENDPOINT",
+    default=None,
+    help="URL of an S3-compatible service for s3:// stores (MinIO, R2, Tigris); default AWS S3.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
@@ -30,10 +37,10 @@ from server.app import serve
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     help="uvicorn's log level.",
 )
-def main(store: str, host: str, port: int, log_level: str) -> None:
+def main(store: str, s3_endpoint: str | None, host: str, port: int, log_level: str) -> None:
     """Serve graft volumes over HTTP; prints 'graft server listening on URL' when ready."""
     try:
-        serve(store, host=host, port=port, log_level=log_level)
+        serve(store, host=host, port=port, log_level=log_level, s3_endpoint=s3_endpoint)
     except (GraftError, OSError) as exc:  # a bad store or an address in use: no traceback
         raise click.ClickException(str(exc)) from exc
 

@@ -1,7 +1,8 @@
 """The ObjectStore protocol and its implementations: FsStore (a directory) and MemoryStore.
 
 Everything the server keeps lives behind this small interface, so the same server
-code runs on a local directory, in memory for unit tests, and (later) on S3. The
+code runs on a local directory, in memory for unit tests, and on S3 (``S3Store`` in
+``server/s3store.py``, chosen by ``open_store("s3://bucket/prefix")``). The
 one primitive that makes many stateless servers safe on one store is
 ``put_if_absent``: a create-only write where exactly one concurrent writer wins.
 
@@ -17,7 +18,7 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Protocol
@@ -55,8 +56,8 @@ class ObjectStore(Protocol):
         """Create an object only if the key is free; False (nothing written) if it exists."""
         ...
 
-    def list(self, prefix: str) -> list[str]:
-        """Every key that starts with ``prefix``, sorted."""
+    def list(self, prefix: str, start_after: str | None = None) -> list[str]:
+        """Every key that starts with ``prefix`` (and is ``> start_after`` if given), sorted."""
         ...
 
     def delete(self, key: str) -> None:
@@ -76,6 +77,10 @@ def _validate_prefix(prefix: str) -> str:
     if prefix:
         validate_key(prefix.removesuffix("/"))
     return prefix
+
+
+def _after(keys: Iterable[str], start_after: str | None) -> Iterable[str]:
+    return keys if start_after is None else (k for k in keys if k > start_after)
 
 
 def _validate_range(start: int, length: int) -> None:
@@ -132,11 +137,12 @@ class MemoryStore(_CallStats):
             self._objects[key] = bytes(data)
             return True
 
-    def list(self, prefix: str) -> list[str]:
+    def list(self, prefix: str, start_after: str | None = None) -> list[str]:
         _validate_prefix(prefix)
         self._count("lists")
         with self._lock:
-            return sorted(k for k in self._objects if k.startswith(prefix))
+            keys = [k for k in self._objects if k.startswith(prefix)]
+        return sorted(_after(keys, start_after))
 
     def delete(self, key: str) -> None:
         validate_key(key)
@@ -233,7 +239,7 @@ class FsStore(_CallStats):
             _fsync_dir(path.parent)
             return True
 
-    def list(self, prefix: str) -> list[str]:
+    def list(self, prefix: str, start_after: str | None = None) -> list[str]:
         _validate_prefix(prefix)
         self._count("lists")
         # Only the directory named by the prefix's complete components is scanned,
@@ -241,7 +247,8 @@ class FsStore(_CallStats):
         dir_key, _, partial = prefix.rpartition("/")
         start = self.root / dir_key if dir_key else self.root
         with _storage_errors("list", prefix):
-            return sorted(_walk_keys(start, f"{dir_key}/" if dir_key else "", partial))
+            keys = _walk_keys(start, f"{dir_key}/" if dir_key else "", partial)
+            return sorted(_after(keys, start_after))
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -290,16 +297,27 @@ def _walk_keys(directory: Path, key_prefix: str, name_prefix: str = "") -> Itera
             yield key
 
 
-def open_store(spec: str) -> ObjectStore:
-    """The store a ``--store`` value names: a path or ``file://`` URL, or ``memory://``."""
+def open_store(spec: str, s3_endpoint: str | None = None) -> ObjectStore:
+    """The store a ``--store`` value names.
+
+    A path or ``file://`` URL (FsStore), ``memory://`` (MemoryStore), or
+    ``s3://bucket/prefix`` (S3Store; the prefix is optional, keys live under it).
+    ``s3_endpoint`` is the URL of an S3-compatible service (MinIO, R2, Tigris,
+    SeaweedFS); without it, AWS S3. It only applies to ``s3://`` stores.
+    """
     if not spec:
-        raise InvalidRequest("empty store spec: give a directory, file:// URL or memory://")
+        raise InvalidRequest(
+            "empty store spec: give a directory, file:// URL, s3://bucket/prefix or memory://"
+        )
     if spec.startswith("memory://"):
         return MemoryStore()
     if spec.startswith("s3://"):
-        raise InvalidRequest(
-            f"S3 stores are not available yet ({spec!r}): use a directory or file:// URL"
-        )
+        url = urlparse(spec)
+        if not url.netloc or url.query or url.fragment or url.params:
+            raise InvalidRequest(f"S3 store must look like s3://bucket/prefix, got {spec!r}")
+        from server.s3store import S3Store  # boto3 is only imported when S3 is used
+
+        return S3Store(url.netloc, url.path.strip("/"), endpoint_url=s3_endpoint)
     if spec.startswith("file://"):
         url = urlparse(spec)
         if url.netloc not in ("", "localhost"):
@@ -307,6 +325,6 @@ def open_store(spec: str) -> ObjectStore:
         return FsStore(url2pathname(url.path))
     if _URL_SCHEME.match(spec):
         raise InvalidRequest(
-            f"unknown store scheme in {spec!r}: use a directory, file:// or memory://"
+            f"unknown store scheme in {spec!r}: use a directory, file://, s3:// or memory://"
         )
     return FsStore(spec)

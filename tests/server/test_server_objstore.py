@@ -9,6 +9,7 @@ import pytest
 
 from graft_vfs.errors import InvalidRequest, StorageError
 from server.objstore import FsStore, MemoryStore, ObjectStore, open_store
+from server.s3store import S3Store
 
 
 @pytest.fixture(params=["fs", "memory"])
@@ -72,6 +73,21 @@ def test_list_is_sorted_and_prefix_is_a_string_prefix(store: ObjectStore) -> Non
     assert store.list("nothing/") == []
 
 
+def test_list_start_after_resumes_a_listing(store: ObjectStore) -> None:
+    log = [f"volumes/v/log/{lsn:020d}" for lsn in range(1, 8)]
+    for key in [*log, "volumes/v/checkpoints/1", "volumes/v-2/log/1", "segs/1"]:
+        store.put(key, b"")
+    prefix = "volumes/v/log/"
+    assert store.list(prefix, start_after=None) == log
+    assert store.list(prefix, start_after=log[2]) == log[3:]
+    assert store.list(prefix, start_after=log[2] + "0") == log[3:]  # need not exist
+    assert store.list(prefix, start_after=log[-1]) == []
+    assert store.list(prefix, start_after="a") == log  # before the prefix: everything
+    assert store.list(prefix, start_after="volumes/v/log") == log
+    assert store.list(prefix, start_after="z") == []  # after the prefix: nothing
+    assert store.list("volumes/v/log/0000", start_after=log[4]) == log[5:]
+
+
 def test_delete(store: ObjectStore) -> None:
     store.put("x/y", b"1")
     store.delete("x/y")
@@ -125,8 +141,18 @@ def test_open_store(tmp_path: Path) -> None:
     url = open_store((tmp_path / "url").as_uri())
     assert isinstance(url, FsStore) and url.root == tmp_path / "url"
     assert isinstance(open_store("memory://"), MemoryStore)
-    with pytest.raises(InvalidRequest, match="S3 stores are not available yet"):
-        open_store("s3://bucket/prefix")
+    s3 = open_store("s3://bucket/some/prefix/", s3_endpoint="http://127.0.0.1:9")
+    assert isinstance(s3, S3Store)
+    assert (s3.bucket, s3.prefix, s3.endpoint_url) == (
+        "bucket",
+        "some/prefix",
+        "http://127.0.0.1:9",
+    )
+    bare = open_store("s3://bucket")
+    assert isinstance(bare, S3Store) and (bare.bucket, bare.prefix) == ("bucket", "")
+    for bad in ["s3://", "s3:///prefix", "s3://bucket/a/../b", "s3://bucket/p?x=1"]:
+        with pytest.raises(InvalidRequest):
+            open_store(bad)
     with pytest.raises(InvalidRequest, match="unknown store scheme"):
         open_store("ftp://host/dir")
     with pytest.raises(InvalidRequest):
