@@ -277,6 +277,22 @@ def _sync_command(name: str, doc: str) -> None:
             runtime.close()
 
 
+@main.command()
+@click.argument("volume")
+@REMOTE
+@CACHE
+@_fail_cleanly
+def hydrate(volume: str, remote: str, cache_dir: str) -> None:
+    """Fetch every page of VOLUME's latest snapshot into the local cache."""
+    runtime, vol = _open_volume(volume, remote, cache_dir)
+    try:
+        total = vol.snapshot[1]
+        with click.progressbar(length=max(total, 1), label="hydrating", file=sys.stderr) as bar:
+            _echo_json(vol.hydrate(progress=bar.update))
+    finally:
+        runtime.close()
+
+
 _sync_command("pull", "Pull VOLUME's latest snapshot from the server (changed-page bitmap only).")
 _sync_command("push", "Push VOLUME's local commits to the server as one commit.")
 _sync_command("reset", "Discard VOLUME's unpushed local commits and take the server's latest.")

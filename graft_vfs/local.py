@@ -208,6 +208,25 @@ class LocalStore:
                 ((v, p, lsn, data) for p, lsn, data in rows),
             )
 
+    def missing_pages(self, v: int, lsn: int, page_count: int) -> dict[int, int | None]:
+        """Pages below ``page_count`` with no data at ``lsn``: ``{page: marker_lsn|None}``."""
+        latest: dict[int, tuple[int, bool]] = {}
+        with self._lock:
+            for pageno, row_lsn, has_data in self._db.execute(
+                "SELECT pageno, lsn, data IS NOT NULL FROM pages WHERE v=? AND lsn<=? "
+                "ORDER BY pageno, lsn",
+                (v, lsn),
+            ):
+                latest[pageno] = (row_lsn, bool(has_data))
+        missing: dict[int, int | None] = {}
+        for pageno in range(page_count):
+            row = latest.get(pageno)
+            if row is None:
+                missing[pageno] = None
+            elif not row[1]:
+                missing[pageno] = row[0]
+        return missing
+
     def pages_at(self, v: int, pages: Iterable[int], lsn: int) -> dict[int, bytes]:
         """Contents of ``pages`` at local ``lsn``; every page must be present locally."""
         out = {}

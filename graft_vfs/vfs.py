@@ -394,6 +394,7 @@ PRAGMAS: dict[str, Callable[[GraftFile, str | None], dict]] = {
     "graft_reset": lambda f, v: sync.reset(f.vol),
     "graft_snapshot": _snapshot,
     "graft_version": _version,
+    "graft_hydrate": lambda f, v: f.vol.hydrate(),
 }
 
 

@@ -9,12 +9,16 @@ because every change to a page (commit, pull, reset) replaces or evicts its entr
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from pyroaring import BitMap
 
+from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.core.pages import ZERO_PAGE
 from graft_vfs.faults import crash_point
 from graft_vfs.local import VolumeRow
@@ -126,6 +130,45 @@ class Volume:
         data = got[pageno][1]
         self._remember(pageno, wanted[pageno], data, lsn)
         return data
+
+    def hydrate(self, progress: Callable[[int], None] | None = None, workers: int = 4) -> dict:
+        """Fetch every page of the latest snapshot that is not local yet.
+
+        Requests of up to MAX_PAGES_PER_READ pages run ``workers`` at a time.
+        """
+        remote = self.runtime.require_remote()
+        lsn, page_count = self.snapshot
+        sync_local, sync_remote = self.local.sync_point(self.id, lsn)
+        missing = self.local.missing_pages(self.id, lsn, page_count)
+        pages = sorted(missing)
+        chunks = [
+            pages[i : i + MAX_PAGES_PER_READ] for i in range(0, len(pages), MAX_PAGES_PER_READ)
+        ]
+        started = time.perf_counter()
+
+        def fetch(chunk: list[int]) -> int:
+            transfer = Transfer()
+            try:
+                got = remote.read_pages(self.vid, sync_remote, chunk, transfer)
+            finally:
+                self.stats.count(transfer)
+            rows = [
+                (p, missing[p] if missing[p] is not None else sync_local, got[p][1]) for p in chunk
+            ]
+            self.local.store_fetched(self.id, rows)
+            self.stats.pages_fetched += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+            return len(chunk)
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            fetched = sum(pool.map(fetch, chunks))
+        return {
+            "pages_fetched": fetched,
+            "page_count": page_count,
+            "requests": len(chunks),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
 
     def _remember(self, pageno: int, row_lsn: int, data: bytes, lsn: int) -> None:
         # Only a reader at the latest snapshot may fill the cache: an older reader's

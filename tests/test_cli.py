@@ -122,5 +122,7 @@ def test_sql_status_and_sync_commands(server, vid, tmp_path):
     assert pulled["pulled"] and pulled["remote_lsn"] == pushed + 1
     bad = graft("sql", vid, "SELECT nope FROM t", "--cache", reader, check=False)
     assert bad.returncode == 1 and "no such column" in bad.stderr
+    hydrated = json.loads(graft("hydrate", vid, "--remote", server.url, "--cache", reader).stdout)
+    assert hydrated["page_count"] >= 2 and hydrated["pages_fetched"] >= 0
     volumes = json.loads(graft("volumes", "--remote", server.url).stdout)
     assert vid in {v["vid"] for v in volumes}

@@ -252,3 +252,17 @@ def test_corrupt_segment_is_an_error_never_wrong_data(client, vid, own_server):
     for name in names:  # repaired objects serve again: the error was not cached
         os.replace(os.path.join(segments, name + ".bak"), os.path.join(segments, name))
     assert b.execute("SELECT x FROM t").fetchall() == [("precious",)]
+
+
+def test_hydrate_fetches_everything_missing_then_reads_are_local(client, sample_volume):
+    con = client(sample_volume)
+    con.execute("SELECT * FROM orders WHERE id = 5").fetchall()
+    before = pragma(con, "graft_stats")["pages_fetched"]
+    result = pragma(con, "graft_hydrate")
+    pages = pragma(con, "graft_status")["page_count"]
+    assert result["pages_fetched"] + before >= pages - 1  # everything not fetched yet
+    assert result["requests"] <= pages // 4096 + 1
+    assert pragma(con, "graft_hydrate")["pages_fetched"] == 0  # idempotent
+    fetched = pragma(con, "graft_stats")["pages_fetched"]
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert pragma(con, "graft_stats")["pages_fetched"] == fetched  # all reads were local
