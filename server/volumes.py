@@ -578,7 +578,7 @@ class Volumes:
                 checkpoint = Checkpoint.decode(data)
             vol.reset(checkpoint)
             after = log_key(vol.vid, vol.base)
-            keys = [k for k in self.store.list(log_prefix(vol.vid)) if k > after]
+            keys = self.store.list(log_prefix(vol.vid), start_after=after)
             for lsn, key in enumerate(keys, start=vol.base + 1):
                 if key != log_key(vol.vid, lsn):
                     raise CorruptData(f"log of {vol.vid!r} has a gap or stray key at {key!r}")
