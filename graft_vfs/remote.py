@@ -163,16 +163,29 @@ class Remote:
         return Snapshot(vid, int(d["lsn"]), int(d["page_count"])), decode_graft(d["graft"])
 
     def read_pages(
-        self, vid: str, lsn: int, pages: Iterable[int], transfer: Transfer | None = None
+        self,
+        vid: str,
+        lsn: int,
+        pages: Iterable[int],
+        transfer: Transfer | None = None,
+        *,
+        expand: int = 0,
     ) -> dict[int, tuple[int, bytes]]:
-        """Pages as of ``lsn``: ``{page: (version_lsn, 4096 bytes)}``, each verified."""
+        """Pages as of ``lsn``: ``{page: (version_lsn, 4096 bytes)}``, each verified.
+
+        ``expand`` asks the server to add up to that many interior B-tree pages below
+        the requested interior pages; they are in the answer too.
+        """
         wanted = BitMap(pages)
         out: dict[int, tuple[int, bytes]] = {}
         path = f"/v1/volumes/{validate_volume_id(vid)}/read"
         ordered = list(wanted)
         for i in range(0, len(ordered), MAX_PAGES_PER_READ):
             chunk = ordered[i : i + MAX_PAGES_PER_READ]
-            d = self._call("POST", path, {"lsn": lsn, "pages": encode_graft(chunk)}, transfer)
+            body = {"lsn": lsn, "pages": encode_graft(chunk)}
+            if expand:
+                body["expand"] = expand
+            d = self._call("POST", path, body, transfer)
             for page, version, crc, frame in d["pages"]:
                 if frame:
                     data = decode_page(Entry(page, 0, len(frame), crc), frame)

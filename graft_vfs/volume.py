@@ -25,6 +25,10 @@ from graft_vfs.local import VolumeRow
 from graft_vfs.prefetch import Prefetcher
 from graft_vfs.remote import Transfer
 
+# Interior B-tree pages the server may send along with a missed interior page: a
+# lookup then costs about one round trip per B-tree (its leaf) instead of one per level.
+INTERIOR_EXPAND = 256
+
 if TYPE_CHECKING:
     from graft_vfs.runtime import Runtime
 
@@ -118,10 +122,16 @@ class Volume:
                     wanted[p] = row[0] if row is not None else sync_local
         transfer = Transfer()
         try:
-            got = remote.read_pages(self.vid, sync_remote, wanted, transfer)
+            got = remote.read_pages(
+                self.vid, sync_remote, wanted, transfer, expand=INTERIOR_EXPAND
+            )
         finally:
             self.stats.count(transfer)
         self.stats.pages_fetched += len(got)
+        for p in got.keys() - wanted.keys():  # interior pages the server sent along
+            row = local.read_page(self.id, p, lsn)
+            if row is None or row[1] is None:
+                wanted[p] = row[0] if row is not None else sync_local
         local.store_fetched(self.id, [(p, wanted[p], got[p][1]) for p in wanted])
         ahead = [p for p in wanted if p != pageno]
         if ahead:

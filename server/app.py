@@ -187,7 +187,10 @@ def create_app(
         body = await read_map(request)
         lsn = field(body, "lsn")
         pages = decode_graft(field(body, "pages"))
-        frames = await run_in_threadpool(volumes.read, request.path_params["vid"], lsn, pages)
+        expand = body.get("expand", 0)
+        frames = await run_in_threadpool(
+            volumes.read, request.path_params["vid"], lsn, pages, expand
+        )
         return msgpack_response({"lsn": lsn, "pages": [list(f) for f in frames]})
 
     async def upload(request: Request) -> Response:

@@ -23,12 +23,15 @@ import time
 from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import msgpack
+import zstandard
 
 from pyroaring import BitMap
 
+from graft_vfs.core.btree import interior_children, is_interior
 from graft_vfs.core.checkpoint import Checkpoint, Located
 from graft_vfs.core.commit import CommitRecord, SegmentRef
 from graft_vfs.core.graft import MAX_PAGES, MAX_PAGES_PER_READ
@@ -60,6 +63,7 @@ HASH_SIZE = 32  # sha256, see graft_vfs.core.commit.commit_hash
 CHECKPOINT_EVERY = 32  # bootstrap reads at most this many log records
 SMALL_SEGMENT_PAGES = 256  # compaction merges segments holding fewer live pages
 MERGED_SEGMENT_PAGES = 4096
+MAX_EXPAND = 1024  # interior pages one read may add below the requested ones
 log = logging.getLogger("graft.server")
 
 HISTORY_VIEWS = 4  # past-LSN page maps kept for reads older than the loaded checkpoint
@@ -289,8 +293,11 @@ class Volumes:
         graft.remove_range(page_count, MAX_PAGES)
         return Pull(latest, page_count, graft)
 
-    def read(self, vid: str, lsn: int, pages: BitMap) -> list[PageFrame]:
+    def read(self, vid: str, lsn: int, pages: BitMap, expand: int = 0) -> list[PageFrame]:
         """Each page's frame as of ``lsn``, in page order.
+
+        With ``expand``, up to that many interior B-tree pages below the requested
+        interior pages follow (see ``_interior_below``).
 
         Raises InvalidRequest for more than MAX_PAGES_PER_READ pages or a page at or
         beyond the page count at ``lsn``; SnapshotNotFound if ``lsn`` is beyond the
@@ -302,9 +309,10 @@ class Volumes:
             raise InvalidRequest(
                 f"{len(pages)} pages requested, at most {MAX_PAGES_PER_READ} per read"
             )
+        expand = _check_int(expand, "expand", MAX_EXPAND)
         vol = self._volume(vid)
         try:
-            return self._read(vol, lsn, pages)
+            return self._read(vol, lsn, pages, expand)
         except MissingSegment:
             # GC may have compacted the pages into new segments (and deleted the old
             # ones after its grace period): reload the map once and retry.
@@ -316,10 +324,11 @@ class Volumes:
             with vol.lock:
                 vol.loaded = False
                 self._views = {k: v for k, v in self._views.items() if k[0] != vid}
-            return self._read(vol, lsn, pages)
+            return self._read(vol, lsn, pages, expand)
 
-    def _read(self, vol: _Volume, lsn: int, pages: BitMap) -> list[PageFrame]:
-        located: dict[int, Located] = {}
+    def _read(
+        self, vol: _Volume, lsn: int, pages: BitMap, expand: int = 0
+    ) -> list[PageFrame]:
         with vol.lock:
             self._ensure_lsn(vol, lsn)
             view = vol if lsn >= vol.base else self._history(vol, lsn)
@@ -328,7 +337,16 @@ class Volumes:
             raise InvalidRequest(
                 f"page {pages.max()} is beyond the page count {page_count} at LSN {lsn}"
             )
-        with view.lock if view is not vol else vol.lock:
+        frames = self._frames(view, lsn, pages)
+        result = [frames[page] for page in pages]
+        if expand:
+            result += self._interior_below(view, lsn, page_count, frames, expand)
+        return result
+
+    def _frames(self, view: _Volume, lsn: int, pages: Iterable[int]) -> dict[int, PageFrame]:
+        """Each page's frame as of ``lsn`` (an empty frame for a page never written)."""
+        located: dict[int, Located] = {}
+        with view.lock:
             for page in pages:
                 loc = view.locate(page, lsn)
                 if loc is not None:
@@ -340,14 +358,55 @@ class Volumes:
         frames: dict[int, bytes] = {}
         for sid, entries in by_segment.items():
             frames.update(fetch_frames(self.store, sid, entries, self.cache))
-        result = []
+        result = {}
         for page in pages:
             loc = located.get(page)
             if loc is not None:
-                result.append(PageFrame(page, loc.version, loc.entry.crc, frames[page]))
+                result[page] = PageFrame(page, loc.version, loc.entry.crc, frames[page])
             else:
-                result.append(PageFrame(page, 0, 0, b""))
+                result[page] = PageFrame(page, 0, 0, b"")
         return result
+
+    def _interior_below(
+        self,
+        view: _Volume,
+        lsn: int,
+        page_count: int,
+        requested: dict[int, PageFrame],
+        budget: int,
+    ) -> list[PageFrame]:
+        """Interior B-tree pages under the requested interior pages, level by level.
+
+        A lookup that reads a B-tree's root will read one page of every interior
+        level below it; sending the levels along (up to ``budget`` pages, highest
+        levels first) turns one round trip per level into one per tree. B-trees are
+        balanced, so one probe per level tells whether that level is still interior.
+        """
+        dctx = zstandard.ZstdDecompressor()
+        seen = set(requested)
+        level: list[int] = []
+        for page, frame in requested.items():
+            if frame.frame:
+                level += interior_children(dctx.decompress(frame.frame), page)
+        extra: list[PageFrame] = []
+        while budget > 0:
+            level = [p for p in dict.fromkeys(level) if p < page_count and p not in seen]
+            if not level:
+                break
+            probe = self._frames(view, lsn, level[:1])[level[0]]
+            if not probe.frame or not is_interior(dctx.decompress(probe.frame), level[0]):
+                break
+            batch = level[:budget]
+            frames = self._frames(view, lsn, batch)
+            budget -= len(batch)
+            seen.update(batch)
+            level = []
+            for page in batch:
+                frame = frames[page]
+                if frame.frame:
+                    extra.append(frame)
+                    level += interior_children(dctx.decompress(frame.frame), page)
+        return extra
 
     def _history(self, vol: _Volume, lsn: int) -> _Volume:
         """A page map valid at ``lsn``, older than ``vol``'s base checkpoint."""

@@ -125,3 +125,25 @@ def test_database_header_checks_say_how_to_fix():
         check_database_header(bytes(header), "app.db")
     with pytest.raises(UnsupportedDatabase, match="not a SQLite database"):
         check_database_header(b"hello" * 30, "notes.txt")
+
+
+def test_btree_interior_children_match_sqlite(tmp_path):
+    import apsw
+
+    from graft_vfs.core.btree import interior_children, is_interior
+
+    path = str(tmp_path / "bt.db")
+    con = apsw.Connection(path)
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    with con:
+        con.executemany("INSERT INTO t VALUES(?, ?)", ((i, "x" * 300) for i in range(5000)))
+    (root,) = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 't'").fetchone()
+    con.close()
+    data = open(path, "rb").read()
+    pages = [data[i : i + PAGE_SIZE] for i in range(0, len(data), PAGE_SIZE)]
+    children = interior_children(pages[root - 1], root - 1)
+    assert is_interior(pages[root - 1], root - 1) and len(children) > 10
+    # every child is a leaf of the table (type 13), and each holds some of its rows
+    assert all(pages[c][0] == 13 for c in children)
+    assert interior_children(pages[children[0]], children[0]) == []
+    assert interior_children(b"\x05" + bytes(10), 3) == []  # damaged: no children

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -58,8 +57,9 @@ def test_stateless_replica_point_lookup_fetches_under_one_percent(client, sample
     assert rows
     stats = pragma(con, "graft_stats")
     assert 0 < stats["pages_fetched"] < status["page_count"] / 100
-    assert stats["cache_misses"] == stats["pages_fetched"]  # random lookups prefetch nothing
-    assert stats["pages_prefetched"] == 0
+    # one request per miss; what came along is the interior pages of the B-trees read
+    assert stats["requests"] == stats["cache_misses"] <= 8
+    assert stats["pages_fetched"] == stats["cache_misses"] + stats["pages_prefetched"]
 
 
 def test_full_scan_fetches_runs_of_pages_per_request(client, sample_volume):
@@ -235,22 +235,18 @@ def test_corrupt_segment_is_an_error_never_wrong_data(client, vid, own_server):
     a = client(vid, remote=own_server.url)
     a.execute("CREATE TABLE t(x); INSERT INTO t VALUES('precious')")
     pragma(a, "graft_push")
-    segments = os.path.join(own_server.store, "segments")
-    names = os.listdir(segments)
-    for name in names:
-        path = os.path.join(segments, name)
-        with open(path, "rb") as f:
-            data = bytearray(f.read())
-        shutil.copy(path, path + ".bak")
-        data[-3] ^= 0xFF  # a byte of the last page's frame, not the index
-        with open(path, "wb") as f:
-            f.write(bytes(data))
+    originals = {key: own_server.read_object(key) for key in own_server.objects("segments/")}
+    assert originals
+    for key, data in originals.items():
+        corrupt = bytearray(data)
+        corrupt[-3] ^= 0xFF  # a byte of the last page's frame, not the index
+        own_server.write_object(key, bytes(corrupt))
     b = client(vid, remote=own_server.url)
     with pytest.raises((apsw.CorruptError, apsw.IOError), match="(?i)checksum|corrupt"):
         b.execute("SELECT x FROM t").fetchall()
     assert pragma(b, "graft_status")["local_lsn"] == 1  # nothing was recorded
-    for name in names:  # repaired objects serve again: the error was not cached
-        os.replace(os.path.join(segments, name + ".bak"), os.path.join(segments, name))
+    for key, data in originals.items():  # repaired objects serve again: not cached
+        own_server.write_object(key, data)
     assert b.execute("SELECT x FROM t").fetchall() == [("precious",)]
 
 

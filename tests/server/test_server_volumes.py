@@ -291,3 +291,31 @@ def test_crash_points_leave_nothing_or_a_complete_commit(
     assert commit(fresh, "v", 0, 1, {0: page(1)}) == 1  # the client's retry
     assert read(fresh, "v", 1, [0]) == {0: (1, page(1))}
     assert len(log_records(store, "v")) == 1
+
+
+def test_read_expand_sends_interior_pages_below_an_interior_page(tmp_path):
+    import apsw
+
+    from graft_vfs.core.btree import is_interior
+
+    path = str(tmp_path / "deep.db")
+    con = apsw.Connection(path)
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    with con:
+        con.executemany("INSERT INTO t VALUES(?, ?)", ((i, "y" * 1000) for i in range(60_000)))
+    (root,) = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 't'").fetchone()
+    con.close()
+    data = open(path, "rb").read()
+    pages = {i // PAGE_SIZE: data[i : i + PAGE_SIZE] for i in range(0, len(data), PAGE_SIZE)}
+    interior = {p for p, d in pages.items() if is_interior(d, p)}
+    assert len(interior) > 2  # a tree with more than one interior level
+    vols = Volumes(MemoryStore())
+    commit(vols, "v", 0, len(pages), pages)
+    plain = vols.read("v", 1, BitMap([root - 1]))
+    assert [f.page for f in plain] == [root - 1]
+    expanded = vols.read("v", 1, BitMap([root - 1]), expand=1024)
+    assert {f.page for f in expanded} == interior  # every interior page, no leaf
+    capped = vols.read("v", 1, BitMap([root - 1]), expand=1)
+    assert len(capped) == 2
+    leaf = min(set(pages) - interior - {0})
+    assert [f.page for f in vols.read("v", 1, BitMap([leaf]), expand=64)] == [leaf]
