@@ -22,6 +22,7 @@ servers' HTTP API and a fresh replica with an empty cache:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -41,24 +42,23 @@ SERVERS = 3
 WORKERS = 6
 ACCOUNTS = 20
 INITIAL_BALANCE = 1000
-WORKLOAD_SECONDS = float(os.environ.get("GRAFT_SOAK_SECONDS", "12"))
+WORKLOAD_SECONDS = float(os.environ.get("GRAFT_SOAK_SECONDS", "8"))
 WORKER_GRACE = 60.0  # beyond the workload, before a worker is killed as hung
 PAST_LSN_SAMPLES = 8
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bank_worker.py")
 
 
 @pytest.fixture
-def shared_store(tmp_path) -> str:
-    """The store the three servers share. Switching to S3 is this one fixture."""
-    return str(tmp_path / "shared-store")
+def servers(own_server):
+    """Three server processes on one fresh store.
 
-
-@pytest.fixture
-def servers(shared_store):
+    ``own_server`` (not started here) is only the template: its store spec and
+    environment, a directory or an S3 prefix of the kind ``--stores`` selects.
+    """
     procs: list[ServerProcess] = []
     try:
         for _ in range(SERVERS):
-            procs.append(ServerProcess(shared_store).start())
+            procs.append(dataclasses.replace(own_server, port=0, proc=None).start())
         yield procs
     finally:
         for srv in procs:
