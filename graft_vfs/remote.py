@@ -7,6 +7,7 @@ exceptions; nothing above it sees urllib3.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from graft_vfs.core.graft import MAX_PAGES_PER_READ, decode_graft, encode_graft
 from graft_vfs.core.ids import validate_volume_id
 from graft_vfs.core.pages import ZERO_PAGE
 from graft_vfs.core.segment import Entry, decode_page, encode_segment
+from graft_vfs.link import Link
 from graft_vfs.errors import (
     CommitConflict,
     CorruptData,
@@ -92,6 +94,7 @@ class Remote:
             timeout=urllib3.Timeout(connect=5.0, read=timeout),
         )
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.link = Link()
 
     def close(self) -> None:
         self._pool.clear()
@@ -111,10 +114,12 @@ class Remote:
         if body is not None:
             data = body if isinstance(body, bytes) else msgpack.packb(body)
             headers["Content-Type"] = content_type
+        started = time.perf_counter()
         try:
             resp = self._pool.request(method, self.url + path, body=data, headers=headers)
         except urllib3.exceptions.HTTPError as exc:
             raise RemoteError(f"graft server {self.url} unreachable: {exc}") from exc
+        self.link.observe(time.perf_counter() - started, len(resp.data) + len(data or b""))
         if transfer is not None:
             transfer.requests += 1
             transfer.bytes_received += len(resp.data)
@@ -186,6 +191,7 @@ class Remote:
             if expand:
                 body["expand"] = expand
             d = self._call("POST", path, body, transfer)
+            self.link.observe_pages(sum(len(p[3]) for p in d["pages"]), len(d["pages"]))
             for page, version, crc, frame in d["pages"]:
                 if frame:
                     data = decode_page(Entry(page, 0, len(frame), crc), frame)

@@ -21,6 +21,7 @@ from pyroaring import BitMap
 from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.core.pages import ZERO_PAGE
 from graft_vfs.faults import crash_point
+from graft_vfs.link import Link
 from graft_vfs.local import VolumeRow
 from graft_vfs.prefetch import Prefetcher
 from graft_vfs.remote import Transfer
@@ -28,6 +29,8 @@ from graft_vfs.remote import Transfer
 # Interior B-tree pages the server may send along with a missed interior page: a
 # lookup then costs about one round trip per B-tree (its leaf) instead of one per level.
 INTERIOR_EXPAND = 256
+MAX_REGION = 16  # pages a dense random read may bring along
+DENSE_MISSES = 3  # random misses in one run before the run counts as dense
 
 if TYPE_CHECKING:
     from graft_vfs.runtime import Runtime
@@ -80,6 +83,7 @@ class Volume:
         self.cache_pages = cache_pages
         self.stats = Stats()
         self.prefetcher = Prefetcher()
+        self._regions: dict[tuple[int, int], int] = {}  # random misses seen per run
         self.last_error: str | None = None
 
     # -- reads ----------------------------------------------------------------------
@@ -115,7 +119,7 @@ class Volume:
         # known change at or before lsn) or, with no marker, from the sync point.
         wanted = {pageno: marker if marker is not None else sync_local}
         page_count = local.page_count_at(self.id, lsn)
-        for p in self.prefetcher.predict(pageno):
+        for p in self.prefetcher.predict(pageno) or self._dense_region(pageno, remote.link):
             if 0 <= p < page_count and p not in wanted:
                 row = local.read_page(self.id, p, lsn)
                 if row is None or row[1] is None:
@@ -179,6 +183,26 @@ class Volume:
             "requests": len(chunks),
             "seconds": round(time.perf_counter() - started, 3),
         }
+
+    def _dense_region(self, pageno: int, link: Link) -> range:
+        """The aligned run of pages around a random miss worth fetching with it.
+
+        The first misses in a run fetch their page alone; a third miss in the same run
+        means the reads are dense there, and the rest of the run travels along. The
+        run is as long as one request can carry for about the price of its round
+        trip (bandwidth x RTT over a page's size): one page on a fast link, up to
+        MAX_REGION on a slow, long one.
+        """
+        width = 1 << (link.free_pages(MAX_REGION).bit_length() - 1)
+        if width == 1:
+            return range(0)
+        key = (width, pageno // width)
+        misses = self._regions.get(key, 0) + 1
+        if len(self._regions) > 1 << 16:
+            self._regions.clear()
+        self._regions[key] = misses
+        start = key[1] * width
+        return range(start, start + width) if misses >= DENSE_MISSES else range(0)
 
     def _remember(self, pageno: int, row_lsn: int, data: bytes, lsn: int) -> None:
         # Only a reader at the latest snapshot may fill the cache: an older reader's

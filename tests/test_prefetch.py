@@ -40,3 +40,23 @@ def test_unused_prefetches_are_counted():
     p.fetched([5, 6, 7])
     p.record(6)
     assert p.prefetched == 3 and p.used == 1 and p.unused == 2
+
+
+def test_link_estimates_and_free_pages():
+    from graft_vfs.link import Link
+
+    fast = Link(rtt=0.0005, bandwidth=1e9, page_bytes=2000)
+    assert fast.free_pages(64) == 64  # 0.5 ms x 1 GB/s carries 250 pages
+    slow = Link(rtt=0.05, bandwidth=2e6, page_bytes=2000)
+    assert slow.free_pages(16) == 16 and slow.free_pages(64) == 50
+    tiny = Link(rtt=0.0001, bandwidth=1e6, page_bytes=2000)
+    assert tiny.free_pages(64) == 1
+    link = Link(rtt=0.01, bandwidth=1e6)
+    for _ in range(50):
+        link.observe(0.05, 1000)  # small answers: the round trip is 50 ms
+    assert abs(link.rtt - 0.05) < 0.001
+    for _ in range(50):
+        link.observe(0.05 + 1.0, 10_000_000)  # 10 MB in one second after the RTT
+    assert 8e6 < link.bandwidth < 12e6
+    link.observe_pages(300_000, 100)
+    assert 2048 < link.page_bytes < 3000

@@ -1,0 +1,45 @@
+"""What the link to the server costs: round-trip time and bandwidth, measured as we go.
+
+Every request's elapsed time and size feed two moving estimates: the round-trip time
+(from small answers) and the bandwidth (from large ones, after the round trip). The
+fetch policy asks how many extra pages one request can carry for about the price of
+the round trip it pays anyway: the bandwidth-delay product over a page's wire size.
+"""
+
+from __future__ import annotations
+
+import threading
+
+ALPHA = 0.2  # weight of a new sample in the moving averages
+SMALL = 16 * 1024  # answers up to this size measure the round trip
+LARGE = 128 * 1024  # answers from this size measure the bandwidth
+
+
+class Link:
+    """Moving estimates of round-trip time (seconds) and bandwidth (bytes/second)."""
+
+    def __init__(self, rtt: float = 0.002, bandwidth: float = 50e6, page_bytes: float = 2048) -> None:
+        self.rtt = rtt
+        self.bandwidth = bandwidth
+        self.page_bytes = page_bytes  # compressed page size on the wire
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float, nbytes: int) -> None:
+        """One request took ``seconds`` and moved ``nbytes`` (both directions)."""
+        with self._lock:
+            if nbytes <= SMALL:
+                self.rtt += ALPHA * (seconds - self.rtt)
+            elif nbytes >= LARGE and seconds > self.rtt:
+                rate = nbytes / (seconds - self.rtt)
+                self.bandwidth += ALPHA * (rate - self.bandwidth)
+
+    def observe_pages(self, nbytes: int, pages: int) -> None:
+        """``pages`` pages arrived in ``nbytes`` of frames."""
+        if pages:
+            with self._lock:
+                self.page_bytes += ALPHA * (nbytes / pages - self.page_bytes)
+
+    def free_pages(self, cap: int) -> int:
+        """Pages one request can carry in about one round trip's worth of transfer time."""
+        n = int(self.rtt * self.bandwidth / max(self.page_bytes, 256))
+        return max(1, min(n, cap))
