@@ -1,4 +1,4 @@
-"""ObjectStore contract, run against FsStore and MemoryStore alike, plus FsStore specifics."""
+"""ObjectStore contract, run against FsStore, MemoryStore and S3Store alike, plus specifics."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from server.objstore import FsStore, MemoryStore, ObjectStore, open_store
 from server.s3store import S3Store
 
 
-@pytest.fixture(params=["fs", "memory"])
+@pytest.fixture(params=["fs", "memory", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    if request.param == "s3":  # a real S3 server; each test has its own key prefix
+        return request.getfixturevalue("seaweed").store()
     return FsStore(tmp_path / "store") if request.param == "fs" else MemoryStore()
 
 
