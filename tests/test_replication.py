@@ -57,8 +57,9 @@ def test_stateless_replica_point_lookup_fetches_under_one_percent(client, sample
     assert rows
     stats = pragma(con, "graft_stats")
     assert 0 < stats["pages_fetched"] < status["page_count"] / 100
-    assert stats["cache_misses"] == stats["pages_fetched"]  # random lookups prefetch nothing
-    assert stats["pages_prefetched"] == 0
+    # one request per miss; what came along is the interior pages of the B-trees read
+    assert stats["requests"] == stats["cache_misses"] <= 8
+    assert stats["pages_fetched"] == stats["cache_misses"] + stats["pages_prefetched"]
 
 
 def test_full_scan_fetches_runs_of_pages_per_request(client, sample_volume):
