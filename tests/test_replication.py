@@ -191,6 +191,23 @@ def test_conflict_diverges_keeps_local_data_and_reset_recovers(client, vid):
     assert a.execute("SELECT who FROM t ORDER BY who").fetchall() == [("a",), ("b2",)]
 
 
+def test_reset_restores_every_page_of_many_local_commits(client, vid):
+    con = client(vid, options=graft_vfs.Options(autopush=False))
+    con.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)")
+    con.executemany("INSERT INTO t VALUES(?, ?)", ((k, "a" * 1000) for k in range(60)))
+    pragma(con, "graft_push")
+    for k in range(0, 60, 3):
+        con.execute("UPDATE t SET v = ? WHERE k = ?", ("b" * 1500, k))
+    con.execute("DELETE FROM t WHERE k > 50")
+    assert pragma(con, "graft_reset")["discarded_commits"] == 21
+    assert con.execute("SELECT count(*), min(v), max(v) FROM t").fetchone() == (
+        60,
+        "a" * 1000,
+        "a" * 1000,
+    )
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
 def test_past_lsn_is_read_only_and_stable(client, vid):
     a = client(vid, options=graft_vfs.Options(autopush=False))
     a.execute("CREATE TABLE t(x)")
