@@ -70,3 +70,11 @@ class RemoteError(GraftError):
 
 class ReadOnly(GraftError):
     """A write was attempted on a read-only (past LSN) connection."""
+
+
+class Unauthorized(GraftError):
+    """The server requires a bearer token and got none, or one it does not know."""
+
+
+class Forbidden(GraftError):
+    """The token is valid but its scope excludes this volume or this kind of access."""

@@ -37,10 +37,32 @@ from server.app import serve
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     help="uvicorn's log level.",
 )
-def main(store: str, s3_endpoint: str | None, host: str, port: int, log_level: str) -> None:
+@click.option(
+    "--tokens",
+    "tokens_file",
+    envvar="GRAFT_TOKENS_FILE",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Token file: requests then need a bearer token in scope (env: GRAFT_TOKENS_FILE).",
+)
+def main(
+    store: str,
+    s3_endpoint: str | None,
+    host: str,
+    port: int,
+    log_level: str,
+    tokens_file: str | None,
+) -> None:
     """Serve graft volumes over HTTP; prints 'graft server listening on URL' when ready."""
     try:
-        serve(store, host=host, port=port, log_level=log_level, s3_endpoint=s3_endpoint)
+        serve(
+            store,
+            host=host,
+            port=port,
+            log_level=log_level,
+            s3_endpoint=s3_endpoint,
+            tokens_file=tokens_file,
+        )
     except (GraftError, OSError) as exc:  # a bad store or an address in use: no traceback
         raise click.ClickException(str(exc)) from exc
 

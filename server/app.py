@@ -7,12 +7,13 @@ bodies in one place, ``ERRORS``; storage logic lives in volumes.py and segments.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -30,21 +31,27 @@ from graft_vfs.core.graft import decode_graft
 from graft_vfs.errors import (
     CommitConflict,
     CorruptData,
+    Forbidden,
     GraftError,
     InvalidRequest,
     InvalidVolumeId,
     SnapshotExpired,
     SnapshotNotFound,
     StorageError,
+    Unauthorized,
     VolumeNotFound,
 )
-from server.objstore import ObjectStore, open_store
+from server.auth import READ, WRITE, TokenFile, authorize
 from server.gc import DEFAULT_GRACE, Retention, collect
+from server.objstore import ObjectStore, open_store
 from server.segments import SegmentCache, upload_segment
 from server.volumes import Volumes
 
 MSGPACK = "application/x-msgpack"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+# A client sends at most MAX_INLINE_PAGES (2048) pages per request: 8.05 MiB when
+# they do not compress at all. A smaller limit would make large pushes fail.
+MIN_MAX_BODY = 9 * 1024 * 1024
 DEFAULT_CACHE = 256 * 1024 * 1024
 LISTEN_BACKLOG = 2048  # connections wait here until uvicorn starts accepting
 
@@ -65,6 +72,8 @@ class TooLarge(GraftError):
 ERRORS: dict[type[Exception], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request"),
     InvalidVolumeId: (400, "invalid_volume_id"),
+    Unauthorized: (401, "unauthorized"),
+    Forbidden: (403, "forbidden"),
     VolumeNotFound: (404, "volume_not_found"),
     SnapshotNotFound: (404, "snapshot_not_found"),
     SnapshotExpired: (410, "snapshot_expired"),
@@ -81,11 +90,18 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
         (ERRORS[cls] for cls in type(exc).__mro__ if cls in ERRORS), (500, "internal_error")
     )
     body: dict[str, Any] = {"error": code, "message": str(exc)}
+    headers = None
     if isinstance(exc, CommitConflict):
         body["latest_lsn"] = exc.latest_lsn
+    if isinstance(exc, (Unauthorized, Forbidden)):
+        # The message names the token, never the token itself nor its hash.
+        client = request.client.host if request.client else "?"
+        log.warning("denied %s %r from %s: %s", request.method, request.url.path, client, exc)
+        if isinstance(exc, Unauthorized):
+            headers = {"WWW-Authenticate": 'Bearer realm="graft"'}
     if status >= 500 and isinstance(exc, GraftError):  # uvicorn logs unexpected errors itself
         log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
-    return JSONResponse(body, status)
+    return JSONResponse(body, status, headers=headers)
 
 
 def http_error_response(request: Request, exc: Exception) -> JSONResponse:
@@ -147,14 +163,36 @@ def parse_lsn(text: str) -> int:
     return int(text)
 
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
 def create_app(
-    store: ObjectStore, *, max_body: int = DEFAULT_MAX_BODY, cache_bytes: int = DEFAULT_CACHE
+    store: ObjectStore,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    cache_bytes: int = DEFAULT_CACHE,
+    tokens: TokenFile | None = None,
 ) -> Starlette:
     """The ASGI app serving the volumes in ``store``; bodies over ``max_body`` get 413.
 
-    ``cache_bytes`` bounds the in-memory cache of page frames (0 disables it).
+    ``cache_bytes`` bounds the in-memory cache of page frames (0 disables it). With
+    ``tokens``, every route but health needs a bearer token whose scope covers it
+    (401 without a valid one, 403 outside its scope); without, the server is open.
     """
     volumes = Volumes(store, cache=SegmentCache(cache_bytes) if cache_bytes else None)
+
+    def guarded(access: str, endpoint: Endpoint) -> Endpoint:
+        """``endpoint`` behind the token check, made before any of the body is read."""
+        if tokens is None:
+            return endpoint
+
+        async def checked(request: Request) -> Response:
+            token = tokens.authenticate(request.headers.get("authorization"))
+            authorize(token, access, request.path_params.get("vid"))
+            request.state.token = token
+            return await endpoint(request)
+
+        return checked
 
     async def read_map(request: Request) -> dict[str, Any]:
         return decode_body(await read_body(request, max_body))
@@ -164,6 +202,9 @@ def create_app(
 
     async def list_volumes(request: Request) -> Response:
         snapshots = await run_in_threadpool(volumes.list_volumes)
+        token = getattr(request.state, "token", None)
+        if token is not None:
+            snapshots = [s for s in snapshots if token.allows(READ, s.vid)]
         return JSONResponse({"volumes": [s._asdict() for s in snapshots]})
 
     async def snapshot(request: Request) -> Response:
@@ -218,13 +259,14 @@ def create_app(
 
     routes = [
         Route("/v1/health", health, methods=["GET"]),
-        Route("/v1/volumes", list_volumes, methods=["GET"]),
-        Route("/v1/volumes/{vid}", snapshot, methods=["GET"]),
-        Route("/v1/volumes/{vid}/pull", pull, methods=["POST"]),
-        Route("/v1/volumes/{vid}/read", read, methods=["POST"]),
-        Route("/v1/volumes/{vid}/commit", commit, methods=["POST"]),
-        Route("/v1/volumes/{vid}/log/{lsn}", log_entry, methods=["GET"]),
-        Route("/v1/segments", upload, methods=["POST"]),
+        Route("/v1/volumes", guarded(READ, list_volumes), methods=["GET"]),
+        Route("/v1/volumes/{vid}", guarded(READ, snapshot), methods=["GET"]),
+        Route("/v1/volumes/{vid}/pull", guarded(READ, pull), methods=["POST"]),
+        Route("/v1/volumes/{vid}/read", guarded(READ, read), methods=["POST"]),
+        Route("/v1/volumes/{vid}/commit", guarded(WRITE, commit), methods=["POST"]),
+        Route("/v1/volumes/{vid}/log/{lsn}", guarded(READ, log_entry), methods=["GET"]),
+        # A segment names no volume: the commit that uses it is checked against its own.
+        Route("/v1/segments", guarded(WRITE, upload), methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,
@@ -272,6 +314,16 @@ class _AnnouncingServer(uvicorn.Server):
             print(f"graft server listening on {self.url}", flush=True)
 
 
+def configure_logging(level: str) -> None:
+    """Send the server's own log lines (GC, denials, warnings) to stderr, as uvicorn does."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:  graft: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level.upper())
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket; port 0 picks a free port (read it from getsockname)."""
     family, kind, proto, _, address = socket.getaddrinfo(
@@ -299,16 +351,39 @@ def serve(
     gc_interval: float | None = None,
     retention: Retention | None = None,
     gc_grace: float = DEFAULT_GRACE,
+    tokens_file: str | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
 ) -> None:
     """Serve the store named by ``store_spec`` over HTTP until interrupted.
 
     With ``gc_interval``, a GC pass (see server/gc.py) runs every that many seconds.
+    With ``tokens_file`` (see server/auth.py), requests need a bearer token.
     """
-    app = create_app(open_store(store_spec, s3_endpoint), cache_bytes=cache_bytes)
+    configure_logging(log_level)
+    if max_body < MIN_MAX_BODY:
+        raise InvalidRequest(
+            f"a body limit of {max_body} bytes is too small: clients send pushes of up to "
+            f"2048 pages per request, so use at least {MIN_MAX_BODY} (9MiB)"
+        )
+    tokens = TokenFile(tokens_file) if tokens_file else None
+    if tokens is not None and len(tokens) == 0:
+        log.warning("token file %s has no tokens: every request but health gets 401", tokens_file)
+    app = create_app(
+        open_store(store_spec, s3_endpoint),
+        cache_bytes=cache_bytes,
+        tokens=tokens,
+        max_body=max_body,
+    )
     if gc_interval:
         run_gc_periodically(app.state.volumes, gc_interval, retention or Retention(), gc_grace)
     sock = bind_socket(host, port)
-    bound_port = sock.getsockname()[1]
+    bound_host, bound_port = sock.getsockname()[:2]
+    if tokens is None and not ipaddress.ip_address(bound_host).is_loopback:
+        log.warning(
+            "listening on %s without tokens: anyone who can reach it can read and write "
+            "every volume (graft token create, then graft server --tokens FILE)",
+            host,
+        )
     shown_host = f"[{host}]" if ":" in host else host
     config = uvicorn.Config(app, log_level=log_level, access_log=False)
     _AnnouncingServer(config, f"http://{shown_host}:{bound_port}").run(sockets=[sock])
