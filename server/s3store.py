@@ -25,9 +25,9 @@ from graft_vfs.errors import InvalidRequest, StorageError
 from server.objstore import validate_key
 
 DEFAULT_REGION = "us-east-1"
-MAX_ATTEMPTS = 5  # botocore "standard" mode: exponential backoff with jitter, bounded
+MAX_ATTEMPTS = 4  # requests per call at most; botocore "standard" mode backs off with jitter
 CONNECT_TIMEOUT = 5.0
-READ_TIMEOUT = 30.0
+READ_TIMEOUT = 10.0  # per socket read; a call gives up well within a client's 30 s timeout
 MAX_POOL_CONNECTIONS = 32  # the server calls the store from uvicorn's thread pool
 
 _MISSING_KEY = ("NoSuchKey", "404", "NotFound")
@@ -76,11 +76,13 @@ class S3Store:
     """Objects under ``prefix/`` in one S3 bucket.
 
     Credentials come from boto3's usual chain (``AWS_ACCESS_KEY_ID``,
-    ``AWS_SECRET_ACCESS_KEY``, profiles, instance roles) unless given; the region
-    from ``AWS_REGION`` or ``AWS_DEFAULT_REGION`` (default us-east-1). With an
-    ``endpoint_url`` (MinIO, R2, Tigris, SeaweedFS, ...) requests use path-style
-    addressing and checksums only where the API requires them, which every
-    S3-compatible service accepts.
+    ``AWS_SECRET_ACCESS_KEY``, profiles, instance roles; resolved once per process)
+    unless given; the region from ``AWS_REGION`` or ``AWS_DEFAULT_REGION`` (default
+    us-east-1). With an ``endpoint_url`` (MinIO, R2, Tigris, SeaweedFS, ...)
+    requests use path-style addressing and checksums only where the API requires
+    them, which S3-compatible services accept. Each call makes at most
+    ``max_attempts`` requests (transient failures only are retried, with backoff),
+    each bounded by ``connect_timeout`` and ``read_timeout`` seconds.
     """
 
     def __init__(
@@ -111,7 +113,8 @@ class S3Store:
             region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
         )
         options: dict[str, Any] = {
-            "retries": {"max_attempts": max_attempts, "mode": "standard"},
+            # botocore's "max_attempts" counts retries; "total_max_attempts" counts requests.
+            "retries": {"total_max_attempts": max_attempts, "mode": "standard"},
             "connect_timeout": connect_timeout,
             "read_timeout": read_timeout,
             "max_pool_connections": MAX_POOL_CONNECTIONS,

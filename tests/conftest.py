@@ -178,8 +178,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         params = item.callspec.params if hasattr(item, "callspec") else {}
         kinds = {params[name] for name in ("server", "store") if params.get(name) in STORE_KINDS}
         mark = item.get_closest_marker("stores")
-        allowed = [k for k in selected if mark is None or k in mark.args]
-        (keep if kinds <= set(allowed) else drop).append(item)
+        allowed = {k for k in selected if mark is None or k in mark.args}
+        wanted = kinds <= allowed and (mark is None or allowed)
+        (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

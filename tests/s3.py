@@ -168,7 +168,7 @@ class SeaweedFS:
             region_name=REGION,
             config=Config(
                 s3={"addressing_style": "path"},
-                retries={"max_attempts": max_attempts, "mode": "standard"},
+                retries={"total_max_attempts": max_attempts, "mode": "standard"},
                 connect_timeout=timeout,
                 read_timeout=timeout,
             ),

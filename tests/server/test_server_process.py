@@ -7,7 +7,7 @@ import select
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import pytest
 import urllib3
 import zstandard
 from pyroaring import BitMap
+from s3 import s3_env
 
 from graft_vfs.core.commit import commit_hash
 from graft_vfs.core.ids import PAGE_SIZE
@@ -28,15 +29,19 @@ READY = "graft server listening on "
 
 @contextmanager
 def running_server(
-    store: Path, crash_at: str | None = None
+    store: Path | str,
+    crash_at: str | None = None,
+    *,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """Start ``python -m server --port 0``, wait for its listening line, stop it by PID."""
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env.pop("GRAFT_CRASH_AT", None)
     if crash_at:
         env["GRAFT_CRASH_AT"] = crash_at
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--store", str(store), "--port", "0"],
+        [sys.executable, "-m", "server", "--store", str(store), "--port", "0", *args],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -103,6 +108,19 @@ def test_real_server_commit_and_read(tmp_path: Path) -> None:
             200,
             {"vid": "v", "lsn": 1, "page_count": 2},
         )
+
+
+@pytest.mark.stores("s3")
+def test_real_server_on_s3(seaweed) -> None:
+    http = urllib3.PoolManager()
+    prefix = seaweed.new_prefix()
+    options = {"args": ["--s3-endpoint", seaweed.endpoint], "env": s3_env()}
+    with running_server(seaweed.spec(prefix), **options) as (_, url):
+        assert call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT) == (200, {"lsn": 1})
+    with running_server(seaweed.spec(prefix), **options) as (_, url):  # outlives the process
+        assert call(http, "GET", f"{url}/v1/volumes/v")[1]["lsn"] == 1
+        assert call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT)[0] == 200  # a retry
+    assert seaweed.store(prefix).list("volumes/v/log/") == ["volumes/v/log/" + "1".zfill(20)]
 
 
 @pytest.mark.parametrize("point", ["server.commit.after_segment", "server.commit.after_log"])
