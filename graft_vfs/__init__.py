@@ -9,6 +9,7 @@ con = apsw.Connection("file:orders?vfs=graft", flags=apsw.SQLITE_OPEN_URI
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import os
 import threading
@@ -20,6 +21,7 @@ from graft_vfs.errors import (
     CommitConflict,
     CorruptData,
     Diverged,
+    Forbidden,
     GraftError,
     InvalidRequest,
     InvalidVolumeId,
@@ -28,6 +30,7 @@ from graft_vfs.errors import (
     SnapshotExpired,
     SnapshotNotFound,
     StorageError,
+    Unauthorized,
     UnsupportedDatabase,
     VolumeNotFound,
 )
@@ -55,6 +58,8 @@ __all__ = [
     "CorruptData",
     "StorageError",
     "RemoteError",
+    "Unauthorized",
+    "Forbidden",
     "ReadOnly",
     "__version__",
 ]
@@ -77,12 +82,14 @@ def register(
 
     ``remote`` is the graft server URL (default: ``$GRAFT_REMOTE``; none means local-only
     volumes). ``cache_dir`` holds the durable local store (default: ``$GRAFT_CACHE_DIR``,
-    else ``~/.cache/graft``). Registering a name again replaces its earlier client.
+    else ``~/.cache/graft``). The bearer token is ``options.token``, else ``$GRAFT_TOKEN``.
+    Registering a name again replaces its earlier client.
     """
     remote = remote if remote is not None else os.environ.get("GRAFT_REMOTE") or None
     cache_dir = cache_dir or os.environ.get("GRAFT_CACHE_DIR") or DEFAULT_CACHE_DIR
-    if options is None and os.environ.get("GRAFT_TOKEN"):
-        options = Options(token=os.environ["GRAFT_TOKEN"])
+    options = options or Options()
+    if options.token is None and os.environ.get("GRAFT_TOKEN"):
+        options = dataclasses.replace(options, token=os.environ["GRAFT_TOKEN"])
     with _lock:
         old = _registered.pop(name, None)
         if old is not None:
@@ -117,7 +124,9 @@ def connect(
     """Open ``volume`` with ``journal_mode=MEMORY``; a shortcut around register().
 
     Each distinct (remote, cache_dir) pair is its own client, with its own local store
-    and sync state, even within one process. ``lsn`` opens a read-only past snapshot.
+    and sync state, even within one process; its ``options`` (the token among them,
+    default ``$GRAFT_TOKEN``) are those of its first connect(). ``lsn`` opens a read-only
+    past snapshot.
     """
     remote = remote if remote is not None else os.environ.get("GRAFT_REMOTE") or None
     cache_dir = os.path.abspath(cache_dir or os.environ.get("GRAFT_CACHE_DIR") or DEFAULT_CACHE_DIR)

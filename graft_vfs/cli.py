@@ -24,6 +24,13 @@ REMOTE_OPTIONAL = click.option(
     default=None,
     help="Graft server URL (env: GRAFT_REMOTE); without it only the local cache is used.",
 )
+TOKEN = click.option(
+    "--token",
+    envvar="GRAFT_TOKEN",
+    default=None,
+    help="Bearer token for a server that requires one (env: GRAFT_TOKEN, which keeps it "
+    "out of the process list).",
+)
 CACHE = click.option(
     "--cache",
     "cache_dir",
@@ -105,6 +112,21 @@ def main() -> None:
     show_default=True,
     help="Seconds an unreachable segment must stay unreachable before GC deletes it.",
 )
+@click.option(
+    "--tokens",
+    "tokens_file",
+    envvar="GRAFT_TOKENS_FILE",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Token file (see graft token create): requests then need a bearer token in "
+    "scope; without it the server is open (env: GRAFT_TOKENS_FILE).",
+)
+@click.option(
+    "--max-body",
+    default="64MiB",
+    show_default=True,
+    help="Largest request body accepted (larger ones get 413), e.g. 16MiB.",
+)
 @_fail_cleanly
 def server(
     store: str,
@@ -117,6 +139,8 @@ def server(
     retain_lsns: int | None,
     retain_seconds: float | None,
     gc_grace: float,
+    tokens_file: str | None,
+    max_body: str,
 ) -> None:
     """Run the graft server (stateless: everything is in the store)."""
     from server.app import serve
@@ -128,10 +152,12 @@ def server(
         port=port,
         log_level=log_level,
         s3_endpoint=s3_endpoint,
-        cache_bytes=parse_size(cache_size),
+        cache_bytes=parse_size(cache_size, "--cache-size"),
         gc_interval=gc_interval,
         retention=Retention(retain_lsns, retain_seconds),
         gc_grace=gc_grace,
+        tokens_file=tokens_file,
+        max_body=parse_size(max_body, "--max-body"),
     )
 
 
@@ -147,7 +173,7 @@ _UNITS = {
 }
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--cache-size") -> int:
     """``64MiB`` -> 67108864; a bad size is a usage error that says what is accepted."""
     import re
 
@@ -157,7 +183,7 @@ def parse_size(text: str) -> int:
         raise click.BadParameter(
             f"{text!r} is not a size: use a number with an optional unit "
             "(B, KB, MB, GB, KiB, MiB, GiB)",
-            param_hint="--cache-size",
+            param_hint=option,
         )
     return int(float(m.group(1)) * _UNITS[unit])
 
@@ -166,9 +192,10 @@ def parse_size(text: str) -> int:
 @click.argument("database", type=click.Path(dir_okay=False))
 @click.argument("volume")
 @REMOTE
+@TOKEN
 @click.option("--replace", is_flag=True, help="Commit over an existing volume as its next LSN.")
 @_fail_cleanly
-def import_(database: str, volume: str, remote: str, replace: bool) -> None:
+def import_(database: str, volume: str, remote: str, token: str | None, replace: bool) -> None:
     """Import a SQLite DATABASE file as VOLUME."""
     from graft_vfs.remote import Remote
     from graft_vfs.transfer import import_database
@@ -176,7 +203,7 @@ def import_(database: str, volume: str, remote: str, replace: bool) -> None:
     size = os.path.getsize(database) if os.path.isfile(database) else 0
     with click.progressbar(length=max(size // 4096, 1), label="reading", file=sys.stderr) as bar:
         lsn = import_database(
-            Remote(remote), database, volume, replace=replace, progress=bar.update
+            Remote(remote, token=token), database, volume, replace=replace, progress=bar.update
         )
     _echo_json({"volume": volume, "lsn": lsn, "pages": size // 4096})
 
@@ -185,15 +212,18 @@ def import_(database: str, volume: str, remote: str, replace: bool) -> None:
 @click.argument("volume")
 @click.argument("output", type=click.Path(dir_okay=False))
 @REMOTE
+@TOKEN
 @click.option("--lsn", type=int, default=None, help="Export this past LSN (default: latest).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @_fail_cleanly
-def export(volume: str, output: str, remote: str, lsn: int | None, force: bool) -> None:
+def export(
+    volume: str, output: str, remote: str, token: str | None, lsn: int | None, force: bool
+) -> None:
     """Export VOLUME to a SQLite file OUTPUT."""
     from graft_vfs.remote import Remote
     from graft_vfs.transfer import export_database
 
-    client = Remote(remote)
+    client = Remote(remote, token=token)
     total = client.snapshot(volume).page_count if lsn is None else 0
     with click.progressbar(length=max(total, 1), label="writing", file=sys.stderr) as bar:
         got = export_database(client, volume, output, lsn=lsn, overwrite=force, progress=bar.update)
@@ -205,13 +235,23 @@ def export(volume: str, output: str, remote: str, lsn: int | None, force: bool) 
 @click.argument("statements")
 @REMOTE_OPTIONAL
 @CACHE
+@TOKEN
 @click.option("--json", "as_json", is_flag=True, help="Print rows as JSON objects, one a line.")
 @_fail_cleanly
-def sql(volume: str, statements: str, remote: str | None, cache_dir: str, as_json: bool) -> None:
+def sql(
+    volume: str,
+    statements: str,
+    remote: str | None,
+    cache_dir: str,
+    token: str | None,
+    as_json: bool,
+) -> None:
     """Run SQL STATEMENTS on VOLUME and print the rows; writes are pushed before exit."""
     import graft_vfs
 
-    con = graft_vfs.connect(volume, remote=remote, cache_dir=cache_dir)
+    con = graft_vfs.connect(
+        volume, remote=remote, cache_dir=cache_dir, options=graft_vfs.Options(token=token)
+    )
     cursor = con.cursor()
     for row in cursor.execute(statements):
         if as_json:
@@ -237,10 +277,10 @@ def _json_value(v: Any) -> Any:
     return v
 
 
-def _open_volume(volume: str, remote: str | None, cache_dir: str) -> Any:
-    from graft_vfs.runtime import Runtime
+def _open_volume(volume: str, remote: str | None, cache_dir: str, token: str | None) -> Any:
+    from graft_vfs.runtime import Options, Runtime
 
-    runtime = Runtime(remote, cache_dir)
+    runtime = Runtime(remote, cache_dir, Options(token=token))
     return runtime, runtime.volume(volume, create=False)
 
 
@@ -248,10 +288,11 @@ def _open_volume(volume: str, remote: str | None, cache_dir: str) -> Any:
 @click.argument("volume")
 @REMOTE_OPTIONAL
 @CACHE
+@TOKEN
 @_fail_cleanly
-def status(volume: str, remote: str | None, cache_dir: str) -> None:
+def status(volume: str, remote: str | None, cache_dir: str, token: str | None) -> None:
     """Show VOLUME's sync state in the local cache (JSON)."""
-    runtime, vol = _open_volume(volume, remote, cache_dir)
+    runtime, vol = _open_volume(volume, remote, cache_dir, token)
     try:
         out = vol.status()
         if remote:
@@ -266,11 +307,12 @@ def _sync_command(name: str, doc: str) -> None:
     @click.argument("volume")
     @REMOTE
     @CACHE
+    @TOKEN
     @_fail_cleanly
-    def command(volume: str, remote: str, cache_dir: str) -> None:
+    def command(volume: str, remote: str, cache_dir: str, token: str | None) -> None:
         from graft_vfs import sync
 
-        runtime, vol = _open_volume(volume, remote, cache_dir)
+        runtime, vol = _open_volume(volume, remote, cache_dir, token)
         try:
             _echo_json(getattr(sync, name)(vol))
         finally:
@@ -281,10 +323,11 @@ def _sync_command(name: str, doc: str) -> None:
 @click.argument("volume")
 @REMOTE
 @CACHE
+@TOKEN
 @_fail_cleanly
-def hydrate(volume: str, remote: str, cache_dir: str) -> None:
+def hydrate(volume: str, remote: str, cache_dir: str, token: str | None) -> None:
     """Fetch every page of VOLUME's latest snapshot into the local cache."""
-    runtime, vol = _open_volume(volume, remote, cache_dir)
+    runtime, vol = _open_volume(volume, remote, cache_dir, token)
     try:
         total = vol.snapshot[1]
         with click.progressbar(length=max(total, 1), label="hydrating", file=sys.stderr) as bar:
@@ -329,14 +372,83 @@ def gc(store: str, retain_lsns: int | None, retain_seconds: float | None, grace:
     _echo_json(report.as_dict())
 
 
+TOKENS_FILE = click.option(
+    "--file",
+    "path",
+    envvar="GRAFT_TOKENS_FILE",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The token file the server reads with --tokens (env: GRAFT_TOKENS_FILE).",
+)
+
+
+@main.group()
+def token() -> None:
+    """Manage the server's bearer tokens (a file of hashes; see graft server --tokens)."""
+
+
+@token.command("create")
+@click.option("--name", required=True, help="A label for the token, in logs and errors.")
+@click.option(
+    "--volumes",
+    "globs",
+    required=True,
+    multiple=True,
+    help="Volumes the token may use: a glob such as 'orders*' (repeat for several).",
+)
+@click.option(
+    "--access",
+    required=True,
+    type=click.Choice(["read", "write"]),
+    help="read: open, pull, export; write: also commit and push.",
+)
+@TOKENS_FILE
+@_fail_cleanly
+def token_create(name: str, globs: tuple[str, ...], access: str, path: str) -> None:
+    """Create a token, print it once, and store only its hash in the file."""
+    from server.auth import create_token
+
+    secret = create_token(path, name, globs, access)
+    click.echo(secret)  # stdout holds only the token, for TOKEN=$(graft token create ...)
+    click.echo(
+        f"token {name!r} ({access} access to {', '.join(globs)}) added to {path}; "
+        "it is shown only this once",
+        err=True,
+    )
+
+
+@token.command("list")
+@TOKENS_FILE
+@_fail_cleanly
+def token_list(path: str) -> None:
+    """List the tokens in the file (names and scopes; never tokens or hashes) as JSON lines."""
+    from server.auth import describe_entries
+
+    for entry in describe_entries(path):
+        _echo_json(entry)
+
+
+@token.command("revoke")
+@click.option("--name", required=True, help="The token to remove.")
+@TOKENS_FILE
+@_fail_cleanly
+def token_revoke(name: str, path: str) -> None:
+    """Remove a token from the file; a running server stops accepting it within a second."""
+    from server.auth import revoke_token
+
+    revoke_token(path, name)
+    click.echo(f"token {name!r} removed from {path}", err=True)
+
+
 @main.command()
 @REMOTE
+@TOKEN
 @_fail_cleanly
-def volumes(remote: str) -> None:
-    """List the volumes on the server (JSON)."""
+def volumes(remote: str, token: str | None) -> None:
+    """List the volumes on the server that the token may read (JSON)."""
     from graft_vfs.remote import Remote
 
-    _echo_json(Remote(remote).list_volumes())
+    _echo_json(Remote(remote, token=token).list_volumes())
 
 
 if __name__ == "__main__":

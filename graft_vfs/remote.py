@@ -20,18 +20,20 @@ from graft_vfs.core.graft import MAX_PAGES_PER_READ, decode_graft, encode_graft
 from graft_vfs.core.ids import validate_volume_id
 from graft_vfs.core.pages import ZERO_PAGE
 from graft_vfs.core.segment import Entry, decode_page, encode_segment
-from graft_vfs.link import Link
 from graft_vfs.errors import (
     CommitConflict,
     CorruptData,
+    Forbidden,
     GraftError,
     InvalidRequest,
     InvalidVolumeId,
     RemoteError,
     SnapshotExpired,
     SnapshotNotFound,
+    Unauthorized,
     VolumeNotFound,
 )
+from graft_vfs.link import Link
 
 MSGPACK = "application/x-msgpack"
 # Pushes whose segment would exceed this go as several uploaded segments plus a
@@ -46,6 +48,15 @@ _ERRORS: dict[str, type[GraftError]] = {
     "snapshot_expired": SnapshotExpired,
     "corrupt_data": CorruptData,
 }
+
+
+def _check_token(token: str) -> str:
+    """``token`` without surrounding whitespace, refused (unprinted) if a header cannot hold it."""
+    token = token.strip()
+    if not token or not all("!" <= c <= "~" for c in token):
+        # http.client would reject it with an error that quotes the header: the secret.
+        raise InvalidRequest("the bearer token is empty or has characters a token cannot have")
+    return token
 
 
 @dataclass
@@ -93,7 +104,7 @@ class Remote:
             retries=retry,
             timeout=urllib3.Timeout(connect=5.0, read=timeout),
         )
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._headers = {"Authorization": f"Bearer {_check_token(token)}"} if token else {}
         self.link = Link()
 
     def close(self) -> None:
@@ -141,6 +152,16 @@ class Remote:
             info, code, message = {}, None, resp.data[:200].decode("utf-8", "replace")
         if code == "conflict":
             return CommitConflict(message or "commit conflict", info.get("latest_lsn"))
+        if code == "unauthorized":
+            # Never repeat the token: say only whether one was sent and where to set it.
+            hint = (
+                "check the token given"
+                if self._headers
+                else "give one with GRAFT_TOKEN, --token or Options(token=...)"
+            )
+            return Unauthorized(f"graft server {self.url}: {message}; {hint}")
+        if code == "forbidden":
+            return Forbidden(f"graft server {self.url}: {message}")
         cls = _ERRORS.get(code or "")
         if cls is not None:
             return cls(message)

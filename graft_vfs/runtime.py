@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from graft_vfs import sync
 from graft_vfs.core.ids import validate_volume_id
@@ -26,7 +26,7 @@ class Options:
     push_delay: float = 0.0  # seconds to wait for more commits to roll up into one push
     pull_interval: float | None = None  # pull in the background every N seconds
     timeout: float = 30.0
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # bearer token; never printed
 
 
 class Runtime:

@@ -24,6 +24,7 @@ from graft_vfs.core.pages import ZERO_PAGE, header_page_count, same_page1, with_
 from graft_vfs.errors import (
     Busy,
     CorruptData,
+    Forbidden,
     GraftError,
     InvalidVolumeId,
     ReadOnly,
@@ -31,6 +32,7 @@ from graft_vfs.errors import (
     SnapshotExpired,
     SnapshotNotFound,
     StorageError,
+    Unauthorized,
     VolumeNotFound,
 )
 from graft_vfs.runtime import Runtime
@@ -52,6 +54,8 @@ SQLITE_CODES: dict[type[GraftError], type[apsw.Error]] = {
     RemoteError: apsw.IOError,
     StorageError: apsw.IOError,
     ReadOnly: apsw.ReadOnlyError,
+    Unauthorized: apsw.AuthError,
+    Forbidden: apsw.AuthError,
 }
 
 

@@ -1,0 +1,312 @@
+"""Bearer tokens end to end: a real ``graft server --tokens FILE`` process, the Python
+client, and the command line; refused requests change nothing and no secret leaks."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import apsw
+import pytest
+import urllib3
+from conftest import ServerProcess
+
+import graft_vfs
+from graft_vfs.errors import Forbidden, Unauthorized
+from graft_vfs.remote import MAX_INLINE_PAGES, Remote
+from graft_vfs.sample import make_sample_database
+from server.auth import hash_token
+from server.objstore import FsStore
+
+WRONG = "graft_" + "W" * 43  # looks like a token, is none
+SCOPES = [("rw", "app-*", "write"), ("ro", "app-*", "read"), ("other", "else-*", "write")]
+
+
+def graft(*args: str, token: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
+    if token is not None:
+        env["GRAFT_TOKEN"] = token
+    proc = subprocess.run(
+        [sys.executable, "-m", "graft_vfs.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"graft {args} failed: {proc.stderr}")
+    return proc
+
+
+@dataclass
+class Secured:
+    """A server with a token file, the tokens it accepts, and a view of its store."""
+
+    server: ServerProcess
+    tokens: dict[str, str]
+    path: str
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def objects(self) -> dict[str, bytes | None]:
+        store = FsStore(self.server.store)
+        return {key: store.get(key) for key in store.list("")}
+
+    def secrets(self) -> list[str]:
+        return [*self.tokens.values(), *map(hash_token, self.tokens.values()), WRONG]
+
+
+def create_tokens(path: str) -> dict[str, str]:
+    tokens = {}
+    for name, glob, access in SCOPES:
+        out = graft(
+            "token", "create", "--name", name, "--volumes", glob, "--access", access, "--file", path
+        )
+        tokens[name] = out.stdout.strip()  # stdout is the token and nothing else
+        assert tokens[name].startswith("graft_") and "\n" not in tokens[name]
+        assert tokens[name] not in out.stderr and repr(name) in out.stderr
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    directory = tmp_path_factory.mktemp("auth")
+    path = str(directory / "tokens.json")
+    tokens = create_tokens(path)
+    srv = ServerProcess(str(directory / "store"), args=["--tokens", path]).start()
+    yield Secured(srv, tokens, path)
+    srv.stop()
+
+
+def assert_no_secret(text: str, secured: Secured) -> None:
+    for secret in secured.secrets():
+        assert secret not in text
+
+
+def test_the_token_file_holds_only_hashes(secured: Secured) -> None:
+    text = open(secured.path).read()
+    for token in secured.tokens.values():
+        assert token not in text and hash_token(token) in text
+    assert stat.S_IMODE(os.stat(secured.path).st_mode) == 0o600
+    listed = [
+        json.loads(line)
+        for line in graft("token", "list", "--file", secured.path).stdout.splitlines()
+    ]
+    assert [(e["name"], e["volumes"], e["access"]) for e in listed] == SCOPES
+    assert all("sha256" not in e for e in listed)
+
+
+def test_without_a_valid_token_401(secured: Secured) -> None:
+    with pytest.raises(Unauthorized, match="requires a bearer token.*GRAFT_TOKEN"):
+        Remote(secured.url).snapshot("app-x")
+    with pytest.raises(Unauthorized, match="not valid on this server") as info:
+        Remote(secured.url, token=WRONG).list_volumes()
+    assert_no_secret(str(info.value), secured)
+    http = urllib3.PoolManager()
+    r = http.request("GET", secured.url + "/v1/volumes/app-x", retries=False)
+    assert r.status == 401 and r.json()["error"] == "unauthorized"
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert http.request("GET", secured.url + "/v1/health").json()["ok"] is True
+
+
+def test_a_read_token_cannot_commit_and_nothing_is_written(secured: Secured) -> None:
+    writer = Remote(secured.url, token=secured.tokens["rw"])
+    reader = Remote(secured.url, token=secured.tokens["ro"])
+    page = b"\x01" * 4096
+    writer.commit("app-ro", 0, 1, {0: page}, b"h" * 32)
+    before = secured.objects()
+    with pytest.raises(Forbidden) as small:
+        reader.commit("app-ro", 1, 1, {0: b"\x02" * 4096}, b"i" * 32)
+    big = {i: i.to_bytes(4, "big") * 1024 for i in range(MAX_INLINE_PAGES + 1)}
+    with pytest.raises(Forbidden) as segments:  # refused at the first segment upload
+        reader.commit("app-ro", 1, len(big), big, b"j" * 32)
+    assert secured.objects() == before
+    assert "token 'ro' (read access to volumes 'app-*') may not write volume 'app-ro'" in str(
+        small.value
+    )
+    assert "may not upload segments" in str(segments.value)
+    assert_no_secret(f"{small.value} {segments.value}", secured)
+    assert reader.read_pages("app-ro", 1, [0])[0][1] == page  # reading is in scope
+
+
+def test_a_token_for_other_volumes_gets_403_and_reads_nothing(secured: Secured) -> None:
+    writer = Remote(secured.url, token=secured.tokens["rw"])
+    writer.commit("app-other", 0, 1, {0: b"\x05" * 4096}, b"k" * 32)
+    before = secured.objects()
+    other = Remote(secured.url, token=secured.tokens["other"])
+    for call in (
+        lambda: other.snapshot("app-other"),
+        lambda: other.pull("app-other", 0),
+        lambda: other.read_pages("app-other", 1, [0]),
+        lambda: other.log_entry("app-other", 1),
+        lambda: other.commit("app-other", 1, 1, {0: b"\x06" * 4096}, b"l" * 32),
+    ):
+        with pytest.raises(Forbidden, match="token 'other'.*volume 'app-other'") as info:
+            call()
+        assert b"\x05" * 64 not in str(info.value).encode()
+        assert_no_secret(str(info.value), secured)
+    assert secured.objects() == before
+    assert [v["vid"] for v in other.list_volumes()] == []
+    assert "app-other" in [v["vid"] for v in writer.list_volumes()]
+
+
+def test_connect_with_a_token_end_to_end(secured: Secured, tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("GRAFT_TOKEN", raising=False)
+    made = []
+
+    def connect(cache: str, **kwargs) -> apsw.Connection:
+        con = graft_vfs.connect(
+            "app-e2e", remote=secured.url, cache_dir=str(tmp_path / cache), **kwargs
+        )
+        made.append(con)
+        return con
+
+    try:
+        writer = connect("w", options=graft_vfs.Options(token=secured.tokens["rw"]))
+        writer.execute("CREATE TABLE t(x); INSERT INTO t VALUES ('hello')")
+        assert json.loads(writer.execute("PRAGMA graft_push").fetchone()[0])["pushed"] in (
+            True,
+            False,  # the background push got there first
+        )
+        monkeypatch.setenv("GRAFT_TOKEN", secured.tokens["ro"])
+        reader = connect("r", options=graft_vfs.Options(autopush=False))  # token from env
+        assert reader.execute("SELECT x FROM t").fetchall() == [("hello",)]
+        reader.execute("INSERT INTO t VALUES ('local only')")  # durable locally
+        with pytest.raises(apsw.AuthError, match="token 'ro'.*may not write volume 'app-e2e'"):
+            reader.execute("PRAGMA graft_push").fetchall()
+        monkeypatch.delenv("GRAFT_TOKEN")
+        with pytest.raises(apsw.AuthError, match="requires a bearer token") as info:
+            connect("none")
+        assert_no_secret(str(info.value), secured)
+    finally:
+        for con in made:
+            con.close()
+        for name, vfs in list(graft_vfs._registered.items()):  # "none" registered, then failed
+            if vfs.runtime.cache_dir.startswith(str(tmp_path)):
+                graft_vfs.unregister(name)
+
+
+def test_the_command_line_with_a_token(secured: Secured, tmp_path) -> None:
+    url, rw, ro = secured.url, secured.tokens["rw"], secured.tokens["ro"]
+    src = make_sample_database(str(tmp_path / "app.db"), orders=500)
+    outputs = [graft("import", src, "app-cli", "--remote", url, "--token", rw)]
+    outputs.append(graft("export", "app-cli", str(tmp_path / "out.db"), "--remote", url, token=ro))
+    listed = graft("volumes", "--remote", url, token=ro)
+    assert "app-cli" in [v["vid"] for v in json.loads(listed.stdout)]
+    assert json.loads(graft("volumes", "--remote", url, token=secured.tokens["other"]).stdout) == []
+    cache = ["--remote", url, "--cache", str(tmp_path / "cache")]
+    sql = graft("sql", "app-cli", "SELECT count(*) FROM orders", *cache, token=ro)
+    assert sql.stdout.strip() == "500"
+    outputs += [listed, sql]
+    for command in ("hydrate", "status", "pull", "push", "reset"):
+        outputs.append(graft(command, "app-cli", *cache, "--token", rw))
+    refused = [
+        graft(
+            "sql", "app-cli", "SELECT 1", *cache[:2], "--cache", str(tmp_path / "c2"), check=False
+        ),
+        graft("import", src, "app-cli", "--remote", url, "--replace", token=ro, check=False),
+        graft(
+            "export",
+            "app-cli",
+            str(tmp_path / "x.db"),
+            "--remote",
+            url,
+            "--token",
+            WRONG,
+            check=False,
+        ),
+    ]
+    assert [p.returncode for p in refused] == [1, 1, 1]
+    assert "requires a bearer token" in refused[0].stderr and "GRAFT_TOKEN" in refused[0].stderr
+    assert "token 'ro'" in refused[1].stderr and "may not write" in refused[1].stderr
+    assert "not valid on this server" in refused[2].stderr
+    for p in [*outputs, *refused]:
+        assert "Traceback" not in p.stderr
+        assert_no_secret(p.stdout + p.stderr, secured)
+
+
+def test_revoking_applies_to_a_running_server(secured: Secured) -> None:
+    token = graft(
+        "token",
+        "create",
+        "--name",
+        "temp",
+        "--volumes",
+        "*",
+        "--access",
+        "read",
+        "--file",
+        secured.path,
+    ).stdout.strip()
+    remote = Remote(secured.url, token=token, retries=0)
+    assert eventually(lambda: remote.health() and remote.list_volumes() is not None)
+    graft("token", "revoke", "--name", "temp", "--file", secured.path)
+    assert eventually(lambda: raises(Unauthorized, remote.list_volumes))
+    assert "temp" not in open(secured.path).read()
+
+
+def eventually(check, timeout: float = 10.0) -> bool:
+    """Whether ``check()`` becomes true (or stops raising) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return True
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def raises(exc: type[Exception], fn) -> bool:
+    try:
+        fn()
+    except exc:
+        return True
+    return False
+
+
+def test_no_secret_in_server_logs_at_debug_level(tmp_path, capfd) -> None:
+    path = str(tmp_path / "tokens.json")
+    tokens = create_tokens(path)
+    srv = ServerProcess(str(tmp_path / "store"), args=["--tokens", path, "--log-level", "debug"])
+    secured = Secured(srv.start(), tokens, path)
+    try:
+        Remote(srv.url, token=tokens["rw"]).commit("app-log", 0, 1, {0: b"\x07" * 4096}, b"m" * 32)
+        for token in (None, WRONG, tokens["other"], tokens["ro"]):
+            try:
+                Remote(srv.url, token=token).commit("app-log", 1, 1, {0: b"\x08" * 4096}, b"n" * 32)
+            except (Unauthorized, Forbidden):
+                pass
+        http = urllib3.PoolManager()
+        http.request("GET", srv.url + "/v1/volumes", headers={"Authorization": WRONG})
+    finally:
+        srv.stop()
+    assert srv.proc is not None and srv.proc.stdout is not None
+    out = srv.proc.stdout.read() + capfd.readouterr().err
+    assert "denied POST '/v1/volumes/app-log/commit'" in out
+    assert "token 'other'" in out and "token 'ro'" in out
+    assert_no_secret(out, secured)
+
+
+@pytest.mark.parametrize("with_tokens", [False, True])
+def test_warns_when_open_beyond_loopback(tmp_path, capfd, with_tokens: bool) -> None:
+    args = ["--host", "0.0.0.0"]
+    if with_tokens:
+        path = tmp_path / "tokens.json"
+        path.write_text('{"tokens": []}')
+        args += ["--tokens", str(path)]
+    srv = ServerProcess(str(tmp_path / "store"), args=args).start()
+    srv.stop()
+    err = capfd.readouterr().err
+    assert ("without tokens" in err) is not with_tokens
+    assert ("has no tokens" in err) is with_tokens
