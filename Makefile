@@ -20,7 +20,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m graft_vfs.demo
 
-# The scale-out test (3 servers, 6 clients): a 5-minute workload per store kind, not 8 s.
+# The scale-out tests (3 servers, 6 clients): a 5-minute workload each instead of 8-10 s.
 soak: $(STAMP)
 	GRAFT_SOAK_SECONDS=300 $(PY) -m pytest -q tests/test_scale_out.py
 
