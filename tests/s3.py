@@ -124,7 +124,12 @@ class SeaweedFS:
             self.ports = dict(zip(_SERVICES, free_port_pairs(len(_SERVICES))))
             error = self._try_start()
             if not error:
-                self.client().create_bucket(Bucket=self.bucket)
+                try:
+                    self.client().create_bucket(Bucket=self.bucket)
+                except Exception:
+                    self._kill()
+                    self._remove_dir()
+                    raise
                 return self
             self._kill()
         self._remove_dir()
