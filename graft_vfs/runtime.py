@@ -9,12 +9,22 @@ from dataclasses import dataclass, field
 
 from graft_vfs import sync
 from graft_vfs.core.ids import validate_volume_id
-from graft_vfs.errors import Diverged, GraftError, InvalidRequest, VolumeNotFound
+from graft_vfs.errors import (
+    Diverged,
+    Forbidden,
+    GraftError,
+    InvalidRequest,
+    Unauthorized,
+    VolumeNotFound,
+)
 from graft_vfs.local import LocalStore
 from graft_vfs.remote import Remote, Snapshot
 from graft_vfs.volume import Volume
 
 log = logging.getLogger("graft_vfs")
+
+# Retrying cannot help until someone changes the token or its scope.
+ACCESS_DENIED = (Unauthorized, Forbidden)
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,10 @@ class Runtime:
                     vol.last_error = None
                 except Diverged as exc:
                     vol.last_error = str(exc)  # the user decides: nothing to retry
+                except ACCESS_DENIED as exc:
+                    if vol.last_error != f"{type(exc).__name__}: {exc}":
+                        log.warning("graft: background sync of %s refused: %s", vol.vid, exc)
+                    vol.last_error = f"{type(exc).__name__}: {exc}"
                 except GraftError as exc:
                     vol.last_error = f"{type(exc).__name__}: {exc}"
                     log.warning("graft: background sync of %s failed: %s", vol.vid, exc)
@@ -157,7 +171,7 @@ class Runtime:
                 try:
                     sync.push(vol)
                     break
-                except Diverged:
+                except (Diverged, *ACCESS_DENIED):
                     break
                 except GraftError:
                     time.sleep(0.2)

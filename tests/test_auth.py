@@ -194,6 +194,34 @@ def test_connect_with_a_token_end_to_end(secured: Secured, tmp_path, monkeypatch
                 graft_vfs.unregister(name)
 
 
+def test_a_refused_push_is_reported_not_retried(secured: Secured, tmp_path) -> None:
+    """Retrying cannot help a token outside its scope: status says why, flush gives up."""
+    src = make_sample_database(str(tmp_path / "bg.db"), orders=10)
+    graft("import", src, "app-bg", "--remote", secured.url, token=secured.tokens["rw"])
+    con = graft_vfs.connect(
+        "app-bg",
+        remote=secured.url,
+        cache_dir=str(tmp_path / "bg"),
+        options=graft_vfs.Options(token=secured.tokens["ro"]),
+    )
+    try:
+        con.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")  # pushed in the background
+
+        def status() -> dict:
+            return json.loads(con.execute("PRAGMA graft_status").fetchone()[0])
+
+        assert eventually(lambda: "Forbidden" in (status()["last_error"] or ""))
+        assert "may not write volume 'app-bg'" in status()["last_error"]
+        assert status()["pending_push"] == 2  # CREATE and INSERT, still local
+        runtime = graft_vfs.runtime_of(con.open_vfs)
+        started = time.monotonic()
+        assert runtime.flush(timeout=60) is False
+        assert time.monotonic() - started < 30  # gave up at once, not at the deadline
+    finally:
+        con.close()
+        graft_vfs.unregister(con.open_vfs)
+
+
 def test_the_command_line_with_a_token(secured: Secured, tmp_path) -> None:
     url, rw, ro = secured.url, secured.tokens["rw"], secured.tokens["ro"]
     src = make_sample_database(str(tmp_path / "app.db"), orders=500)
