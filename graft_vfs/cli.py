@@ -12,6 +12,13 @@ import click
 
 from graft_vfs.errors import GraftError
 
+S3_ENDPOINT = click.option(
+    "--s3-endpoint",
+    envvar="GRAFT_S3_ENDPOINT",
+    default=None,
+    help="URL of an S3-compatible service for s3:// stores (MinIO, R2, Tigris); "
+    "default AWS S3 (env: GRAFT_S3_ENDPOINT).",
+)
 REMOTE = click.option(
     "--remote",
     envvar="GRAFT_REMOTE",
@@ -74,13 +81,7 @@ def main() -> None:
     show_default=True,
     help="Where volumes live: a directory (the default), file:// URL, or s3://bucket/prefix.",
 )
-@click.option(
-    "--s3-endpoint",
-    envvar="GRAFT_S3_ENDPOINT",
-    default=None,
-    help="URL of an S3-compatible service for s3:// stores (MinIO, R2, Tigris); "
-    "default AWS S3 (env: GRAFT_S3_ENDPOINT).",
-)
+@S3_ENDPOINT
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=3000, show_default=True, type=int, help="Port (0: any free port).")
 @click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
@@ -342,7 +343,12 @@ _sync_command("reset", "Discard VOLUME's unpushed local commits and take the ser
 
 
 @main.command()
-@click.option("--store", required=True, help="The store to collect: a directory or file:// URL.")
+@click.option(
+    "--store",
+    required=True,
+    help="The store to collect: a directory, file:// URL, or s3://bucket/prefix.",
+)
+@S3_ENDPOINT
 @click.option(
     "--retain-lsns", type=click.IntRange(min=1), default=None, help="Keep the last N LSNs."
 )
@@ -360,14 +366,20 @@ _sync_command("reset", "Discard VOLUME's unpushed local commits and take the ser
     help="Seconds an unreachable segment must stay unreachable before it is deleted.",
 )
 @_fail_cleanly
-def gc(store: str, retain_lsns: int | None, retain_seconds: float | None, grace: float) -> None:
+def gc(
+    store: str,
+    s3_endpoint: str | None,
+    retain_lsns: int | None,
+    retain_seconds: float | None,
+    grace: float,
+) -> None:
     """Compact and garbage-collect a store; without --retain-* all history is kept."""
     from server.gc import Retention, collect
     from server.objstore import open_store
     from server.volumes import Volumes
 
     report = collect(
-        Volumes(open_store(store)), Retention(retain_lsns, retain_seconds), grace=grace
+        Volumes(open_store(store, s3_endpoint)), Retention(retain_lsns, retain_seconds), grace=grace
     )
     _echo_json(report.as_dict())
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,9 +33,11 @@ MAX_POOL_CONNECTIONS = 32  # the server calls the store from uvicorn's thread po
 
 _MISSING_KEY = ("NoSuchKey", "404", "NotFound")
 _KEY_EXISTS = "PreconditionFailed"  # 412: If-None-Match: * found the key
-# 409: AWS S3 refuses a conditional write racing another one on the same key; the
-# other writer is the one that can win, so this writer has lost the race.
+# 409: AWS S3 refuses a conditional write racing another one on the same key that is
+# still in flight. That write may yet fail, so this is no verdict: ask again (AWS's
+# advice) until the key exists (412) or our write lands.
 _CONCURRENT_CONDITIONAL = "ConditionalRequestConflict"
+CONFLICT_RETRIES = 5
 _RANGE_PAST_END = "InvalidRange"  # 416: the range starts at or after the object's end
 
 # One counter per HTTP request, whatever the retries: operation -> stats key.
@@ -210,19 +213,24 @@ class S3Store:
         full = self._key(key)
         data = bytes(data)
         with self._s3_errors("create", key):
-            try:
-                self._client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
-            except ClientError as exc:
-                code = _error_code(exc)
-                if code == _CONCURRENT_CONDITIONAL:
-                    return False
-                if code != _KEY_EXISTS:
-                    raise
-                # After a retried attempt, the key may exist because an earlier
-                # attempt of ours landed and only its answer was lost: then the
-                # object holds exactly our bytes, and this create succeeded.
-                return _retried(exc) and self.get(key) == data
-            return True
+            for attempt in range(CONFLICT_RETRIES + 1):
+                try:
+                    self._client.put_object(
+                        Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*"
+                    )
+                except ClientError as exc:
+                    code = _error_code(exc)
+                    if code == _CONCURRENT_CONDITIONAL and attempt < CONFLICT_RETRIES:
+                        time.sleep(0.05 * 2**attempt)
+                        continue
+                    if code != _KEY_EXISTS:
+                        raise  # a 409 that outlasted the retries is a StorageError (503)
+                    # After a retried attempt, the key may exist because an earlier
+                    # attempt of ours landed and only its answer was lost: then the
+                    # object holds exactly our bytes, and this create succeeded.
+                    return _retried(exc) and self.get(key) == data
+                return True
+            raise AssertionError("unreachable")
 
     def list(self, prefix: str, start_after: str | None = None) -> list[str]:
         if prefix:

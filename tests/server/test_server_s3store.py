@@ -88,11 +88,21 @@ def test_precondition_failed_after_a_retry_is_a_win_if_the_bytes_are_ours() -> N
         stub.assert_no_pending_responses()
 
 
-def test_conditional_request_conflict_loses_the_race() -> None:
+def test_conditional_request_conflict_is_asked_again_until_a_verdict() -> None:
     store = offline_store()
     with stubbed(store) as stub:
+        # the racing write landed: ours then finds the key (412), a lost race
         stub.add_client_error("put_object", "ConditionalRequestConflict", 409)
+        stub.add_client_error("put_object", "PreconditionFailed", 412)
         assert store.put_if_absent("log/1", b"x") is False
+        # the racing write failed: ours lands on the next try
+        stub.add_client_error("put_object", "ConditionalRequestConflict", 409)
+        stub.add_response("put_object", {})
+        assert store.put_if_absent("log/1", b"x") is True
+        for _ in range(6):  # no verdict at all: a storage error, never a conflict
+            stub.add_client_error("put_object", "ConditionalRequestConflict", 409)
+        with pytest.raises(StorageError):
+            store.put_if_absent("log/1", b"x")
         stub.add_client_error("put_object", "AccessDenied", 403)
         with pytest.raises(StorageError, match="AccessDenied"):
             store.put_if_absent("log/1", b"x")
