@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import msgpack
 import pytest
+import urllib3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyroaring import BitMap
@@ -339,3 +343,34 @@ def test_changes_to_the_file_apply_without_a_restart(tokens, monkeypatch) -> Non
         f.write("{ half-written")
     time.sleep(0.01)
     assert file.authenticate(f"Bearer {new}").name == "late"
+
+
+def test_python_m_server_takes_a_token_file(tokens, tmp_path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--store",
+            str(tmp_path / "s"),
+            "--port",
+            "0",
+            "--tokens",
+            tokens.path,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("graft server listening on "), line
+        url = line.split()[-1]
+        http = urllib3.PoolManager(retries=False)
+        assert http.request("GET", url + "/v1/volumes").status == 401
+        headers = {"Authorization": f"Bearer {tokens['both-ro']}"}
+        assert http.request("GET", url + "/v1/volumes", headers=headers).json() == {"volumes": []}
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+        proc.stdout.close()
