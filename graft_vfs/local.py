@@ -14,9 +14,13 @@ is a page known to have changed whose content has not been fetched yet.
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
+import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import apsw
@@ -27,6 +31,8 @@ from graft_vfs.core.graft import decode_graft, encode_graft
 from graft_vfs.errors import Busy, CorruptData, Diverged, StorageError
 
 STORE_FILE = "graft-cache.db"
+SIGNAL_FILE = "graft-cache.signal"
+LOCK_DIR = "locks"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS volumes(
@@ -84,12 +90,65 @@ class PushIntent:
     hash: bytes
 
 
+class ChangeSignal:
+    """Eight shared bytes that change whenever any process changes the local store.
+
+    Processes sharing a cache directory map the same small file; after each change
+    to the store (and after its SQLite commit), the writer stores a fresh random
+    value there. A reader compares it with the value it saw last, which costs one
+    memory read: that keeps the per-transaction hot path free of system calls
+    while several processes share one cache.
+    """
+
+    def __init__(self, path: str) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size < 8:
+                os.ftruncate(fd, 8)
+            self._map = mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)
+
+    def value(self) -> int:
+        return struct.unpack_from("<Q", self._map)[0]
+
+    def bump(self) -> None:
+        # A fresh random value rather than an increment: two writers racing on a
+        # read-modify-write could leave the value one reader already saw.
+        self._map[:8] = os.urandom(8)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class WriterLock:
+    """The cross-process half of a volume's writer lock: flock on a file per volume."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def try_acquire(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class LocalStore:
-    """One cache directory's durable store; thread-safe."""
+    """One cache directory's durable store; thread-safe, and shareable by processes."""
 
     def __init__(self, cache_dir: str) -> None:
-        os.makedirs(cache_dir, exist_ok=True)
+        os.makedirs(os.path.join(cache_dir, LOCK_DIR), exist_ok=True)
+        self.cache_dir = cache_dir
         self.path = os.path.join(cache_dir, STORE_FILE)
+        self.signal = ChangeSignal(os.path.join(cache_dir, SIGNAL_FILE))
         self._lock = threading.RLock()
         try:
             self._db = apsw.Connection(self.path)
@@ -103,6 +162,18 @@ class LocalStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self.signal.close()
+
+    def writer_lock(self, vid: str) -> WriterLock:
+        return WriterLock(os.path.join(self.cache_dir, LOCK_DIR, f"{vid}.lock"))
+
+    @contextmanager
+    def _change(self) -> Iterator[None]:
+        """A write transaction on the store, signalled to other processes once committed."""
+        with self._lock:
+            with self._db:
+                yield
+            self.signal.bump()
 
     # -- volumes --------------------------------------------------------------------
 
@@ -141,11 +212,17 @@ class LocalStore:
         at local LSN 1 mapped to ``remote_lsn``: pages are fetched when first read.
         """
         local = 0 if remote_lsn == 0 else 1
-        with self._lock, self._db:
+        with self._change():
+            # Another process sharing the cache may be bootstrapping the same volume.
             self._db.execute(
-                "INSERT INTO volumes(vid, local_lsn, sync_lsn, remote_lsn) VALUES(?,?,?,?)",
+                "INSERT INTO volumes(vid, local_lsn, sync_lsn, remote_lsn) VALUES(?,?,?,?) "
+                "ON CONFLICT(vid) DO NOTHING",
                 (vid, local, local, remote_lsn),
             )
+            if not self._db.changes():
+                row = self.load_volume(vid)
+                assert row is not None
+                return row
             vol_id = self._db.last_insert_rowid()
             self._db.execute(
                 "INSERT INTO log(v, lsn, page_count, remote_lsn, pages) VALUES(?,?,?,?,?)",
@@ -201,6 +278,7 @@ class LocalStore:
 
     def store_fetched(self, v: int, rows: Iterable[tuple[int, int, bytes]]) -> None:
         """Record fetched pages ``(pageno, row_lsn, data)``; fills markers, never overwrites."""
+        # Not signalled: a fetched page changes no snapshot, only what is cached.
         with self._lock, self._db:
             self._db.executemany(
                 "INSERT INTO pages(v, pageno, lsn, data) VALUES(?,?,?,?) "
@@ -242,7 +320,7 @@ class LocalStore:
 
     def commit(self, v: int, base_lsn: int, pages: dict[int, bytes], page_count: int) -> int:
         """Durably record a local commit on top of ``base_lsn``; returns its local LSN."""
-        with self._lock, self._db:
+        with self._change():
             (head,) = self._db.execute("SELECT local_lsn FROM volumes WHERE id=?", (v,)).fetchone()
             if head != base_lsn:
                 raise Busy(f"commit based on local LSN {base_lsn}, but the volume is at {head}")
@@ -274,7 +352,7 @@ class LocalStore:
         Changed pages become markers (no data); they are fetched when read.
         Refuses (Diverged) if local commits are pending, which it would overwrite.
         """
-        with self._lock, self._db:
+        with self._change():
             head, sync = self._db.execute(
                 "SELECT local_lsn, sync_lsn FROM volumes WHERE id=?", (v,)
             ).fetchone()
@@ -301,12 +379,12 @@ class LocalStore:
             if intent
             else None
         )
-        with self._lock, self._db:
+        with self._change():
             self._db.execute("UPDATE volumes SET push_intent=? WHERE id=?", (blob, v))
 
     def record_push(self, v: int, local_lsn: int, remote_lsn: int) -> None:
         """The server accepted local LSNs up to ``local_lsn`` as ``remote_lsn``."""
-        with self._lock, self._db:
+        with self._change():
             self._db.execute(
                 "UPDATE log SET remote_lsn=? WHERE v=? AND lsn=?", (remote_lsn, v, local_lsn)
             )
@@ -317,7 +395,7 @@ class LocalStore:
             )
 
     def set_diverged(self, v: int, diverged: bool) -> None:
-        with self._lock, self._db:
+        with self._change():
             self._db.execute("UPDATE volumes SET diverged=? WHERE id=?", (int(diverged), v))
 
     def discard_pending(self, v: int) -> tuple[int, BitMap] | None:
@@ -328,7 +406,7 @@ class LocalStore:
         whose changed pages get their content at the last sync point. Returns
         ``(new_lsn, changed_pages)``, or None if nothing was pending.
         """
-        with self._lock, self._db:
+        with self._change():
             head, sync, remote = self._db.execute(
                 "SELECT local_lsn, sync_lsn, remote_lsn FROM volumes WHERE id=?", (v,)
             ).fetchone()

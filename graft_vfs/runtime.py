@@ -51,6 +51,8 @@ class Runtime:
             else None
         )
         self.local = LocalStore(cache_dir)
+        self.signal = self.local.signal
+        self.seen_signal = self.signal.value()
         self._volumes: dict[str, Volume] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition()
@@ -99,6 +101,12 @@ class Runtime:
                 f"volume {vid!r} does not exist on {self.remote.url} nor in {self.cache_dir}; "
                 "open it read-write with SQLITE_OPEN_CREATE to create it"
             ) from None
+
+    def catch_up(self) -> None:
+        """Reload every open volume after another process changed the local store."""
+        self.seen_signal = self.signal.value()  # first: a change made meanwhile is seen next time
+        for vol in self.volumes():
+            vol.reload()
 
     def volumes(self) -> list[Volume]:
         with self._lock:
@@ -185,4 +193,6 @@ class Runtime:
             self._thread.join(timeout=5)
         if self.remote is not None:
             self.remote.close()
+        for vol in self.volumes():
+            vol.close()
         self.local.close()

@@ -158,6 +158,9 @@ class GraftFile:
 
     def xLock(self, level: int) -> None:
         if level == LOCK_SHARED:
+            runtime = self.runtime
+            if runtime.signal.value() != runtime.seen_signal:
+                runtime.catch_up()  # another process changed the cache directory
             self.snap = self.fixed or self.vol.snapshot
         elif level >= LOCK_RESERVED and not self.writing:
             self._begin_write()
@@ -167,11 +170,16 @@ class GraftFile:
         if self.readonly:
             raise apsw.ReadOnlyError("graft: this connection is read-only")
         vol = self.vol
-        if not vol.writer.acquire(blocking=False):
+        if not vol.acquire_writer():
             raise apsw.BusyError("graft: another connection is writing to this volume")
+        try:
+            vol.reload()  # the latest snapshot, whichever process made it
+        except GraftError as exc:
+            vol.release_writer()
+            raise to_sqlite(exc) from exc
         snap = self.snap or vol.snapshot
         if snap[0] != vol.snapshot[0]:
-            vol.writer.release()
+            vol.release_writer()
             raise apsw.BusyError(
                 "graft: this transaction's snapshot is no longer the latest; retry it"
             )
@@ -190,10 +198,10 @@ class GraftFile:
     def _end_write(self) -> None:
         self.dirty = {}
         self.writing = False
-        self.vol.writer.release()
+        self.vol.release_writer()
 
     def xCheckReservedLock(self) -> bool:
-        return self.vol.writer.locked()
+        return self.vol.writer_held()
 
     # -- reads ------------------------------------------------------------------------
 

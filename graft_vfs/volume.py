@@ -77,7 +77,8 @@ class Volume:
         # (local LSN, page count) of the latest local snapshot; replaced, never mutated.
         self.snapshot: tuple[int, int] = (row.local_lsn, row.page_count)
         self.lock = threading.RLock()
-        self.writer = threading.Lock()  # one writer per volume per process
+        self.writer = threading.Lock()  # one writer per volume in this process...
+        self._writer_file = self.local.writer_lock(self.vid)  # ...and across processes
         self.sync_lock = threading.RLock()  # one push/pull/reset at a time
         self.cache: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
         self.cache_pages = cache_pages
@@ -220,6 +221,37 @@ class Volume:
             cache.popitem(last=False)
 
     # -- writes ---------------------------------------------------------------------
+
+    def acquire_writer(self) -> bool:
+        """Take the volume's writer lock without waiting; False if someone holds it."""
+        if not self.writer.acquire(blocking=False):
+            return False
+        if not self._writer_file.try_acquire():
+            self.writer.release()
+            return False
+        return True
+
+    def release_writer(self) -> None:
+        self._writer_file.release()
+        self.writer.release()
+
+    def writer_held(self) -> bool:
+        return self.writer.locked()
+
+    def reload(self) -> None:
+        """Catch up with changes another process made to the local store."""
+        row = self.local.load_volume(self.vid)
+        assert row is not None
+        with self.lock:
+            old = self.snapshot[0]
+            if row.local_lsn != old:
+                for pageno in self.local.pending_changes(self.id, old, row.local_lsn):
+                    self.cache.pop(pageno, None)
+                self.snapshot = (row.local_lsn, row.page_count)
+            self.row = row
+
+    def close(self) -> None:
+        self._writer_file.close()
 
     def commit(self, base: int, pages: dict[int, bytes], page_count: int) -> tuple[int, int]:
         """Durably commit ``pages`` locally on top of ``base``; returns the new snapshot."""
