@@ -353,9 +353,11 @@ def serve(
     gc_grace: float = DEFAULT_GRACE,
     tokens_file: str | None = None,
     max_body: int = DEFAULT_MAX_BODY,
+    store: ObjectStore | None = None,
 ) -> None:
     """Serve the store named by ``store_spec`` over HTTP until interrupted.
 
+    ``store`` serves an already opened store instead (tests wrap one to inject faults).
     With ``gc_interval``, a GC pass (see server/gc.py) runs every that many seconds.
     With ``tokens_file`` (see server/auth.py), requests need a bearer token.
     """
@@ -369,7 +371,7 @@ def serve(
     if tokens is not None and len(tokens) == 0:
         log.warning("token file %s has no tokens: every request but health gets 401", tokens_file)
     app = create_app(
-        open_store(store_spec, s3_endpoint),
+        store if store is not None else open_store(store_spec, s3_endpoint),
         cache_bytes=cache_bytes,
         tokens=tokens,
         max_body=max_body,
