@@ -19,6 +19,38 @@ S3_ENDPOINT = click.option(
     help="URL of an S3-compatible service for s3:// stores (MinIO, R2, Tigris); "
     "default AWS S3 (env: GRAFT_S3_ENDPOINT).",
 )
+def _retention_options(grace_flag: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The GC retention options shared by ``graft gc`` and ``graft server``."""
+    options = [
+        click.option(
+            "--retain-lsns",
+            type=click.IntRange(min=1),
+            default=None,
+            help="GC keeps the last N LSNs readable.",
+        ),
+        click.option(
+            "--retain-seconds",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="GC keeps every LSN that was the latest within the last T seconds.",
+        ),
+        click.option(
+            grace_flag,
+            type=click.FloatRange(min=0),
+            default=900.0,
+            show_default=True,
+            help="Seconds an unreachable segment must stay unreachable before GC deletes it.",
+        ),
+    ]
+
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
 REMOTE = click.option(
     "--remote",
     envvar="GRAFT_REMOTE",
@@ -97,22 +129,7 @@ def main() -> None:
     default=None,
     help="Run a GC pass every N seconds (see graft gc).",
 )
-@click.option(
-    "--retain-lsns", type=click.IntRange(min=1), default=None, help="GC keeps the last N LSNs."
-)
-@click.option(
-    "--retain-seconds",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="GC keeps every LSN that was the latest within T seconds.",
-)
-@click.option(
-    "--gc-grace",
-    type=click.FloatRange(min=0),
-    default=900.0,
-    show_default=True,
-    help="Seconds an unreachable segment must stay unreachable before GC deletes it.",
-)
+@_retention_options("--gc-grace")
 @click.option(
     "--tokens",
     "tokens_file",
@@ -349,22 +366,7 @@ _sync_command("reset", "Discard VOLUME's unpushed local commits and take the ser
     help="The store to collect: a directory, file:// URL, or s3://bucket/prefix.",
 )
 @S3_ENDPOINT
-@click.option(
-    "--retain-lsns", type=click.IntRange(min=1), default=None, help="Keep the last N LSNs."
-)
-@click.option(
-    "--retain-seconds",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="Keep every LSN that was the latest within the last T seconds.",
-)
-@click.option(
-    "--grace",
-    type=click.FloatRange(min=0),
-    default=900.0,
-    show_default=True,
-    help="Seconds an unreachable segment must stay unreachable before it is deleted.",
-)
+@_retention_options("--grace")
 @_fail_cleanly
 def gc(
     store: str,
