@@ -22,6 +22,7 @@ floor before answering.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -48,8 +49,12 @@ class Retention:
     lsns: int | None = None  # the last N LSNs
     seconds: float | None = None  # every LSN that was the latest within T seconds
 
-    def floor(self, latest: int, base: int, timestamp_of, now: float) -> int:
-        """The oldest LSN to keep readable (0: keep everything)."""
+    def floor(self, latest: int, timestamp_of: Callable[[int], float | None], now: float) -> int:
+        """The oldest LSN to keep readable (0: keep everything).
+
+        ``timestamp_of(lsn)`` is when ``lsn`` was committed, None if unknown (its
+        record is gone): the walk back stops there, keeping everything after it.
+        """
         floors = []
         if self.lsns is not None:
             floors.append(max(latest - max(self.lsns, 1) + 1, 0))
@@ -57,7 +62,10 @@ class Retention:
             cutoff = now - self.seconds
             lsn = latest
             # the snapshot that was current at the cutoff is the oldest one to keep
-            while lsn > base and timestamp_of(lsn) > cutoff:
+            while lsn > 0:
+                committed = timestamp_of(lsn)
+                if committed is None or committed <= cutoff:
+                    break
                 lsn -= 1
             floors.append(lsn)
         return min(floors) if floors else 0
@@ -119,8 +127,8 @@ def _collect_volume(
     vol = volumes._volume(vid)
     with vol.lock:
         latest = volumes._latest(vol)
-        floor = retention.floor(latest, vol.base, vol.timestamp_at, now)
         base = vol.base
+    floor = retention.floor(latest, lambda lsn: volumes.timestamp(vid, lsn), now)
     relocated: dict[tuple[int, int], Located] = {}
     if base <= floor < latest and floor > 0:
         volumes.compact(vid, floor, relocated, merge_upto=floor)

@@ -22,13 +22,12 @@ import threading
 import time
 from bisect import bisect_right
 from collections import defaultdict
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import msgpack
 import zstandard
-
 from pyroaring import BitMap
 
 from graft_vfs.core.btree import interior_children, is_interior
@@ -257,9 +256,7 @@ class Volumes:
 
     def list_vids(self) -> list[str]:
         """Every volume with a log or a checkpoint in the store."""
-        return sorted(
-            {key.split("/")[1] for key in self.store.list("volumes/") if "/log/" in key}
-        )
+        return sorted({key.split("/")[1] for key in self.store.list("volumes/") if "/log/" in key})
 
     def list_volumes(self) -> list[Snapshot]:
         """The latest snapshot of every volume in the store, by name."""
@@ -326,9 +323,7 @@ class Volumes:
                 self._views = {k: v for k, v in self._views.items() if k[0] != vid}
             return self._read(vol, lsn, pages, expand)
 
-    def _read(
-        self, vol: _Volume, lsn: int, pages: BitMap, expand: int = 0
-    ) -> list[PageFrame]:
+    def _read(self, vol: _Volume, lsn: int, pages: BitMap, expand: int = 0) -> list[PageFrame]:
         with vol.lock:
             self._ensure_lsn(vol, lsn)
             view = vol if lsn >= vol.base else self._history(vol, lsn)
@@ -439,6 +434,15 @@ class Volumes:
     def _floor(self, vid: str) -> int:
         data = self.store.get(retention_key(vid))
         return int(msgpack.unpackb(data)["floor"]) if data else 0
+
+    def timestamp(self, vid: str, lsn: int) -> float | None:
+        """When ``lsn`` was committed; None if its record is no longer in the store."""
+        vol = self._volume(vid)
+        with vol.lock:
+            if lsn >= vol.base and lsn <= vol.latest and (lsn > 0 or vol.base == 0):
+                return vol.timestamp_at(lsn)
+        record = self._get_record(vid, lsn)
+        return record.timestamp if record is not None else None
 
     def log_entry(self, vid: str, lsn: int) -> LogEntry:
         """The record of commit ``lsn``: lets a client that crashed mid-push check it landed."""
@@ -606,7 +610,9 @@ class Volumes:
             frames: list[tuple[int, int, bytes]] = []  # (page, version, frame)
             for sid in small:
                 got = fetch_frames(self.store, sid, [loc.entry for loc in by_sid[sid]])
-                frames += [(loc.entry.page, loc.version, got[loc.entry.page]) for loc in by_sid[sid]]
+                frames += [
+                    (loc.entry.page, loc.version, got[loc.entry.page]) for loc in by_sid[sid]
+                ]
             frames.sort()
             for i in range(0, len(frames), MERGED_SEGMENT_PAGES):
                 chunk = frames[i : i + MERGED_SEGMENT_PAGES]

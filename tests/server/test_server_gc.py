@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import zstandard
@@ -147,3 +148,15 @@ def test_gc_keeps_everything_without_retention():
     cold = Volumes(store)
     for lsn, pages in full.items():
         assert contents(cold, "v", lsn) == pages
+
+
+def test_time_retention_sees_history_older_than_the_loaded_checkpoint():
+    store = MemoryStore()
+    vols = Volumes(store, checkpoint_every=4)
+    churn(vols, "v", 20, pages=4)  # all committed just now
+    cold = Volumes(store, checkpoint_every=4)  # starts from the checkpoint at LSN 20
+    cold.snapshot("v")
+    report = collect(cold, Retention(seconds=3600), grace=0)
+    assert report.records_deleted == 0 and report.floors == {}
+    later = collect(cold, Retention(seconds=3600), grace=0, now=time.time() + 7200)
+    assert later.floors == {"v": 20}  # an hour later only the latest stays readable
