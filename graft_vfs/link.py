@@ -18,7 +18,9 @@ LARGE = 128 * 1024  # answers from this size measure the bandwidth
 class Link:
     """Moving estimates of round-trip time (seconds) and bandwidth (bytes/second)."""
 
-    def __init__(self, rtt: float = 0.002, bandwidth: float = 50e6, page_bytes: float = 2048) -> None:
+    def __init__(
+        self, rtt: float = 0.002, bandwidth: float = 50e6, page_bytes: float = 2048
+    ) -> None:
         self.rtt = rtt
         self.bandwidth = bandwidth
         self.page_bytes = page_bytes  # compressed page size on the wire
