@@ -323,7 +323,10 @@ class LocalStore:
         with self._change():
             (head,) = self._db.execute("SELECT local_lsn FROM volumes WHERE id=?", (v,)).fetchone()
             if head != base_lsn:
-                raise Busy(f"commit based on local LSN {base_lsn}, but the volume is at {head}")
+                raise Busy(
+                    f"commit based on local LSN {base_lsn}, but the volume is at {head} (a pull "
+                    "or reset moved it on during the transaction): roll back and retry it"
+                )
             lsn = head + 1
             self._db.executemany(
                 "INSERT INTO pages(v, pageno, lsn, data) VALUES(?,?,?,?)",

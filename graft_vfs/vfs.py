@@ -323,10 +323,14 @@ class GraftFile:
             changed[pageno] = data
         for pageno in range(base_count, page_count):
             changed.setdefault(pageno, ZERO_PAGE)  # a growing commit carries every new page
-        self.dirty = {}
         if changed or page_count != base_count:
+            # Raises Busy if a pull or reset moved the volume on since the snapshot. The
+            # pages stay buffered: SQLite keeps the transaction open after a failed
+            # commit and a retried COMMIT does not write them again, so it must fail
+            # again (or commit them all), never succeed with nothing committed.
             self.snap = vol.commit(base_lsn, changed, page_count)
             self.size = page_count * PAGE_SIZE
+        self.dirty = {}
 
     # -- file controls and PRAGMAs ----------------------------------------------------
 

@@ -208,6 +208,51 @@ def test_reset_restores_every_page_of_many_local_commits(client, vid):
     assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+def test_pull_inside_a_transaction_keeps_its_snapshot_and_its_commit_gets_busy(client, vid):
+    """A pull while a transaction is open: the transaction keeps reading its snapshot.
+
+    Read-only so far: its first write gets BUSY. Already writing: its COMMIT gets BUSY,
+    and so does every retried COMMIT (SQLite keeps the transaction open after a BUSY
+    commit and does not send the pages again: a retry must not report success with
+    nothing committed). After ROLLBACK the pulled data is there, the transaction's is not.
+    """
+    opts = graft_vfs.Options(autopush=False)
+    a = client(vid, options=opts)
+    a.execute("CREATE TABLE t(x)")
+    a.execute("INSERT INTO t VALUES(1)")
+    pragma(a, "graft_push")
+    b = client(vid, options=opts)
+    for mode in ("read", "write"):
+        a.execute("INSERT INTO t VALUES(?)", (f"a-{mode}",))
+        pragma(a, "graft_push")
+        b.execute("BEGIN")
+        before = b.execute("SELECT x FROM t ORDER BY x").fetchall()
+        if mode == "write":
+            b.execute("INSERT INTO t VALUES(?)", (f"b-{mode}",))
+        assert pragma(b, "graft_pull")["pulled"]
+        if mode == "write":
+            assert b.execute("SELECT x FROM t ORDER BY x").fetchall() == [
+                *before,
+                (f"b-{mode}",),
+            ]
+            for _ in range(2):
+                with pytest.raises(apsw.BusyError, match="roll back"):
+                    b.execute("COMMIT")
+        else:
+            assert b.execute("SELECT x FROM t ORDER BY x").fetchall() == before
+            with pytest.raises(apsw.BusyError):
+                b.execute("INSERT INTO t VALUES(?)", (f"b-{mode}",))
+        assert b.in_transaction
+        b.execute("ROLLBACK")
+        expected = a.execute("SELECT x FROM t ORDER BY x").fetchall()
+        assert (f"a-{mode}",) in expected
+        assert b.execute("SELECT x FROM t ORDER BY x").fetchall() == expected
+        assert pragma(b, "graft_status")["pending_push"] == 0
+    b.execute("INSERT INTO t VALUES('b-after')")  # the writer lock was released
+    assert pragma(b, "graft_push")["pushed"]
+    assert b.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
 def test_past_lsn_is_read_only_and_stable(client, vid):
     a = client(vid, options=graft_vfs.Options(autopush=False))
     a.execute("CREATE TABLE t(x)")
