@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: install test demo bench bench-quick soak clean
 
@@ -19,6 +20,19 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m graft_vfs.demo
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# Benchmarks (issue 4; not part of `make test`): graft and its baselines on the same
+# >= 100 MB database over three simulated links. Writes benchmarks/results/latest.json
+# and latest.png and prints a table. bench-quick: fewer repetitions, under 5 minutes.
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run --quick
 
 # The scale-out tests (3 servers, 6 clients): a 5-minute workload each instead of 8-10 s.
 soak: $(STAMP)

