@@ -34,9 +34,10 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run --quick
 
-# The scale-out tests (3 servers, 6 clients): a 5-minute workload each instead of 8-10 s.
+# The bank-transfer tests (3 servers, 6 clients; servers killed and restarted; store
+# faults switched on and off): a 5-minute workload each instead of 6-10 s.
 soak: $(STAMP)
-	GRAFT_SOAK_SECONDS=300 $(PY) -m pytest -q tests/test_scale_out.py
+	GRAFT_SOAK_SECONDS=300 $(PY) -m pytest -q tests/test_scale_out.py tests/test_bank_faults.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -60,15 +60,19 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, **extra_env: str) -> ServerProcess:
-        env = {**os.environ, **self.env, **extra_env}
-        if "GRAFT_CRASH_AT" not in extra_env:
-            env.pop("GRAFT_CRASH_AT", None)
+    def command(self) -> list[str]:
+        """The server's command line (a subclass may run another program)."""
         cmd = [sys.executable, "-m", "graft_vfs.cli", "server", "--store", self.store]
         cmd += ["--port", str(self.port), *self.args]
         if self.s3_endpoint:
             cmd += ["--s3-endpoint", self.s3_endpoint]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        return cmd
+
+    def start(self, **extra_env: str) -> ServerProcess:
+        env = {**os.environ, **self.env, **extra_env}
+        if "GRAFT_CRASH_AT" not in extra_env:
+            env.pop("GRAFT_CRASH_AT", None)
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
@@ -130,6 +134,23 @@ def own_server(request: pytest.FixtureRequest, tmp_path, server) -> Iterator[Ser
 @pytest.fixture
 def vid() -> str:
     return f"v-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def connect():
+    """graft_vfs.connect, with every client it made closed and unregistered afterwards."""
+    made: list = []
+
+    def make(*args, **kwargs):
+        made.append(graft_vfs.connect(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    names = {con.open_vfs for con in made}
+    for con in made:
+        con.close()
+    for name in names:
+        graft_vfs.unregister(name)
 
 
 @pytest.fixture

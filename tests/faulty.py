@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -155,7 +156,9 @@ def serve_with_faults() -> None:
     """``python tests/faulty.py STORE PORT``: a graft server whose store injects faults.
 
     The plan comes from ``GRAFT_TEST_FAULTS`` (FaultPlan JSON), the on/off switch from
-    the file named by ``GRAFT_TEST_FAULTS_CONTROL``.
+    the file named by ``GRAFT_TEST_FAULTS_CONTROL``. When the server stops (SIGTERM or
+    SIGINT, not SIGKILL), the faults it injected (``FaultyStore.injected``, as JSON) go
+    to the file named by ``GRAFT_TEST_FAULTS_COUNTS``, if set.
     """
     import sys
 
@@ -166,8 +169,24 @@ def serve_with_faults() -> None:
     endpoint = os.environ.get("GRAFT_S3_ENDPOINT")
     plan = FaultPlan.from_json(os.environ["GRAFT_TEST_FAULTS"])
     control = os.environ.get("GRAFT_TEST_FAULTS_CONTROL")
+    counts = os.environ.get("GRAFT_TEST_FAULTS_COUNTS")
     store = FaultyStore(open_store(store_spec, endpoint), plan, control)
-    serve(store_spec, port=port, store=store)
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # uvicorn shuts down on SIGTERM, then raises the signal again for the handler it
+    # found: this one, so that the counts below are written before the process ends.
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        serve(store_spec, port=port, store=store)
+    finally:
+        if counts:
+            with store._lock:
+                text = json.dumps(store.injected)
+            with open(counts + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(counts + ".tmp", counts)
 
 
 if __name__ == "__main__":

@@ -78,11 +78,17 @@ def read_log(path: str) -> list[dict]:
 
 
 def run_workers(
-    vid: str, servers: list[ServerProcess], tmp_path, seconds: float, during=None
+    vid: str,
+    servers: list[ServerProcess],
+    tmp_path,
+    seconds: float,
+    during=None,
+    worker_args: tuple[str, ...] = (),
 ) -> list[list[dict]]:
     """Run the workers for ``seconds`` (killed by PID if hung); return their event logs.
 
     ``during(servers)``, if given, runs in this process once every worker is connected.
+    ``worker_args`` are extra options of tests/bank_worker.py.
     """
     env = {**os.environ, "GRAFT_EXIT_FLUSH_SECONDS": "0"}
     env.pop("GRAFT_CRASH_AT", None)
@@ -95,7 +101,7 @@ def run_workers(
         for i in range(WORKERS):
             url = servers[i % len(servers)].url
             cmd = [sys.executable, WORKER, vid, url, str(tmp_path / f"cache{i}"), logs[i]]
-            cmd += [str(seconds), str(seed + i), f"w{i}"]
+            cmd += [str(seconds), str(seed + i), f"w{i}", *worker_args]
             procs.append(subprocess.Popen(cmd, env=env, stderr=errs[i]))
         deadline = time.monotonic() + seconds + WORKER_GRACE
         if during is not None:
@@ -121,29 +127,20 @@ def run_workers(
     return [read_log(path) for path in logs]
 
 
-@pytest.fixture
-def connect():
-    """graft_vfs.connect, with every client it made closed and unregistered afterwards."""
-    made: list = []
-
-    def make(*args, **kwargs):
-        made.append(graft_vfs.connect(*args, **kwargs))
-        return made[-1]
-
-    yield make
-    names = {con.open_vfs for con in made}
-    for con in made:
-        con.close()
-    for name in names:
-        graft_vfs.unregister(name)
-
-
 def bank_run(
-    servers, tmp_path, vid, connect, seconds: float, during=None, logs_out: list | None = None
+    servers,
+    tmp_path,
+    vid,
+    connect,
+    seconds: float,
+    during=None,
+    logs_out: list | None = None,
+    worker_args: tuple[str, ...] = (),
 ) -> dict:
     """Set up the bank, run the workers, check everything; return the counts.
 
-    ``logs_out``, if given, receives each worker's event log.
+    ``logs_out``, if given, receives each worker's event log; ``worker_args`` are
+    extra options of tests/bank_worker.py.
     """
     opts = graft_vfs.Options(autopush=False)
     setup = connect(vid, remote=servers[0].url, cache_dir=str(tmp_path / "setup"), options=opts)
@@ -159,7 +156,7 @@ def bank_run(
     base_lsn = pragma(setup, "graft_push")["remote_lsn"]
     assert base_lsn == 1
 
-    logs = run_workers(vid, servers, tmp_path, seconds, during)
+    logs = run_workers(vid, servers, tmp_path, seconds, during, worker_args)
     if logs_out is not None:
         logs_out.extend(logs)
 
@@ -184,13 +181,19 @@ def bank_run(
         for r in resets:
             assert (r["pending_before"], r["pending_after"]) == (1, 0), r
             assert r["discarded_commits"] == 1 or (unavailable and r["discarded_commits"] == 0)
+    every = [e for events in logs for e in events]
     counts = {
         "transfers": len(acks) + len(rejected),
         "acks": len(acks),
         "conflicts": len(rejected),
         "conflicts_by_pull": sum(e["via"] == "pull" for e in rejected),
-        "pulls": sum(1 for events in logs for e in events if e["event"] == "pull"),
-        "unavailable": sum(1 for events in logs for e in events if e["event"] == "unavailable"),
+        "pulls": sum(e["event"] == "pull" for e in every),
+        "pulls_in_transaction": sum(e["event"] == "pull" and e.get("in_tx", False) for e in every),
+        "busy_retried": sum(e["event"] == "busy" for e in every),
+        "unavailable": sum(e["event"] == "unavailable" for e in every),
+        "unavailable_corrupt": sum(
+            e["event"] == "unavailable" and e.get("error") == "CorruptError" for e in every
+        ),
     }
     print(f"scale-out: {counts}")
     assert len(acks) >= WORKERS, "too few pushes were acknowledged to prove anything"
