@@ -61,28 +61,28 @@ class Config:
     def make(cls, quick: bool) -> Config:
         if quick:
             return cls(
-                True,
-                {"lookups": 3, "scan": 3, "aggregate": 1},
-                1,
-                10.0,
-                1,
-                10_000,
-                5,
-                200,
-                200,
-                50_000,
+                quick=True,
+                reps={"lookups": 3, "scan": 3, "aggregate": 1},
+                download_reps=1,
+                budget=10.0,
+                baseline_reps=1,
+                warm_lookups=20_000,
+                warm_rounds=7,
+                history_commits=200,
+                single_commits=200,
+                bulk_rows=50_000,
             )
         return cls(
-            False,
-            {"lookups": 7, "scan": 5, "aggregate": 3},
-            3,
-            900.0,
-            3,
-            20_000,
-            7,
-            200,
-            500,
-            100_000,
+            quick=False,
+            reps={"lookups": 7, "scan": 5, "aggregate": 3},
+            download_reps=3,
+            budget=900.0,
+            baseline_reps=3,
+            warm_lookups=20_000,
+            warm_rounds=9,
+            history_commits=200,
+            single_commits=500,
+            bulk_rows=100_000,
         )
 
 
