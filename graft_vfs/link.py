@@ -40,8 +40,3 @@ class Link:
         if pages:
             with self._lock:
                 self.page_bytes += ALPHA * (nbytes / pages - self.page_bytes)
-
-    def free_pages(self, cap: int) -> int:
-        """Pages one request can carry in about one round trip's worth of transfer time."""
-        n = int(self.rtt * self.bandwidth / max(self.page_bytes, 256))
-        return max(1, min(n, cap))

@@ -65,3 +65,57 @@ class Prefetcher:
     @property
     def unused(self) -> int:
         return self.prefetched - self.used
+
+
+FRAME_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
+SIZER_WINDOW = 4096  # accesses before the statistics start over (the workload may change)
+SIZER_WARMUP = 16  # accesses before anything but single pages is considered
+WIDER_MARGIN = 0.9  # a wider frame is chosen only if it is expected 10% cheaper
+
+
+class FrameSizer:
+    """Chooses how many aligned pages a random miss should fetch, by expected cost.
+
+    For each candidate width W it counts how many recent cold accesses fell into an
+    aligned run of W pages that an earlier access had already touched: the fraction
+    ``h(W)`` of fetches a W-page frame would have saved. The expected cost of a miss
+    with frames of W is ``(1 - h(W)) * (rtt + W * page_bytes / bandwidth)``; the width
+    with the lowest cost wins. Sparse random reads keep single pages; reads that
+    cluster (many lookups in one table) grow the frame, more readily on a link with a
+    long round trip and plenty of bandwidth, less on a slow one.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = FRAME_WIDTHS) -> None:
+        self.widths = widths
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._seen: list[set[int]] = [set() for _ in self.widths]
+        self._saved = [0] * len(self.widths)
+        self._total = 0
+
+    def record(self, pageno: int) -> None:
+        with self._lock:
+            if self._total >= SIZER_WINDOW:
+                self._reset()
+            self._total += 1
+            for i, w in enumerate(self.widths):
+                frame = pageno // w
+                if frame in self._seen[i]:
+                    self._saved[i] += 1
+                else:
+                    self._seen[i].add(frame)
+
+    def width(self, rtt: float, bandwidth: float, page_bytes: float) -> int:
+        with self._lock:
+            if self._total < SIZER_WARMUP:
+                return 1
+            best, best_cost = 1, float("inf")
+            for w, saved in zip(self.widths, self._saved):
+                cost = (1 - saved / self._total) * (rtt + w * page_bytes / bandwidth)
+                # A wider frame must win clearly: a few chance neighbours among
+                # sparse lookups are no reason to move more bytes on every miss.
+                if cost < best_cost * WIDER_MARGIN:
+                    best, best_cost = w, cost
+            return best

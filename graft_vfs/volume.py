@@ -18,19 +18,18 @@ from typing import TYPE_CHECKING
 
 from pyroaring import BitMap
 
+from graft_vfs.core.btree import is_interior
 from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.core.pages import ZERO_PAGE
 from graft_vfs.faults import crash_point
 from graft_vfs.link import Link
 from graft_vfs.local import VolumeRow
-from graft_vfs.prefetch import Prefetcher
+from graft_vfs.prefetch import FrameSizer, Prefetcher
 from graft_vfs.remote import Transfer
 
 # Interior B-tree pages the server may send along with a missed interior page: a
 # lookup then costs about one round trip per B-tree (its leaf) instead of one per level.
 INTERIOR_EXPAND = 256
-MAX_REGION = 16  # pages a dense random read may bring along
-DENSE_MISSES = 3  # random misses in one run before the run counts as dense
 
 if TYPE_CHECKING:
     from graft_vfs.runtime import Runtime
@@ -84,7 +83,7 @@ class Volume:
         self.cache_pages = cache_pages
         self.stats = Stats()
         self.prefetcher = Prefetcher()
-        self._regions: dict[tuple[int, int], int] = {}  # random misses seen per run
+        self.frames = FrameSizer()
         self.last_error: str | None = None
 
     # -- reads ----------------------------------------------------------------------
@@ -99,9 +98,13 @@ class Volume:
         row = self.local.read_page(self.id, pageno, lsn)
         if row is not None and row[1] is not None:
             self.stats.local_hits += 1
-            self._remember(pageno, row[0], row[1], lsn)
-            return row[1]
-        return self._fetch(pageno, lsn, row[0] if row else None)
+            data = row[1]
+            self._remember(pageno, row[0], data, lsn)
+        else:
+            data = self._fetch(pageno, lsn, row[0] if row else None)
+        if not is_interior(data, pageno):  # interior pages travel by expansion instead
+            self.frames.record(pageno)
+        return data
 
     def peek_page(self, pageno: int, lsn: int) -> bytes | None:
         """The page at ``lsn`` if it is available without the network, else None."""
@@ -120,7 +123,7 @@ class Volume:
         # known change at or before lsn) or, with no marker, from the sync point.
         wanted = {pageno: marker if marker is not None else sync_local}
         page_count = local.page_count_at(self.id, lsn)
-        for p in self.prefetcher.predict(pageno) or self._dense_region(pageno, remote.link):
+        for p in self.prefetcher.predict(pageno) or self._frame(pageno, remote.link):
             if 0 <= p < page_count and p not in wanted:
                 row = local.read_page(self.id, p, lsn)
                 if row is None or row[1] is None:
@@ -185,25 +188,13 @@ class Volume:
             "seconds": round(time.perf_counter() - started, 3),
         }
 
-    def _dense_region(self, pageno: int, link: Link) -> range:
-        """The aligned run of pages around a random miss worth fetching with it.
-
-        The first misses in a run fetch their page alone; a third miss in the same run
-        means the reads are dense there, and the rest of the run travels along. The
-        run is as long as one request can carry for about the price of its round
-        trip (bandwidth x RTT over a page's size): one page on a fast link, up to
-        MAX_REGION on a slow, long one.
-        """
-        width = 1 << (link.free_pages(MAX_REGION).bit_length() - 1)
+    def _frame(self, pageno: int, link: Link) -> range:
+        """The aligned run of pages a random miss fetches (see prefetch.FrameSizer)."""
+        width = self.frames.width(link.rtt, link.bandwidth, link.page_bytes)
         if width == 1:
             return range(0)
-        key = (width, pageno // width)
-        misses = self._regions.get(key, 0) + 1
-        if len(self._regions) > 1 << 16:
-            self._regions.clear()
-        self._regions[key] = misses
-        start = key[1] * width
-        return range(start, start + width) if misses >= DENSE_MISSES else range(0)
+        start = pageno - pageno % width
+        return range(start, start + width)
 
     def _remember(self, pageno: int, row_lsn: int, data: bytes, lsn: int) -> None:
         # Only a reader at the latest snapshot may fill the cache: an older reader's

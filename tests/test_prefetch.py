@@ -42,15 +42,9 @@ def test_unused_prefetches_are_counted():
     assert p.prefetched == 3 and p.used == 1 and p.unused == 2
 
 
-def test_link_estimates_and_free_pages():
+def test_link_estimates():
     from graft_vfs.link import Link
 
-    fast = Link(rtt=0.0005, bandwidth=1e9, page_bytes=2000)
-    assert fast.free_pages(64) == 64  # 0.5 ms x 1 GB/s carries 250 pages
-    slow = Link(rtt=0.05, bandwidth=2e6, page_bytes=2000)
-    assert slow.free_pages(16) == 16 and slow.free_pages(64) == 50
-    tiny = Link(rtt=0.0001, bandwidth=1e6, page_bytes=2000)
-    assert tiny.free_pages(64) == 1
     link = Link(rtt=0.01, bandwidth=1e6)
     for _ in range(50):
         link.observe(0.05, 1000)  # small answers: the round trip is 50 ms
@@ -60,3 +54,21 @@ def test_link_estimates_and_free_pages():
     assert 8e6 < link.bandwidth < 12e6
     link.observe_pages(300_000, 100)
     assert 2048 < link.page_bytes < 3000
+
+
+def test_frame_width_follows_density_and_the_link():
+    from graft_vfs.prefetch import FrameSizer
+
+    sparse, moderate, dense = FrameSizer(), FrameSizer(), FrameSizer()
+    rng = random.Random(5)
+    for _ in range(200):
+        sparse.record(rng.randrange(1_000_000))  # lookups spread over a huge table
+        moderate.record(rng.randrange(20_000))  # a quarter of 64-page frames touched twice
+        dense.record(rng.randrange(1_000))  # lookups within a few frames
+    edge = (0.020, 100e6, 1200)  # rtt, bandwidth, bytes per page
+    slow = (0.050, 2e6, 1200)
+    assert sparse.width(*edge) == 1 and sparse.width(*slow) == 1
+    assert moderate.width(*edge) == 64  # a round trip costs more than 64 pages
+    assert moderate.width(*slow) == 1  # on a slow link bytes cost time too
+    assert dense.width(*slow) > 1
+    assert FrameSizer().width(*edge) == 1  # nothing known yet: single pages
