@@ -10,56 +10,138 @@ no data until read). ``sync_lsn`` is the local LSN whose content equals the serv
 holds the page's content from local LSN ``lsn`` until the next row of that page, so
 reading a page at snapshot S is "the latest row at or before S"; a row with NULL data
 is a page known to have changed whose content has not been fetched yet.
+
+Damage. Every row carries a CRC-32 of its key and contents (``crc``), checked whenever
+the row is read; together with SQLite's own checks of its file structure, a cache
+damaged on disk raises ``CorruptData`` naming the file and the fix (delete the cache
+directory: the next client rebuilds it from the server) instead of returning wrong
+data. A cache file deleted or replaced under a running client keeps working for reads,
+pushes and pulls (Linux keeps the open file), but a local commit is refused: it would
+vanish with the process. Errors of the underlying SQLite file (apsw exceptions) become
+graft errors here, once, naming the file.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import apsw
 import msgpack
 from pyroaring import BitMap
 
 from graft_vfs.core.graft import decode_graft, encode_graft
-from graft_vfs.errors import Busy, CorruptData, Diverged, StorageError
+from graft_vfs.errors import Busy, CorruptData, Diverged, GraftError, StorageError
 
 STORE_FILE = "graft-cache.db"
 SIGNAL_FILE = "graft-cache.signal"
 LOCK_DIR = "locks"
 
+# PRAGMA user_version of the store. 0: the first format; 1: every row has a crc.
+FORMAT = 1
+
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS volumes(
+CREATE TABLE volumes(
     id INTEGER PRIMARY KEY,
     vid TEXT UNIQUE NOT NULL,
     local_lsn INTEGER NOT NULL,
     sync_lsn INTEGER NOT NULL,
     remote_lsn INTEGER NOT NULL,
     diverged INTEGER NOT NULL DEFAULT 0,
-    push_intent BLOB
+    push_intent BLOB,
+    crc INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS log(
+CREATE TABLE log(
     v INTEGER NOT NULL,
     lsn INTEGER NOT NULL,
     page_count INTEGER NOT NULL,
     remote_lsn INTEGER,
     pages BLOB NOT NULL,
+    crc INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY(v, lsn)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS pages(
+CREATE TABLE pages(
     v INTEGER NOT NULL,
     pageno INTEGER NOT NULL,
     lsn INTEGER NOT NULL,
     data BLOB,
+    crc INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY(v, pageno, lsn)
 ) WITHOUT ROWID;
 """
+
+# Format 0 -> 1: add the crc columns, then fill them (functions registered at open).
+_MIGRATE_0 = """
+ALTER TABLE volumes ADD COLUMN crc INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE log ADD COLUMN crc INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE pages ADD COLUMN crc INTEGER NOT NULL DEFAULT 0;
+UPDATE volumes SET crc = graft_volume_crc(id, vid, local_lsn, sync_lsn, remote_lsn, diverged,
+                                          push_intent);
+UPDATE log SET crc = graft_log_crc(v, lsn, page_count, remote_lsn, pages);
+UPDATE pages SET crc = graft_page_crc(v, pageno, lsn, data);
+"""
+
+_KEY3 = struct.Struct("<qqq")
+_KEY4 = struct.Struct("<qqqq")
+_VOLUME_KEY = struct.Struct("<qqqqq")
+_CHECK_ERRORS = (TypeError, ValueError, OverflowError, struct.error)  # a damaged value's type
+
+
+def _page_crc(v: int, pageno: int, lsn: int, data: bytes | None) -> int:
+    crc = zlib.crc32(_KEY3.pack(v, pageno, lsn))
+    return crc if data is None else zlib.crc32(data, crc ^ 1)
+
+
+def _log_crc(v: int, lsn: int, page_count: int, remote_lsn: int | None, pages: bytes) -> int:
+    key = _KEY4.pack(v, lsn, page_count, -1 if remote_lsn is None else remote_lsn)
+    return zlib.crc32(pages, zlib.crc32(key))
+
+
+def _volume_crc(
+    vid_id: int,
+    vid: str,
+    local_lsn: int,
+    sync_lsn: int,
+    remote_lsn: int,
+    diverged: int,
+    intent: bytes | None,
+) -> int:
+    key = _VOLUME_KEY.pack(vid_id, local_lsn, sync_lsn, remote_lsn, diverged)
+    crc = zlib.crc32(vid.encode(), zlib.crc32(key))
+    return crc if intent is None else zlib.crc32(intent, crc ^ 1)
+
+
+def _matches(crc_of: Callable[..., int], stored: object, *fields: Any) -> bool:
+    """Whether a row read back has the crc it was written with."""
+    try:
+        return crc_of(*fields) == stored
+    except _CHECK_ERRORS:
+        return False
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _boundary(fn: F) -> F:
+    """Errors of the store's SQLite file (apsw exceptions) become graft errors, once."""
+
+    @functools.wraps(fn)
+    def wrapper(self: LocalStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except (apsw.Error, UnicodeDecodeError) as exc:
+            raise self._error(exc) from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
@@ -145,45 +227,203 @@ class LocalStore:
     """One cache directory's durable store; thread-safe, and shareable by processes."""
 
     def __init__(self, cache_dir: str) -> None:
-        os.makedirs(os.path.join(cache_dir, LOCK_DIR), exist_ok=True)
         self.cache_dir = cache_dir
         self.path = os.path.join(cache_dir, STORE_FILE)
-        self.signal = ChangeSignal(os.path.join(cache_dir, SIGNAL_FILE))
+        try:
+            os.makedirs(os.path.join(cache_dir, LOCK_DIR), exist_ok=True)
+            self.signal = ChangeSignal(os.path.join(cache_dir, SIGNAL_FILE))
+        except OSError as exc:
+            raise StorageError(f"cannot create the local cache {cache_dir}: {exc}") from exc
         self._lock = threading.RLock()
         try:
             self._db = apsw.Connection(self.path)
+        except apsw.Error as exc:
+            self.signal.close()
+            raise StorageError(f"cannot open the local cache {self.path}: {exc}") from exc
+        try:
             self._db.set_busy_timeout(10_000)
             self._db.execute("PRAGMA journal_mode=WAL").fetchall()
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(_SCHEMA)
-        except apsw.Error as exc:
-            raise StorageError(f"cannot open the local store {self.path}: {exc}") from exc
+            self._prepare()
+            self._identity = self._file_identity()
+        except BaseException as exc:
+            self._db.close()
+            self.signal.close()
+            if isinstance(exc, (apsw.Error, UnicodeDecodeError)):
+                raise self._error(exc) from exc
+            raise
 
+    def _prepare(self) -> None:
+        """Create the schema in a new store; bring an older store to the current format."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == FORMAT:
+            return
+        with self._write():
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            tables = self._db.execute(
+                "SELECT count(*) FROM sqlite_schema WHERE name IN ('volumes', 'log', 'pages')"
+            ).fetchone()[0]
+            if version == 0 and tables == 0:
+                self._db.execute(_SCHEMA)
+            elif version == 0 and tables == 3:
+                for name, fn in (
+                    ("graft_volume_crc", _volume_crc),
+                    ("graft_log_crc", _log_crc),
+                    ("graft_page_crc", _page_crc),
+                ):
+                    self._db.create_scalar_function(name, fn, deterministic=True)
+                self._db.execute(_MIGRATE_0)
+            elif version != FORMAT:
+                raise StorageError(
+                    f"the local cache {self.path} has format {version} (tables: {tables}), "
+                    f"which this graft_vfs (format {FORMAT}) does not know: use the graft_vfs "
+                    f"that made it, or delete the directory {self.cache_dir} to rebuild it "
+                    "from the server (local commits not pushed yet are lost with it)"
+                )
+            self._db.execute(f"PRAGMA user_version={FORMAT}")
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _error(self, exc: BaseException) -> GraftError:
+        """The graft error for an error of the store's SQLite file."""
+        if isinstance(exc, (apsw.CorruptError, apsw.NotADBError, UnicodeDecodeError)):
+            return self._corrupt(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, apsw.BusyError):
+            return Busy(f"the local cache {self.path} is locked by another process: {exc}")
+        return StorageError(f"the local cache {self.path} failed: {type(exc).__name__}: {exc}")
+
+    def _corrupt(self, what: str) -> CorruptData:
+        return CorruptData(
+            f"the local cache {self.path} is damaged ({what}), so nothing is read from it; "
+            f"to rebuild it, stop the clients using it and delete the directory "
+            f"{self.cache_dir}: the next client fetches what it needs from the server "
+            "(local commits not pushed yet are lost with it)"
+        )
+
+    def _check_not_deleted(self, doing: str = "a commit here would not be durable") -> None:
+        """Refuse to write a commit that would not be durable (the file is gone)."""
+        if self._file_identity() != self._identity:
+            raise StorageError(
+                f"the local cache {self.path} was deleted or replaced while this client was "
+                f"running, so {doing}: refused. What it held is still readable, and local "
+                "commits not pushed yet can still be pushed, until the client closes; then "
+                "open a new client (graft_vfs.unregister() or a new process), which rebuilds "
+                "the cache from the server"
+            )
+
+    @_boundary
     def close(self) -> None:
         with self._lock:
             self._db.close()
         self.signal.close()
 
     def writer_lock(self, vid: str) -> WriterLock:
-        return WriterLock(os.path.join(self.cache_dir, LOCK_DIR, f"{vid}.lock"))
+        try:
+            return WriterLock(os.path.join(self.cache_dir, LOCK_DIR, f"{vid}.lock"))
+        except OSError as exc:
+            self._check_not_deleted(f"volume {vid!r} cannot be opened")
+            raise StorageError(f"cannot create the writer lock of {vid!r}: {exc}") from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """A write transaction, taking SQLite's write lock first (waiting for other processes).
+
+        Taken up front, a read-modify-write never fails to upgrade its read lock because
+        another process wrote in between (SQLITE_BUSY_SNAPSHOT in WAL mode).
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    with suppress(apsw.Error):
+                        self._db.execute("ROLLBACK")
+                raise
 
     @contextmanager
     def _change(self) -> Iterator[None]:
         """A write transaction on the store, signalled to other processes once committed."""
         with self._lock:
-            with self._db:
+            with self._write():
                 yield
             self.signal.bump()
 
+    # -- verified reads of rows -------------------------------------------------------
+
+    def _volume_fields(self, column: str, value: object) -> tuple | None:
+        """The volume row ``(id, vid, local, sync, remote, diverged, intent)``, verified."""
+        row = self._db.execute(
+            "SELECT id, vid, local_lsn, sync_lsn, remote_lsn, diverged, push_intent, crc "
+            f"FROM volumes WHERE {column}=?",
+            (value,),
+        ).fetchone()
+        if row is None:
+            return None
+        if not _matches(_volume_crc, row[7], *row[:7]):
+            raise self._corrupt(f"the row of volume {row[1]!r} fails its checksum")
+        return row[:7]
+
+    def _volume_by_id(self, v: int) -> tuple:
+        row = self._volume_fields("id", v)
+        if row is None:
+            raise self._corrupt(f"volume {v} has no row")
+        return row
+
+    def _update_volume(self, v: int, **changes: object) -> None:
+        """Rewrite volume ``v``'s row with ``changes`` and a fresh crc."""
+        vid_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent = self._volume_by_id(v)
+        local_lsn = changes.pop("local_lsn", local_lsn)
+        sync_lsn = changes.pop("sync_lsn", sync_lsn)
+        remote_lsn = changes.pop("remote_lsn", remote_lsn)
+        diverged = changes.pop("diverged", diverged)
+        intent = changes.pop("push_intent", intent)
+        assert not changes, changes
+        crc = _volume_crc(vid_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent)
+        self._db.execute(
+            "UPDATE volumes SET local_lsn=?, sync_lsn=?, remote_lsn=?, diverged=?, "
+            "push_intent=?, crc=? WHERE id=?",
+            (local_lsn, sync_lsn, remote_lsn, diverged, intent, crc, v),
+        )
+
+    def _log_rows(self, sql: str, args: tuple) -> list[tuple]:
+        """Log rows ``(v, lsn, page_count, remote_lsn, pages)`` selected by ``sql``, verified."""
+        out = []
+        for row in self._db.execute(
+            f"SELECT v, lsn, page_count, remote_lsn, pages, crc FROM log WHERE {sql}", args
+        ):
+            if not _matches(_log_crc, row[5], *row[:5]):
+                raise self._corrupt(f"the log row of local LSN {row[1]} fails its checksum")
+            out.append(row[:5])
+        return out
+
+    def _insert_log(
+        self, v: int, lsn: int, page_count: int, remote_lsn: int | None, pages: bytes
+    ) -> None:
+        crc = _log_crc(v, lsn, page_count, remote_lsn, pages)
+        self._db.execute(
+            "INSERT INTO log(v, lsn, page_count, remote_lsn, pages, crc) VALUES(?,?,?,?,?,?)",
+            (v, lsn, page_count, remote_lsn, pages, crc),
+        )
+
+    def _insert_pages(self, v: int, lsn: int, pages: Iterable[tuple[int, bytes | None]]) -> None:
+        self._db.executemany(
+            "INSERT INTO pages(v, pageno, lsn, data, crc) VALUES(?,?,?,?,?)",
+            ((v, p, lsn, data, _page_crc(v, p, lsn, data)) for p, data in pages),
+        )
+
     # -- volumes --------------------------------------------------------------------
 
+    @_boundary
     def load_volume(self, vid: str) -> VolumeRow | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, vid, local_lsn, sync_lsn, remote_lsn, diverged, push_intent "
-                "FROM volumes WHERE vid=?",
-                (vid,),
-            ).fetchone()
+            row = self._volume_fields("vid", vid)
             if row is None:
                 return None
             return self._volume_row(row)
@@ -201,10 +441,12 @@ class LocalStore:
             page_count=self.page_count_at(vid_id, local_lsn),
         )
 
+    @_boundary
     def list_volumes(self) -> list[str]:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT vid FROM volumes ORDER BY vid")]
 
+    @_boundary
     def create_volume(self, vid: str, remote_lsn: int, page_count: int) -> VolumeRow:
         """Start tracking a volume at the server's snapshot ``remote_lsn`` (no page data).
 
@@ -213,81 +455,90 @@ class LocalStore:
         """
         local = 0 if remote_lsn == 0 else 1
         with self._change():
-            # Another process sharing the cache may be bootstrapping the same volume.
-            self._db.execute(
-                "INSERT INTO volumes(vid, local_lsn, sync_lsn, remote_lsn) VALUES(?,?,?,?) "
-                "ON CONFLICT(vid) DO NOTHING",
-                (vid, local, local, remote_lsn),
-            )
-            if not self._db.changes():
-                row = self.load_volume(vid)
-                assert row is not None
-                return row
-            vol_id = self._db.last_insert_rowid()
-            self._db.execute(
-                "INSERT INTO log(v, lsn, page_count, remote_lsn, pages) VALUES(?,?,?,?,?)",
-                (vol_id, local, page_count, remote_lsn, encode_graft(())),
-            )
+            # Another process sharing the cache may have bootstrapped the same volume.
+            if self._volume_fields("vid", vid) is None:
+                self._db.execute(
+                    "INSERT INTO volumes(vid, local_lsn, sync_lsn, remote_lsn) VALUES(?,?,?,?)",
+                    (vid, local, local, remote_lsn),
+                )
+                vol_id = self._db.last_insert_rowid()
+                crc = _volume_crc(vol_id, vid, local, local, remote_lsn, 0, None)
+                self._db.execute("UPDATE volumes SET crc=? WHERE id=?", (crc, vol_id))
+                self._insert_log(vol_id, local, page_count, remote_lsn, encode_graft(()))
         row = self.load_volume(vid)
         assert row is not None
         return row
 
+    @_boundary
     def page_count_at(self, v: int, lsn: int) -> int:
         with self._lock:
-            row = self._db.execute(
-                "SELECT page_count FROM log WHERE v=? AND lsn<=? ORDER BY lsn DESC LIMIT 1",
-                (v, lsn),
-            ).fetchone()
-            return row[0] if row else 0
+            rows = self._log_rows("v=? AND lsn<=? ORDER BY lsn DESC LIMIT 1", (v, lsn))
+            return rows[0][2] if rows else 0
 
+    @_boundary
     def sync_point(self, v: int, lsn: int) -> tuple[int, int]:
         """The latest ``(local_lsn, remote_lsn)`` pair at or before local ``lsn``.
 
         Pages not changed locally since then read from the server at that remote LSN.
         """
         with self._lock:
-            row = self._db.execute(
-                "SELECT lsn, remote_lsn FROM log WHERE v=? AND lsn<=? AND remote_lsn IS NOT NULL "
-                "ORDER BY lsn DESC LIMIT 1",
-                (v, lsn),
-            ).fetchone()
-        if row is None:
-            raise CorruptData(f"local log of volume {v} has no sync point at or before {lsn}")
-        return row[0], row[1]
+            rows = self._log_rows(
+                "v=? AND lsn<=? AND remote_lsn IS NOT NULL ORDER BY lsn DESC LIMIT 1", (v, lsn)
+            )
+        if not rows:
+            raise self._corrupt(f"the log of volume {v} has no sync point at or before {lsn}")
+        return rows[0][1], rows[0][3]
 
+    @_boundary
     def local_for_remote(self, v: int, remote_lsn: int) -> tuple[int, int] | None:
         """``(local_lsn, page_count)`` whose content is the server's ``remote_lsn``."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT lsn, page_count FROM log WHERE v=? AND remote_lsn=? "
-                "ORDER BY lsn DESC LIMIT 1",
-                (v, remote_lsn),
-            ).fetchone()
-        return (row[0], row[1]) if row else None
+            rows = self._log_rows("v=? AND remote_lsn=? ORDER BY lsn DESC LIMIT 1", (v, remote_lsn))
+        return (rows[0][1], rows[0][2]) if rows else None
 
     # -- pages ----------------------------------------------------------------------
 
     def read_page(self, v: int, pageno: int, lsn: int) -> tuple[int, bytes | None] | None:
         """The latest row of ``pageno`` at or before ``lsn``: ``(row_lsn, data|None)``."""
-        with self._lock:
-            return self._db.execute(
-                "SELECT lsn, data FROM pages WHERE v=? AND pageno=? AND lsn<=? "
-                "ORDER BY lsn DESC LIMIT 1",
-                (v, pageno, lsn),
-            ).fetchone()
+        try:
+            with self._lock:
+                row = self._db.execute(
+                    "SELECT lsn, data, crc FROM pages WHERE v=? AND pageno=? AND lsn<=? "
+                    "ORDER BY lsn DESC LIMIT 1",
+                    (v, pageno, lsn),
+                ).fetchone()
+        except (apsw.Error, UnicodeDecodeError) as exc:
+            raise self._error(exc) from exc
+        if row is None:
+            return None
+        row_lsn, data, crc = row
+        try:
+            ok = _page_crc(v, pageno, row_lsn, data) == crc
+        except _CHECK_ERRORS:
+            ok = False
+        if not ok:
+            raise self._corrupt(f"page {pageno} of volume {v} fails its checksum")
+        return row_lsn, data
 
+    @_boundary
     def store_fetched(self, v: int, rows: Iterable[tuple[int, int, bytes]]) -> None:
         """Record fetched pages ``(pageno, row_lsn, data)``; fills markers, never overwrites."""
         # Not signalled: a fetched page changes no snapshot, only what is cached.
-        with self._lock, self._db:
+        with self._lock, self._write():
             self._db.executemany(
-                "INSERT INTO pages(v, pageno, lsn, data) VALUES(?,?,?,?) "
-                "ON CONFLICT DO UPDATE SET data=excluded.data WHERE data IS NULL",
-                ((v, p, lsn, data) for p, lsn, data in rows),
+                "INSERT INTO pages(v, pageno, lsn, data, crc) VALUES(?,?,?,?,?) "
+                "ON CONFLICT DO UPDATE SET data=excluded.data, crc=excluded.crc "
+                "WHERE data IS NULL",
+                ((v, p, lsn, data, _page_crc(v, p, lsn, data)) for p, lsn, data in rows),
             )
 
+    @_boundary
     def missing_pages(self, v: int, lsn: int, page_count: int) -> dict[int, int | None]:
-        """Pages below ``page_count`` with no data at ``lsn``: ``{page: marker_lsn|None}``."""
+        """Pages below ``page_count`` with no data at ``lsn``: ``{page: marker_lsn|None}``.
+
+        Unverified (no data is read): a damaged row makes a page fetched or read, and
+        reading it checks it.
+        """
         latest: dict[int, tuple[int, bool]] = {}
         with self._lock:
             for pageno, row_lsn, has_data in self._db.execute(
@@ -312,43 +563,39 @@ class LocalStore:
             for p in pages:
                 row = self.read_page(v, p, lsn)
                 if row is None or row[1] is None:
-                    raise CorruptData(f"page {p} at local LSN {lsn} is missing from the cache")
+                    raise self._corrupt(f"page {p} at local LSN {lsn} is missing")
                 out[p] = row[1]
         return out
 
     # -- the local log ----------------------------------------------------------------
 
+    @_boundary
     def commit(self, v: int, base_lsn: int, pages: dict[int, bytes], page_count: int) -> int:
         """Durably record a local commit on top of ``base_lsn``; returns its local LSN."""
+        self._check_not_deleted()
         with self._change():
-            (head,) = self._db.execute("SELECT local_lsn FROM volumes WHERE id=?", (v,)).fetchone()
+            head = self._volume_by_id(v)[2]
             if head != base_lsn:
                 raise Busy(
                     f"commit based on local LSN {base_lsn}, but the volume is at {head} (a pull "
                     "or reset moved it on during the transaction): roll back and retry it"
                 )
             lsn = head + 1
-            self._db.executemany(
-                "INSERT INTO pages(v, pageno, lsn, data) VALUES(?,?,?,?)",
-                ((v, p, lsn, data) for p, data in pages.items()),
-            )
-            self._db.execute(
-                "INSERT INTO log(v, lsn, page_count, remote_lsn, pages) VALUES(?,?,?,NULL,?)",
-                (v, lsn, page_count, encode_graft(pages.keys())),
-            )
-            self._db.execute("UPDATE volumes SET local_lsn=? WHERE id=?", (lsn, v))
+            self._insert_pages(v, lsn, pages.items())
+            self._insert_log(v, lsn, page_count, None, encode_graft(pages.keys()))
+            self._update_volume(v, local_lsn=lsn)
         return lsn
 
+    @_boundary
     def pending_changes(self, v: int, after: int, upto: int) -> BitMap:
         """Union of the pages changed by local LSNs in ``(after, upto]``."""
         bm = BitMap()
         with self._lock:
-            for (blob,) in self._db.execute(
-                "SELECT pages FROM log WHERE v=? AND lsn>? AND lsn<=?", (v, after, upto)
-            ):
-                bm |= decode_graft(blob)
+            for row in self._log_rows("v=? AND lsn>? AND lsn<=?", (v, after, upto)):
+                bm |= decode_graft(row[4])
         return bm
 
+    @_boundary
     def apply_pull(self, v: int, remote_lsn: int, page_count: int, changed: BitMap) -> int:
         """Record the server's ``remote_lsn`` as a new local LSN; returns it.
 
@@ -356,26 +603,16 @@ class LocalStore:
         Refuses (Diverged) if local commits are pending, which it would overwrite.
         """
         with self._change():
-            head, sync = self._db.execute(
-                "SELECT local_lsn, sync_lsn FROM volumes WHERE id=?", (v,)
-            ).fetchone()
+            _, _, head, sync, *_ = self._volume_by_id(v)
             if head != sync:
                 raise Diverged("local commits are pending push; refusing to pull over them")
             lsn = head + 1
-            self._db.executemany(
-                "INSERT INTO pages(v, pageno, lsn, data) VALUES(?,?,?,NULL)",
-                ((v, p, lsn) for p in changed),
-            )
-            self._db.execute(
-                "INSERT INTO log(v, lsn, page_count, remote_lsn, pages) VALUES(?,?,?,?,?)",
-                (v, lsn, page_count, remote_lsn, encode_graft(changed)),
-            )
-            self._db.execute(
-                "UPDATE volumes SET local_lsn=?, sync_lsn=?, remote_lsn=?, diverged=0 WHERE id=?",
-                (lsn, lsn, remote_lsn, v),
-            )
+            self._insert_pages(v, lsn, ((p, None) for p in changed))
+            self._insert_log(v, lsn, page_count, remote_lsn, encode_graft(changed))
+            self._update_volume(v, local_lsn=lsn, sync_lsn=lsn, remote_lsn=remote_lsn, diverged=0)
         return lsn
 
+    @_boundary
     def set_push_intent(self, v: int, intent: PushIntent | None) -> None:
         blob = (
             msgpack.packb({"local_lsn": intent.local_lsn, "base": intent.base, "hash": intent.hash})
@@ -383,24 +620,30 @@ class LocalStore:
             else None
         )
         with self._change():
-            self._db.execute("UPDATE volumes SET push_intent=? WHERE id=?", (blob, v))
+            self._update_volume(v, push_intent=blob)
 
+    @_boundary
     def record_push(self, v: int, local_lsn: int, remote_lsn: int) -> None:
         """The server accepted local LSNs up to ``local_lsn`` as ``remote_lsn``."""
         with self._change():
+            rows = self._log_rows("v=? AND lsn=?", (v, local_lsn))
+            if not rows:
+                raise self._corrupt(f"the log of volume {v} has no local LSN {local_lsn}")
+            page_count, pages = rows[0][2], rows[0][4]
             self._db.execute(
-                "UPDATE log SET remote_lsn=? WHERE v=? AND lsn=?", (remote_lsn, v, local_lsn)
+                "UPDATE log SET remote_lsn=?, crc=? WHERE v=? AND lsn=?",
+                (remote_lsn, _log_crc(v, local_lsn, page_count, remote_lsn, pages), v, local_lsn),
             )
-            self._db.execute(
-                "UPDATE volumes SET sync_lsn=?, remote_lsn=?, push_intent=NULL, diverged=0 "
-                "WHERE id=?",
-                (local_lsn, remote_lsn, v),
+            self._update_volume(
+                v, sync_lsn=local_lsn, remote_lsn=remote_lsn, push_intent=None, diverged=0
             )
 
+    @_boundary
     def set_diverged(self, v: int, diverged: bool) -> None:
         with self._change():
-            self._db.execute("UPDATE volumes SET diverged=? WHERE id=?", (int(diverged), v))
+            self._update_volume(v, diverged=int(diverged))
 
+    @_boundary
     def discard_pending(self, v: int) -> tuple[int, BitMap] | None:
         """Reset: drop local commits not pushed, as a new local LSN equal to the server's.
 
@@ -410,11 +653,9 @@ class LocalStore:
         ``(new_lsn, changed_pages)``, or None if nothing was pending.
         """
         with self._change():
-            head, sync, remote = self._db.execute(
-                "SELECT local_lsn, sync_lsn, remote_lsn FROM volumes WHERE id=?", (v,)
-            ).fetchone()
+            _, _, head, sync, remote, *_ = self._volume_by_id(v)
             if head == sync:
-                self._db.execute("UPDATE volumes SET push_intent=NULL, diverged=0 WHERE id=?", (v,))
+                self._update_volume(v, push_intent=None, diverged=0)
                 return None
             changed = self.pending_changes(v, sync, head)
             page_count = self.page_count_at(v, sync)
@@ -423,15 +664,8 @@ class LocalStore:
             for p in changed:
                 if p < page_count:
                     row = self.read_page(v, p, sync)
-                    rows.append((v, p, lsn, row[1] if row else None))
-            self._db.executemany("INSERT INTO pages(v, pageno, lsn, data) VALUES(?,?,?,?)", rows)
-            self._db.execute(
-                "INSERT INTO log(v, lsn, page_count, remote_lsn, pages) VALUES(?,?,?,?,?)",
-                (v, lsn, page_count, remote, encode_graft(changed)),
-            )
-            self._db.execute(
-                "UPDATE volumes SET local_lsn=?, sync_lsn=?, push_intent=NULL, diverged=0 "
-                "WHERE id=?",
-                (lsn, lsn, v),
-            )
+                    rows.append((p, row[1] if row else None))
+            self._insert_pages(v, lsn, rows)
+            self._insert_log(v, lsn, page_count, remote, encode_graft(changed))
+            self._update_volume(v, local_lsn=lsn, sync_lsn=lsn, push_intent=None, diverged=0)
         return lsn, changed
