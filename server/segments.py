@@ -150,18 +150,33 @@ def fetch_frames(
         else:
             frames[e.page] = frame
     for run in coalesce_runs(wanted):
-        start = run[0].offset
-        length = max(e.offset + e.length for e in run) - start
-        data = store.get_range(key, start, length)
-        if data is None:
-            raise MissingSegment(f"segment {sid} is missing")
-        if len(data) != length:
-            raise CorruptData(f"segment {sid} is truncated")
+        try:
+            got = _read_run(store, key, sid, run)
+        except MissingSegment:
+            raise
+        except CorruptData:
+            # A read can come back short or damaged in transit (a dropped connection,
+            # a flaky disk): read once more before calling the object corrupt.
+            got = _read_run(store, key, sid, run)
         for e in run:
-            frame = data[e.offset - start : e.offset - start + e.length]
-            if zlib.crc32(frame) != e.crc:
-                raise CorruptData(f"checksum mismatch for page {e.page} in segment {sid}")
-            frames[e.page] = frame
+            frames[e.page] = got[e.page]
             if cache is not None:
-                cache.put(sid, e, frame)
+                cache.put(sid, e, got[e.page])
+    return frames
+
+
+def _read_run(store: ObjectStore, key: str, sid: str, run: list[Entry]) -> dict[int, bytes]:
+    start = run[0].offset
+    length = max(e.offset + e.length for e in run) - start
+    data = store.get_range(key, start, length)
+    if data is None:
+        raise MissingSegment(f"segment {sid} is missing")
+    if len(data) != length:
+        raise CorruptData(f"segment {sid} is truncated")
+    frames = {}
+    for e in run:
+        frame = data[e.offset - start : e.offset - start + e.length]
+        if zlib.crc32(frame) != e.crc:
+            raise CorruptData(f"checksum mismatch for page {e.page} in segment {sid}")
+        frames[e.page] = frame
     return frames

@@ -681,8 +681,14 @@ class Volumes:
             )
 
     def _get_record(self, vid: str, lsn: int) -> CommitRecord | None:
-        data = self.store.get(log_key(vid, lsn))
-        return None if data is None else CommitRecord.decode(data)
+        for attempt in range(2):  # a damaged read in transit gets one more try
+            data = self.store.get(log_key(vid, lsn))
+            try:
+                return None if data is None else CommitRecord.decode(data)
+            except CorruptData:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def _landed_or_conflict(self, vol: _Volume, base: int, digest: bytes) -> int:
         """For a commit on a stale ``base``: its earlier attempt landed, or a conflict."""
