@@ -1,9 +1,9 @@
 """What the link to the server costs: round-trip time and bandwidth, measured as we go.
 
 Every request's elapsed time and size feed two moving estimates: the round-trip time
-(from small answers) and the bandwidth (from large ones, after the round trip). The
-fetch policy asks how many extra pages one request can carry for about the price of
-the round trip it pays anyway: the bandwidth-delay product over a page's wire size.
+(from small answers) and the bandwidth (from larger ones, after the round trip). The
+fetch policy weighs a round trip against the bytes a wider fetch would move
+(prefetch.FrameSizer).
 """
 
 from __future__ import annotations
@@ -12,16 +12,18 @@ import threading
 
 ALPHA = 0.2  # weight of a new sample in the moving averages
 SMALL = 16 * 1024  # answers up to this size measure the round trip
-LARGE = 128 * 1024  # answers from this size measure the bandwidth
+LARGE = 32 * 1024  # answers from this size measure the bandwidth
 
 
 class Link:
     """Moving estimates of round-trip time (seconds) and bandwidth (bytes/second)."""
 
     def __init__(
-        self, rtt: float = 0.002, bandwidth: float = 50e6, page_bytes: float = 2048
+        self, rtt: float = 0.002, bandwidth: float = 10e6, page_bytes: float = 2048
     ) -> None:
         self.rtt = rtt
+        # Until a large answer measures it, assume a modest link: wide fetches must
+        # then prove themselves on savings in round trips, not on a guess.
         self.bandwidth = bandwidth
         self.page_bytes = page_bytes  # compressed page size on the wire
         self._lock = threading.Lock()
