@@ -29,6 +29,7 @@ from botocore.config import Config
 from benchmarks.linkproxy import LOOPBACK, Link, ProxyProcess
 from graft_vfs.remote import Remote
 from graft_vfs.transfer import import_database
+from server.app import wait_until_listening
 from tests.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, SeaweedFS, s3_env
 
 BUCKET = "graft-bench"
@@ -94,16 +95,9 @@ class GraftServer:
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **s3_env()}
         )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"graft server exited with {self.proc.wait()}")
-            if "listening on http://" in line:
-                self.port = int(line.rsplit(":", 1)[1])
-                return self
-        raise RuntimeError("graft server did not start in time")
+        url = wait_until_listening(self.proc, STARTUP_TIMEOUT)
+        self.port = int(url.rsplit(":", 1)[1])
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -16,6 +16,7 @@ import graft_vfs
 from graft_vfs.remote import Remote
 from graft_vfs.sample import make_sample_database
 from graft_vfs.transfer import import_database
+from server.app import wait_until_listening
 
 QUERIES = [
     (
@@ -49,12 +50,11 @@ def start_server(store: str) -> tuple[subprocess.Popen, str]:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening on " not in line:
+    try:
+        return proc, wait_until_listening(proc)
+    except RuntimeError as exc:
         proc.kill()
-        raise SystemExit(f"the graft server did not start: {line!r}")
-    return proc, line.rsplit(" ", 1)[1].strip()
+        raise SystemExit(str(exc)) from None
 
 
 def main() -> None:

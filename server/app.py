@@ -10,7 +10,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import select
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -300,6 +302,28 @@ def run_gc_periodically(
     return thread
 
 
+LISTENING = "graft server listening on "  # then the URL; scripts and tests wait for it
+
+
+def wait_until_listening(proc: subprocess.Popen, timeout: float = 30.0) -> str:
+    """The URL a started ``graft server`` process (stdout piped, text) listens on.
+
+    Raises RuntimeError if it exits or prints no listening line within ``timeout``.
+    """
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"graft server exited with {proc.wait()}")
+        if line.startswith(LISTENING):
+            return line[len(LISTENING) :].strip()
+    raise RuntimeError(f"graft server did not start within {timeout} s")
+
+
 class _AnnouncingServer(uvicorn.Server):
     """A uvicorn server that prints its URL once it accepts connections."""
 
@@ -311,7 +335,7 @@ class _AnnouncingServer(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started:
             # Scripts and tests wait for this exact line, so it goes to stdout, flushed.
-            print(f"graft server listening on {self.url}", flush=True)
+            print(f"{LISTENING}{self.url}", flush=True)
 
 
 def configure_logging(level: str) -> None:

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import pytest
 from s3 import SeaweedFS, s3_env
 
 import graft_vfs
+from server.app import wait_until_listening
 from server.objstore import FsStore, ObjectStore
 
 STARTUP_TIMEOUT = 30.0
@@ -73,16 +73,9 @@ class ServerProcess:
         if "GRAFT_CRASH_AT" not in extra_env:
             env.pop("GRAFT_CRASH_AT", None)
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, text=True, env=env)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"graft server exited with {self.proc.wait()}")
-            if "listening on http://" in line:
-                self.port = int(line.rsplit(":", 1)[1])
-                return self
-        raise RuntimeError("graft server did not start in time")
+        url = wait_until_listening(self.proc, STARTUP_TIMEOUT)
+        self.port = int(url.rsplit(":", 1)[1])
+        return self
 
     def kill(self) -> int:
         """SIGKILL the process and return its exit status."""

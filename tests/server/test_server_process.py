@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -22,9 +21,9 @@ from s3 import s3_env
 from graft_vfs.core.commit import commit_hash
 from graft_vfs.core.ids import PAGE_SIZE
 from graft_vfs.core.segment import encode_segment
+from server.app import wait_until_listening
 
 STARTUP_TIMEOUT = 20.0
-READY = "graft server listening on "
 
 
 @contextmanager
@@ -47,11 +46,7 @@ def running_server(
         env=env,
     )
     try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], STARTUP_TIMEOUT)
-        line = proc.stdout.readline() if ready else ""
-        assert line.startswith(READY), f"server did not start: {line!r}"
-        yield proc, line[len(READY) :].strip()
+        yield proc, wait_until_listening(proc, STARTUP_TIMEOUT)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
