@@ -442,11 +442,6 @@ class LocalStore:
         )
 
     @_boundary
-    def list_volumes(self) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT vid FROM volumes ORDER BY vid")]
-
-    @_boundary
     def create_volume(self, vid: str, remote_lsn: int, page_count: int) -> VolumeRow:
         """Start tracking a volume at the server's snapshot ``remote_lsn`` (no page data).
 

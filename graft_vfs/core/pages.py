@@ -18,11 +18,6 @@ CHANGE_COUNTER = slice(24, 28)
 VERSION_VALID_FOR = slice(92, 96)
 
 
-def page_of(offset: int) -> int:
-    """Zero-based page index holding byte ``offset``."""
-    return offset // PAGE_SIZE
-
-
 def with_counter(page1: bytes, counter: int) -> bytes:
     """Page 1 with the change counter and version-valid-for set to ``counter``."""
     if len(page1) < 96:
