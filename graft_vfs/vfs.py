@@ -413,7 +413,16 @@ class GraftFile:
             # pages stay buffered: SQLite keeps the transaction open after a failed
             # commit and a retried COMMIT does not write them again, so it must fail
             # again (or commit them all), never succeed with nothing committed.
-            self.snap = vol.commit(base_lsn, changed, page_count)
+            try:
+                self.snap = vol.commit(base_lsn, changed, page_count)
+            except Busy as exc:
+                if not self.exclusive:
+                    raise
+                # SQLite never gives up an exclusive lock, or its page cache, on its own.
+                raise Busy(
+                    f"{exc} (this connection is in locking_mode=EXCLUSIVE: run PRAGMA "
+                    "locking_mode=NORMAL and one more transaction before retrying)"
+                ) from exc
             self.size = page_count * PAGE_SIZE
         self.dirty = {}
 

@@ -514,6 +514,26 @@ def test_exclusive_locking_mode_behaves_as_natively(tmp_path, connect):
     assert exclusive_scenario(graft_con) == expected
 
 
+def test_exclusive_connection_under_a_pull_is_told_how_to_recover(client, vid, tmp_path):
+    writer = client(vid)
+    writer.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    pragma(writer, "graft_push")
+    cache = str(tmp_path / "exclusive")
+    excl, puller = client(vid, cache=cache), client(vid, cache=cache)
+    excl.execute("PRAGMA locking_mode=EXCLUSIVE").fetchall()
+    assert excl.execute("SELECT count(*) FROM t").fetchall() == [(1,)]
+    writer.execute("INSERT INTO t VALUES(2)")
+    pragma(writer, "graft_push")
+    assert pragma(puller, "graft_pull")["pulled"]  # moves the volume under the exclusive lock
+    with pytest.raises(apsw.BusyError, match="locking_mode=NORMAL"):
+        excl.execute("INSERT INTO t VALUES(3)")
+    excl.execute("PRAGMA locking_mode=NORMAL").fetchall()
+    excl.execute("SELECT count(*) FROM t").fetchall()
+    excl.execute("INSERT INTO t VALUES(3)")
+    assert excl.execute("SELECT sum(x) FROM t").fetchall() == [(6,)]
+    assert excl.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
 def test_busy_codes_say_which_busy(connect, tmp_path):
     a, b = (connect("vol", remote="", cache_dir=str(tmp_path / "cache")) for _ in range(2))
     a.execute("CREATE TABLE t(x)")
@@ -602,6 +622,23 @@ def test_temporary_files_are_real_files_and_journals_stay_in_memory(registered):
         f.xClose()
     journal = vfs.xOpen("vol-journal", [base | apsw.SQLITE_OPEN_MAIN_JOURNAL, 0])
     assert not isinstance(journal, apsw.VFSFile)
+
+
+def test_bare_names_on_a_graft_connection_are_volumes(connect, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cache = str(tmp_path / "cache")
+    con = connect("vol", remote="", cache_dir=cache)
+    con.execute("CREATE TABLE t(x); INSERT INTO t VALUES(1)")
+    con.execute("ATTACH 'x.db' AS x")
+    con.execute("CREATE TABLE x.t(y); INSERT INTO x.t VALUES(2)")
+    con.execute("VACUUM INTO 'y.db'")
+    assert not (tmp_path / "x.db").exists() and not (tmp_path / "y.db").exists()
+    assert connect("x.db", remote="", cache_dir=cache).execute("SELECT y FROM t").fetchall() == [
+        (2,)
+    ]
+    assert connect("y.db", remote="", cache_dir=cache).execute("SELECT x FROM t").fetchall() == [
+        (1,)
+    ]
 
 
 def test_read_only_opens_refuse_writes_as_natively(client, vid, tmp_path):
