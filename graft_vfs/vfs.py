@@ -468,18 +468,14 @@ class GraftFile:
                 return "off" if self.journal_off else "memory"  # see _memory_journal
             if value in ("memory", "off"):
                 self.journal_off = value == "off"
-        elif name == "page_size":
-            try:
-                size = int(value, 0)
-            except ValueError:
-                return None  # SQLite ignores it too
-            if size != PAGE_SIZE:
-                raise apsw.SQLError(
-                    f"graft: volumes use {PAGE_SIZE}-byte pages, PRAGMA page_size={size} is "
-                    f"refused; a database with another page size converts with sqlite3 FILE "
-                    f"\"PRAGMA page_size={PAGE_SIZE}; VACUUM INTO 'new.db'\" (journal_mode="
-                    "DELETE), then graft import new.db"
-                )
+        elif name == "page_size" and value != str(PAGE_SIZE):
+            # Anything else, however SQLite would read it, is refused.
+            raise apsw.SQLError(
+                f"graft: volumes use {PAGE_SIZE}-byte pages, PRAGMA page_size={value} is "
+                f"refused; a database with another page size converts with sqlite3 FILE "
+                f"\"PRAGMA page_size={PAGE_SIZE}; VACUUM INTO 'new.db'\" (journal_mode="
+                "DELETE), then graft import new.db"
+            )
         elif name == "locking_mode" and value in ("exclusive", "normal"):
             self.exclusive = value == "exclusive"
         return None

@@ -267,6 +267,11 @@ def page_size_via_pragma(con, vid, tmp_path, size):
     con.execute("CREATE TABLE t(x)")
 
 
+def page_size_via_pragma_spelled_otherwise(con, vid, tmp_path, size):
+    con.execute(f"PRAGMA page_size='0{size}'")
+    con.execute("CREATE TABLE t(x)")
+
+
 def page_size_via_vacuum(con, vid, tmp_path, size):
     con.execute(f"PRAGMA page_size={size}; VACUUM")
 
@@ -285,8 +290,14 @@ def page_size_via_vacuum_into(con, vid, tmp_path, size):
 @pytest.mark.parametrize("size", [1024, 8192])
 @pytest.mark.parametrize(
     "way",
-    [page_size_via_pragma, page_size_via_vacuum, page_size_via_backup, page_size_via_vacuum_into],
-    ids=["pragma", "pragma-vacuum", "backup", "vacuum-into"],
+    [
+        page_size_via_pragma,
+        page_size_via_pragma_spelled_otherwise,
+        page_size_via_vacuum,
+        page_size_via_backup,
+        page_size_via_vacuum_into,
+    ],
+    ids=["pragma", "pragma-quoted", "pragma-vacuum", "backup", "vacuum-into"],
 )
 def test_other_page_sizes_are_refused_before_any_commit(client, vid, tmp_path, way, size):
     con = client(vid)
@@ -294,7 +305,7 @@ def test_other_page_sizes_are_refused_before_any_commit(client, vid, tmp_path, w
         con.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)")
         con.execute(f"INSERT INTO t SELECT i, printf('%0700d', i) FROM {count_to(300)}")
     before = pragma(con, "graft_snapshot")
-    with pytest.raises(apsw.SQLError, match=f"page size {size}|page_size={size}") as err:
+    with pytest.raises(apsw.SQLError, match=f"page size {size}|page_size=0?{size}") as err:
         way(con, vid, tmp_path, size)
     assert "4096" in str(err.value)
     assert pragma(con, "graft_snapshot") == before  # nothing was committed
