@@ -8,7 +8,8 @@ syncs the database at commit time (SQLITE_FCNTL_SYNC, sent whatever the ``synchr
 setting); leaving RESERVED drops whatever was not committed. The main database's
 rollback journal lives in memory (every graft main database runs in
 ``journal_mode=MEMORY``); temporary databases, statement journals and sorter spills
-are real temporary files of the default VFS, as natively.
+are real temporary files of the default VFS, as natively. In
+``locking_mode=EXCLUSIVE`` SHARED takes the writer lock too, and keeps it.
 """
 
 from __future__ import annotations

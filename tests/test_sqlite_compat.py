@@ -344,6 +344,13 @@ def registered(tmp_path):
     graft_vfs.unregister()
 
 
+def apsw_vfs(name: str) -> GraftVFS:
+    """The VFS object registered under ``name``."""
+    from graft_vfs import _registered
+
+    return _registered[name]
+
+
 def test_every_graft_main_database_runs_in_memory_journal_mode(registered, tmp_path):
     con = apsw.Connection("file:vol?vfs=graft", flags=URI_RW)
     assert con.execute("PRAGMA journal_mode").fetchall() == [("memory",)]
@@ -578,12 +585,6 @@ def test_busy_wait_lets_other_threads_run(registered):
     for _ in range(20):  # Python work that needs the GIL again and again
         threading.Event().wait(0.001)
     assert not woke.is_set()  # it ran while the other thread slept, not after
-
-
-def apsw_vfs(name: str) -> GraftVFS:
-    from graft_vfs import _registered
-
-    return _registered[name]
 
 
 def test_threads_with_busy_timeout_all_commit(connect, tmp_path):
