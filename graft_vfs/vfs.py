@@ -181,7 +181,10 @@ class GraftFile:
         inflags = flags[0]
         vid = name.filename() if isinstance(name, apsw.URIFilename) else name
         lsn_param = name.uri_parameter("lsn") if isinstance(name, apsw.URIFilename) else None
-        self.readonly = bool(inflags & apsw.SQLITE_OPEN_READONLY) or lsn_param is not None
+        immutable = isinstance(name, apsw.URIFilename) and name.uri_boolean("immutable", False)
+        self.readonly = (
+            bool(inflags & apsw.SQLITE_OPEN_READONLY) or lsn_param is not None or immutable
+        )
         create = bool(inflags & apsw.SQLITE_OPEN_CREATE) and not self.readonly
         self.runtime = runtime
         self.vol = runtime.volume(vid, create=create)
@@ -191,6 +194,10 @@ class GraftFile:
         self._remote_pages: dict[int, bytes] = {}
         if lsn_param is not None:
             self._open_past(lsn_param)
+        elif immutable:
+            # SQLite takes no lock on an immutable file and never re-checks its page
+            # cache, so the connection must read one snapshot: the latest at the open.
+            self.fixed = self.vol.snapshot
         self.level = LOCK_NONE
         self.writing = False
         self.exclusive = False  # PRAGMA locking_mode=EXCLUSIVE

@@ -672,6 +672,27 @@ def test_read_only_opens_refuse_writes_as_natively(client, vid, tmp_path):
     assert past.execute("SELECT count(*) FROM t").fetchall() == [(1,)]
 
 
+def test_immutable_open_reads_the_snapshot_of_its_open(connect, tmp_path):
+    cache = str(tmp_path / "cache")
+    con = connect("vol", remote="", cache_dir=cache)
+    con.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v INTEGER, pad TEXT)")
+    con.execute(f"INSERT INTO t SELECT i, 1, printf('%0500d', i) FROM {count_to(2000)}")
+    frozen = apsw.Connection(
+        f"file:vol?vfs={con.open_vfs}&immutable=1",
+        flags=apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READONLY,
+    )
+    frozen.execute("PRAGMA cache_size=10")  # most pages are read again from the VFS
+    assert frozen.execute("SELECT sum(v) FROM t").fetchall() == [(2000,)]
+    at_open = pragma(frozen, "graft_snapshot")["local_lsn"]
+    con.execute("UPDATE t SET v = 2")
+    assert frozen.execute("SELECT sum(v) FROM t").fetchall() == [(2000,)]
+    assert pragma(frozen, "graft_snapshot")["local_lsn"] == at_open
+    assert frozen.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    with pytest.raises(apsw.ReadOnlyError):
+        frozen.execute("INSERT INTO t VALUES(0, 0, '')")
+    frozen.close()
+
+
 def test_schema_change_pulled_under_an_open_statement(client, vid, tmp_path):
     writer = client(vid)
     writer.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)")
