@@ -693,6 +693,15 @@ def test_immutable_open_reads_the_snapshot_of_its_open(connect, tmp_path):
     frozen.close()
 
 
+def test_mmap_is_not_used(connect, tmp_path):
+    con = connect("vol", remote="", cache_dir=str(tmp_path / "cache"))
+    con.execute("CREATE TABLE t(x)")
+    assert native(tmp_path / "plain.db").execute("PRAGMA mmap_size=65536").fetchall() == [
+        (65536,)
+    ]
+    assert con.execute("PRAGMA mmap_size=65536").fetchall() == []
+
+
 def test_schema_change_pulled_under_an_open_statement(client, vid, tmp_path):
     writer = client(vid)
     writer.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)")
