@@ -149,11 +149,14 @@ class GraftVFS(apsw.VFS):
             # A WAL in memory would take commits that never reach the volume.
             raise apsw.CantOpenError("graft: volumes have no WAL; use journal_mode=MEMORY")
         if kind & apsw.SQLITE_OPEN_SUPER_JOURNAL:
-            # Only reachable if a graft main database left journal_mode=MEMORY: a
-            # super-journal in memory would let a crash half-commit the other files.
+            # A transaction writing two or more attached files with journals on disk: the
+            # super-journal SQLite names them in is opened through the main database's
+            # VFS, and one in memory would let a crash half-commit those files.
             raise apsw.CantOpenError(
-                "graft: a transaction across a volume and another database needs the "
-                "volume in journal_mode=MEMORY: run PRAGMA journal_mode=MEMORY"
+                "graft: a transaction that writes two or more attached database files "
+                "needs a super-journal on disk, which a connection opened on a volume "
+                "cannot write: open the connection on a plain file and ATTACH the volume "
+                "('file:VOLUME?vfs=graft'), or write the files in separate transactions"
             )
         return MemoryFile()
 

@@ -436,6 +436,30 @@ def test_crash_in_a_commit_across_a_volume_and_a_plain_file(tmp_path, mode):
         graft_vfs.unregister(vol.open_vfs)
 
 
+def test_a_commit_needing_a_super_journal_on_a_volume_connection_is_refused(connect, tmp_path):
+    con = connect("vol", remote="", cache_dir=str(tmp_path / "cache"))
+    con.execute(f"ATTACH '{plain_uri(tmp_path / 'a.db')}' AS a")
+    con.execute(f"ATTACH '{plain_uri(tmp_path / 'b.db')}' AS b")
+    con.execute("CREATE TABLE a.t(x); CREATE TABLE b.t(x)")
+    with pytest.raises(apsw.CantOpenError, match="open the connection on a plain file"):
+        con.execute("BEGIN; INSERT INTO a.t VALUES(1); INSERT INTO b.t VALUES(2); COMMIT")
+    counts = "SELECT (SELECT count(*) FROM a.t), (SELECT count(*) FROM b.t)"
+    assert con.execute(counts).fetchall() == [(0, 0)]  # the transaction was rolled back
+    # The way the message gives: the plain file is the main database, the volume attached.
+    plain = native(tmp_path / "a.db")
+    plain.execute(f"ATTACH 'file:vol?vfs={con.open_vfs}' AS v")
+    plain.execute(f"ATTACH '{plain_uri(tmp_path / 'b.db')}' AS b")
+    plain.execute("CREATE TABLE v.t(x)")
+    plain.execute(
+        "BEGIN; INSERT INTO main.t VALUES(1); INSERT INTO b.t VALUES(2); "
+        "INSERT INTO v.t VALUES(3); COMMIT"
+    )
+    assert plain.execute(
+        "SELECT (SELECT sum(x) FROM main.t), (SELECT sum(x) FROM b.t), (SELECT sum(x) FROM v.t)"
+    ).fetchall() == [(1, 2, 3)]
+    plain.close()
+
+
 KILLED_TRANSACTION_CHILD = textwrap.dedent(
     """
     import os, signal, sys, graft_vfs
