@@ -5,14 +5,18 @@ Locks map to snapshots the way WAL mode behaves: SHARED pins the latest local sn
 with SQLITE_BUSY if another writer holds it or if the pinned snapshot is no longer the
 latest. Written pages are buffered and become one local commit (one LSN) when SQLite
 syncs the database at commit time (SQLITE_FCNTL_SYNC, sent whatever the ``synchronous``
-setting); leaving RESERVED drops whatever was not committed. Journals and temporary
-files live in memory.
+setting); leaving RESERVED drops whatever was not committed. The main database's
+rollback journal lives in memory (every graft main database runs in
+``journal_mode=MEMORY``); temporary databases, statement journals and sorter spills
+are real temporary files of the default VFS, as natively. In
+``locking_mode=EXCLUSIVE`` SHARED takes the writer lock too, and keeps it.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,7 +24,13 @@ import apsw
 
 from graft_vfs import sync
 from graft_vfs.core.ids import PAGE_SIZE
-from graft_vfs.core.pages import ZERO_PAGE, header_page_count, same_page1, with_counter
+from graft_vfs.core.pages import (
+    ZERO_PAGE,
+    header_page_count,
+    page1_for_commit,
+    same_page1,
+    with_counter,
+)
 from graft_vfs.errors import (
     Busy,
     CorruptData,
@@ -40,6 +50,19 @@ from graft_vfs.runtime import Runtime
 SQLITE_FCNTL_PRAGMA = 14
 SQLITE_FCNTL_SYNC = 21
 LOCK_NONE, LOCK_SHARED, LOCK_RESERVED = 0, 1, 2
+# Where SQLite reads the change counter (and the next 12 header bytes) to learn whether
+# its page cache is still valid when a read transaction starts.
+CHANGE_CHECK, CHANGE_CHECK_SIZE = 24, 16
+# Files SQLite may make as large as the data it sorts or stages: kept on disk, as natively.
+TEMP_FILES = (
+    apsw.SQLITE_OPEN_TEMP_DB
+    | apsw.SQLITE_OPEN_TEMP_JOURNAL
+    | apsw.SQLITE_OPEN_SUBJOURNAL
+    | apsw.SQLITE_OPEN_TRANSIENT_DB
+)
+# The rollback journal modes that keep a journal file; a graft main database keeps its
+# journal in memory whatever is asked (see _memory_journal).
+FILE_JOURNAL_MODES = ("delete", "truncate", "persist")
 _PAGE_SHIFT = 12
 _PAGE_MASK = PAGE_SIZE - 1
 
@@ -81,8 +104,32 @@ def _mapped(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def stale_snapshot(message: str) -> apsw.BusyError:
+    """SQLITE_BUSY_SNAPSHOT, as WAL mode reports a read snapshot too old to write."""
+    exc = apsw.BusyError(message)
+    exc.extendedresult = apsw.SQLITE_BUSY_SNAPSHOT  # type: ignore[attr-defined]
+    return exc
+
+
+def _memory_journal(con: apsw.Connection) -> None:
+    """Every connection whose main database is a volume starts in journal_mode=MEMORY.
+
+    In DELETE, TRUNCATE or PERSIST mode a COMMIT across the volume and an attached file
+    writes a super-journal through this VFS, in memory: after a crash the file's hot
+    journal would name a super-journal that is not on disk, and SQLite would delete
+    it without rolling the file back. In MEMORY mode each database commits atomically
+    on its own and no super-journal is written.
+    """
+    # apsw names a Python VFS's file by its class (open_vfs is only what the opener asked).
+    if con.vfsname("main") == f"{GraftFile.__module__}.{GraftFile.__qualname__}":
+        con.execute("PRAGMA main.journal_mode=MEMORY").fetchall()
+
+
+apsw.connection_hooks.append(_memory_journal)
+
+
 class GraftVFS(apsw.VFS):
-    """The VFS: the main database file is a volume; everything else is in memory."""
+    """The VFS: the main database file is a volume; its journal is in memory."""
 
     def __init__(self, name: str, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -90,12 +137,34 @@ class GraftVFS(apsw.VFS):
         super().__init__(name, "")
 
     def xOpen(self, name: str | apsw.URIFilename | None, flags: list[int]) -> Any:
-        if flags[0] & apsw.SQLITE_OPEN_MAIN_DB and name is not None:
+        kind = flags[0]
+        if kind & apsw.SQLITE_OPEN_MAIN_DB and name is not None:
             try:
                 return GraftFile(self.runtime, name, flags)
             except GraftError as exc:
                 raise to_sqlite(exc) from exc
+        if kind & TEMP_FILES:
+            return apsw.VFSFile("", name, flags)
+        if kind & apsw.SQLITE_OPEN_WAL:
+            # A WAL in memory would take commits that never reach the volume.
+            raise apsw.CantOpenError("graft: volumes have no WAL; use journal_mode=MEMORY")
+        if kind & apsw.SQLITE_OPEN_SUPER_JOURNAL:
+            # A transaction writing two or more attached files with journals on disk: the
+            # super-journal SQLite names them in is opened through the main database's
+            # VFS, and one in memory would let a crash half-commit those files.
+            raise apsw.CantOpenError(
+                "graft: a transaction that writes two or more attached database files "
+                "needs a super-journal on disk, which a connection opened on a volume "
+                "cannot write: open the connection on a plain file and ATTACH the volume "
+                "('file:VOLUME?vfs=graft'), or write the files in separate transactions"
+            )
         return MemoryFile()
+
+    def xSleep(self, microseconds: int) -> int:
+        # apsw.VFS.xSleep sleeps holding the GIL, so while a busy handler waits the
+        # connection holding the lock cannot run its (Python) VFS calls to release it.
+        time.sleep(microseconds / 1_000_000)
+        return microseconds
 
     def xAccess(self, pathname: str, flags: int) -> bool:
         # No journal, WAL or temp file ever persists, so there is never a hot journal.
@@ -115,7 +184,10 @@ class GraftFile:
         inflags = flags[0]
         vid = name.filename() if isinstance(name, apsw.URIFilename) else name
         lsn_param = name.uri_parameter("lsn") if isinstance(name, apsw.URIFilename) else None
-        self.readonly = bool(inflags & apsw.SQLITE_OPEN_READONLY) or lsn_param is not None
+        immutable = isinstance(name, apsw.URIFilename) and name.uri_boolean("immutable", False)
+        self.readonly = (
+            bool(inflags & apsw.SQLITE_OPEN_READONLY) or lsn_param is not None or immutable
+        )
         create = bool(inflags & apsw.SQLITE_OPEN_CREATE) and not self.readonly
         self.runtime = runtime
         self.vol = runtime.volume(vid, create=create)
@@ -125,11 +197,18 @@ class GraftFile:
         self._remote_pages: dict[int, bytes] = {}
         if lsn_param is not None:
             self._open_past(lsn_param)
+        elif immutable:
+            # SQLite takes no lock on an immutable file and never re-checks its page
+            # cache, so the connection must read one snapshot: the latest at the open.
+            self.fixed = self.vol.snapshot
         self.level = LOCK_NONE
         self.writing = False
+        self.exclusive = False  # PRAGMA locking_mode=EXCLUSIVE
+        self.journal_off = False  # PRAGMA journal_mode=OFF
         self.dirty: dict[int, bytes] = {}
         self.size = 0
         self._page1: tuple[int, bytes] | None = None
+        self._page1_rewritten = False  # a commit changed page 1 from what SQLite wrote
         if self.readonly:
             flags[1] = (inflags | apsw.SQLITE_OPEN_READONLY) & ~(
                 apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
@@ -162,6 +241,13 @@ class GraftFile:
             if runtime.signal.value() != runtime.seen_signal:
                 runtime.catch_up()  # another process changed the cache directory
             self.snap = self.fixed or self.vol.snapshot
+            if self.exclusive and not self.readonly and not self.writing:
+                # In locking_mode=EXCLUSIVE SQLite keeps its lock and its page cache
+                # until the mode is NORMAL again and never looks for other writers'
+                # changes: the connection holds the writer lock from its first read, so
+                # it keeps seeing its own latest state and others get BUSY, as natively.
+                self.snap = None
+                self._begin_write()
         elif level >= LOCK_RESERVED and not self.writing:
             self._begin_write()
         self.level = level
@@ -171,6 +257,7 @@ class GraftFile:
             raise apsw.ReadOnlyError("graft: this connection is read-only")
         vol = self.vol
         if not vol.acquire_writer():
+            # Plain SQLITE_BUSY: the busy handler (busy_timeout) waits for the writer.
             raise apsw.BusyError("graft: another connection is writing to this volume")
         try:
             vol.reload()  # the latest snapshot, whichever process made it
@@ -180,9 +267,7 @@ class GraftFile:
         snap = self.snap or vol.snapshot
         if snap[0] != vol.snapshot[0]:
             vol.release_writer()
-            raise apsw.BusyError(
-                "graft: this transaction's snapshot is no longer the latest; retry it"
-            )
+            raise stale_snapshot("graft: snapshot is stale: roll back and retry")
         self.snap = snap
         self.writing = True
         self.dirty = {}
@@ -206,6 +291,13 @@ class GraftFile:
     # -- reads ------------------------------------------------------------------------
 
     def xRead(self, amount: int, offset: int) -> bytes:
+        if self._page1_rewritten and offset <= CHANGE_CHECK < offset + amount:
+            self._page1_rewritten = False
+            if (offset, amount) == (CHANGE_CHECK, CHANGE_CHECK_SIZE):
+                # SQLite's cache still holds the page 1 it wrote; a change counter other
+                # than the one it expects makes it drop the cache and read page 1 again.
+                data = self.xRead(amount, offset)
+                return bytes(b ^ 0xFF for b in data[:4]) + data[4:]
         within = offset & _PAGE_MASK
         try:
             if within + amount <= PAGE_SIZE:
@@ -304,6 +396,10 @@ class GraftFile:
         base_lsn, base_count = self.snap
         page_count = -(-self.size // PAGE_SIZE)
         page1 = self.dirty.get(0)
+        if page1 is not None:
+            written, page1 = page1, page1_for_commit(page1)
+            self.dirty[0] = page1
+            self._page1_rewritten = page1 != written
         if page1 is not None and header_page_count(page1):
             # SQLite truncates the file only after the sync (VACUUM, auto-vacuum), but
             # the page 1 it wrote already holds the database's size after the commit.
@@ -328,7 +424,16 @@ class GraftFile:
             # pages stay buffered: SQLite keeps the transaction open after a failed
             # commit and a retried COMMIT does not write them again, so it must fail
             # again (or commit them all), never succeed with nothing committed.
-            self.snap = vol.commit(base_lsn, changed, page_count)
+            try:
+                self.snap = vol.commit(base_lsn, changed, page_count)
+            except Busy as exc:
+                if not self.exclusive:
+                    raise
+                # SQLite never gives up an exclusive lock, or its page cache, on its own.
+                raise Busy(
+                    f"{exc} (this connection is in locking_mode=EXCLUSIVE: run PRAGMA "
+                    "locking_mode=NORMAL and one more transaction before retrying)"
+                ) from exc
             self.size = page_count * PAGE_SIZE
         self.dirty = {}
 
@@ -350,6 +455,10 @@ class GraftFile:
                 "graft: WAL mode is not supported on graft volumes (a Python VFS has no "
                 "shared memory); use PRAGMA journal_mode=MEMORY"
             )
+        answer = self._sqlite_pragma(name, p.value)
+        if answer is not None:
+            p.result = answer
+            return True
         handler = PRAGMAS.get(name)
         if handler is None:
             return False
@@ -359,6 +468,28 @@ class GraftFile:
             raise to_sqlite(exc) from exc
         p.result = json.dumps(result, sort_keys=True)
         return True
+
+    def _sqlite_pragma(self, name: str, value: str | None) -> str | None:
+        """Check or follow one of SQLite's own PRAGMAs; a string answers it instead."""
+        if value is None:
+            return None
+        value = value.strip().strip("'\"").lower()
+        if name == "journal_mode":
+            if value in FILE_JOURNAL_MODES:
+                return "off" if self.journal_off else "memory"  # see _memory_journal
+            if value in ("memory", "off"):
+                self.journal_off = value == "off"
+        elif name == "page_size" and value != str(PAGE_SIZE):
+            # Anything else, however SQLite would read it, is refused.
+            raise apsw.SQLError(
+                f"graft: volumes use {PAGE_SIZE}-byte pages, PRAGMA page_size={value} is "
+                f"refused; a database with another page size converts with sqlite3 FILE "
+                f"\"PRAGMA page_size={PAGE_SIZE}; VACUUM INTO 'new.db'\" (journal_mode="
+                "DELETE), then graft import new.db"
+            )
+        elif name == "locking_mode" and value in ("exclusive", "normal"):
+            self.exclusive = value == "exclusive"
+        return None
 
     def xSectorSize(self) -> int:
         return PAGE_SIZE
