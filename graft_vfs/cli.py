@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -9,7 +10,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -121,6 +122,16 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, sort_keys=True, ensure_ascii=False))
+
+
+@contextlib.contextmanager
+def _progress(length: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal; elsewhere nothing, so stderr holds only errors."""
+    if not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    with click.progressbar(length=max(length, 1), label=label, file=sys.stderr) as bar:
+        yield bar.update
 
 
 class _Graft(click.Group):
@@ -263,9 +274,9 @@ def import_(database: str, volume: str, remote: str, token: str | None, replace:
     from graft_vfs.transfer import import_database
 
     size = os.path.getsize(database) if os.path.isfile(database) else 0
-    with click.progressbar(length=max(size // 4096, 1), label="reading", file=sys.stderr) as bar:
+    with _progress(size // 4096, "reading") as update:
         lsn = import_database(
-            Remote(remote, token=token), database, volume, replace=replace, progress=bar.update
+            Remote(remote, token=token), database, volume, replace=replace, progress=update
         )
     _echo_json({"volume": volume, "lsn": lsn, "pages": size // 4096})
 
@@ -301,8 +312,8 @@ def export(
         total = client.snapshot(volume).page_count if lsn is None else 0
     except VolumeNotFound:
         raise click.ClickException(_no_volume(volume, remote, "")) from None
-    with click.progressbar(length=max(total, 1), label="writing", file=sys.stderr) as bar:
-        got = export_database(client, volume, output, lsn=lsn, overwrite=force, progress=bar.update)
+    with _progress(total, "writing") as update:
+        got = export_database(client, volume, output, lsn=lsn, overwrite=force, progress=update)
     _echo_json({"volume": volume, "lsn": got, "file": output})
 
 
@@ -311,7 +322,10 @@ def export(
 _GRAFT_PRAGMA = re.compile(r"\s*PRAGMA\s+(?:\w+\s*\.\s*)?(graft_\w+)", re.I)
 
 
-def _print_rows(cursor: Any, statements: str, as_json: bool) -> None:
+def _print_rows(cursor: Any, statements: str, as_json: bool, stopped: threading.Event) -> None:
+    # interrupt() stops the statement running; between two statements nothing runs,
+    # so the next one is refused here instead.
+    cursor.exec_trace = lambda *_: not stopped.is_set()
     for row in cursor.execute(statements):
         if not as_json:
             click.echo("|".join("" if v is None else str(_json_value(v)) for v in row))
@@ -325,20 +339,21 @@ def _print_rows(cursor: Any, statements: str, as_json: bool) -> None:
         click.echo(json.dumps(obj, ensure_ascii=False))
 
 
-def _interruptible(con: Any, work: Callable[[], None]) -> None:
+def _interruptible(con: Any, work: Callable[[threading.Event], None]) -> None:
     """Run ``work`` (statements on ``con``) so that Ctrl-C interrupts it.
 
     SQLite runs a statement without returning to Python, so a SIGINT handler on the
     thread running it would wait for the statement to end. The statement runs on a
     worker thread instead, and the main thread's handler calls ``interrupt()``, which
-    SQLite allows from any thread: the statement stops at its next step.
+    SQLite allows from any thread: the statement stops at its next step. ``work``
+    gets the event set by Ctrl-C, to refuse statements not started yet.
     """
     failure: list[BaseException] = []
     stopped = threading.Event()
 
     def run() -> None:
         try:
-            work()
+            work(stopped)
         except BaseException as exc:  # handed to the main thread
             failure.append(exc)
 
@@ -428,7 +443,7 @@ def sql(
             _pull_before_reading(vol, remote)
         before = vol.refresh().local_lsn
         try:
-            _interruptible(con, lambda: _print_rows(con.cursor(), statements, as_json))
+            _interruptible(con, lambda stop: _print_rows(con.cursor(), statements, as_json, stop))
         finally:
             wrote = vol.refresh().local_lsn != before
         if remote and wrote:
@@ -525,8 +540,8 @@ def hydrate(volume: str, remote: str, cache_dir: str, token: str | None) -> None
     runtime, vol = _open_volume(volume, remote, cache_dir, token)
     try:
         total = vol.snapshot[1]
-        with click.progressbar(length=max(total, 1), label="hydrating", file=sys.stderr) as bar:
-            _echo_json(vol.hydrate(progress=bar.update))
+        with _progress(total, "hydrating") as update:
+            _echo_json(vol.hydrate(progress=update))
     finally:
         runtime.close()
 

@@ -1,4 +1,5 @@
-"""Editing the token file with ``graft token``: concurrent edits, bad folders, JSON shapes."""
+"""The token file and its scopes from the client's side: concurrent edits of the file,
+its errors and JSON, and what a push or a read does when the server refuses a write."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import os
 import subprocess
 import sys
 
+import apsw
+import pytest
+from test_auth import graft as graft_with
+from test_auth import secured  # noqa: F401  (a fixture: a server with a token file)
+from test_crash import CHILD, pragma, run_child
+
+import graft_vfs
+from graft_vfs.remote import Remote
 from server.auth import create_token, describe_entries, load_entries, revoke_token
 
 ROUNDS = 20
@@ -91,3 +100,107 @@ def test_token_list_shows_volumes_as_a_list_and_keeps_non_ascii(tmp_path) -> Non
         ("three", ["c*"]),
     ]
     assert describe_entries(path) == listed
+
+
+# -- pushes and reads refused by a server's token scope (a real server with --tokens) --
+
+
+def seed(secured, vid: str, tmp_path) -> None:
+    """Create ``vid`` on the secured server: an empty SQLite database at LSN 1."""
+    path = str(tmp_path / f"{vid}.db")
+    apsw.Connection(path).execute("PRAGMA user_version = 1")
+    graft_with("import", path, vid, "--remote", secured.url, token=secured.tokens["rw"])
+
+
+def test_a_push_refused_403_clears_its_intent_and_says_why(secured, tmp_path) -> None:
+    url, ro = secured.url, secured.tokens["ro"]
+    seed(secured, "app-403", tmp_path)
+    con = graft_vfs.connect(
+        "app-403",
+        remote=url,
+        cache_dir=str(tmp_path / "c"),
+        options=graft_vfs.Options(token=ro, autopush=False),
+    )
+    try:
+        con.execute("CREATE TABLE t(x)")
+        with pytest.raises(apsw.AuthError, match="token 'ro'.*may not write"):
+            con.execute("PRAGMA graft_push").fetchall()
+        status = pragma(con, "graft_status")
+        assert status["push_in_flight"] is False  # it was refused, not lost in flight
+        assert status["pending_push"] == 1
+        assert "Forbidden" in status["last_error"] and "may not write" in status["last_error"]
+    finally:
+        name = con.open_vfs
+        con.close()
+        graft_vfs.unregister(name)
+
+
+def test_an_earlier_intent_survives_a_403(secured, tmp_path) -> None:
+    """A push that may have landed is kept in flight: only its own hash can tell."""
+    url, rw, ro = secured.url, secured.tokens["rw"], secured.tokens["ro"]
+    cache = str(tmp_path / "c")
+    os.environ["GRAFT_TOKEN"] = rw  # the child reads it
+    try:
+        child = run_child("app-intent", url, cache, "push", crash_at="client.push.after_ack")
+        assert child.wait(timeout=60) == -9  # the server applied the push; the client died
+    finally:
+        del os.environ["GRAFT_TOKEN"]
+    assert Remote(url, token=rw).snapshot("app-intent").lsn == 1
+    assert "survives" in CHILD
+
+    def open_with(token: str) -> apsw.Connection:
+        return graft_vfs.connect(
+            "app-intent",
+            remote=url,
+            cache_dir=cache,
+            options=graft_vfs.Options(token=token, autopush=False),
+        )
+
+    con = open_with(ro)
+    try:
+        con.execute("INSERT INTO t VALUES ('later')")  # a second local commit on top
+        with pytest.raises(apsw.AuthError):
+            con.execute("PRAGMA graft_push").fetchall()
+        status = pragma(con, "graft_status")
+        assert status["push_in_flight"] is True and "Forbidden" in status["last_error"]
+    finally:
+        name = con.open_vfs
+        con.close()
+        graft_vfs.unregister(name)
+    con = open_with(rw)
+    try:
+        while pragma(con, "graft_push")["pushed"]:
+            pass  # the retried intent (recognised by its hash), then the later commit
+        status = pragma(con, "graft_status")
+        assert status["diverged"] is False and status["pending_push"] == 0
+        assert status["last_error"] is None and status["remote_lsn"] == 2
+    finally:
+        name = con.open_vfs
+        con.close()
+        graft_vfs.unregister(name)
+    fresh = graft_with("sql", "app-intent", "SELECT x FROM t ORDER BY rowid", "--remote", url,
+                       "--cache", str(tmp_path / "fresh"), token=ro)
+    assert fresh.stdout.splitlines() == ["survives", "later"]
+
+
+def test_a_select_succeeds_with_commits_that_cannot_be_pushed(secured, tmp_path) -> None:
+    url, ro = secured.url, secured.tokens["ro"]
+    seed(secured, "app-select", tmp_path)
+    cache = str(tmp_path / "c")
+    con = graft_vfs.connect(
+        "app-select",
+        remote=url,
+        cache_dir=cache,
+        options=graft_vfs.Options(token=ro, autopush=False),
+    )
+    con.execute("CREATE TABLE t(x)")  # committed locally; this token can never push it
+    name = con.open_vfs
+    con.close()
+    graft_vfs.unregister(name)
+    args = ["--remote", url, "--cache", cache]
+    read = graft_with("sql", "app-select", "SELECT count(*) FROM t", *args, token=ro, check=False)
+    assert (read.returncode, read.stdout, read.stderr) == (0, "0\n", "")
+    write = graft_with("sql", "app-select", "INSERT INTO t VALUES (1)", *args, token=ro,
+                       check=False)
+    assert write.returncode == 1 and write.stderr.count("\n") == 1
+    assert "committed in the local cache but was not pushed" in write.stderr
