@@ -134,6 +134,10 @@ def _progress(length: int, label: str) -> Iterator[Callable[[int], None]]:
         yield bar.update
 
 
+# Since click 8.2 a group run without a command raises this, to show its help.
+_HELP_AS_ERROR: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class _Graft(click.Group):
     """The ``graft`` group: every error, usage errors included, is one line on stderr."""
 
@@ -142,6 +146,9 @@ class _Graft(click.Group):
             return super().main(*args, **kwargs)
         try:
             rv = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except _HELP_AS_ERROR as exc:  # `graft` alone: the help, not an error
+            exc.show()
+            sys.exit(exc.exit_code)
         except click.UsageError as exc:
             hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
             click.echo(f"Error: {_one_line(exc.format_message())}{hint}", err=True)
@@ -464,11 +471,9 @@ def _pull_before_reading(vol: Any, remote: str) -> None:
 
     try:
         sync.pull(vol)
-    except VolumeNotFound:
-        if vol.refresh().remote_lsn != 0:
-            raise
-        # Created here and never pushed: there is nothing on the server to pull yet.
     except GraftError as exc:
+        if isinstance(exc, VolumeNotFound) and vol.refresh().remote_lsn == 0:
+            return  # created here and never pushed: nothing on the server to pull yet
         raise click.ClickException(
             f"cannot pull {vol.vid!r} from {remote}, so the answer could be stale: {exc}; "
             "--no-pull answers from the local cache as it is"
