@@ -112,7 +112,8 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             raise Interrupted() from None
         except (GraftError, apsw.Error) as exc:
-            raise click.ClickException(str(exc)) from exc
+            # The VFS prefixes its messages for SQLite's sake; "Error: " says it here.
+            raise click.ClickException(str(exc).removeprefix("graft: ")) from exc
         except OSError as exc:
             where = f": {exc.filename}" if exc.filename else ""
             raise click.ClickException(f"{exc.strerror or exc}{where}") from exc
