@@ -111,6 +111,8 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
             raise Interrupted() from None
+        except BrokenPipeError:
+            raise  # the reader of stdout went away (`| head`): not an error to report
         except (GraftError, apsw.Error) as exc:
             # The VFS prefixes its messages for SQLite's sake; "Error: " says it here.
             raise click.ClickException(str(exc).removeprefix("graft: ")) from exc
@@ -160,6 +162,10 @@ class _Graft(click.Group):
         except click.Abort:
             click.echo(f"Error: {Interrupted().format_message()}", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # Python would complain again when it flushes stdout at exit.
+            sys.stdout = open(os.devnull, "w")
+            sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -490,7 +496,8 @@ def _json_value(v: Any) -> Any:
 def _open_volume(volume: str, remote: str | None, cache_dir: str, token: str | None) -> Any:
     from graft_vfs.runtime import Options, Runtime
 
-    runtime = Runtime(remote, cache_dir, Options(token=token))
+    # No background push: each command does what it says and nothing else.
+    runtime = Runtime(remote, cache_dir, Options(token=token, autopush=False))
     try:
         return runtime, runtime.volume(volume, create=False)
     except VolumeNotFound:
