@@ -364,6 +364,9 @@ def _interruptible(con: Any, work: Callable[[threading.Event], None]) -> None:
     """
     failure: list[BaseException] = []
     stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        work(stopped)  # only the main thread receives signals: nothing to install
+        return
 
     def run() -> None:
         try:
