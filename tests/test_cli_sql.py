@@ -92,8 +92,9 @@ def test_sql_on_an_unknown_volume_says_so_and_creates_nothing(server, vid, tmp_p
     pulled = graft("pull", vid, "--remote", server.url, "--cache", cache, check=False)
     error = one_line_error(pulled)
     assert f"no volume {vid!r} on {server.url}" in error and "SQLITE_" not in error
-    made = graft("sql", vid, "CREATE TABLE t(x)", "--remote", server.url, "--cache", cache,
-                 "--create")
+    made = graft(
+        "sql", vid, "CREATE TABLE t(x)", "--remote", server.url, "--cache", cache, "--create"
+    )
     assert made.returncode == 0 and Remote(server.url).snapshot(vid).lsn == 1
 
 
@@ -110,8 +111,7 @@ def test_ctrl_c_interrupts_a_running_statement(server, vid, tmp_path):
     cache = ["--remote", server.url, "--cache", str(tmp_path / "c")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "graft_vfs.cli", "sql", vid, f"SELECT 'started'; {ENDLESS}",
-         *cache],
+        [sys.executable, "-m", "graft_vfs.cli", "sql", vid, f"SELECT 'started'; {ENDLESS}", *cache],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -153,8 +153,8 @@ def test_usage_errors_are_one_line_with_status_2(tmp_path):
 def test_sql_json_output(server, vid, tmp_path):
     cache = ["--remote", server.url, "--cache", str(tmp_path / "c")]
     seed(server, vid, tmp_path, "CREATE TABLE t(name)")
-    proc = graft("sql", vid, "INSERT INTO t VALUES ('café'); SELECT name FROM t; "
-                 "PRAGMA graft_status", *cache, "--json")
+    statements = "INSERT INTO t VALUES ('café'); SELECT name FROM t; PRAGMA graft_status"
+    proc = graft("sql", vid, statements, *cache, "--json")
     lines = rows(proc)
     assert lines[0] == '{"name": "café"}'  # non-ASCII kept as is
     status = json.loads(lines[1])

@@ -69,8 +69,9 @@ def graft(*args: str) -> subprocess.CompletedProcess:
 
 def test_token_create_into_a_missing_folder_is_a_one_line_error(tmp_path) -> None:
     path = str(tmp_path / "missing" / "tokens.json")
-    proc = graft("token", "create", "--name", "a", "--volumes", "x", "--access", "read",
-                 "--file", path)
+    proc = graft(
+        "token", "create", "--name", "a", "--volumes", "x", "--access", "read", "--file", path
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert f"folder {tmp_path / 'missing'} does not exist" in proc.stderr
@@ -81,8 +82,7 @@ def test_token_list_shows_volumes_as_a_list_and_keeps_non_ascii(tmp_path) -> Non
     path = str(tmp_path / "tokens.json")
     for name, globs in (("one", ["café*"]), ("two", ["a*", "b*"])):
         args = [a for g in globs for a in ("--volumes", g)]
-        proc = graft("token", "create", "--name", name, *args, "--access", "read",
-                     "--file", path)
+        proc = graft("token", "create", "--name", name, *args, "--access", "read", "--file", path)
         assert proc.returncode == 0, proc.stderr
     # A file written by hand (or by an older graft) may hold one glob as a string.
     with open(path) as f:
@@ -177,8 +177,8 @@ def test_an_earlier_intent_survives_a_403(secured, tmp_path, monkeypatch) -> Non
         name = con.open_vfs
         con.close()
         graft_vfs.unregister(name)
-    fresh = graft_with("sql", "app-intent", "SELECT x FROM t ORDER BY rowid", "--remote", url,
-                       "--cache", str(tmp_path / "fresh"), token=ro)
+    reader = ["--remote", url, "--cache", str(tmp_path / "fresh")]
+    fresh = graft_with("sql", "app-intent", "SELECT x FROM t ORDER BY rowid", *reader, token=ro)
     assert fresh.stdout.splitlines() == ["survives", "later"]
 
 
@@ -199,7 +199,8 @@ def test_a_select_succeeds_with_commits_that_cannot_be_pushed(secured, tmp_path)
     args = ["--remote", url, "--cache", cache]
     read = graft_with("sql", "app-select", "SELECT count(*) FROM t", *args, token=ro, check=False)
     assert (read.returncode, read.stdout, read.stderr) == (0, "0\n", "")
-    write = graft_with("sql", "app-select", "INSERT INTO t VALUES (1)", *args, token=ro,
-                       check=False)
+    write = graft_with(
+        "sql", "app-select", "INSERT INTO t VALUES (1)", *args, token=ro, check=False
+    )
     assert write.returncode == 1 and write.stderr.count("\n") == 1
     assert "committed in the local cache but was not pushed" in write.stderr
