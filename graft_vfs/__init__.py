@@ -34,8 +34,9 @@ from graft_vfs.errors import (
     UnsupportedDatabase,
     VolumeNotFound,
 )
+from graft_vfs.core.ids import validate_volume_id
 from graft_vfs.runtime import Options, Runtime
-from graft_vfs.vfs import GraftVFS
+from graft_vfs.vfs import GraftVFS, to_sqlite
 
 __version__ = "0.1.0"
 
@@ -119,6 +120,7 @@ def connect(
     cache_dir: str | None = None,
     readonly: bool = False,
     lsn: int | None = None,
+    create: bool = True,
     options: Options | None = None,
 ) -> apsw.Connection:
     """Open ``volume`` with ``journal_mode=MEMORY``; a shortcut around register().
@@ -126,8 +128,14 @@ def connect(
     Each distinct (remote, cache_dir) pair is its own client, with its own local store
     and sync state, even within one process; its ``options`` (the token among them,
     default ``$GRAFT_TOKEN``) are those of its first connect(). ``lsn`` opens a read-only
-    past snapshot.
+    past snapshot. ``create=False`` refuses a volume that exists neither in the cache
+    nor on the server (``apsw.CantOpenError`` caused by ``VolumeNotFound``).
     """
+    try:
+        # SQLite reads an empty name as a private temporary database: never a volume.
+        validate_volume_id(volume)
+    except InvalidVolumeId as exc:
+        raise to_sqlite(exc) from exc
     remote = remote if remote is not None else os.environ.get("GRAFT_REMOTE") or None
     cache_dir = os.path.abspath(cache_dir or os.environ.get("GRAFT_CACHE_DIR") or DEFAULT_CACHE_DIR)
     key = hashlib.sha1(f"{remote}\0{cache_dir}".encode()).hexdigest()[:12]
@@ -140,7 +148,7 @@ def connect(
     if readonly or lsn is not None:
         flags |= apsw.SQLITE_OPEN_READONLY
     else:
-        flags |= apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+        flags |= apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
     uri = f"file:{volume}" + (f"?lsn={int(lsn)}" if lsn is not None else "")
     con = apsw.Connection(uri, flags=flags, vfs=name)  # con.open_vfs names the client
     con.execute("PRAGMA journal_mode=MEMORY").fetchall()

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
-from graft_vfs.errors import GraftError
+from graft_vfs.errors import GraftError, VolumeNotFound
+
+# The exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
 
 S3_ENDPOINT = click.option(
     "--s3-endpoint",
@@ -80,27 +88,88 @@ CACHE = click.option(
 )
 
 
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Report graft errors as one line on stderr and exit 1, without a traceback."""
-    import functools
+class Interrupted(click.ClickException):
+    """Ctrl-C stopped the command: one line on stderr, exit status 130."""
 
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self) -> None:
+        super().__init__("interrupted (Ctrl-C); nothing more was done")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Report errors as one line on stderr and exit 1 (130 for Ctrl-C), without a traceback."""
     import apsw
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+        except BrokenPipeError:
+            raise  # the reader of stdout went away (`| head`): not an error to report
         except (GraftError, apsw.Error) as exc:
-            raise click.ClickException(str(exc)) from exc
+            # The VFS prefixes its messages for SQLite's sake; "Error: " says it here.
+            raise click.ClickException(str(exc).removeprefix("graft: ")) from exc
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from exc
 
     return wrapper
 
 
 def _echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, sort_keys=True))
+    click.echo(json.dumps(obj, sort_keys=True, ensure_ascii=False))
 
 
-@click.group()
+@contextlib.contextmanager
+def _progress(length: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal; elsewhere nothing, so stderr holds only errors."""
+    if not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    with click.progressbar(length=max(length, 1), label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+# Since click 8.2 a group run without a command raises this, to show its help.
+_HELP_AS_ERROR: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class _Graft(click.Group):
+    """The ``graft`` group: every error, usage errors included, is one line on stderr."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        try:
+            rv = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except _HELP_AS_ERROR as exc:  # `graft` alone: the help, not an error
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            click.echo(f"Error: {_one_line(exc.format_message())}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {_one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo(f"Error: {Interrupted().format_message()}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # Python would complain again when it flushes stdout at exit.
+            sys.stdout = open(os.devnull, "w")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Graft)
 @click.version_option(package_name="graft-vfs")
 def main() -> None:
     """graft: lazily replicated SQLite volumes on object storage."""
@@ -219,11 +288,17 @@ def import_(database: str, volume: str, remote: str, token: str | None, replace:
     from graft_vfs.transfer import import_database
 
     size = os.path.getsize(database) if os.path.isfile(database) else 0
-    with click.progressbar(length=max(size // 4096, 1), label="reading", file=sys.stderr) as bar:
+    with _progress(size // 4096, "reading") as update:
         lsn = import_database(
-            Remote(remote, token=token), database, volume, replace=replace, progress=bar.update
+            Remote(remote, token=token), database, volume, replace=replace, progress=update
         )
     _echo_json({"volume": volume, "lsn": lsn, "pages": size // 4096})
+
+
+def _no_volume(volume: str, remote: str | None, cache_dir: str) -> str:
+    if remote:
+        return f"no volume {volume!r} on {remote}"
+    return f"no volume {volume!r} in the local cache {cache_dir} (and no --remote to look on)"
 
 
 @main.command()
@@ -241,11 +316,79 @@ def export(
     from graft_vfs.remote import Remote
     from graft_vfs.transfer import export_database
 
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise click.ClickException(
+            f"cannot write {output}: folder {folder} does not exist; create it first"
+        )
     client = Remote(remote, token=token)
-    total = client.snapshot(volume).page_count if lsn is None else 0
-    with click.progressbar(length=max(total, 1), label="writing", file=sys.stderr) as bar:
-        got = export_database(client, volume, output, lsn=lsn, overwrite=force, progress=bar.update)
+    try:
+        total = client.snapshot(volume).page_count if lsn is None else 0
+    except VolumeNotFound:
+        raise click.ClickException(_no_volume(volume, remote, "")) from None
+    with _progress(total, "writing") as update:
+        got = export_database(client, volume, output, lsn=lsn, overwrite=force, progress=update)
     _echo_json({"volume": volume, "lsn": got, "file": output})
+
+
+# ``PRAGMA graft_status`` and friends answer one JSON text in a column named after
+# that text; ``--json`` names it after the PRAGMA and prints the object itself.
+_GRAFT_PRAGMA = re.compile(r"\s*PRAGMA\s+(?:\w+\s*\.\s*)?(graft_\w+)", re.I)
+
+
+def _print_rows(cursor: Any, statements: str, as_json: bool, stopped: threading.Event) -> None:
+    # interrupt() stops the statement running; between two statements nothing runs,
+    # so the next one is refused here instead.
+    cursor.exec_trace = lambda *_: not stopped.is_set()
+    for row in cursor.execute(statements):
+        if not as_json:
+            click.echo("|".join("" if v is None else str(_json_value(v)) for v in row))
+            continue
+        pragma = _GRAFT_PRAGMA.match(cursor.expanded_sql or "")
+        if pragma is not None and len(row) == 1 and isinstance(row[0], str):
+            obj = {pragma.group(1).lower(): json.loads(row[0])}
+        else:
+            names = [d[0] for d in cursor.get_description()]
+            obj = {n: _json_value(v) for n, v in zip(names, row)}
+        click.echo(json.dumps(obj, ensure_ascii=False))
+
+
+def _interruptible(con: Any, work: Callable[[threading.Event], None]) -> None:
+    """Run ``work`` (statements on ``con``) so that Ctrl-C interrupts it.
+
+    SQLite runs a statement without returning to Python, so a SIGINT handler on the
+    thread running it would wait for the statement to end. The statement runs on a
+    worker thread instead, and the main thread's handler calls ``interrupt()``, which
+    SQLite allows from any thread: the statement stops at its next step. ``work``
+    gets the event set by Ctrl-C, to refuse statements not started yet.
+    """
+    failure: list[BaseException] = []
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        work(stopped)  # only the main thread receives signals: nothing to install
+        return
+
+    def run() -> None:
+        try:
+            work(stopped)
+        except BaseException as exc:  # handed to the main thread
+            failure.append(exc)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        stopped.set()
+        con.interrupt()
+
+    worker = threading.Thread(target=run, name="graft-sql", daemon=True)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        worker.start()
+        worker.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stopped.is_set():
+        raise Interrupted()
+    if failure:
+        raise failure[0]
 
 
 @main.command()
@@ -255,6 +398,19 @@ def export(
 @CACHE
 @TOKEN
 @click.option("--json", "as_json", is_flag=True, help="Print rows as JSON objects, one a line.")
+@click.option(
+    "--no-pull",
+    is_flag=True,
+    help="Answer from the local cache as it is, without pulling the latest snapshot first.",
+)
+@click.option("--readonly", is_flag=True, help="Open VOLUME read-only: writes are refused.")
+@click.option(
+    "--lsn",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Query the past LSN N (read-only; nothing is pulled).",
+)
+@click.option("--create", is_flag=True, help="Create VOLUME if it does not exist yet.")
 @_fail_cleanly
 def sql(
     volume: str,
@@ -263,30 +419,75 @@ def sql(
     cache_dir: str,
     token: str | None,
     as_json: bool,
+    no_pull: bool,
+    readonly: bool,
+    lsn: int | None,
+    create: bool,
 ) -> None:
-    """Run SQL STATEMENTS on VOLUME and print the rows; writes are pushed before exit."""
+    """Run SQL STATEMENTS on VOLUME and print the rows; writes are pushed before exit.
+
+    With a remote, VOLUME is pulled first, so the answer is the server's latest; a
+    pull that fails is an error (--no-pull answers from the local cache instead).
+    """
+    import apsw
+
     import graft_vfs
+    from graft_vfs import sync
 
-    con = graft_vfs.connect(
-        volume, remote=remote, cache_dir=cache_dir, options=graft_vfs.Options(token=token)
-    )
-    cursor = con.cursor()
-    for row in cursor.execute(statements):
-        if as_json:
-            names = [d[0] for d in cursor.get_description()]
-            click.echo(json.dumps(dict(zip(names, row)), default=_json_value))
-        else:
-            click.echo("|".join("" if v is None else str(_json_value(v)) for v in row))
-    if remote:
-        from graft_vfs import sync
+    if create and (readonly or lsn is not None):
+        raise click.UsageError("--create cannot be combined with --readonly or --lsn")
+    try:
+        con = graft_vfs.connect(
+            volume,
+            remote=remote,
+            cache_dir=cache_dir,
+            readonly=readonly,
+            lsn=lsn,
+            create=create,
+            # This command pushes what it wrote itself, and nothing else: a read must
+            # not fail, nor wait, because of earlier commits that cannot be pushed.
+            options=graft_vfs.Options(token=token, autopush=False),
+        )
+    except apsw.CantOpenError as exc:
+        if isinstance(exc.__cause__, VolumeNotFound):
+            hint = "" if readonly or lsn is not None else "; --create creates it"
+            raise click.ClickException(_no_volume(volume, remote, cache_dir) + hint) from None
+        raise
+    name = con.open_vfs
+    try:
+        vol = graft_vfs.runtime_of(name).volume(volume, create=False)
+        if remote and lsn is None and not no_pull:
+            _pull_before_reading(vol, remote)
+        before = vol.refresh().local_lsn
+        try:
+            _interruptible(con, lambda stop: _print_rows(con.cursor(), statements, as_json, stop))
+        finally:
+            wrote = vol.refresh().local_lsn != before
+        if remote and wrote:
+            try:
+                sync.push(vol)
+            except GraftError as exc:
+                raise click.ClickException(
+                    f"the write is committed in the local cache but was not pushed: {exc}; "
+                    "`graft push` sends it later"
+                ) from exc
+    finally:
+        con.close()
+        graft_vfs.unregister(name)  # so nothing is pushed at exit behind the user's back
 
-        vol = graft_vfs.runtime_of(_vfs_name(con)).volume(volume, create=False)
-        if vol.refresh().pending:
-            sync.push(vol)
 
+def _pull_before_reading(vol: Any, remote: str) -> None:
+    from graft_vfs import sync
 
-def _vfs_name(con: Any) -> str:
-    return con.open_vfs
+    try:
+        sync.pull(vol)
+    except GraftError as exc:
+        if isinstance(exc, VolumeNotFound) and vol.refresh().remote_lsn == 0:
+            return  # created here and never pushed: nothing on the server to pull yet
+        raise click.ClickException(
+            f"cannot pull {vol.vid!r} from {remote}, so the answer could be stale: {exc}; "
+            "--no-pull answers from the local cache as it is"
+        ) from exc
 
 
 def _json_value(v: Any) -> Any:
@@ -298,8 +499,16 @@ def _json_value(v: Any) -> Any:
 def _open_volume(volume: str, remote: str | None, cache_dir: str, token: str | None) -> Any:
     from graft_vfs.runtime import Options, Runtime
 
-    runtime = Runtime(remote, cache_dir, Options(token=token))
-    return runtime, runtime.volume(volume, create=False)
+    # No background push: each command does what it says and nothing else.
+    runtime = Runtime(remote, cache_dir, Options(token=token, autopush=False))
+    try:
+        return runtime, runtime.volume(volume, create=False)
+    except VolumeNotFound:
+        runtime.close()
+        raise click.ClickException(_no_volume(volume, remote, cache_dir)) from None
+    except BaseException:
+        runtime.close()
+        raise
 
 
 @main.command()
@@ -309,12 +518,11 @@ def _open_volume(volume: str, remote: str | None, cache_dir: str, token: str | N
 @TOKEN
 @_fail_cleanly
 def status(volume: str, remote: str | None, cache_dir: str, token: str | None) -> None:
-    """Show VOLUME's sync state in the local cache (JSON)."""
+    """Show VOLUME's sync state in the local cache (JSON); server_lsn needs --remote."""
     runtime, vol = _open_volume(volume, remote, cache_dir, token)
     try:
         out = vol.status()
-        if remote:
-            out["server_lsn"] = runtime.require_remote().snapshot(volume).lsn
+        out["server_lsn"] = runtime.require_remote().snapshot(volume).lsn if remote else None
         _echo_json(out)
     finally:
         runtime.close()
@@ -348,8 +556,8 @@ def hydrate(volume: str, remote: str, cache_dir: str, token: str | None) -> None
     runtime, vol = _open_volume(volume, remote, cache_dir, token)
     try:
         total = vol.snapshot[1]
-        with click.progressbar(length=max(total, 1), label="hydrating", file=sys.stderr) as bar:
-            _echo_json(vol.hydrate(progress=bar.update))
+        with _progress(total, "hydrating") as update:
+            _echo_json(vol.hydrate(progress=update))
     finally:
         runtime.close()
 
@@ -462,7 +670,12 @@ def volumes(remote: str, token: str | None) -> None:
     """List the volumes on the server that the token may read (JSON)."""
     from graft_vfs.remote import Remote
 
-    _echo_json(Remote(remote, token=token).list_volumes())
+    _echo_json(
+        [
+            {"volume": v["vid"], "lsn": v["lsn"], "page_count": v["page_count"]}
+            for v in Remote(remote, token=token).list_volumes()
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ the user chooses (``graft_reset`` discards the local commits).
 from __future__ import annotations
 
 from graft_vfs.core.commit import commit_hash
-from graft_vfs.errors import CommitConflict, Diverged
+from graft_vfs.errors import CommitConflict, Diverged, Forbidden, Unauthorized
 from graft_vfs.faults import crash_point
-from graft_vfs.local import PushIntent
+from graft_vfs.local import PushIntent, VolumeRow
 from graft_vfs.remote import Transfer
 from graft_vfs.volume import Volume
 
@@ -39,7 +39,13 @@ def push(vol: Volume) -> dict:
         if intent is not None:
             target, base = intent["local_lsn"], intent["base"]
         elif row.pending == 0:
-            return {"pushed": False, "remote_lsn": row.remote_lsn, "local_lsn": row.local_lsn}
+            return {
+                "pushed": False,
+                "remote_lsn": row.remote_lsn,
+                "local_lsn": row.local_lsn,
+                "local_commits": 0,
+                "pages": 0,
+            }
         elif row.diverged:
             raise Diverged(_diverged_message(vol, None))
         else:
@@ -59,10 +65,20 @@ def push(vol: Volume) -> dict:
             local.set_diverged(vol.id, True)
             vol.refresh()
             raise Diverged(_diverged_message(vol, exc.latest_lsn)) from exc
+        except (Unauthorized, Forbidden) as exc:
+            # The server refuses a request without a valid token in scope before
+            # applying anything, so this send certainly did not land. An intent from an
+            # earlier send might have, though: only that same hash, sent again, tells.
+            if intent is None:
+                local.set_push_intent(vol.id, None)
+                vol.refresh()
+            vol.last_error = f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             vol.stats.count(transfer, push=True)
         crash_point("client.push.after_ack")
         local.record_push(vol.id, target, remote_lsn)
+        vol.last_error = None
         vol.stats.commits_pushed += 1
         vol.stats.pages_pushed += len(pages)
         vol.refresh()
@@ -89,7 +105,7 @@ def pull(vol: Volume) -> dict:
         finally:
             vol.stats.count(transfer)
         if snap.lsn == row.remote_lsn:
-            return {"pulled": False, "remote_lsn": snap.lsn, "local_lsn": row.local_lsn}
+            return _not_pulled(row)
         if row.pending:
             vol.local.set_diverged(vol.id, True)
             vol.refresh()
@@ -118,6 +134,16 @@ def reset(vol: Volume) -> dict:
             vol.advance(lsn, vol.local.page_count_at(vol.id, lsn), changed)
         vol.refresh()
         out = {"discarded_commits": discarded}
-        if vol.runtime.remote is not None:
-            out.update(pull(vol))
+        out.update(pull(vol) if vol.runtime.remote is not None else _not_pulled(vol.refresh()))
         return out
+
+
+def _not_pulled(row: VolumeRow) -> dict:
+    """A pull's answer when the volume did not move: the same fields as when it did."""
+    return {
+        "pulled": False,
+        "remote_lsn": row.remote_lsn,
+        "local_lsn": row.local_lsn,
+        "changed_pages": 0,
+        "page_count": row.page_count,
+    }

@@ -48,6 +48,7 @@ from graft_vfs.errors import (
 from graft_vfs.runtime import Runtime
 
 SQLITE_FCNTL_PRAGMA = 14
+PRAGMA_PREFIX = "graft_"
 SQLITE_FCNTL_SYNC = 21
 LOCK_NONE, LOCK_SHARED, LOCK_RESERVED = 0, 1, 2
 # Where SQLite reads the change counter (and the next 12 header bytes) to learn whether
@@ -461,12 +462,18 @@ class GraftFile:
             return True
         handler = PRAGMAS.get(name)
         if handler is None:
+            if name.startswith(PRAGMA_PREFIX):
+                # SQLite ignores an unknown PRAGMA: a typo would look like an answer.
+                raise apsw.SQLError(
+                    f"graft: unknown PRAGMA {name}; the graft PRAGMAs are "
+                    + ", ".join(sorted(PRAGMAS))
+                )
             return False
         try:
             result = handler(self, p.value)
         except GraftError as exc:
             raise to_sqlite(exc) from exc
-        p.result = json.dumps(result, sort_keys=True)
+        p.result = json.dumps(result, sort_keys=True, ensure_ascii=False)
         return True
 
     def _sqlite_pragma(self, name: str, value: str | None) -> str | None:

@@ -21,6 +21,8 @@ named by their ``name``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import hmac
@@ -32,7 +34,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -46,6 +48,7 @@ TOKEN_PREFIX = "graft_"  # lets secret scanners recognise a leaked token
 TOKEN_BYTES = 32
 RELOAD_INTERVAL = 1.0  # seconds between checks of the token file for changes
 FILE_MODE = 0o600
+LOCK_SUFFIX = ".lock"  # tokens.json.lock serializes the edits of tokens.json
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -224,6 +227,35 @@ def load_entries(path: str) -> list[dict[str, Any]]:
     return list(json.loads(text)["tokens"])
 
 
+@contextlib.contextmanager
+def editing(path: str) -> Iterator[None]:
+    """Hold the token file's edit lock: concurrent edits run one after the other.
+
+    Each edit reads the file, changes it and replaces it; two at once would each
+    write back what they read and one change would be lost. The lock is an ``flock``
+    on a separate file, because the token file itself is replaced, not rewritten.
+    """
+    lock_path = path + LOCK_SUFFIX
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _unwritable(path: str, exc: OSError) -> InvalidRequest:
+    directory = os.path.dirname(os.path.abspath(path))
+    if isinstance(exc, FileNotFoundError):
+        return InvalidRequest(
+            f"cannot write token file {path}: folder {directory} does not exist; create it first"
+        )
+    return InvalidRequest(f"cannot write token file {path}: {exc.strerror or exc}")
+
+
 def save_entries(path: str, entries: Iterable[dict[str, Any]]) -> None:
     """Replace the token file atomically; a new file gets mode 0600, an old one keeps its own."""
     try:
@@ -231,11 +263,14 @@ def save_entries(path: str, entries: Iterable[dict[str, Any]]) -> None:
     except FileNotFoundError:
         mode = FILE_MODE
     directory = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix=".graft-tokens-", dir=directory)
+    try:
+        fd, temp = tempfile.mkstemp(prefix=".graft-tokens-", dir=directory)
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"tokens": list(entries)}, f, indent=2)
+            json.dump({"tokens": list(entries)}, f, indent=2, ensure_ascii=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -251,35 +286,40 @@ def create_token(path: str, name: str, volumes: Iterable[str], access: str) -> s
 
     The token itself is returned once and stored nowhere: only its hash is written.
     """
-    entries = load_entries(path)
-    if any(e.get("name") == name for e in entries):
-        raise InvalidRequest(f"a token named {name!r} already exists in {path}")
     globs = list(volumes)
     token = generate_token()
     entry = {
         "name": name,
         "sha256": hash_token(token),
-        "volumes": globs[0] if len(globs) == 1 else globs,
+        "volumes": globs,
         "access": access,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     _parse_entry(entry, f"new token {name!r}")  # the same rules as the server's
-    save_entries(path, [*entries, entry])
+    with editing(path):
+        entries = load_entries(path)
+        if any(e.get("name") == name for e in entries):
+            raise InvalidRequest(f"a token named {name!r} already exists in {path}")
+        save_entries(path, [*entries, entry])
     return token
 
 
 def revoke_token(path: str, name: str) -> None:
     """Remove the token called ``name``; InvalidRequest if there is none."""
-    entries = load_entries(path)
-    kept = [e for e in entries if e.get("name") != name]
-    if len(kept) == len(entries):
-        raise InvalidRequest(f"no token named {name!r} in {path}")
-    save_entries(path, kept)
+    with editing(path):
+        entries = load_entries(path)
+        kept = [e for e in entries if e.get("name") != name]
+        if len(kept) == len(entries):
+            raise InvalidRequest(f"no token named {name!r} in {path}")
+        save_entries(path, kept)
 
 
 def describe_entries(path: str) -> list[dict[str, Any]]:
-    """Each token's name, volumes, access and creation time: never its hash."""
-    return [
-        {k: e[k] for k in ("name", "volumes", "access", "created") if k in e}
-        for e in load_entries(path)
-    ]
+    """Each token's name, volumes (a list of globs), access and creation time: never its hash."""
+    described = []
+    for e in load_entries(path):
+        entry = {k: e[k] for k in ("name", "volumes", "access", "created") if k in e}
+        if isinstance(entry["volumes"], str):
+            entry["volumes"] = [entry["volumes"]]  # one glob may be stored as a string
+        described.append(entry)
+    return described

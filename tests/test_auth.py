@@ -100,7 +100,9 @@ def test_the_token_file_holds_only_hashes(secured: Secured) -> None:
         json.loads(line)
         for line in graft("token", "list", "--file", secured.path).stdout.splitlines()
     ]
-    assert [(e["name"], e["volumes"], e["access"]) for e in listed] == SCOPES
+    assert [(e["name"], e["volumes"], e["access"]) for e in listed] == [
+        (name, [glob], access) for name, glob, access in SCOPES
+    ]
     assert all("sha256" not in e for e in listed)
 
 
@@ -228,7 +230,7 @@ def test_the_command_line_with_a_token(secured: Secured, tmp_path) -> None:
     outputs = [graft("import", src, "app-cli", "--remote", url, "--token", rw)]
     outputs.append(graft("export", "app-cli", str(tmp_path / "out.db"), "--remote", url, token=ro))
     listed = graft("volumes", "--remote", url, token=ro)
-    assert "app-cli" in [v["vid"] for v in json.loads(listed.stdout)]
+    assert "app-cli" in [v["volume"] for v in json.loads(listed.stdout)]
     assert json.loads(graft("volumes", "--remote", url, token=secured.tokens["other"]).stdout) == []
     cache = ["--remote", url, "--cache", str(tmp_path / "cache")]
     sql = graft("sql", "app-cli", "SELECT count(*) FROM orders", *cache, token=ro)

@@ -95,6 +95,7 @@ def test_sql_status_and_sync_commands(server, vid, tmp_path):
         server.url,
         "--cache",
         writer,
+        "--create",
     )
     pushed = Remote(server.url).snapshot(vid).lsn
     assert pushed >= 1  # pushed before the command exited
@@ -125,4 +126,4 @@ def test_sql_status_and_sync_commands(server, vid, tmp_path):
     hydrated = json.loads(graft("hydrate", vid, "--remote", server.url, "--cache", reader).stdout)
     assert hydrated["page_count"] >= 2 and hydrated["pages_fetched"] >= 0
     volumes = json.loads(graft("volumes", "--remote", server.url).stdout)
-    assert vid in {v["vid"] for v in volumes}
+    assert vid in {v["volume"] for v in volumes}
