@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import apsw
 
 from graft_vfs import sync
-from graft_vfs.core.ids import PAGE_SIZE
+from graft_vfs.core.ids import PAGE_SIZE, validate_volume_id
 from graft_vfs.core.pages import (
     ZERO_PAGE,
     header_page_count,
@@ -121,12 +121,20 @@ def _memory_journal(con: apsw.Connection) -> None:
     it without rolling the file back. In MEMORY mode each database commits atomically
     on its own and no super-journal is written.
     """
+    if con.open_vfs in GRAFT_VFS_NAMES and not con.filename:
+        # SQLite opens an empty name as a private temporary database without asking
+        # the VFS until it spills: it would look like a volume and be none.
+        try:
+            validate_volume_id("")
+        except GraftError as exc:
+            raise to_sqlite(exc) from exc
     # apsw names a Python VFS's file by its class (open_vfs is only what the opener asked).
     if con.vfsname("main") == f"{GraftFile.__module__}.{GraftFile.__qualname__}":
         con.execute("PRAGMA main.journal_mode=MEMORY").fetchall()
 
 
 apsw.connection_hooks.append(_memory_journal)
+GRAFT_VFS_NAMES: set[str] = set()  # every GraftVFS registered in this process
 
 
 class GraftVFS(apsw.VFS):
@@ -136,6 +144,7 @@ class GraftVFS(apsw.VFS):
         self.runtime = runtime
         self.vfs_name = name
         super().__init__(name, "")
+        GRAFT_VFS_NAMES.add(name)
 
     def xOpen(self, name: str | apsw.URIFilename | None, flags: list[int]) -> Any:
         kind = flags[0]

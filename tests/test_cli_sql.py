@@ -176,3 +176,21 @@ def test_status_and_volumes_json_shapes(server, vid, tmp_path):
     listed = json.loads(graft("volumes", "--remote", server.url).stdout)
     mine = [v for v in listed if v["volume"] == vid]
     assert mine == [{"volume": vid, "lsn": 1, "page_count": mine[0]["page_count"]}]
+
+
+def test_an_unnamed_database_on_the_graft_vfs_is_refused(tmp_path):
+    """SQLite opens an empty filename as a private temporary database: never on graft."""
+    graft_vfs.register(cache_dir=str(tmp_path / "anon"), name="graft-anon")
+    try:
+        for uri in ("file:?vfs=graft-anon", ""):
+            with pytest.raises(apsw.CantOpenError, match="invalid volume name ''"):
+                con = apsw.Connection(
+                    uri,
+                    vfs="graft-anon",
+                    flags=apsw.SQLITE_OPEN_URI
+                    | apsw.SQLITE_OPEN_READWRITE
+                    | apsw.SQLITE_OPEN_CREATE,
+                )
+                con.execute("CREATE TABLE t(x)")
+    finally:
+        graft_vfs.unregister("graft-anon")
