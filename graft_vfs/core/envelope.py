@@ -44,15 +44,15 @@ def seal(kind: bytes, body: bytes) -> bytes:
 
 def unseal(kind: bytes, data: bytes, what: str) -> bytes:
     """The body of a sealed object of type ``kind``; CorruptData unless every check passes."""
-    if not isinstance(data, (bytes, bytearray)) or len(data) < _HEADER.size + _CRC.size:
-        raise CorruptData(f"{what} is truncated")
-    magic, found, length = _HEADER.unpack_from(data)
-    if magic != MAGIC:
+    if not isinstance(data, (bytes, bytearray)) or not data.startswith(MAGIC):
         raise CorruptData(
             f"{what} is not a checksummed graft object (damaged, or written by a graft server "
             "from before metadata checksums): export the volume with the server that wrote "
             "it and import it into an empty store"
         )
+    if len(data) < _HEADER.size + _CRC.size:
+        raise CorruptData(f"{what} is truncated")
+    _, found, length = _HEADER.unpack_from(data)
     if found != kind:
         raise CorruptData(f"{what} is a {found!r} object, expected {kind!r}")
     if length != len(data) - _HEADER.size - _CRC.size:
