@@ -86,7 +86,7 @@ CREATE TABLE pages(
 """
 
 _ORIGINS = """
-CREATE TABLE origins(
+CREATE TABLE IF NOT EXISTS origins(
     v INTEGER PRIMARY KEY,
     store_id BLOB NOT NULL,
     volume_id BLOB NOT NULL,

@@ -27,9 +27,11 @@ from pyroaring import BitMap
 
 import graft_vfs
 from graft_vfs import sync
+from graft_vfs.core.commit import commit_hash
 from graft_vfs.core.graft import MAX_PAGES
-from graft_vfs.errors import CorruptData, RemoteError
-from graft_vfs.local import STORE_FILE
+from graft_vfs.core.identity import Identity
+from graft_vfs.errors import CorruptData, IdentityMismatch, RemoteError
+from graft_vfs.local import FORMAT, STORE_FILE
 from graft_vfs.remote import Remote
 from graft_vfs.runtime import Options, Runtime
 
@@ -184,6 +186,40 @@ def test_a_dirty_cache_of_another_volume_is_refused_with_the_fix(own_server, vid
     assert rows(con) == expected("b")
     assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     close(con)
+
+
+def test_reads_and_commits_for_another_identity_are_refused(server, vid, tmp_path):
+    create(server.url, vid, str(tmp_path / "maker"), "a", commits=1)
+    remote = Remote(server.url)
+    real = remote.snapshot(vid).identity
+    assert real is not None
+    other = Identity(real.store_id, bytes(16))
+    assert remote.read_pages(vid, 1, [0], identity=real)[0][0] == 1
+    with pytest.raises(IdentityMismatch, match=real.volume_id.hex()):
+        remote.read_pages(vid, 1, [0], identity=other)
+    pages = {0: remote.read_pages(vid, 1, [0])[0][1]}
+    with pytest.raises(IdentityMismatch):
+        remote.commit(vid, 1, 1, pages, commit_hash(vid, 1, 1, pages.items()), identity=other)
+    assert remote.snapshot(vid).lsn == 1  # nothing was committed
+    remote.close()
+
+
+def test_a_cache_from_before_identities_takes_the_servers_at_first_contact(server, vid, tmp_path):
+    cache = str(tmp_path / "cache")
+    create(server.url, vid, cache, "a", commits=1)
+    db = apsw.Connection(os.path.join(cache, STORE_FILE))
+    db.execute("DROP TABLE origins; PRAGMA user_version=1")
+    db.close()
+    con = graft_vfs.connect(vid, remote=server.url, cache_dir=cache)
+    assert rows(con) == expected("a")
+    close(con)
+    db = apsw.Connection(os.path.join(cache, STORE_FILE))
+    assert db.execute("PRAGMA user_version").fetchone() == (FORMAT,)
+    identity = Remote(server.url).snapshot(vid).identity
+    assert identity is not None
+    stored = db.execute("SELECT store_id, volume_id FROM origins").fetchall()
+    assert stored == [(identity.store_id, identity.volume_id)]
+    db.close()
 
 
 # -- a fake server, over real HTTP, that answers what a real one never would ----------
