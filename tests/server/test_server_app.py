@@ -80,7 +80,7 @@ def test_commit_pull_read_roundtrip(client: TestClient) -> None:
 
     pulled = msgpack.unpackb(post(client, "/v1/volumes/v/pull", {"since": 0}).content)
     assert (pulled["vid"], pulled["lsn"], pulled["page_count"]) == ("v", 1, 2)
-    assert (pulled["volume_id"], pulled["store_id"]) == (identity["volume_id"], identity["store_id"])
+    assert {"volume_id": pulled["volume_id"], "store_id": pulled["store_id"]} == identity
     assert BitMap.deserialize(pulled["graft"]) == BitMap([0, 1])
 
     r = post(client, "/v1/volumes/v/read", {"lsn": 1, "pages": BitMap([0, 1]).serialize()})
