@@ -205,16 +205,19 @@ class Remote:
             raise self._invalid(what, f"no {name!r}")
         return check_int(d[name], 0, high, lambda why: self._invalid(what, f"{name!r} {why}"))
 
-    def _snapshot_of(self, vid: str, d: Any, what: str) -> Snapshot:
-        """A snapshot answer, every field checked: nothing out of range reaches the cache."""
-        lsn = self._answer_int(d, "lsn", MAX_LSN, what)
-        page_count = self._answer_int(d, "page_count", MAX_PAGES - 1, what)
+    def _identity_of(self, d: dict, what: str) -> Identity:
         ids = [d.get(name) for name in ("store_id", "volume_id")]
         if not all(isinstance(i, bytes) and len(i) == IDENTITY_SIZE for i in ids):
             raise self._invalid(
                 what, "no volume and store identity (a graft server from before identities?)"
             )
-        return Snapshot(vid, lsn, page_count, Identity(*ids))
+        return Identity(*ids)
+
+    def _snapshot_of(self, vid: str, d: Any, what: str) -> Snapshot:
+        """A snapshot answer, every field checked: nothing out of range reaches the cache."""
+        lsn = self._answer_int(d, "lsn", MAX_LSN, what)
+        page_count = self._answer_int(d, "page_count", MAX_PAGES - 1, what)
+        return Snapshot(vid, lsn, page_count, self._identity_of(d, what))
 
     def snapshot(self, vid: str, transfer: Transfer | None = None) -> Snapshot:
         d = self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}", transfer=transfer)
@@ -326,6 +329,5 @@ class Remote:
                 sids.append(d["sid"])
             body["segments"] = sids
         d = self._call("POST", f"/v1/volumes/{vid}/commit", body, transfer)
-        snap = self._snapshot_of(vid, {**d, "page_count": page_count}, f"a commit to {vid!r}")
-        assert snap.identity is not None
-        return Committed(snap.lsn, snap.identity)
+        what = f"a commit to {vid!r}"
+        return Committed(self._answer_int(d, "lsn", MAX_LSN, what), self._identity_of(d, what))
