@@ -67,15 +67,15 @@ class Checkpoint:
     @classmethod
     def decode(cls, data: bytes) -> Checkpoint:
         f = unpack(CHECKPOINT_KIND, data, "checkpoint", compressed=True)
-        lsn = f.int("lsn", 0, MAX_LSN)
-        page_count = f.int("page_count", 0, MAX_PAGES - 1)
-        sids = f.list("sids")
+        lsn = f.integer("lsn", 0, MAX_LSN)
+        page_count = f.integer("page_count", 0, MAX_PAGES - 1)
+        sids = f.sequence("sids")
         for sid in sids:
             try:
                 validate_segment_id(sid)
             except ValueError as exc:
                 raise f.bad("sids", str(exc)) from None
-        cols = f.list("cols")
+        cols = f.sequence("cols")
         if len(cols) != 6 or not all(isinstance(c, list) for c in cols):
             raise f.bad("cols", "is not 6 lists")
         pages, versions, indexes, offsets, lengths, crcs = cols
@@ -101,11 +101,11 @@ class Checkpoint:
             for page, version, s, off, length, crc in zip(*cols)
         }
         return cls(
-            f.str("vid", validate_volume_id),
-            f.bytes("volume_id", IDENTITY_SIZE),
+            f.text("vid", validate_volume_id),
+            f.blob("volume_id", IDENTITY_SIZE),
             lsn,
             page_count,
-            f.float("time"),
+            f.number("time"),
             located,
         )
 

@@ -107,26 +107,26 @@ class CommitRecord:
     @classmethod
     def decode(cls, data: bytes) -> CommitRecord:
         f = unpack(RECORD_KIND, data, "commit record")
-        page_count = f.int("page_count", 0, MAX_PAGES - 1)
+        page_count = f.integer("page_count", 0, MAX_PAGES - 1)
         segments = []
         seen = BitMap()
-        for raw in f.list("segments"):
+        for raw in f.sequence("segments"):
             if not isinstance(raw, dict):
                 raise f.bad("segments", "holds a non-map")
             seg = Fields(raw, f.what)
-            entries = [_entry(seg, e, page_count) for e in seg.list("index")]
+            entries = [_entry(seg, e, page_count) for e in seg.sequence("index")]
             pages = BitMap(e.page for e in entries)
             if len(pages) != len(entries) or seen.intersection_cardinality(pages):
                 raise f.bad("segments", "name a page twice")
             seen |= pages
-            segments.append(SegmentRef(seg.str("sid", validate_segment_id), entries))
+            segments.append(SegmentRef(seg.text("sid", validate_segment_id), entries))
         rec = cls(
-            vid=f.str("vid", validate_volume_id),
-            volume_id=f.bytes("volume_id", IDENTITY_SIZE),
-            lsn=f.int("lsn", 1, MAX_LSN),
+            vid=f.text("vid", validate_volume_id),
+            volume_id=f.blob("volume_id", IDENTITY_SIZE),
+            lsn=f.integer("lsn", 1, MAX_LSN),
             page_count=page_count,
-            hash=f.bytes("hash", HASH_SIZE),
-            timestamp=f.float("time"),
+            hash=f.blob("hash", HASH_SIZE),
+            timestamp=f.number("time"),
             segments=segments,
         )
         try:

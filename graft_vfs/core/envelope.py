@@ -100,16 +100,16 @@ class Fields:
             raise self.bad(name, "is missing")
         return self.d[name]
 
-    def int(self, name: str, low: int, high: int) -> int:
+    def integer(self, name: str, low: int, high: int) -> int:
         return check_int(self.get(name), low, high, lambda why: self.bad(name, why))
 
-    def bytes(self, name: str, size: int) -> bytes:
+    def blob(self, name: str, size: int) -> bytes:
         value = self.get(name)
         if not isinstance(value, bytes) or len(value) != size:
             raise self.bad(name, f"is not {size} bytes")
         return value
 
-    def str(self, name: str, check: Callable[[str], str] | None = None) -> str:
+    def text(self, name: str, check: Callable[[str], str] | None = None) -> str:
         value = self.get(name)
         if not isinstance(value, str):
             raise self.bad(name, "is not a string")
@@ -120,13 +120,13 @@ class Fields:
                 raise self.bad(name, f"is invalid: {exc}") from None
         return value
 
-    def float(self, name: str) -> float:
+    def number(self, name: str) -> float:
         value = self.get(name)
         if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
             raise self.bad(name, "is not a finite, non-negative number")
         return float(value)
 
-    def list(self, name: str) -> list:
+    def sequence(self, name: str) -> list:
         value = self.get(name)
         if not isinstance(value, list):
             raise self.bad(name, "is not a list")

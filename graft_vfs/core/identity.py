@@ -35,4 +35,4 @@ def encode_store(store_id: bytes | None = None) -> bytes:
 
 
 def decode_store(data: bytes) -> bytes:
-    return unpack(STORE_KIND, data, "the store identity object").bytes("id", IDENTITY_SIZE)
+    return unpack(STORE_KIND, data, "the store identity object").blob("id", IDENTITY_SIZE)

@@ -20,7 +20,7 @@ def encode_floor(floor: int) -> bytes:
 
 
 def decode_floor(data: bytes) -> int:
-    return unpack(FLOOR_KIND, data, "retention floor").int("floor", 0, MAX_LSN)
+    return unpack(FLOOR_KIND, data, "retention floor").integer("floor", 0, MAX_LSN)
 
 
 def encode_pending(pending: dict[str, float]) -> bytes:
