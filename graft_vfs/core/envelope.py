@@ -17,7 +17,7 @@ import math
 import struct
 import zlib
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import msgpack
 import zstandard
@@ -31,8 +31,6 @@ ZSTD_LEVEL = 3
 # A decompressed body larger than this is damage (a checkpoint of MAX_PAGES pages
 # would be far larger, but no store holds one: 8 TiB of pages).
 MAX_BODY = 1 << 31
-
-T = TypeVar("T")
 
 
 def seal(kind: bytes, body: bytes) -> bytes:
@@ -56,7 +54,8 @@ def unseal(kind: bytes, data: bytes, what: str) -> bytes:
     if found != kind:
         raise CorruptData(f"{what} is a {found!r} object, expected {kind!r}")
     if length != len(data) - _HEADER.size - _CRC.size:
-        raise CorruptData(f"{what} has {len(data)} bytes, its header says {length} + 16")
+        framing = _HEADER.size + _CRC.size
+        raise CorruptData(f"{what} has {len(data)} bytes, its header says {length} + {framing}")
     (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
     if zlib.crc32(memoryview(data)[: -_CRC.size]) != crc:
         raise CorruptData(f"{what} fails its checksum")
