@@ -528,21 +528,24 @@ def status(volume: str, remote: str | None, cache_dir: str, token: str | None) -
         runtime.close()
 
 
-def _sync_command(name: str, doc: str) -> None:
+def _sync_command(name: str, doc: str, *options: Any) -> None:
     @main.command(name=name, help=doc)
     @click.argument("volume")
     @REMOTE
     @CACHE
     @TOKEN
     @_fail_cleanly
-    def command(volume: str, remote: str, cache_dir: str, token: str | None) -> None:
+    def command(volume: str, remote: str, cache_dir: str, token: str | None, **flags: Any) -> None:
         from graft_vfs import sync
 
         runtime, vol = _open_volume(volume, remote, cache_dir, token)
         try:
-            _echo_json(getattr(sync, name)(vol))
+            _echo_json(getattr(sync, name)(vol, **flags))
         finally:
             runtime.close()
+
+    for option in options:
+        option(command)
 
 
 @main.command()
@@ -564,7 +567,16 @@ def hydrate(volume: str, remote: str, cache_dir: str, token: str | None) -> None
 
 _sync_command("pull", "Pull VOLUME's latest snapshot from the server (changed-page bitmap only).")
 _sync_command("push", "Push VOLUME's local commits to the server as one commit.")
-_sync_command("reset", "Discard VOLUME's unpushed local commits and take the server's latest.")
+_sync_command(
+    "reset",
+    "Discard VOLUME's unpushed local commits and take the server's latest.",
+    click.option(
+        "--force",
+        is_flag=True,
+        help="Also when the server's volume is another one than the cache's (created "
+        "again, or another server): its unpushed commits are discarded.",
+    ),
+)
 
 
 @main.command()

@@ -78,3 +78,7 @@ class Unauthorized(GraftError):
 
 class Forbidden(GraftError):
     """The token is valid but its scope excludes this volume or this kind of access."""
+
+
+class IdentityMismatch(Diverged):
+    """The server's volume (or store) is not the one the local cache's pages came from."""

@@ -19,6 +19,10 @@ data. A cache file deleted or replaced under a running client keeps working for 
 pushes and pulls (Linux keeps the open file), but a local commit is refused: it would
 vanish with the process. Errors of the underlying SQLite file (apsw exceptions) become
 graft errors here, once, naming the file.
+
+Identity. ``origins`` records, per volume, the identity (``core.identity``) of the
+server's volume its pages came from and the first local LSN they came from it, so a
+cache never mixes pages of two incarnations of one volume name.
 """
 
 from __future__ import annotations
@@ -40,14 +44,16 @@ import msgpack
 from pyroaring import BitMap
 
 from graft_vfs.core.graft import decode_graft, encode_graft
+from graft_vfs.core.identity import Identity
 from graft_vfs.errors import Busy, CorruptData, Diverged, GraftError, StorageError
 
 STORE_FILE = "graft-cache.db"
 SIGNAL_FILE = "graft-cache.signal"
 LOCK_DIR = "locks"
 
-# PRAGMA user_version of the store. 0: the first format; 1: every row has a crc.
-FORMAT = 1
+# PRAGMA user_version of the store. 0: the first format; 1: every row has a crc;
+# 2: the origins table (the identity of each volume's server side).
+FORMAT = 2
 
 _SCHEMA = """
 CREATE TABLE volumes(
@@ -77,6 +83,16 @@ CREATE TABLE pages(
     crc INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY(v, pageno, lsn)
 ) WITHOUT ROWID;
+"""
+
+_ORIGINS = """
+CREATE TABLE IF NOT EXISTS origins(
+    v INTEGER PRIMARY KEY,
+    store_id BLOB NOT NULL,
+    volume_id BLOB NOT NULL,
+    since_lsn INTEGER NOT NULL,
+    crc INTEGER NOT NULL
+);
 """
 
 # Format 0 -> 1: add the crc columns, then fill them (functions registered at open).
@@ -120,6 +136,10 @@ def _volume_crc(
     return crc if intent is None else zlib.crc32(intent, crc ^ 1)
 
 
+def _origin_crc(v: int, store_id: bytes, volume_id: bytes, since_lsn: int) -> int:
+    return zlib.crc32(store_id + volume_id, zlib.crc32(_KEY3.pack(v, since_lsn, 2)))
+
+
 def _matches(crc_of: Callable[..., int], stored: object, *fields: Any) -> bool:
     """Whether a row read back has the crc it was written with."""
     try:
@@ -156,6 +176,8 @@ class VolumeRow:
     diverged: bool
     push_intent: dict | None
     page_count: int  # at local_lsn
+    identity: Identity | None = None  # the server's volume; None until known
+    identity_lsn: int = 0  # the first local LSN whose pages came from that volume
 
     @property
     def pending(self) -> int:
@@ -264,15 +286,19 @@ class LocalStore:
                 "SELECT count(*) FROM sqlite_schema WHERE name IN ('volumes', 'log', 'pages')"
             ).fetchone()[0]
             if version == 0 and tables == 0:
-                self._db.execute(_SCHEMA)
-            elif version == 0 and tables == 3:
-                for name, fn in (
-                    ("graft_volume_crc", _volume_crc),
-                    ("graft_log_crc", _log_crc),
-                    ("graft_page_crc", _page_crc),
-                ):
-                    self._db.create_scalar_function(name, fn, deterministic=True)
-                self._db.execute(_MIGRATE_0)
+                self._db.execute(_SCHEMA + _ORIGINS)
+            elif version in (0, 1) and tables == 3:
+                if version == 0:
+                    for name, fn in (
+                        ("graft_volume_crc", _volume_crc),
+                        ("graft_log_crc", _log_crc),
+                        ("graft_page_crc", _page_crc),
+                    ):
+                        self._db.create_scalar_function(name, fn, deterministic=True)
+                    self._db.execute(_MIGRATE_0)
+                # Volumes of an older cache have no identity yet: each takes the one of
+                # its server's volume at its first contact (see sync.reconcile).
+                self._db.execute(_ORIGINS)
             elif version != FORMAT:
                 raise StorageError(
                     f"the local cache {self.path} has format {version} (tables: {tables}), "
@@ -428,8 +454,28 @@ class LocalStore:
                 return None
             return self._volume_row(row)
 
+    def _origin(self, v: int) -> tuple[Identity, int] | None:
+        """The identity volume ``v`` came from and since which local LSN, verified."""
+        row = self._db.execute(
+            "SELECT store_id, volume_id, since_lsn, crc FROM origins WHERE v=?", (v,)
+        ).fetchone()
+        if row is None:
+            return None
+        if not _matches(_origin_crc, row[3], v, *row[:3]):
+            raise self._corrupt(f"the identity row of volume {v} fails its checksum")
+        return Identity(row[0], row[1]), row[2]
+
+    def _set_origin(self, v: int, identity: Identity, since_lsn: int) -> None:
+        crc = _origin_crc(v, identity.store_id, identity.volume_id, since_lsn)
+        self._db.execute(
+            "INSERT OR REPLACE INTO origins(v, store_id, volume_id, since_lsn, crc) "
+            "VALUES(?,?,?,?,?)",
+            (v, identity.store_id, identity.volume_id, since_lsn, crc),
+        )
+
     def _volume_row(self, row: tuple) -> VolumeRow:
         vid_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent = row
+        origin = self._origin(vid_id)
         return VolumeRow(
             id=vid_id,
             vid=vid,
@@ -439,14 +485,19 @@ class LocalStore:
             diverged=bool(diverged),
             push_intent=msgpack.unpackb(intent) if intent else None,
             page_count=self.page_count_at(vid_id, local_lsn),
+            identity=origin[0] if origin else None,
+            identity_lsn=origin[1] if origin else 0,
         )
 
     @_boundary
-    def create_volume(self, vid: str, remote_lsn: int, page_count: int) -> VolumeRow:
+    def create_volume(
+        self, vid: str, remote_lsn: int, page_count: int, identity: Identity | None = None
+    ) -> VolumeRow:
         """Start tracking a volume at the server's snapshot ``remote_lsn`` (no page data).
 
         An empty volume starts at local LSN 0; one bootstrapped from the server starts
-        at local LSN 1 mapped to ``remote_lsn``: pages are fetched when first read.
+        at local LSN 1 mapped to ``remote_lsn``, of the server's volume ``identity``:
+        pages are fetched when first read.
         """
         local = 0 if remote_lsn == 0 else 1
         with self._change():
@@ -460,6 +511,8 @@ class LocalStore:
                 crc = _volume_crc(vol_id, vid, local, local, remote_lsn, 0, None)
                 self._db.execute("UPDATE volumes SET crc=? WHERE id=?", (crc, vol_id))
                 self._insert_log(vol_id, local, page_count, remote_lsn, encode_graft(()))
+                if identity is not None:
+                    self._set_origin(vol_id, identity, 0)
         row = self.load_volume(vid)
         assert row is not None
         return row
@@ -488,7 +541,12 @@ class LocalStore:
     def local_for_remote(self, v: int, remote_lsn: int) -> tuple[int, int] | None:
         """``(local_lsn, page_count)`` whose content is the server's ``remote_lsn``."""
         with self._lock:
-            rows = self._log_rows("v=? AND remote_lsn=? ORDER BY lsn DESC LIMIT 1", (v, remote_lsn))
+            origin = self._origin(v)
+            # Remote LSNs before the identity's first local LSN name another volume's.
+            since = origin[1] if origin else 0
+            rows = self._log_rows(
+                "v=? AND remote_lsn=? AND lsn>=? ORDER BY lsn DESC LIMIT 1", (v, remote_lsn, since)
+            )
         return (rows[0][1], rows[0][2]) if rows else None
 
     # -- pages ----------------------------------------------------------------------
@@ -618,9 +676,47 @@ class LocalStore:
             self._update_volume(v, push_intent=blob)
 
     @_boundary
-    def record_push(self, v: int, local_lsn: int, remote_lsn: int) -> None:
-        """The server accepted local LSNs up to ``local_lsn`` as ``remote_lsn``."""
+    def set_identity(self, v: int, identity: Identity) -> None:
+        """Record the identity of a volume that had none (new, or from an older cache)."""
         with self._change():
+            if self._origin(v) is None:
+                self._set_origin(v, identity, 0)
+
+    @_boundary
+    def replace_origin(
+        self, v: int, remote_lsn: int, page_count: int, identity: Identity
+    ) -> tuple[int, BitMap]:
+        """Take the server's ``remote_lsn`` of another volume ``identity`` as a new local LSN.
+
+        Every page the cache holds a row of gets a marker (no data) at the new LSN, so
+        nothing of the old volume is read at or after it: pages are fetched from the
+        new one when read. Returns ``(new_lsn, changed_pages)``. Refuses (Diverged) if
+        local commits are pending: they belong to the old volume.
+        """
+        with self._change():
+            _, _, head, sync, *_ = self._volume_by_id(v)
+            if head != sync:
+                raise Diverged("local commits are pending push; refusing to replace the volume")
+            lsn = head + 1
+            changed = BitMap(
+                p for (p,) in self._db.execute("SELECT DISTINCT pageno FROM pages WHERE v=?", (v,))
+            )
+            self._insert_pages(v, lsn, ((p, None) for p in changed))
+            self._insert_log(v, lsn, page_count, remote_lsn, encode_graft(changed))
+            self._update_volume(
+                v, local_lsn=lsn, sync_lsn=lsn, remote_lsn=remote_lsn, diverged=0, push_intent=None
+            )
+            self._set_origin(v, identity, lsn)
+        return lsn, changed
+
+    @_boundary
+    def record_push(
+        self, v: int, local_lsn: int, remote_lsn: int, identity: Identity | None = None
+    ) -> None:
+        """The server accepted local LSNs up to ``local_lsn`` as ``remote_lsn`` of ``identity``."""
+        with self._change():
+            if identity is not None and self._origin(v) is None:
+                self._set_origin(v, identity, 0)
             rows = self._log_rows("v=? AND lsn=?", (v, local_lsn))
             if not rows:
                 raise self._corrupt(f"the log of volume {v} has no local LSN {local_lsn}")

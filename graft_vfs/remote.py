@@ -10,14 +10,17 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import msgpack
 import urllib3
 from pyroaring import BitMap
 from urllib3.util.retry import Retry
 
-from graft_vfs.core.graft import MAX_PAGES_PER_READ, decode_graft, encode_graft
-from graft_vfs.core.ids import validate_volume_id
+from graft_vfs.core.envelope import check_int
+from graft_vfs.core.graft import MAX_PAGES, MAX_PAGES_PER_READ, decode_graft, encode_graft
+from graft_vfs.core.identity import Identity
+from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_volume_id
 from graft_vfs.core.pages import ZERO_PAGE
 from graft_vfs.core.segment import Entry, decode_page, encode_segment
 from graft_vfs.errors import (
@@ -25,6 +28,7 @@ from graft_vfs.errors import (
     CorruptData,
     Forbidden,
     GraftError,
+    IdentityMismatch,
     InvalidRequest,
     InvalidVolumeId,
     RemoteError,
@@ -47,6 +51,7 @@ _ERRORS: dict[str, type[GraftError]] = {
     "snapshot_not_found": SnapshotNotFound,
     "snapshot_expired": SnapshotExpired,
     "corrupt_data": CorruptData,
+    "identity_mismatch": IdentityMismatch,
 }
 
 
@@ -61,11 +66,26 @@ def _check_token(token: str) -> str:
 
 @dataclass
 class Snapshot:
-    """The server's view of a volume at one LSN."""
+    """The server's view of a volume at one LSN, and which volume (None: not created yet)."""
 
     vid: str
     lsn: int
     page_count: int
+    identity: Identity | None = None
+
+
+class Committed(NamedTuple):
+    """A commit the server accepted: its LSN, in the volume ``identity``."""
+
+    lsn: int
+    identity: Identity
+
+
+def _identity_fields(identity: Identity | None) -> dict[str, bytes]:
+    """Request fields that make the server refuse a request meant for another volume."""
+    if identity is None:
+        return {}
+    return {"store_id": identity.store_id, "volume_id": identity.volume_id}
 
 
 @dataclass
@@ -175,18 +195,56 @@ class Remote:
     def list_volumes(self) -> list[dict]:
         return self._call("GET", "/v1/volumes")["volumes"]
 
+    def _invalid(self, what: str, why: str) -> CorruptData:
+        # An answer that breaks the protocol's own invariants is treated like a failed
+        # checksum: nothing of it is used, and retrying the same server cannot help.
+        return CorruptData(f"graft server {self.url} sent an invalid answer to {what}: {why}")
+
+    def _answer_int(self, d: Any, name: str, high: int, what: str) -> int:
+        if not isinstance(d, dict) or name not in d:
+            raise self._invalid(what, f"no {name!r}")
+        return check_int(d[name], 0, high, lambda why: self._invalid(what, f"{name!r} {why}"))
+
+    def _identity_of(self, d: dict, what: str) -> Identity:
+        ids = [d.get(name) for name in ("store_id", "volume_id")]
+        if not all(isinstance(i, bytes) and len(i) == IDENTITY_SIZE for i in ids):
+            raise self._invalid(
+                what, "no volume and store identity (a graft server from before identities?)"
+            )
+        return Identity(*ids)
+
+    def _snapshot_of(self, vid: str, d: Any, what: str) -> Snapshot:
+        """A snapshot answer, every field checked: nothing out of range reaches the cache."""
+        lsn = self._answer_int(d, "lsn", MAX_LSN, what)
+        page_count = self._answer_int(d, "page_count", MAX_PAGES - 1, what)
+        return Snapshot(vid, lsn, page_count, self._identity_of(d, what))
+
     def snapshot(self, vid: str, transfer: Transfer | None = None) -> Snapshot:
         d = self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}", transfer=transfer)
-        return Snapshot(vid, int(d["lsn"]), int(d["page_count"]))
+        return self._snapshot_of(vid, d, f"the snapshot of {vid!r}")
 
     def pull(
         self, vid: str, since: int, transfer: Transfer | None = None
     ) -> tuple[Snapshot, BitMap]:
-        """The latest snapshot and the pages changed in ``(since, latest]``."""
+        """The latest snapshot and the pages changed in ``(since, latest]``.
+
+        Raises CorruptData for an answer out of range (a page count over MAX_PAGES, a
+        graft naming a page at or beyond the page count).
+        """
         d = self._call(
             "POST", f"/v1/volumes/{validate_volume_id(vid)}/pull", {"since": since}, transfer
         )
-        return Snapshot(vid, int(d["lsn"]), int(d["page_count"])), decode_graft(d["graft"])
+        what = f"a pull of {vid!r}"
+        snap = self._snapshot_of(vid, d, what)
+        try:
+            graft = decode_graft(d.get("graft"))
+        except InvalidRequest as exc:
+            raise self._invalid(what, str(exc)) from None
+        if graft and graft.max() >= snap.page_count:
+            raise self._invalid(
+                what, f"its graft names page {graft.max()}, beyond its page count {snap.page_count}"
+            )
+        return snap, graft
 
     def read_pages(
         self,
@@ -196,11 +254,13 @@ class Remote:
         transfer: Transfer | None = None,
         *,
         expand: int = 0,
+        identity: Identity | None = None,
     ) -> dict[int, tuple[int, bytes]]:
         """Pages as of ``lsn``: ``{page: (version_lsn, 4096 bytes)}``, each verified.
 
         ``expand`` asks the server to add up to that many interior B-tree pages below
-        the requested interior pages; they are in the answer too.
+        the requested interior pages; they are in the answer too. With ``identity``,
+        the server refuses (IdentityMismatch) if the volume is another one.
         """
         wanted = BitMap(pages)
         out: dict[int, tuple[int, bytes]] = {}
@@ -208,7 +268,7 @@ class Remote:
         ordered = list(wanted)
         for i in range(0, len(ordered), MAX_PAGES_PER_READ):
             chunk = ordered[i : i + MAX_PAGES_PER_READ]
-            body = {"lsn": lsn, "pages": encode_graft(chunk)}
+            body = {"lsn": lsn, "pages": encode_graft(chunk), **_identity_fields(identity)}
             if expand:
                 body["expand"] = expand
             d = self._call("POST", path, body, transfer)
@@ -240,14 +300,22 @@ class Remote:
         pages: dict[int, bytes],
         digest: bytes,
         transfer: Transfer | None = None,
-    ) -> int:
+        identity: Identity | None = None,
+    ) -> Committed:
         """Commit ``pages`` on top of ``base``; returns the new LSN or raises CommitConflict.
 
         ``digest`` is ``core.commit.commit_hash`` of the commit: a retry with the same
         digest after a lost response is recognised by the server, never applied twice.
+        With ``identity``, the server refuses (IdentityMismatch) to commit on top of
+        another volume than the one ``base`` belongs to.
         """
         validate_volume_id(vid)
-        body: dict = {"base": base, "page_count": page_count, "hash": digest}
+        body: dict = {
+            "base": base,
+            "page_count": page_count,
+            "hash": digest,
+            **_identity_fields(identity),
+        }
         items = sorted(pages.items())
         if len(items) <= MAX_INLINE_PAGES:
             body["segment"] = encode_segment(items)[0]
@@ -261,4 +329,5 @@ class Remote:
                 sids.append(d["sid"])
             body["segments"] = sids
         d = self._call("POST", f"/v1/volumes/{vid}/commit", body, transfer)
-        return int(d["lsn"])
+        what = f"a commit to {vid!r}"
+        return Committed(self._answer_int(d, "lsn", MAX_LSN, what), self._identity_of(d, what))

@@ -13,7 +13,9 @@ from graft_vfs.errors import (
     Diverged,
     Forbidden,
     GraftError,
+    IdentityMismatch,
     InvalidRequest,
+    RemoteError,
     Unauthorized,
     VolumeNotFound,
 )
@@ -76,16 +78,43 @@ class Runtime:
             if vol is not None:
                 return vol
             row = self.local.load_volume(vid)
+            known = row is not None
             if row is None:
                 snap = self._remote_snapshot(vid, create)
-                row = self.local.create_volume(vid, snap.lsn, snap.page_count)
+                row = self.local.create_volume(vid, snap.lsn, snap.page_count, snap.identity)
             vol = Volume(self, row, self.options.cache_pages)
+            if known:
+                self._check_identity(vol)
+            row = vol.row
             self._volumes[vid] = vol
         if self.options.pull_interval and self.remote is not None:
             self._ensure_thread()
         if row.pending or row.push_intent:
             self.schedule_push(vol)  # commits left by an earlier process
         return vol
+
+    def _check_identity(self, vol: Volume) -> None:
+        """At open, compare the server's identity of the volume with the cache's.
+
+        A clean cache of another identity is refilled here; one with local commits
+        opens (its data stays readable, like a diverged volume's) and every exchange
+        with the server is refused until ``graft reset --force``. A server that cannot
+        answer now is checked at the next pull, and every page read names the
+        identity it expects, so nothing is ever taken from another volume.
+        """
+        if self.remote is None:
+            return
+        try:
+            snap = self.remote.snapshot(vol.vid)
+        except (RemoteError, VolumeNotFound, *ACCESS_DENIED):
+            return
+        with vol.sync_lock:
+            vol.refresh()
+            try:
+                sync.reconcile(vol, snap)
+            except IdentityMismatch as exc:
+                vol.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("graft: %s", exc)
 
     def _remote_snapshot(self, vid: str, create: bool) -> Snapshot:
         if self.remote is None:

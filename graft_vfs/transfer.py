@@ -39,9 +39,10 @@ def import_database(
     with open(path, "rb") as f:
         check_database_header(f.read(100), path)
     try:
-        base = remote.snapshot(vid).lsn
+        snap = remote.snapshot(vid)
+        base, identity = snap.lsn, snap.identity
     except VolumeNotFound:
-        base = 0
+        base, identity = 0, None
     if base and not replace:
         raise InvalidRequest(
             f"volume {vid!r} already exists at LSN {base}; pass --replace to commit the file "
@@ -66,7 +67,8 @@ def import_database(
     finally:
         src.close()
     digest = commit_hash(vid, base, page_count, pages.items())
-    return remote.commit(vid, base, page_count, pages, digest)
+    # With the identity, --replace never lands on a volume created again meanwhile.
+    return remote.commit(vid, base, page_count, pages, digest, identity=identity).lsn
 
 
 def export_database(
@@ -82,8 +84,8 @@ def export_database(
     validate_volume_id(vid)
     if os.path.exists(path) and not overwrite:
         raise InvalidRequest(f"{path} exists; pass --force to overwrite it")
+    snap = remote.snapshot(vid)
     if lsn is None:
-        snap = remote.snapshot(vid)
         lsn, page_count = snap.lsn, snap.page_count
     else:
         entry = remote.log_entry(vid, lsn)
@@ -94,7 +96,8 @@ def export_database(
     with open(tmp, "wb") as f:
         for start in range(0, page_count, MAX_PAGES_PER_READ):
             chunk = range(start, min(start + MAX_PAGES_PER_READ, page_count))
-            got = remote.read_pages(vid, lsn, chunk)
+            # Every chunk from the same volume, even if it is created again meanwhile.
+            got = remote.read_pages(vid, lsn, chunk, identity=snap.identity)
             for pageno in chunk:
                 data = got[pageno][1]
                 f.write(with_counter(data, lsn) if pageno == 0 else data)

@@ -20,7 +20,9 @@ from pyroaring import BitMap
 
 from graft_vfs.core.btree import is_interior
 from graft_vfs.core.graft import MAX_PAGES_PER_READ
+from graft_vfs.core.identity import Identity
 from graft_vfs.core.pages import ZERO_PAGE
+from graft_vfs.errors import Busy
 from graft_vfs.faults import crash_point
 from graft_vfs.link import Link
 from graft_vfs.local import VolumeRow
@@ -114,8 +116,23 @@ class Volume:
         row = self.local.read_page(self.id, pageno, lsn)
         return row[1] if row is not None else None
 
+    def _identity_for(self, lsn: int) -> Identity | None:
+        """The server volume that pages of local snapshot ``lsn`` must come from.
+
+        Sent with every page read, so the server refuses to answer for another volume.
+        """
+        row = self.row
+        if row.identity is not None and lsn < row.identity_lsn:
+            # Its remote LSNs name pages of the volume the cache was refilled from.
+            raise Busy(
+                f"volume {self.vid!r} was refilled from another volume on the server while "
+                "this transaction was open: roll back and retry it"
+            )
+        return row.identity
+
     def _fetch(self, pageno: int, lsn: int, marker: int | None) -> bytes:
         remote = self.runtime.require_remote()
+        identity = self._identity_for(lsn)
         self.stats.cache_misses += 1
         local = self.local
         sync_local, sync_remote = local.sync_point(self.id, lsn)
@@ -131,7 +148,7 @@ class Volume:
         transfer = Transfer()
         try:
             got = remote.read_pages(
-                self.vid, sync_remote, wanted, transfer, expand=INTERIOR_EXPAND
+                self.vid, sync_remote, wanted, transfer, expand=INTERIOR_EXPAND, identity=identity
             )
         finally:
             self.stats.count(transfer)
@@ -156,6 +173,7 @@ class Volume:
         """
         remote = self.runtime.require_remote()
         lsn, page_count = self.snapshot
+        identity = self._identity_for(lsn)
         sync_local, sync_remote = self.local.sync_point(self.id, lsn)
         missing = self.local.missing_pages(self.id, lsn, page_count)
         pages = sorted(missing)
@@ -167,7 +185,9 @@ class Volume:
         def fetch(chunk: list[int]) -> int:
             transfer = Transfer()
             try:
-                got = remote.read_pages(self.vid, sync_remote, chunk, transfer)
+                got = remote.read_pages(
+                    self.vid, sync_remote, chunk, transfer, identity=identity
+                )
             finally:
                 self.stats.count(transfer)
             rows = [
@@ -279,7 +299,9 @@ class Volume:
         remote = self.runtime.require_remote()
         transfer = Transfer()
         try:
-            got = remote.read_pages(self.vid, remote_lsn, [pageno], transfer)
+            got = remote.read_pages(
+                self.vid, remote_lsn, [pageno], transfer, identity=self.row.identity
+            )
         finally:
             self.stats.count(transfer)
         self.stats.cache_misses += 1

@@ -35,6 +35,7 @@ from graft_vfs.errors import (
     CorruptData,
     Forbidden,
     GraftError,
+    IdentityMismatch,
     InvalidRequest,
     InvalidVolumeId,
     SnapshotExpired,
@@ -47,7 +48,7 @@ from server.auth import READ, WRITE, TokenFile, authorize
 from server.gc import DEFAULT_GRACE, Retention, collect
 from server.objstore import ObjectStore, open_store
 from server.segments import SegmentCache, upload_segment
-from server.volumes import Volumes
+from server.volumes import Volumes, expected_identity
 
 MSGPACK = "application/x-msgpack"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
@@ -80,6 +81,7 @@ ERRORS: dict[type[Exception], tuple[int, str]] = {
     SnapshotNotFound: (404, "snapshot_not_found"),
     SnapshotExpired: (410, "snapshot_expired"),
     CommitConflict: (409, "conflict"),
+    IdentityMismatch: (409, "identity_mismatch"),
     TooLarge: (413, "too_large"),
     CorruptData: (500, "corrupt_data"),
     StorageError: (503, "storage_error"),
@@ -209,30 +211,43 @@ def create_app(
             snapshots = [s for s in snapshots if token.allows(READ, s.vid)]
         return JSONResponse({"volumes": [s._asdict() for s in snapshots]})
 
+    def identified(vid: str, answer: dict[str, Any]) -> dict[str, Any]:
+        """``answer`` with the volume's and the store's identity, for the client to check."""
+        identity = volumes.identity(vid)
+        return {**answer, "volume_id": identity.volume_id, "store_id": identity.store_id}
+
     async def snapshot(request: Request) -> Response:
-        snap = await run_in_threadpool(volumes.snapshot, request.path_params["vid"])
-        return msgpack_response(snap._asdict())
+        vid = request.path_params["vid"]
+
+        def answer() -> dict[str, Any]:
+            return identified(vid, volumes.snapshot(vid)._asdict())
+
+        return msgpack_response(await run_in_threadpool(answer))
 
     async def pull(request: Request) -> Response:
         vid = request.path_params["vid"]
         body = await read_map(request)
-        result = await run_in_threadpool(volumes.pull, vid, field(body, "since"))
-        return msgpack_response(
-            {
+
+        def answer() -> dict[str, Any]:
+            result = volumes.pull(vid, field(body, "since"))
+            fields = {
                 "vid": vid,
                 "lsn": result.lsn,
                 "page_count": result.page_count,
                 "graft": result.graft.serialize(),
             }
-        )
+            return identified(vid, fields)
+
+        return msgpack_response(await run_in_threadpool(answer))
 
     async def read(request: Request) -> Response:
         body = await read_map(request)
         lsn = field(body, "lsn")
         pages = decode_graft(field(body, "pages"))
         expand = body.get("expand", 0)
+        expected = expected_identity(body.get("store_id"), body.get("volume_id"))
         frames = await run_in_threadpool(
-            volumes.read, request.path_params["vid"], lsn, pages, expand
+            volumes.read, request.path_params["vid"], lsn, pages, expand, expected
         )
         return msgpack_response({"lsn": lsn, "pages": [list(f) for f in frames]})
 
@@ -242,17 +257,23 @@ def create_app(
         return msgpack_response({"sid": sid})
 
     async def commit(request: Request) -> Response:
+        vid = request.path_params["vid"]
         body = await read_map(request)
-        lsn = await run_in_threadpool(
-            volumes.commit,
-            request.path_params["vid"],
-            base=field(body, "base"),
-            page_count=field(body, "page_count"),
-            hash=field(body, "hash"),
-            segment=body.get("segment"),
-            sids=body.get("segments"),
-        )
-        return msgpack_response({"lsn": lsn})
+
+        def answer() -> dict[str, Any]:
+            lsn = volumes.commit(
+                vid,
+                base=field(body, "base"),
+                page_count=field(body, "page_count"),
+                hash=field(body, "hash"),
+                segment=body.get("segment"),
+                sids=body.get("segments"),
+                expected=expected_identity(body.get("store_id"), body.get("volume_id")),
+            )
+            # A client that created the volume learns its identity here.
+            return identified(vid, {"lsn": lsn})
+
+        return msgpack_response(await run_in_threadpool(answer))
 
     async def log_entry(request: Request) -> Response:
         lsn = parse_lsn(request.path_params["lsn"])

@@ -25,10 +25,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgpack
-
 from graft_vfs.core.checkpoint import Checkpoint, Located
 from graft_vfs.core.commit import CommitRecord
+from graft_vfs.core.retention import decode_floor, decode_pending, encode_floor, encode_pending
 from server.segments import segment_key
 from server.volumes import (
     Volumes,
@@ -106,7 +105,7 @@ def collect(
         reachable |= _collect_volume(volumes, vid, retention, now, report)
         report.volumes += 1
     data = store.get(PENDING_KEY)
-    pending: dict[str, float] = msgpack.unpackb(data) if data else {}
+    pending = decode_pending(data) if data is not None else {}
     still_pending = {}
     for sid in sorted(segments - reachable):
         first_seen = pending.get(sid, now)
@@ -115,7 +114,7 @@ def collect(
             report.segments_deleted += 1
         else:
             still_pending[sid] = first_seen
-    store.put(PENDING_KEY, msgpack.packb(still_pending))
+    store.put(PENDING_KEY, encode_pending(still_pending))
     report.segments_pending = len(still_pending)
     return report
 
@@ -139,11 +138,11 @@ def _collect_volume(
     kept = [c for c in checkpoints if c <= floor]
     effective = max(kept) if kept else 0
     old = store.get(retention_key(vid))
-    effective = max(effective, int(msgpack.unpackb(old)["floor"]) if old else 0)
+    effective = max(effective, decode_floor(old) if old is not None else 0)
     if effective:
         report.floors[vid] = effective
         # Readers learn the floor before anything below it disappears.
-        store.put(retention_key(vid), msgpack.packb({"floor": effective}))
+        store.put(retention_key(vid), encode_floor(effective))
         for key in store.list(log_prefix(vid)):
             if lsn_of(key) < effective:
                 store.delete(key)

@@ -26,20 +26,28 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import msgpack
 import zstandard
 from pyroaring import BitMap
 
 from graft_vfs.core.btree import interior_children, is_interior
 from graft_vfs.core.checkpoint import Checkpoint, Located
-from graft_vfs.core.commit import CommitRecord, SegmentRef
+from graft_vfs.core.commit import HASH_SIZE, CommitHasher, CommitRecord, SegmentRef
 from graft_vfs.core.graft import MAX_PAGES, MAX_PAGES_PER_READ
-from graft_vfs.core.ids import validate_segment_id, validate_volume_id
-from graft_vfs.core.segment import Entry, encode_frames
+from graft_vfs.core.identity import STORE_KEY, Identity, decode_store, encode_store
+from graft_vfs.core.ids import (
+    IDENTITY_SIZE,
+    MAX_LSN,
+    new_identity,
+    validate_segment_id,
+    validate_volume_id,
+)
+from graft_vfs.core.retention import decode_floor
+from graft_vfs.core.segment import Entry, decode_page, encode_frames
 from graft_vfs.errors import (
     CommitConflict,
     CorruptData,
     GraftError,
+    IdentityMismatch,
     InvalidRequest,
     SnapshotExpired,
     SnapshotNotFound,
@@ -54,15 +62,17 @@ from server.segments import (
     fetch_frames,
     put_segment,
     read_segment_index,
+    segment_key,
     verify_segment,
 )
 
-MAX_LSN = (1 << 63) - 1  # LSNs travel as msgpack ints and print in 20 digits
-HASH_SIZE = 32  # sha256, see graft_vfs.core.commit.commit_hash
 CHECKPOINT_EVERY = 32  # bootstrap reads at most this many log records
 SMALL_SEGMENT_PAGES = 256  # compaction merges segments holding fewer live pages
 MERGED_SEGMENT_PAGES = 4096
 MAX_EXPAND = 1024  # interior pages one read may add below the requested ones
+# How long a server trusts the GC floor it read last: `graft gc` run by another
+# process raises it, and reads below it must become 410 within this many seconds.
+FLOOR_RECHECK = 2.0
 log = logging.getLogger("graft.server")
 
 HISTORY_VIEWS = 4  # past-LSN page maps kept for reads older than the loaded checkpoint
@@ -121,7 +131,7 @@ def checkpoint_key(vid: str, lsn: int) -> str:
 
 
 def retention_key(vid: str) -> str:
-    """Holds ``{"floor": LSN}``: LSNs below it are no longer retained (written by GC)."""
+    """The GC floor (``core.retention``): LSNs below it are no longer retained."""
     return f"volumes/{vid}/retention"
 
 
@@ -139,6 +149,17 @@ def _check_int(value: object, name: str, maximum: int) -> int:
     if type(value) is not int or not 0 <= value <= maximum:
         raise InvalidRequest(f"{name} must be an integer in [0, {maximum}], got {_describe(value)}")
     return value
+
+
+def expected_identity(store_id: object, volume_id: object) -> Identity | None:
+    """The identity a client expects the volume to have (both fields, or neither)."""
+    if store_id is None and volume_id is None:
+        return None
+    for name, value in (("store_id", store_id), ("volume_id", volume_id)):
+        if not isinstance(value, bytes) or len(value) != IDENTITY_SIZE:
+            raise InvalidRequest(f"{name} must be {IDENTITY_SIZE} bytes, got {_describe(value)}")
+    assert isinstance(store_id, bytes) and isinstance(volume_id, bytes)
+    return Identity(store_id, volume_id)
 
 
 def _verify_inline(segment: bytes | None) -> list[Entry]:
@@ -170,12 +191,16 @@ class _Volume:
         self.vid = vid
         self.lock = threading.Lock()  # guards everything below; held across store reads
         self.loaded = False
+        self.floor = 0  # the GC floor as last read, at ``floor_read`` (monotonic)
+        self.floor_read = -FLOOR_RECHECK
         self.reset(None)
 
     def reset(self, checkpoint: Checkpoint | None) -> None:
         self.base = checkpoint.lsn if checkpoint else 0
         self.base_page_count = checkpoint.page_count if checkpoint else 0
         self.base_time = checkpoint.timestamp if checkpoint else 0.0
+        # Fixed when LSN 1 is created; None only while the cache holds no commit.
+        self.volume_id: bytes | None = checkpoint.volume_id if checkpoint else None
         self.base_pages: dict[int, Located] = dict(checkpoint.pages) if checkpoint else {}
         self.commits: list[_Commit] = []  # commits[lsn - base - 1]
         self.versions: dict[int, list[int]] = {
@@ -214,7 +239,10 @@ class _Volume:
             loc = self.locate(page, lsn)
             if loc is not None:
                 pages[page] = loc
-        return Checkpoint(self.vid, lsn, self.page_count_at(lsn), self.timestamp_at(lsn), pages)
+        assert self.volume_id is not None, "LSN 0 has no checkpoint"
+        return Checkpoint(
+            self.vid, self.volume_id, lsn, self.page_count_at(lsn), self.timestamp_at(lsn), pages
+        )
 
     def apply(self, record: CommitRecord) -> None:
         """Append the record for LSN latest+1 to the cache."""
@@ -222,6 +250,15 @@ class _Volume:
             raise CorruptData(
                 f"log record {self.latest + 1} of {self.vid!r} claims to be "
                 f"LSN {record.lsn} of {record.vid!r}"
+            )
+        if self.volume_id is None:
+            self.volume_id = record.volume_id
+        elif record.volume_id != self.volume_id:
+            # A record of another incarnation of the name: mixing them would serve a
+            # page map of two databases at once.
+            raise CorruptData(
+                f"log record {record.lsn} of {self.vid!r} belongs to volume "
+                f"{record.volume_id.hex()}, not {self.volume_id.hex()}"
             )
         pages: dict[int, tuple[str, Entry]] = {}
         for seg in record.segments:
@@ -253,6 +290,7 @@ class Volumes:
         self._volumes: dict[str, _Volume] = {}
         self._lock = threading.Lock()
         self._views: dict[tuple[str, int], _Volume] = {}  # past-LSN page maps, few
+        self._store_id: bytes | None = None
 
     def list_vids(self) -> list[str]:
         """Every volume with a log or a checkpoint in the store."""
@@ -290,7 +328,63 @@ class Volumes:
         graft.remove_range(page_count, MAX_PAGES)
         return Pull(latest, page_count, graft)
 
-    def read(self, vid: str, lsn: int, pages: BitMap, expand: int = 0) -> list[PageFrame]:
+    def store_id(self) -> bytes:
+        """The store's identity, created (once, whoever comes first) if it has none yet."""
+        if self._store_id is None:
+            data = self.store.get(STORE_KEY)
+            if data is None:
+                self.store.put_if_absent(STORE_KEY, encode_store())
+                data = self.store.get(STORE_KEY)
+                if data is None:
+                    raise StorageError("the store identity object vanished after it was created")
+            self._store_id = decode_store(data)
+        return self._store_id
+
+    def identity(self, vid: str) -> Identity:
+        """The identity of ``vid`` and of the store. Raises VolumeNotFound without commits."""
+        vol = self._volume(vid)
+        with vol.lock:
+            if not vol.loaded or vol.volume_id is None:
+                self._latest(vol)
+            assert vol.volume_id is not None
+            volume_id = vol.volume_id
+        return Identity(self.store_id(), volume_id)
+
+    def _check_identity(self, vol: _Volume, expected: Identity | None) -> None:
+        """Refuse a request made for another incarnation of the volume. Caller holds the lock."""
+        if expected is None or vol.volume_id is None:
+            return
+        actual = Identity(self.store_id(), vol.volume_id)
+        if actual != expected:
+            raise IdentityMismatch(
+                f"volume {vol.vid!r} here is {actual}, not {expected} as the client expects: "
+                "it was created again or the client was pointed at another store"
+            )
+
+    def _check_retained(self, vol: _Volume, lsn: int) -> None:
+        """Raise SnapshotExpired for an LSN below the GC floor. Caller holds ``vol.lock``.
+
+        GC may run in another process; the floor it records is re-read at most every
+        FLOOR_RECHECK seconds, so old LSNs turn 410 that soon after it.
+        """
+        now = time.monotonic()
+        if now - vol.floor_read >= FLOOR_RECHECK:
+            vol.floor = max(vol.floor, self._floor(vol.vid))
+            vol.floor_read = now
+        if lsn < vol.floor:
+            raise SnapshotExpired(
+                f"LSN {lsn} of {vol.vid!r} is older than its retained history (LSN "
+                f"{vol.floor} and later); pull a newer snapshot"
+            )
+
+    def read(
+        self,
+        vid: str,
+        lsn: int,
+        pages: BitMap,
+        expand: int = 0,
+        expected: Identity | None = None,
+    ) -> list[PageFrame]:
         """Each page's frame as of ``lsn``, in page order.
 
         With ``expand``, up to that many interior B-tree pages below the requested
@@ -299,7 +393,7 @@ class Volumes:
         Raises InvalidRequest for more than MAX_PAGES_PER_READ pages or a page at or
         beyond the page count at ``lsn``; SnapshotNotFound if ``lsn`` is beyond the
         latest; SnapshotExpired if GC removed it; CorruptData if a stored frame fails
-        its checksum.
+        its checksum; IdentityMismatch if the volume is not ``expected``.
         """
         lsn = _check_int(lsn, "lsn", MAX_LSN)
         if len(pages) > MAX_PAGES_PER_READ:
@@ -309,7 +403,7 @@ class Volumes:
         expand = _check_int(expand, "expand", MAX_EXPAND)
         vol = self._volume(vid)
         try:
-            return self._read(vol, lsn, pages, expand)
+            return self._read(vol, lsn, pages, expand, expected)
         except MissingSegment:
             # GC may have compacted the pages into new segments (and deleted the old
             # ones after its grace period): reload the map once and retry.
@@ -321,11 +415,15 @@ class Volumes:
             with vol.lock:
                 vol.loaded = False
                 self._views = {k: v for k, v in self._views.items() if k[0] != vid}
-            return self._read(vol, lsn, pages, expand)
+            return self._read(vol, lsn, pages, expand, expected)
 
-    def _read(self, vol: _Volume, lsn: int, pages: BitMap, expand: int = 0) -> list[PageFrame]:
+    def _read(
+        self, vol: _Volume, lsn: int, pages: BitMap, expand: int, expected: Identity | None
+    ) -> list[PageFrame]:
         with vol.lock:
             self._ensure_lsn(vol, lsn)
+            self._check_identity(vol, expected)
+            self._check_retained(vol, lsn)
             view = vol if lsn >= vol.base else self._history(vol, lsn)
         page_count = view.page_count_at(lsn)
         if pages and pages.max() >= page_count:
@@ -433,7 +531,7 @@ class Volumes:
 
     def _floor(self, vid: str) -> int:
         data = self.store.get(retention_key(vid))
-        return int(msgpack.unpackb(data)["floor"]) if data else 0
+        return decode_floor(data) if data is not None else 0
 
     def timestamp(self, vid: str, lsn: int) -> float | None:
         """When ``lsn`` was committed; None if its record is no longer in the store."""
@@ -452,6 +550,7 @@ class Volumes:
             self._ensure_lsn(vol, lsn)
             if lsn == 0:
                 raise SnapshotNotFound("LSN 0 is the empty volume: it has no log record")
+            self._check_retained(vol, lsn)
             if lsn > vol.base:
                 commit = vol.commit_at(lsn)
                 return LogEntry(lsn, commit.page_count, commit.hash)
@@ -468,13 +567,16 @@ class Volumes:
         hash: bytes,
         segment: bytes | None = None,
         sids: list[str] | None = None,
+        expected: Identity | None = None,
     ) -> int:
         """Commit pages on top of LSN ``base``; return the new LSN, ``base + 1``.
 
         ``segment`` carries pages inline; ``sids`` names segments uploaded before.
         A retry of a commit that already landed (same ``hash`` at ``base + 1``)
         returns ``base + 1`` again. Raises CommitConflict (with ``latest_lsn``) if
-        ``base`` is not the latest, InvalidRequest for a malformed commit.
+        ``base`` is not the latest, InvalidRequest for a malformed commit or a
+        ``hash`` that is not the hash of its pages, IdentityMismatch if the volume is
+        not ``expected``.
         """
         vid = validate_volume_id(vid)
         base = _check_int(base, "base", MAX_LSN - 1)
@@ -491,10 +593,15 @@ class Volumes:
             changed |= seg_pages
         if changed and changed.max() >= page_count:
             raise InvalidRequest(f"page {changed.max()} is beyond the page count {page_count}")
+        # Before the retry check: a body claiming a landed commit's hash with other
+        # pages must not be answered as that commit.
+        self._verify_hash(vid, base, page_count, hash, segment, inline, uploaded)
 
         vol = self._volume(vid)
         with vol.lock:
             self._refresh(vol)
+            self._check_identity(vol, expected)
+            volume_id = vol.volume_id if base else new_identity()
             if base != vol.latest:
                 return self._landed_or_conflict(vol, base, hash)
             previous = vol.page_count_at(base)
@@ -510,7 +617,8 @@ class Volumes:
         if segment is not None and inline:  # a truncation-only commit stores no segment
             refs.insert(0, SegmentRef(put_segment(self.store, segment), inline))
         crash_point("server.commit.after_segment")
-        record = CommitRecord(vid, base + 1, page_count, hash, time.time(), refs)
+        assert volume_id is not None  # base > 0 == latest, so the cache holds commits
+        record = CommitRecord(vid, volume_id, base + 1, page_count, hash, time.time(), refs)
         won = self.store.put_if_absent(log_key(vid, base + 1), record.encode())
         crash_point("server.commit.after_log")
 
@@ -533,6 +641,50 @@ class Volumes:
             # inline segment written above is now an orphan, left for GC.
             self._refresh(vol)
             return self._landed_or_conflict(vol, base, hash)
+
+    def _verify_hash(
+        self,
+        vid: str,
+        base: int,
+        page_count: int,
+        digest: bytes,
+        segment: bytes | None,
+        inline: list[Entry],
+        uploaded: list[SegmentRef],
+    ) -> None:
+        """Refuse a commit whose ``digest`` is not ``commit_hash`` of the pages it carries.
+
+        Pages are decoded and hashed one at a time, segment after segment in page order,
+        so the check holds one segment's bytes at a time, never the decoded commit.
+        """
+        parts: list[tuple[list[Entry], str | None]] = [(ref.entries, ref.sid) for ref in uploaded]
+        if inline:
+            parts.append((inline, None))
+        parts.sort(key=lambda part: min(e.page for e in part[0]) if part[0] else -1)
+        hasher = CommitHasher(vid, base, page_count)
+        for entries, sid in parts:
+            if sid is None:
+                assert segment is not None
+                data = segment
+            else:
+                stored = self.store.get(segment_key(sid))
+                if stored is None:
+                    raise InvalidRequest(f"segment {sid} was never uploaded")
+                data = stored
+            for e in sorted(entries, key=lambda e: e.page):
+                try:
+                    hasher.add(e.page, decode_page(e, data[e.offset : e.offset + e.length]))
+                except ValueError:
+                    raise InvalidRequest(
+                        "the segments of a commit must hold ascending, non-interleaved page "
+                        "ranges"
+                    ) from None
+        if hasher.digest() != digest:
+            raise InvalidRequest(
+                f"hash {digest.hex()[:16]}... is not the hash of the commit's pages "
+                f"({hasher.digest().hex()[:16]}...): compute it with "
+                "graft_vfs.core.commit.commit_hash over the pages sent"
+            )
 
     def _uploaded_segments(self, sids: list[str] | None) -> list[SegmentRef]:
         """The uploaded segments a commit names, with their indexes read from the store."""

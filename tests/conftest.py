@@ -56,6 +56,12 @@ class ServerProcess:
         """Replace an object behind the server's back (to corrupt or repair it)."""
         self._backing().put(key, data)
 
+    def wipe(self) -> None:
+        """Delete every object in the store (stop the server first: it caches what it read)."""
+        store = self._backing()
+        for key in store.list(""):
+            store.delete(key)
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"

@@ -18,6 +18,7 @@ import urllib3
 from conftest import ServerProcess
 
 import graft_vfs
+from graft_vfs.core.commit import commit_hash
 from graft_vfs.errors import Forbidden, Unauthorized
 from graft_vfs.remote import MAX_INLINE_PAGES, Remote
 from graft_vfs.sample import make_sample_database
@@ -123,7 +124,7 @@ def test_a_read_token_cannot_commit_and_nothing_is_written(secured: Secured) -> 
     writer = Remote(secured.url, token=secured.tokens["rw"])
     reader = Remote(secured.url, token=secured.tokens["ro"])
     page = b"\x01" * 4096
-    writer.commit("app-ro", 0, 1, {0: page}, b"h" * 32)
+    writer.commit("app-ro", 0, 1, {0: page}, commit_hash("app-ro", 0, 1, [(0, page)]))
     before = secured.objects()
     with pytest.raises(Forbidden) as small:
         reader.commit("app-ro", 1, 1, {0: b"\x02" * 4096}, b"i" * 32)
@@ -141,7 +142,8 @@ def test_a_read_token_cannot_commit_and_nothing_is_written(secured: Secured) -> 
 
 def test_a_token_for_other_volumes_gets_403_and_reads_nothing(secured: Secured) -> None:
     writer = Remote(secured.url, token=secured.tokens["rw"])
-    writer.commit("app-other", 0, 1, {0: b"\x05" * 4096}, b"k" * 32)
+    first = {0: b"\x05" * 4096}
+    writer.commit("app-other", 0, 1, first, commit_hash("app-other", 0, 1, first.items()))
     before = secured.objects()
     other = Remote(secured.url, token=secured.tokens["other"])
     for call in (
@@ -311,7 +313,10 @@ def test_no_secret_in_server_logs_at_debug_level(tmp_path, capfd) -> None:
     srv = ServerProcess(str(tmp_path / "store"), args=["--tokens", path, "--log-level", "debug"])
     secured = Secured(srv.start(), tokens, path)
     try:
-        Remote(srv.url, token=tokens["rw"]).commit("app-log", 0, 1, {0: b"\x07" * 4096}, b"m" * 32)
+        first = {0: b"\x07" * 4096}
+        Remote(srv.url, token=tokens["rw"]).commit(
+            "app-log", 0, 1, first, commit_hash("app-log", 0, 1, first.items())
+        )
         for token in (None, WRONG, tokens["other"], tokens["ro"]):
             try:
                 Remote(srv.url, token=token).commit("app-log", 1, 1, {0: b"\x08" * 4096}, b"n" * 32)

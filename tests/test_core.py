@@ -94,7 +94,8 @@ def test_malformed_graft_is_invalid_request(junk):
 
 def test_commit_record_roundtrip_and_hash_is_content_based():
     data, index = encode_segment([(0, _page(1)), (5, _page(2))])
-    rec = CommitRecord("orders", 3, 6, b"h" * 32, 1.5, [SegmentRef(new_segment_id(), index)])
+    segments = [SegmentRef(new_segment_id(), index)]
+    rec = CommitRecord("orders", b"i" * 16, 3, 6, b"h" * 32, 1.5, segments)
     back = CommitRecord.decode(rec.encode())
     assert back == rec and list(back.pages()) == [0, 5]
     h1 = commit_hash("orders", 2, 6, [(5, _page(2)), (0, _page(1))])

@@ -12,6 +12,9 @@ import apsw
 import pytest
 
 import graft_vfs
+from graft_vfs.errors import SnapshotExpired
+from graft_vfs.remote import Remote
+from server.volumes import FLOOR_RECHECK
 
 
 def pragma(con, name):
@@ -96,3 +99,32 @@ def test_server_runs_gc_periodically(client, vid, own_server):
     assert oldest() == latest - 1  # the periodic pass moved the floor up, and no further
     fresh = client(vid, remote=own_server.url)
     assert fresh.execute("SELECT count(*), sum(x) FROM t").fetchone() == (12, sum(range(12)))
+
+
+def test_running_server_answers_410_below_a_floor_set_by_another_process(client, vid, own_server):
+    """`graft gc` in its own process raises the floor; the running server notices it."""
+    own_server.start()
+    writer = client(vid, remote=own_server.url, options=graft_vfs.Options(autopush=False))
+    writer.execute("CREATE TABLE t(x)")
+    for i in range(6):
+        writer.execute("INSERT INTO t VALUES(?)", (i,))
+        latest = pragma(writer, "graft_push")["remote_lsn"]
+    remote = Remote(own_server.url)
+    assert remote.read_pages(vid, 2, [0])  # the server has LSN 2 cached and readable
+    # Default grace: the old segments stay, so only the floor can make LSN 2 expire.
+    assert gc(own_server, "--retain-lsns", "2")["floors"] == {vid: latest - 1}
+    deadline = time.monotonic() + 20 * FLOOR_RECHECK  # a bound on the wait, not a timing
+    while time.monotonic() < deadline:
+        try:
+            remote.read_pages(vid, 2, [0])
+        except SnapshotExpired as exc:
+            assert "older than its retained history" in str(exc)
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"LSN 2 was still served {20 * FLOOR_RECHECK} s after the floor moved")
+    with pytest.raises(SnapshotExpired):
+        remote.log_entry(vid, 2)
+    assert remote.read_pages(vid, latest - 1, [0])  # the retained LSNs still read
+    assert remote.read_pages(vid, latest, [0])
+    remote.close()

@@ -2,21 +2,24 @@
 
 A server starting cold reads the latest checkpoint and only the log records after
 it, whatever the length of the history. ``volumes/{vid}/checkpoints/{lsn:020d}`` is a
-zstd-compressed msgpack map with the map stored column-wise (page, version LSN,
-segment, offset, length, crc), which compresses well and decodes fast.
+zstd-compressed msgpack map in the checksummed envelope (``core.envelope``), with the
+map stored column-wise (page, version LSN, segment, offset, length, crc), which
+compresses well and decodes fast. Every column is type- and range-checked on decode:
+a checkpoint whose map was edited, even with every page's crc still valid, is refused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import msgpack
-import zstandard
-
+from graft_vfs.core.commit import MAX_CRC, MAX_OFFSET
+from graft_vfs.core.envelope import pack, unpack
+from graft_vfs.core.graft import MAX_PAGES
+from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_segment_id, validate_volume_id
 from graft_vfs.core.segment import Entry
 from graft_vfs.errors import CorruptData
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_KIND = b"CKP2"  # CKP1 was the unchecksummed zstd msgpack checkpoint
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Checkpoint:
     """The state of a volume at ``lsn``: its page count and where every page lives."""
 
     vid: str
+    volume_id: bytes
     lsn: int
     page_count: int
     timestamp: float
@@ -49,35 +53,61 @@ class Checkpoint:
                 (page, loc.version, sids.setdefault(loc.sid, len(sids)), e.offset, e.length, e.crc),
             ):
                 col.append(value)
-        body = msgpack.packb(
-            {
-                "v": CHECKPOINT_VERSION,
-                "vid": self.vid,
-                "lsn": self.lsn,
-                "page_count": self.page_count,
-                "time": self.timestamp,
-                "sids": list(sids),
-                "cols": cols,
-            }
-        )
-        return zstandard.ZstdCompressor(level=3).compress(body)
+        fields = {
+            "vid": self.vid,
+            "volume_id": self.volume_id,
+            "lsn": self.lsn,
+            "page_count": self.page_count,
+            "time": self.timestamp,
+            "sids": list(sids),
+            "cols": cols,
+        }
+        return pack(CHECKPOINT_KIND, fields, compress=True)
 
     @classmethod
     def decode(cls, data: bytes) -> Checkpoint:
-        try:
-            d = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(data))
-            if d.get("v") != CHECKPOINT_VERSION:
-                raise CorruptData(f"unknown checkpoint version {d.get('v')!r}")
-            sids = d["sids"]
-            pages = {
-                page: Located(version, sids[s], Entry(page, off, length, crc))
-                for page, version, s, off, length, crc in zip(*d["cols"])
-            }
-            return cls(d["vid"], int(d["lsn"]), int(d["page_count"]), float(d["time"]), pages)
-        except CorruptData:
-            raise
-        except Exception as exc:
-            raise CorruptData("checkpoint is unreadable") from exc
+        f = unpack(CHECKPOINT_KIND, data, "checkpoint", compressed=True)
+        lsn = f.integer("lsn", 0, MAX_LSN)
+        page_count = f.integer("page_count", 0, MAX_PAGES - 1)
+        sids = f.sequence("sids")
+        for sid in sids:
+            try:
+                validate_segment_id(sid)
+            except ValueError as exc:
+                raise f.bad("sids", str(exc)) from None
+        cols = f.sequence("cols")
+        if len(cols) != 6 or not all(isinstance(c, list) for c in cols):
+            raise f.bad("cols", "is not 6 lists")
+        pages, versions, indexes, offsets, lengths, crcs = cols
+        if len({len(c) for c in cols}) != 1:
+            raise f.bad("cols", "has columns of different lengths")
+        for name, col, low, high in (
+            ("page", pages, 0, page_count - 1),
+            ("version", versions, 1, lsn),
+            ("segment", indexes, 0, len(sids) - 1),
+            ("offset", offsets, 0, MAX_OFFSET),
+            ("length", lengths, 1, MAX_OFFSET),
+            ("crc", crcs, 0, MAX_CRC),
+        ):
+            # Checked a column at a time: a checkpoint holds a row per page of the volume.
+            if col and (
+                not all(type(v) is int for v in col) or min(col) < low or max(col) > high
+            ):
+                raise f.bad("cols", f"has a {name} outside [{low}, {high}]")
+        if any(a >= b for a, b in zip(pages, pages[1:])):
+            raise CorruptData("checkpoint: its pages are not strictly ascending")
+        located = {
+            page: Located(version, sids[s], Entry(page, off, length, crc))
+            for page, version, s, off, length, crc in zip(*cols)
+        }
+        return cls(
+            f.text("vid", validate_volume_id),
+            f.blob("volume_id", IDENTITY_SIZE),
+            lsn,
+            page_count,
+            f.number("time"),
+            located,
+        )
 
     def segments(self) -> set[str]:
         return {loc.sid for loc in self.pages.values()}

@@ -7,14 +7,41 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import msgpack
 from pyroaring import BitMap
 
-from graft_vfs.core.graft import decode_graft, encode_graft
+from graft_vfs.core.envelope import Fields, check_int, pack, unpack
+from graft_vfs.core.graft import MAX_PAGES, decode_graft, encode_graft
+from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_segment_id, validate_volume_id
 from graft_vfs.core.segment import Entry
-from graft_vfs.errors import CorruptData
+from graft_vfs.errors import CorruptData, GraftError
 
-RECORD_VERSION = 1
+RECORD_KIND = b"LOG2"  # LOG1 was the unchecksummed msgpack record
+HASH_SIZE = 32  # sha256
+MAX_OFFSET = (1 << 63) - 1
+MAX_CRC = (1 << 32) - 1
+
+
+class CommitHasher:
+    """The content hash of a commit, fed one page at a time in ascending page order.
+
+    The server recomputes it from the pages a commit carries without holding them all.
+    """
+
+    def __init__(self, vid: str, base_lsn: int, page_count: int) -> None:
+        self._h = hashlib.sha256()
+        self._h.update(b"graft-commit-v1\0" + vid.encode() + b"\0")
+        self._h.update(struct.pack(">QQ", base_lsn, page_count))
+        self._last = -1
+
+    def add(self, page: int, data: bytes) -> None:
+        if page <= self._last:
+            raise ValueError(f"page {page} after page {self._last}: pages must ascend")
+        self._last = page
+        self._h.update(struct.pack(">Q", page))
+        self._h.update(data)
+
+    def digest(self) -> bytes:
+        return self._h.digest()
 
 
 def commit_hash(
@@ -25,13 +52,10 @@ def commit_hash(
     Computed over the uncompressed pages in page order, so it does not depend on the
     compressor's version or settings.
     """
-    h = hashlib.sha256()
-    h.update(b"graft-commit-v1\0" + vid.encode() + b"\0")
-    h.update(struct.pack(">QQ", base_lsn, page_count))
+    hasher = CommitHasher(vid, base_lsn, page_count)
     for page, data in sorted(pages):
-        h.update(struct.pack(">Q", page))
-        h.update(data)
-    return h.digest()
+        hasher.add(page, data)
+    return hasher.digest()
 
 
 @dataclass
@@ -47,9 +71,10 @@ class SegmentRef:
 
 @dataclass
 class CommitRecord:
-    """``volumes/{vid}/log/{lsn:020d}``: what one LSN changed."""
+    """``volumes/{vid}/log/{lsn:020d}``: what one LSN changed, in the volume ``volume_id``."""
 
     vid: str
+    volume_id: bytes
     lsn: int
     page_count: int
     hash: bytes
@@ -63,10 +88,11 @@ class CommitRecord:
         return bm
 
     def encode(self) -> bytes:
-        return msgpack.packb(
+        return pack(
+            RECORD_KIND,
             {
-                "v": RECORD_VERSION,
                 "vid": self.vid,
+                "volume_id": self.volume_id,
                 "lsn": self.lsn,
                 "page_count": self.page_count,
                 "hash": self.hash,
@@ -75,30 +101,54 @@ class CommitRecord:
                 "segments": [
                     {"sid": s.sid, "index": [list(e) for e in s.entries]} for s in self.segments
                 ],
-            }
+            },
         )
 
     @classmethod
     def decode(cls, data: bytes) -> CommitRecord:
+        f = unpack(RECORD_KIND, data, "commit record")
+        page_count = f.integer("page_count", 0, MAX_PAGES - 1)
+        segments = []
+        seen = BitMap()
+        for raw in f.sequence("segments"):
+            if not isinstance(raw, dict):
+                raise f.bad("segments", "holds a non-map")
+            seg = Fields(raw, f.what)
+            entries = [_entry(seg, e, page_count) for e in seg.sequence("index")]
+            pages = BitMap(e.page for e in entries)
+            if len(pages) != len(entries) or seen.intersection_cardinality(pages):
+                raise f.bad("segments", "name a page twice")
+            seen |= pages
+            segments.append(SegmentRef(seg.text("sid", validate_segment_id), entries))
+        rec = cls(
+            vid=f.text("vid", validate_volume_id),
+            volume_id=f.blob("volume_id", IDENTITY_SIZE),
+            lsn=f.integer("lsn", 1, MAX_LSN),
+            page_count=page_count,
+            hash=f.blob("hash", HASH_SIZE),
+            timestamp=f.number("time"),
+            segments=segments,
+        )
         try:
-            d = msgpack.unpackb(data)
-            if d.get("v") != RECORD_VERSION:
-                raise CorruptData(f"unknown commit record version {d.get('v')!r}")
-            rec = cls(
-                vid=d["vid"],
-                lsn=int(d["lsn"]),
-                page_count=int(d["page_count"]),
-                hash=bytes(d["hash"]),
-                timestamp=float(d["time"]),
-                segments=[
-                    SegmentRef(s["sid"], [Entry(*map(int, e)) for e in s["index"]])
-                    for s in d["segments"]
-                ],
-            )
-            if rec.pages() != decode_graft(d["pages"]):
-                raise CorruptData("commit record page bitmap does not match its segments")
-            return rec
-        except CorruptData:
-            raise
-        except Exception as exc:
-            raise CorruptData("commit record is unreadable") from exc
+            listed = decode_graft(f.get("pages"))
+        except GraftError as exc:
+            raise f.bad("pages", str(exc)) from None
+        if listed != seen:
+            raise CorruptData("commit record page bitmap does not match its segments")
+        return rec
+
+
+def _entry(f: Fields, raw: object, page_count: int) -> Entry:
+    if not isinstance(raw, list) or len(raw) != 4:
+        raise f.bad("index", "holds an entry that is not 4 integers")
+
+    def bad(why: str) -> CorruptData:
+        return f.bad("index", f"holds a value that {why}")
+
+    page, offset, length, crc = raw
+    return Entry(
+        check_int(page, 0, page_count - 1, bad),
+        check_int(offset, 0, MAX_OFFSET, bad),
+        check_int(length, 1, MAX_OFFSET, bad),
+        check_int(crc, 0, MAX_CRC, bad),
+    )

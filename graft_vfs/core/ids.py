@@ -41,3 +41,11 @@ def validate_segment_id(sid: object) -> str:
         shown = repr(sid)[:40] if isinstance(sid, str) else f"a {type(sid).__name__}"
         raise InvalidRequest(f"invalid segment id {shown}: expected 32 lowercase hex digits")
     return sid
+
+
+MAX_LSN = (1 << 63) - 1  # LSNs travel as msgpack ints and print in 20 digits
+IDENTITY_SIZE = 16  # random bytes naming a volume's or a store's incarnation
+
+
+def new_identity() -> bytes:
+    return os.urandom(IDENTITY_SIZE)

@@ -70,13 +70,17 @@ def test_health_and_listing(client: TestClient) -> None:
 def test_commit_pull_read_roundtrip(client: TestClient) -> None:
     r = post(client, "/v1/volumes/v/commit", commit_body("v", 0, 2, {0: page(1), 1: page(2)}))
     assert r.status_code == 200 and r.headers["content-type"] == "application/x-msgpack"
-    assert msgpack.unpackb(r.content) == {"lsn": 1}
+    committed = msgpack.unpackb(r.content)
+    identity = {"volume_id": committed["volume_id"], "store_id": committed["store_id"]}
+    assert committed == {"lsn": 1, **identity}
+    assert len(identity["volume_id"]) == len(identity["store_id"]) == 16
 
     snap = msgpack.unpackb(client.get("/v1/volumes/v").content)
-    assert snap == {"vid": "v", "lsn": 1, "page_count": 2}
+    assert snap == {"vid": "v", "lsn": 1, "page_count": 2, **identity}
 
     pulled = msgpack.unpackb(post(client, "/v1/volumes/v/pull", {"since": 0}).content)
     assert (pulled["vid"], pulled["lsn"], pulled["page_count"]) == ("v", 1, 2)
+    assert {"volume_id": pulled["volume_id"], "store_id": pulled["store_id"]} == identity
     assert BitMap.deserialize(pulled["graft"]) == BitMap([0, 1])
 
     r = post(client, "/v1/volumes/v/read", {"lsn": 1, "pages": BitMap([0, 1]).serialize()})
@@ -102,7 +106,7 @@ def test_segment_upload_then_commit_by_id(client: TestClient) -> None:
     body = commit_body("v", 0, 1, {0: page(3)})
     del body["segment"]
     body["segments"] = [sid]
-    assert msgpack.unpackb(post(client, "/v1/volumes/v/commit", body).content) == {"lsn": 1}
+    assert msgpack.unpackb(post(client, "/v1/volumes/v/commit", body).content)["lsn"] == 1
     r = client.post("/v1/segments", content=b"GRFTSEG1 but not really")
     assert r.status_code == 400 and r.json()["error"] == "invalid_request"
 
@@ -110,7 +114,7 @@ def test_segment_upload_then_commit_by_id(client: TestClient) -> None:
 def test_conflict_and_idempotent_retry(client: TestClient) -> None:
     first = commit_body("v", 0, 1, {0: page(1)})
     assert post(client, "/v1/volumes/v/commit", first).status_code == 200
-    assert msgpack.unpackb(post(client, "/v1/volumes/v/commit", first).content) == {"lsn": 1}
+    assert msgpack.unpackb(post(client, "/v1/volumes/v/commit", first).content)["lsn"] == 1
     r = post(client, "/v1/volumes/v/commit", commit_body("v", 0, 1, {0: page(2)}))
     assert r.status_code == 409
     assert r.json()["error"] == "conflict" and r.json()["latest_lsn"] == 1

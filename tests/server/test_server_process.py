@@ -68,6 +68,16 @@ def call(http: urllib3.PoolManager, method: str, url: str, body: object = None) 
     return r.status, msgpack.unpackb(r.data)
 
 
+def identity_of(answer: dict[str, Any]) -> dict[str, bytes]:
+    return {"volume_id": answer["volume_id"], "store_id": answer["store_id"]}
+
+
+def committed_lsn(answer: tuple[int, Any]) -> int | None:
+    """The LSN of a commit answered 200 (which also carries the volume's identity)."""
+    status, body = answer
+    return body["lsn"] if status == 200 else None
+
+
 def page(fill: int) -> bytes:
     return bytes([fill]) * PAGE_SIZE
 
@@ -84,7 +94,7 @@ def test_real_server_commit_and_read(tmp_path: Path) -> None:
     http = urllib3.PoolManager()
     with running_server(tmp_path / "store") as (proc, url):
         assert call(http, "GET", f"{url}/v1/health")[0] == 200
-        assert call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT) == (200, {"lsn": 1})
+        assert committed_lsn(call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT)) == 1
         status, answer = call(
             http,
             "POST",
@@ -96,12 +106,14 @@ def test_real_server_commit_and_read(tmp_path: Path) -> None:
         assert [dctx.decompress(frame) for _, _, _, frame in answer["pages"]] == [page(1), page(2)]
         status, error = call(http, "POST", f"{url}/v1/volumes/v/pull", b"not a map")
         assert (status, error["error"]) == (400, "invalid_request")
-        assert call(http, "GET", f"{url}/v1/volumes/v")[1]["lsn"] == 1
+        status, before = call(http, "GET", f"{url}/v1/volumes/v")
+        assert status == 200 and before["lsn"] == 1
     assert proc.returncode is not None
     with running_server(tmp_path / "store") as (_, url):  # the store outlives the process
+        # The same volume, identity included: a restart is not a new incarnation.
         assert call(http, "GET", f"{url}/v1/volumes/v") == (
             200,
-            {"vid": "v", "lsn": 1, "page_count": 2},
+            {"vid": "v", "lsn": 1, "page_count": 2, **identity_of(before)},
         )
 
 
@@ -111,7 +123,7 @@ def test_real_server_on_s3(seaweed) -> None:
     prefix = seaweed.new_prefix()
     options = {"args": ["--s3-endpoint", seaweed.endpoint], "env": s3_env()}
     with running_server(seaweed.spec(prefix), **options) as (_, url):
-        assert call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT) == (200, {"lsn": 1})
+        assert committed_lsn(call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT)) == 1
     with running_server(seaweed.spec(prefix), **options) as (_, url):  # outlives the process
         assert call(http, "GET", f"{url}/v1/volumes/v")[1]["lsn"] == 1
         assert call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT)[0] == 200  # a retry
@@ -129,6 +141,6 @@ def test_crash_mid_commit_then_retry(tmp_path: Path, point: str) -> None:
         status, _ = call(http, "GET", f"{url}/v1/volumes/v")
         assert status == (404 if point == "server.commit.after_segment" else 200)
         # The client retries with the same hash: applied exactly once either way.
-        assert call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT) == (200, {"lsn": 1})
+        assert committed_lsn(call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT)) == 1
         assert call(http, "GET", f"{url}/v1/volumes/v/log/1")[1]["hash"] == COMMIT["hash"]
         assert call(http, "GET", f"{url}/v1/volumes/v/log/2")[0] == 404

@@ -160,7 +160,7 @@ def test_never_written_page_reads_as_empty_frame(vols: Volumes, store: MemorySto
     # describe a sparse volume (written by an importer, say): holes read as zeros.
     data, entries = encode_segment([(1, page(5))])
     sid = upload_segment(store, data)
-    record = CommitRecord("v", 1, 3, bytes(32), 0.0, [SegmentRef(sid, entries)])
+    record = CommitRecord("v", bytes(16), 1, 3, bytes(32), 0.0, [SegmentRef(sid, entries)])
     store.put_if_absent(log_key("v", 1), record.encode())
     frames = vols.read("v", 1, BitMap([0, 1, 2]))
     assert [(f.page, f.version_lsn, f.crc, f.frame) for f in frames if f.page != 1] == [
