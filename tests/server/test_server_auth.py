@@ -274,7 +274,7 @@ def test_hashed_at_rest_with_owner_only_permissions(tokens) -> None:
     assert stat.S_IMODE(os.stat(tokens.path).st_mode) == 0o600
     entries = json.loads(text)["tokens"]
     assert [e["name"] for e in entries] == list(tokens)
-    assert entries[3]["volumes"] == ["orders", "logs"] and entries[0]["volumes"] == "orders*"
+    assert entries[3]["volumes"] == ["orders", "logs"] and entries[0]["volumes"] == ["orders*"]
 
 
 def test_edits_keep_the_file_mode_and_refuse_duplicate_names(tokens) -> None:
