@@ -161,7 +161,7 @@ class GraftFile:
             runtime = self.runtime
             if runtime.signal.value() != runtime.seen_signal:
                 runtime.catch_up()  # another process changed the cache directory
-            self.snap = self.fixed or self.vol.snapshot
+            self.snap = self.vol.pin(self, self.fixed) if self.remote_lsn is None else self.fixed
         elif level >= LOCK_RESERVED and not self.writing:
             self._begin_write()
         self.level = level
@@ -192,6 +192,7 @@ class GraftFile:
         if level < LOCK_RESERVED and self.writing:
             self._end_write()
         if level == LOCK_NONE:
+            self.vol.unpin(self)
             self.snap = None
         self.level = level
 
