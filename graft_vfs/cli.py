@@ -70,7 +70,7 @@ TOKEN = click.option(
     help="Bearer token for a server that requires one (env: GRAFT_TOKEN, which keeps it "
     "out of the process list).",
 )
-CACHE = click.option(
+CACHE_DIR = click.option(
     "--cache",
     "cache_dir",
     envvar="GRAFT_CACHE_DIR",
@@ -78,6 +78,26 @@ CACHE = click.option(
     show_default=True,
     help="Local cache directory (env: GRAFT_CACHE_DIR).",
 )
+CACHE_MAX = click.option(
+    "--cache-max",
+    envvar="GRAFT_CACHE_MAX",
+    default=None,
+    expose_value=False,  # read by _cache_max(), so the commands' signatures stay as they are
+    callback=lambda ctx, param, value: ctx.meta.__setitem__(
+        "graft.cache_max", None if value is None else parse_size(value, "--cache-max")
+    ),
+    help="Most page data the local cache keeps, e.g. 512MiB: clean pages are evicted least "
+    "recently used first, unpushed ones never (env: GRAFT_CACHE_MAX; default: no limit).",
+)
+
+
+def CACHE(fn: Callable[..., Any]) -> Callable[..., Any]:  # noqa: N802 (an option like the rest)
+    """``--cache`` and ``--cache-max``: where the local cache lives and what it may keep."""
+    return CACHE_DIR(CACHE_MAX(fn))
+
+
+def _cache_max() -> int | None:
+    return click.get_current_context().meta.get("graft.cache_max")
 
 
 def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -268,7 +288,10 @@ def sql(
     import graft_vfs
 
     con = graft_vfs.connect(
-        volume, remote=remote, cache_dir=cache_dir, options=graft_vfs.Options(token=token)
+        volume,
+        remote=remote,
+        cache_dir=cache_dir,
+        options=graft_vfs.Options(token=token, cache_max_bytes=_cache_max()),
     )
     cursor = con.cursor()
     for row in cursor.execute(statements):
@@ -298,7 +321,7 @@ def _json_value(v: Any) -> Any:
 def _open_volume(volume: str, remote: str | None, cache_dir: str, token: str | None) -> Any:
     from graft_vfs.runtime import Options, Runtime
 
-    runtime = Runtime(remote, cache_dir, Options(token=token))
+    runtime = Runtime(remote, cache_dir, Options(token=token, cache_max_bytes=_cache_max()))
     return runtime, runtime.volume(volume, create=False)
 
 

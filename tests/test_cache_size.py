@@ -1,0 +1,193 @@
+"""The local cache stays bounded: old versions are pruned, and a size limit evicts clean pages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import apsw
+import pytest
+
+import graft_vfs
+from graft_vfs.core.ids import PAGE_SIZE
+from graft_vfs.local import STORE_FILE
+
+ROWS = 40  # of about 1 KB: a database of a dozen pages
+COMMITS = 60  # each rewrites every leaf page, and is pushed
+
+
+def store_file(cache: str) -> str:
+    return os.path.join(cache, STORE_FILE)
+
+
+def cache_rows(cache: str) -> tuple[int, int]:
+    """(page rows, log rows) in a cache directory's store."""
+    con = apsw.Connection(store_file(cache), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return con.execute("SELECT (SELECT count(*) FROM pages), (SELECT count(*) FROM log)").fetchone()
+    finally:
+        con.close()
+
+
+def cached_pages(cache: str) -> dict[int, list[int]]:
+    """Page number -> local LSNs of the rows that hold data."""
+    con = apsw.Connection(store_file(cache), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        out: dict[int, list[int]] = {}
+        for pageno, lsn in con.execute(
+            "SELECT pageno, lsn FROM pages WHERE data IS NOT NULL ORDER BY pageno, lsn"
+        ):
+            out.setdefault(pageno, []).append(lsn)
+        return out
+    finally:
+        con.close()
+
+
+def file_pages_bound(page_rows: int) -> int:
+    """The most file pages a store of ``page_rows`` rows of one volume may take.
+
+    A 4 KiB page does not fit in a 4 KiB B-tree page: each row takes one overflow page
+    and about 500 bytes of a leaf (leaves at least half full after deletions: 4 rows
+    each). The schema, volumes, log and an interior page of pages: at most 8 more.
+    """
+    return page_rows + -(-page_rows // 4) + 8
+
+
+def push(con: apsw.Connection) -> dict:
+    return json.loads(con.execute("PRAGMA graft_push").fetchone()[0])
+
+
+def make_table(con: apsw.Connection, rows: int = ROWS) -> None:
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, n INTEGER, body TEXT)")
+    with con:
+        con.executemany(
+            "INSERT INTO t(n, body) VALUES (0, ?)", [(f"{i:04d}" * 250,) for i in range(rows)]
+        )
+    push(con)
+
+
+def reopen(con: apsw.Connection, vid: str, remote: str, cache: str, **options) -> apsw.Connection:
+    """A new client on the same cache directory: nothing in memory, everything from the file."""
+    name = con.open_vfs
+    con.close()
+    graft_vfs.unregister(name)
+    return graft_vfs.connect(
+        vid, remote=remote, cache_dir=cache, options=graft_vfs.Options(autopush=False, **options)
+    )
+
+
+def test_cache_of_a_small_database_stays_bounded_after_many_pushed_commits(
+    server, vid, tmp_path
+):
+    cache = str(tmp_path / "cache")
+    con = graft_vfs.connect(
+        vid, remote=server.url, cache_dir=cache, options=graft_vfs.Options(autopush=False)
+    )
+    make_table(con)
+    pages = con.execute("PRAGMA page_count").fetchone()[0]
+    for _ in range(COMMITS):
+        con.execute("UPDATE t SET n = n + 1")  # rewrites every leaf page
+        assert push(con)["pushed"]
+    # One version per page and one log row (the sync point) are all a snapshot reads;
+    # without pruning there would be a version per page per commit.
+    assert cache_rows(cache) == (pages, 1)
+    # The file holds those rows and no free pages.
+    con2 = apsw.Connection(store_file(cache), flags=apsw.SQLITE_OPEN_READONLY)
+    free, file_pages = (con2.execute(f"PRAGMA {p}").fetchone()[0]
+                        for p in ("freelist_count", "page_count"))
+    con2.close()
+    assert free == 0
+    assert os.path.getsize(store_file(cache)) == file_pages * PAGE_SIZE
+    assert file_pages <= file_pages_bound(pages), (file_pages, pages)
+    con = reopen(con, vid, server.url, cache)
+    assert con.execute("SELECT count(*), sum(n) FROM t").fetchone() == (ROWS, ROWS * COMMITS)
+    # DELETE + VACUUM shrinks the database, and the cache with it.
+    con.execute("DELETE FROM t")
+    con.execute("VACUUM")
+    assert push(con)["pushed"]
+    small = con.execute("PRAGMA page_count").fetchone()[0]
+    assert small < pages
+    assert cache_rows(cache) == (small, 1)
+    assert os.path.getsize(store_file(cache)) <= file_pages_bound(small) * PAGE_SIZE
+    other = graft_vfs.connect(vid, remote=server.url, cache_dir=str(tmp_path / "other"))
+    assert other.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    other.close()
+    con.close()
+    graft_vfs.unregister(other.open_vfs)
+    graft_vfs.unregister(con.open_vfs)
+
+
+LIMIT_PAGES = 4
+
+
+def leaf_pages(con: apsw.Connection) -> list[int]:
+    """Table t's leaf pages, as volume page numbers (SQLite counts from 1)."""
+    return [
+        p - 1
+        for (p,) in con.execute(
+            "SELECT pageno FROM dbstat WHERE name='t' AND pagetype='leaf' ORDER BY pageno"
+        )
+    ]
+
+
+def test_cache_max_bytes_evicts_clean_pages_least_recently_used_first(server, vid, tmp_path):
+    writer = graft_vfs.connect(
+        vid, remote=server.url, cache_dir=str(tmp_path / "w"), options=graft_vfs.Options()
+    )
+    make_table(writer, rows=80)
+    leaves = leaf_pages(writer)
+    assert len(leaves) >= 18
+    cache = str(tmp_path / "r")
+    options = {"cache_max_bytes": LIMIT_PAGES * PAGE_SIZE, "cache_pages": 0}
+    reader = graft_vfs.connect(
+        vid, remote=server.url, cache_dir=cache, options=graft_vfs.Options(autopush=False, **options)
+    )
+    vol = graft_vfs.runtime_of(reader.open_vfs).volume(vid, create=False)
+    lsn = vol.snapshot[0]
+    # Leaves read one by one (no stride for the prefetcher): the last four stay.
+    order = [leaves[i] for i in (3, 11, 6, 15, 1, 9)]
+    for p in order:
+        vol.read_page(p, lsn)
+    assert sorted(cached_pages(cache)) == sorted(order[-4:])
+    # A read from the file makes a page recently used: the next fetch evicts the page
+    # fetched longest ago instead (order[3]), not the one read longest ago (order[2]).
+    misses = vol.stats.cache_misses
+    vol.read_page(order[2], lsn)
+    assert vol.stats.cache_misses == misses  # from the file
+    vol.read_page(leaves[13], lsn)
+    assert sorted(cached_pages(cache)) == sorted([order[2], order[4], order[5], leaves[13]])
+
+    # Unpushed pages are never evicted, even when they alone exceed the limit.
+    reader.execute("UPDATE t SET n = -id WHERE id % 10 = 0")  # a row in every 2nd leaf or so
+    row = vol.refresh()
+    changed = set(vol.local.pending_changes(vol.id, row.sync_lsn, row.local_lsn))
+    assert len(changed) > LIMIT_PAGES
+    absent = next(p for p in leaves if p not in cached_pages(cache))
+    misses = vol.stats.cache_misses
+    vol.read_page(absent, row.local_lsn)
+    assert vol.stats.cache_misses == misses + 1  # a fetch, so an eviction pass
+    cached = cached_pages(cache)
+    unpushed = {p for p, lsns in cached.items() if max(lsns) > row.sync_lsn}
+    assert unpushed == changed
+    assert {p for p, lsns in cached.items() if min(lsns) <= row.sync_lsn} == set()
+
+    # Evicted pages come back from the server: a new client on the file reads every row
+    # right, fetching them again, and keeps no more than the unpushed pages.
+    reader = reopen(reader, vid, server.url, cache, **options)
+    expected = [
+        (i, -i if i % 10 == 0 else 0, f"{i - 1:04d}" * 250) for i in range(1, 81)
+    ]
+    assert reader.execute("SELECT id, n, body FROM t ORDER BY id").fetchall() == expected
+    stats = json.loads(reader.execute("PRAGMA graft_stats").fetchone()[0])
+    assert stats["cache_misses"] > 0
+    assert {p for p, lsns in cached_pages(cache).items() if min(lsns) <= row.sync_lsn} == set()
+    assert push(reader)["pushed"]
+    writer.execute("PRAGMA graft_pull").fetchall()
+    assert writer.execute("SELECT id, n, body FROM t ORDER BY id").fetchall() == expected
+    reader.close()
+    writer.close()
+    graft_vfs.unregister(reader.open_vfs)
+    graft_vfs.unregister(writer.open_vfs)
