@@ -69,11 +69,18 @@ def make_table(con: apsw.Connection, rows: int = ROWS) -> None:
     push(con)
 
 
+def close_clients(*cons: apsw.Connection) -> None:
+    """Close connections and their clients (so their cache files are closed too)."""
+    names = {con.open_vfs for con in cons}
+    for con in cons:
+        con.close()
+    for name in names:
+        graft_vfs.unregister(name)
+
+
 def reopen(con: apsw.Connection, vid: str, remote: str, cache: str, **options) -> apsw.Connection:
     """A new client on the same cache directory: nothing in memory, everything from the file."""
-    name = con.open_vfs
-    con.close()
-    graft_vfs.unregister(name)
+    close_clients(con)
     return graft_vfs.connect(
         vid, remote=remote, cache_dir=cache, options=graft_vfs.Options(autopush=False, **options)
     )
@@ -114,10 +121,7 @@ def test_cache_of_a_small_database_stays_bounded_after_many_pushed_commits(
     assert os.path.getsize(store_file(cache)) <= file_pages_bound(small) * PAGE_SIZE
     other = graft_vfs.connect(vid, remote=server.url, cache_dir=str(tmp_path / "other"))
     assert other.execute("SELECT count(*) FROM t").fetchone() == (0,)
-    other.close()
-    con.close()
-    graft_vfs.unregister(other.open_vfs)
-    graft_vfs.unregister(con.open_vfs)
+    close_clients(other, con)
 
 
 LIMIT_PAGES = 4
@@ -187,7 +191,108 @@ def test_cache_max_bytes_evicts_clean_pages_least_recently_used_first(server, vi
     assert push(reader)["pushed"]
     writer.execute("PRAGMA graft_pull").fetchall()
     assert writer.execute("SELECT id, n, body FROM t ORDER BY id").fetchall() == expected
-    reader.close()
-    writer.close()
-    graft_vfs.unregister(reader.open_vfs)
-    graft_vfs.unregister(writer.open_vfs)
+    close_clients(reader, writer)
+
+
+READER = textwrap.dedent(
+    """
+    import json, sys, graft_vfs
+    con = graft_vfs.connect(sys.argv[1], remote=sys.argv[2], cache_dir=sys.argv[3],
+                            options=graft_vfs.Options(autopush=False))
+    print("ready", flush=True)
+    for line in sys.stdin:
+        try:
+            print(json.dumps(con.execute(line).fetchall()), flush=True)
+        except Exception as exc:
+            print(json.dumps(f"{type(exc).__name__}: {exc}"), flush=True)
+    """
+)
+
+
+def test_pruning_keeps_what_readers_in_other_processes_and_past_snapshots_read(
+    server, vid, tmp_path
+):
+    cache = str(tmp_path / "shared")
+    con = graft_vfs.connect(
+        vid, remote=server.url, cache_dir=cache, options=graft_vfs.Options(autopush=False)
+    )
+    make_table(con)
+    con.execute("CREATE TABLE u(id INTEGER PRIMARY KEY, n INTEGER, body TEXT)")
+    with con:
+        con.executemany("INSERT INTO u(n, body) VALUES (0, ?)", [("u" * 1000,)] * ROWS)
+    base = push(con)["remote_lsn"]
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, vid, server.url, cache],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    def ask(sql: str):
+        assert reader.stdin is not None and reader.stdout is not None
+        reader.stdin.write(sql + "\n")
+        reader.stdin.flush()
+        return json.loads(reader.stdout.readline())
+
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == "ready\n"
+        assert ask("BEGIN") == []
+        assert ask("SELECT count(*) FROM t") == [[ROWS]]  # pins the snapshot at `base`
+        past = graft_vfs.connect(vid, remote=server.url, cache_dir=cache, lsn=base)
+        for _ in range(5):
+            con.execute("UPDATE u SET n = n + 1")
+            assert push(con)["pushed"]
+        # Table u was read by neither at their snapshot: its old versions were kept.
+        assert ask("SELECT sum(n) FROM u") == [[0]]
+        assert past.execute("SELECT sum(n) FROM u").fetchone() == (0,)
+        assert ask("COMMIT") == []
+        assert ask("SELECT sum(n) FROM u") == [[5 * ROWS]]
+        past.close()
+        con.execute("UPDATE u SET n = n + 1")
+        assert push(con)["pushed"]
+        pages = con.execute("PRAGMA page_count").fetchone()[0]
+        assert cache_rows(cache) == (pages, 1)
+        assert ask("SELECT sum(n) FROM u") == [[6 * ROWS]]
+    finally:
+        reader.kill()
+        reader.wait()
+        close_clients(con)
+
+
+def test_a_cache_made_before_pruning_is_upgraded_and_shrinks(server, vid, tmp_path):
+    cache = str(tmp_path / "cache")
+    options = graft_vfs.Options(autopush=False)
+    con = graft_vfs.connect(vid, remote=server.url, cache_dir=cache, options=options)
+    make_table(con)
+    pages = con.execute("PRAGMA page_count").fetchone()[0]
+    holder = graft_vfs.connect(vid, remote=server.url, cache_dir=cache)
+    holder.execute("BEGIN")
+    assert holder.execute("SELECT count(*) FROM t").fetchone() == (ROWS,)  # keeps history
+    for _ in range(20):
+        con.execute("UPDATE t SET n = n + 1")
+        assert push(con)["pushed"]
+    holder.execute("COMMIT")
+    con.execute("UPDATE t SET n = n + 1")  # not pushed
+    expected = con.execute("SELECT id, n, body FROM t ORDER BY id").fetchall()
+    close_clients(holder, con)
+    assert cache_rows(cache)[0] > 10 * pages
+    # What an earlier graft_vfs left: no eviction column, no incremental vacuum.
+    db = apsw.Connection(store_file(cache))
+    db.execute("ALTER TABLE pages DROP COLUMN used")
+    db.execute("PRAGMA journal_mode=DELETE").fetchall()
+    db.execute("PRAGMA auto_vacuum=NONE")
+    db.execute("VACUUM")
+    db.close()
+    before = os.path.getsize(store_file(cache))
+
+    con = graft_vfs.connect(vid, remote=server.url, cache_dir=cache, options=options)
+    assert con.execute("SELECT id, n, body FROM t ORDER BY id").fetchall() == expected
+    assert json.loads(con.execute("PRAGMA graft_status").fetchone()[0])["pending_push"] == 1
+    assert push(con)["pushed"]
+    assert cache_rows(cache) == (pages, 1)
+    db = apsw.Connection(store_file(cache), flags=apsw.SQLITE_OPEN_READONLY)
+    assert db.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # incremental
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    db.close()
+    assert os.path.getsize(store_file(cache)) <= file_pages_bound(pages) * PAGE_SIZE < before
+    close_clients(con)
