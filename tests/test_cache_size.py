@@ -296,3 +296,34 @@ def test_a_cache_made_before_pruning_is_upgraded_and_shrinks(server, vid, tmp_pa
     db.close()
     assert os.path.getsize(store_file(cache)) <= file_pages_bound(pages) * PAGE_SIZE < before
     close_clients(con)
+
+
+def graft(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "graft_vfs.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cache_max_flag_limits_what_the_cache_keeps(server, vid, tmp_path):
+    writer = graft_vfs.connect(vid, remote=server.url, cache_dir=str(tmp_path / "w"))
+    make_table(writer, rows=80)
+    pages = writer.execute("PRAGMA page_count").fetchone()[0]
+    close_clients(writer)
+    cache = str(tmp_path / "cache")
+    common = ("--remote", server.url, "--cache", cache)
+    bad = graft("hydrate", vid, *common, "--cache-max", "lots")
+    assert bad.returncode != 0 and "--cache-max" in bad.stderr and "is not a size" in bad.stderr
+    assert not os.path.exists(cache)  # refused before anything was opened
+    done = graft("hydrate", vid, *common, "--cache-max", "32KiB")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["pages_fetched"] == pages
+    assert sum(len(lsns) for lsns in cached_pages(cache).values()) == 32 * 1024 // PAGE_SIZE
+    rows = graft("sql", vid, "SELECT count(*), sum(length(body)) FROM t", *common, "--cache-max", "0")
+    assert rows.returncode == 0, rows.stderr
+    assert rows.stdout == f"80|{80 * 1000}\n"
+    assert cached_pages(cache) == {}
+
+
+def test_cache_max_bytes_must_be_a_number_of_bytes():
+    with pytest.raises(graft_vfs.InvalidRequest, match="cache_max_bytes=-1: give a number"):
+        graft_vfs.Options(cache_max_bytes=-1)
