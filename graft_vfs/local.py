@@ -60,7 +60,7 @@ LOCK_DIR = "locks"
 
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's write
 WAL_KEEP_BYTES = 1 << 20  # the -wal file is cut back to this after a checkpoint
-PIN_SLOTS = 1024  # volumes open at once, over all processes sharing a cache directory
+PIN_SLOTS = 4096  # connections open at once, over all processes sharing a cache directory
 NO_PIN = 2**64 - 1
 PRUNE_BATCH_PAGES = 4096  # distinct pages one maintenance pass prunes old versions of
 EVICT_BATCH_PAGES = 4096  # pages one maintenance pass evicts
@@ -249,40 +249,50 @@ class WriterLock:
         os.close(self._fd)
 
 
-_SLOT = struct.Struct("<QQ")  # volume id + 1 (0: free), lowest pinned local LSN
+_SLOT = struct.Struct("<QQ")  # volume id + 1 (0: free), pinned local LSN (NO_PIN: none)
+_SIGNAL = struct.Struct("<Q")
 
 
 class PinSlot:
-    """One volume's entry in the pin table, owned by this process while it has it open."""
+    """One reader's entry in the pin table (a connection, or a hydrate in progress)."""
 
     def __init__(self, table: PinTable, index: int, fd: int) -> None:
-        self._table = table
         self.index = index
-        self._fd = fd
+        self.fd = fd
+        self._map = table.map
+        self._offset = 8 + index * _SLOT.size
+        self._fence = threading.Lock()
+        self.clear()
 
-    def publish(self, v: int, lsn: int) -> None:
-        """Make ``lsn`` (NO_PIN: none) the lowest snapshot of volume ``v`` read here."""
-        _SLOT.pack_into(self._table.map, 8 + self.index * _SLOT.size, v + 1, lsn)
+    def pin(self, v: int, lsn: int) -> int:
+        """Publish that this reader reads ``lsn`` of volume ``v``; returns the prune signal.
 
-    def release(self) -> None:
-        self.publish(-1, NO_PIN)
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
+        The signal is read after the pin is written, with a lock released in between:
+        a locked instruction, so a full barrier on x86-64.
+        """
+        with self._fence:
+            _SLOT.pack_into(self._map, self._offset, v + 1, lsn)
+        return _SIGNAL.unpack_from(self._map)[0]
+
+    def unpin(self) -> None:
+        _SLOT.pack_into(self._map, self._offset, 0, NO_PIN)
+
+    clear = unpin
 
 
 class PinTable:
     """The snapshots that readers in every process sharing a cache directory still read.
 
-    A shared memory map: eight bytes of *prune signal*, then one slot per open volume
-    per process holding the lowest local LSN a reader there has pinned. A slot belongs
-    to whoever holds the flock of its lock file, so the slot of a process that died is
-    seen as free. Maintenance and readers follow a hazard-pointer protocol: a reader
-    publishes its pin, then reads the signal; maintenance changes the signal (holding
-    the store's write lock), then reads the pins. So either maintenance sees the pin, or
-    the reader sees a new signal and checks its snapshot once the maintenance has
-    committed. Both sides take a lock between their write and their read, a full
-    barrier on x86-64, so neither can miss the other. Publishing and checking are
-    memory accesses: the per-transaction hot path stays free of system calls.
+    A shared memory map: eight bytes of *prune signal*, then one slot per reader (a
+    connection) holding the local LSN its transaction reads. A slot belongs to whoever
+    holds the flock of its lock file, so the slot of a process that died is ignored.
+    Maintenance and readers follow a hazard-pointer protocol: a reader writes its pin,
+    then reads the signal; maintenance changes the signal (holding the store's write
+    lock), then reads the pins. So either maintenance sees the pin, or the reader sees a
+    new signal and checks its snapshot once the maintenance has committed. Both sides
+    take a lock between their write and their read, a full barrier on x86-64, so
+    neither can miss the other. Pinning is two memory accesses and a lock: the
+    per-transaction hot path stays free of system calls.
     """
 
     def __init__(self, path: str, lock_dir: str) -> None:
@@ -296,13 +306,22 @@ class PinTable:
             os.close(fd)
         self._lock_dir = lock_dir
         self._fence = threading.Lock()
+        self._lock = threading.Lock()
+        self._spare: list[PinSlot] = []  # slots this process owns and does not use now
+        self._owned: list[PinSlot] = []
 
     def _lock_path(self, index: int) -> str:
         return os.path.join(self._lock_dir, f"pin-{index}.lock")
 
-    def claim(self) -> PinSlot:
-        """A free slot, owned until released (or until this process ends)."""
+    def take(self) -> PinSlot:
+        """A free slot, owned by this process until it gives it back or ends."""
+        with self._lock:
+            if self._spare:
+                return self._spare.pop()
+            taken = {slot.index for slot in self._owned}
         for index in range(PIN_SLOTS):
+            if index in taken:
+                continue
             fd = os.open(self._lock_path(index), os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -310,17 +329,19 @@ class PinTable:
                 os.close(fd)
                 continue
             slot = PinSlot(self, index, fd)
-            slot.publish(-1, NO_PIN)
+            with self._lock:
+                self._owned.append(slot)
             return slot
         raise StorageError(
-            f"more than {PIN_SLOTS} volumes are open on one cache directory at once: close "
-            "some, or give some processes a cache directory of their own"
+            f"more than {PIN_SLOTS} connections are open on one cache directory at once: "
+            "close some, or give some processes a cache directory of their own"
         )
 
-    def signal(self) -> int:
-        """The prune signal, read after a barrier (after a pin was published)."""
-        with self._fence:
-            return struct.unpack_from("<Q", self.map)[0]
+    def give(self, slot: PinSlot) -> None:
+        with self._lock:
+            if slot in self._owned:  # not closed since
+                slot.clear()
+                self._spare.append(slot)
 
     def bump(self) -> None:
         # Random like ChangeSignal: racing read-modify-writes cannot restore a seen value.
@@ -329,11 +350,11 @@ class PinTable:
     def lowest(self, v: int) -> int | None:
         """The lowest local LSN of volume ``v`` pinned by a live process, after a barrier."""
         with self._fence:
-            low = NO_PIN
-            for index in range(PIN_SLOTS):
-                vid, lsn = _SLOT.unpack_from(self.map, 8 + index * _SLOT.size)
-                if vid == v + 1 and lsn < low and self._alive(index):
-                    low = lsn
+            slots = bytes(self.map[8:])
+        low = NO_PIN
+        for index, (vid, lsn) in enumerate(_SLOT.iter_unpack(slots)):
+            if vid == v + 1 and lsn < low and self._alive(index):
+                low = lsn
         return None if low == NO_PIN else low
 
     def _alive(self, index: int) -> bool:
@@ -347,9 +368,14 @@ class PinTable:
             return True
         finally:
             os.close(fd)
-        return False  # its process ended without releasing the slot
+        return False  # its process ended without clearing the slot
 
     def close(self) -> None:
+        with self._lock:
+            owned, self._owned, self._spare = self._owned, [], []
+        for slot in owned:
+            slot.clear()
+            os.close(slot.fd)  # and so its flock
         self.map.close()
 
 

@@ -27,7 +27,7 @@ from graft_vfs.core.pages import ZERO_PAGE
 from graft_vfs.errors import SnapshotExpired
 from graft_vfs.faults import crash_point
 from graft_vfs.link import Link
-from graft_vfs.local import NO_PIN, USAGE_LOG, VolumeRow
+from graft_vfs.local import USAGE_LOG, PinSlot, VolumeRow
 from graft_vfs.prefetch import FrameSizer, Prefetcher
 from graft_vfs.remote import Remote, Transfer
 
@@ -68,6 +68,10 @@ class Stats:
             self.bytes_fetched += t.bytes_received
 
 
+class _Reader:
+    """A reader of the volume's latest snapshot that is not a connection (a hydrate)."""
+
+
 class Volume:
     """A volume opened by a runtime; shared by all its connections in the process."""
 
@@ -89,11 +93,10 @@ class Volume:
         self.prefetcher = Prefetcher()
         self.frames = FrameSizer()
         self.last_error: str | None = None
-        self._pins: dict[int, int] = {}  # id(owner) -> local LSN it reads
         self._fixed: set[int] = set()  # owners pinned for their lifetime (lsn=N)
         # (prune signal, log start): snapshots from there on were readable at that signal.
         self._checked: tuple[int | None, int] = (None, 0)
-        self._slot = self.local.pins.claim()
+        self._slots: dict[int, PinSlot] = {}  # id(owner) -> its slot in the pin table
         self._used: OrderedDict[int, tuple[int, int]] = OrderedDict()  # page -> (row, ns)
         self._used_lock = threading.Lock()
         self.local.track_usage(self.id, self._take_usage)
@@ -108,15 +111,10 @@ class Volume:
         version a pinned snapshot reads (see local.PinTable).
         """
         key = id(owner)
+        slot = self._slots.get(key) or self._slot_for(owner, key, fixed is not None)
         while True:
             snap = fixed or self.snapshot
-            with self.lock:
-                if fixed is not None and key not in self._fixed:
-                    self._fixed.add(key)
-                    weakref.finalize(owner, self._drop_pin, key)
-                self._pins[key] = snap[0]
-                self._publish()
-            signal = self.local.pins.signal()
+            signal = slot.pin(self.id, snap[0])
             checked_signal, floor = self._checked
             if signal != checked_signal:
                 # Maintenance ran since the last check, or is running: once it has
@@ -126,7 +124,7 @@ class Volume:
             if snap[0] >= floor:
                 return snap
             if fixed is not None:
-                self._drop_pin(key)
+                slot.unpin()
                 raise SnapshotExpired(
                     f"local LSN {snap[0]} of volume {self.vid!r} was compacted away while "
                     "the connection opened: open it again (it then reads from the server)"
@@ -136,18 +134,26 @@ class Volume:
     def unpin(self, owner: object) -> None:
         """``owner``'s transaction ended (a lifetime pin stays until ``owner`` goes)."""
         key = id(owner)
-        with self.lock:
-            if key not in self._fixed and self._pins.pop(key, None) is not None:
-                self._publish()
+        if key not in self._fixed:
+            slot = self._slots.get(key)
+            if slot is not None:
+                slot.unpin()
 
-    def _drop_pin(self, key: int) -> None:
+    def _slot_for(self, owner: object, key: int, lifetime: bool) -> PinSlot:
+        slot = self.local.pins.take()
         with self.lock:
+            self._slots[key] = slot
+            if lifetime:
+                self._fixed.add(key)
+        weakref.finalize(owner, self._forget, key)
+        return slot
+
+    def _forget(self, key: int) -> None:
+        with self.lock:
+            slot = self._slots.pop(key, None)
             self._fixed.discard(key)
-            if self._pins.pop(key, None) is not None:
-                self._publish()
-
-    def _publish(self) -> None:
-        self._slot.publish(self.id, min(self._pins.values(), default=NO_PIN))
+        if slot is not None:
+            self.local.pins.give(slot)
 
     def _take_usage(self) -> list[tuple[int, int, int]]:
         with self._used_lock:
@@ -231,7 +237,7 @@ class Volume:
         Requests of up to MAX_PAGES_PER_READ pages run ``workers`` at a time.
         """
         remote = self.runtime.require_remote()
-        token = object()
+        token = _Reader()
         lsn, page_count = self.pin(token)
         try:
             return self._hydrate(remote, lsn, page_count, progress, workers)
@@ -337,7 +343,6 @@ class Volume:
 
     def close(self) -> None:
         self.local.track_usage(self.id, None)
-        self._slot.release()
         self._writer_file.close()
 
     def commit(self, base: int, pages: dict[int, bytes], page_count: int) -> tuple[int, int]:
