@@ -262,7 +262,7 @@ class PinSlot:
         self._map = table.map
         self._offset = 8 + index * _SLOT.size
         self._fence = threading.Lock()
-        self.clear()
+        self.unpin()
 
     def pin(self, v: int, lsn: int) -> int:
         """Publish that this reader reads ``lsn`` of volume ``v``; returns the prune signal.
@@ -276,8 +276,6 @@ class PinSlot:
 
     def unpin(self) -> None:
         _SLOT.pack_into(self._map, self._offset, 0, NO_PIN)
-
-    clear = unpin
 
 
 class PinTable:
@@ -306,7 +304,8 @@ class PinTable:
             os.close(fd)
         self._lock_dir = lock_dir
         self._fence = threading.Lock()
-        self._lock = threading.Lock()
+        # Reentrant: a connection collected (and its slot given back) while taking one.
+        self._lock = threading.RLock()
         self._spare: list[PinSlot] = []  # slots this process owns and does not use now
         self._owned: list[PinSlot] = []
 
@@ -340,7 +339,7 @@ class PinTable:
     def give(self, slot: PinSlot) -> None:
         with self._lock:
             if slot in self._owned:  # not closed since
-                slot.clear()
+                slot.unpin()
                 self._spare.append(slot)
 
     def bump(self) -> None:
@@ -374,7 +373,7 @@ class PinTable:
         with self._lock:
             owned, self._owned, self._spare = self._owned, [], []
         for slot in owned:
-            slot.clear()
+            slot.unpin()
             os.close(slot.fd)  # and so its flock
         self.map.close()
 
@@ -747,7 +746,7 @@ class LocalStore:
                 self._fetched += len(rows)
                 due = self._fetched * PAGE_SIZE * EVICT_CHECKS >= max(self.max_bytes, PAGE_SIZE)
             if due:
-                self.maintain(v)
+                self._maintain_quietly(v)
 
     @_boundary
     def missing_pages(self, v: int, lsn: int, page_count: int) -> dict[int, int | None]:
@@ -978,11 +977,8 @@ class LocalStore:
             return 0
         pages = BitMap()
         end = start
-        for lsn, _, remote_lsn, bitmap in (
-            (r[1], r[2], r[3], r[4]) for r in self._log_rows(
-                "v=? AND lsn>? AND lsn<=? ORDER BY lsn", (v, start, floor)
-            )
-        ):
+        rows = self._log_rows("v=? AND lsn>? AND lsn<=? ORDER BY lsn", (v, start, floor))
+        for _, lsn, _, remote_lsn, bitmap in rows:
             pages |= decode_graft(bitmap)
             if remote_lsn is not None:
                 end = lsn
