@@ -41,8 +41,7 @@ class Options:
 
     def __post_init__(self) -> None:
         limit = self.cache_max_bytes
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
-                                  or limit < 0):
+        if limit is not None and (type(limit) is not int or limit < 0):  # a bool is no size
             raise InvalidRequest(
                 f"cache_max_bytes={limit!r}: give a number of bytes >= 0, or None for no limit"
             )

@@ -27,7 +27,9 @@ def cache_rows(cache: str) -> tuple[int, int]:
     """(page rows, log rows) in a cache directory's store."""
     con = apsw.Connection(store_file(cache), flags=apsw.SQLITE_OPEN_READONLY)
     try:
-        return con.execute("SELECT (SELECT count(*) FROM pages), (SELECT count(*) FROM log)").fetchone()
+        return con.execute(
+            "SELECT (SELECT count(*) FROM pages), (SELECT count(*) FROM log)"
+        ).fetchone()
     finally:
         con.close()
 
@@ -103,8 +105,9 @@ def test_cache_of_a_small_database_stays_bounded_after_many_pushed_commits(
     assert cache_rows(cache) == (pages, 1)
     # The file holds those rows and no free pages.
     con2 = apsw.Connection(store_file(cache), flags=apsw.SQLITE_OPEN_READONLY)
-    free, file_pages = (con2.execute(f"PRAGMA {p}").fetchone()[0]
-                        for p in ("freelist_count", "page_count"))
+    free, file_pages = (
+        con2.execute(f"PRAGMA {p}").fetchone()[0] for p in ("freelist_count", "page_count")
+    )
     con2.close()
     assert free == 0
     assert os.path.getsize(store_file(cache)) == file_pages * PAGE_SIZE
@@ -147,7 +150,10 @@ def test_cache_max_bytes_evicts_clean_pages_least_recently_used_first(server, vi
     cache = str(tmp_path / "r")
     options = {"cache_max_bytes": LIMIT_PAGES * PAGE_SIZE, "cache_pages": 0}
     reader = graft_vfs.connect(
-        vid, remote=server.url, cache_dir=cache, options=graft_vfs.Options(autopush=False, **options)
+        vid,
+        remote=server.url,
+        cache_dir=cache,
+        options=graft_vfs.Options(autopush=False, **options),
     )
     vol = graft_vfs.runtime_of(reader.open_vfs).volume(vid, create=False)
     lsn = vol.snapshot[0]
@@ -318,7 +324,8 @@ def test_cache_max_flag_limits_what_the_cache_keeps(server, vid, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["pages_fetched"] == pages
     assert sum(len(lsns) for lsns in cached_pages(cache).values()) == 32 * 1024 // PAGE_SIZE
-    rows = graft("sql", vid, "SELECT count(*), sum(length(body)) FROM t", *common, "--cache-max", "0")
+    query = "SELECT count(*), sum(length(body)) FROM t"
+    rows = graft("sql", vid, query, *common, "--cache-max", "0")
     assert rows.returncode == 0, rows.stderr
     assert rows.stdout == f"80|{80 * 1000}\n"
     assert cached_pages(cache) == {}
