@@ -78,13 +78,14 @@ CACHE_DIR = click.option(
     show_default=True,
     help="Local cache directory (env: GRAFT_CACHE_DIR).",
 )
+_CACHE_MAX_KEY = "graft.cache_max"  # where --cache-max leaves its value in click's context
 CACHE_MAX = click.option(
     "--cache-max",
     envvar="GRAFT_CACHE_MAX",
     default=None,
     expose_value=False,  # read by _cache_max(), so the commands' signatures stay as they are
     callback=lambda ctx, param, value: ctx.meta.__setitem__(
-        "graft.cache_max", None if value is None else parse_size(value, "--cache-max")
+        _CACHE_MAX_KEY, None if value is None else parse_size(value, "--cache-max")
     ),
     help="Most page data the local cache keeps, e.g. 512MiB: clean pages are evicted least "
     "recently used first, unpushed ones never (env: GRAFT_CACHE_MAX; default: no limit).",
@@ -97,7 +98,7 @@ def CACHE(fn: Callable[..., Any]) -> Callable[..., Any]:  # noqa: N802 (an optio
 
 
 def _cache_max() -> int | None:
-    return click.get_current_context().meta.get("graft.cache_max")
+    return click.get_current_context().meta.get(_CACHE_MAX_KEY)
 
 
 def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:

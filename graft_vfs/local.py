@@ -360,7 +360,7 @@ class PinTable:
         try:
             fd = os.open(self._lock_path(index), os.O_RDWR)
         except FileNotFoundError:
-            return False
+            return True  # deleted behind its owner's back: keep its pin, to be safe
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
