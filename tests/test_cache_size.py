@@ -334,3 +334,27 @@ def test_cache_max_flag_limits_what_the_cache_keeps(server, vid, tmp_path):
 def test_cache_max_bytes_must_be_a_number_of_bytes():
     with pytest.raises(graft_vfs.InvalidRequest, match="cache_max_bytes=-1: give a number"):
         graft_vfs.Options(cache_max_bytes=-1)
+
+
+def test_a_limited_cache_follows_a_writer_with_every_row_right(server, vid, tmp_path):
+    writer = graft_vfs.connect(
+        vid,
+        remote=server.url,
+        cache_dir=str(tmp_path / "w"),
+        options=graft_vfs.Options(autopush=False),
+    )
+    make_table(writer, rows=80)
+    options = graft_vfs.Options(cache_max_bytes=3 * PAGE_SIZE, cache_pages=0, autopush=False)
+    cache = str(tmp_path / "r")
+    reader = graft_vfs.connect(vid, remote=server.url, cache_dir=cache, options=options)
+    query = "SELECT id, n, body FROM t ORDER BY id"
+    for i in range(6):
+        writer.execute("UPDATE t SET n = n + ? WHERE id % 3 = ?", (i + 1, i % 3))
+        assert push(writer)["pushed"]
+        assert json.loads(reader.execute("PRAGMA graft_pull").fetchone()[0])["pulled"]
+        assert reader.execute(query).fetchall() == writer.execute(query).fetchall()
+        assert sum(len(lsns) for lsns in cached_pages(cache).values()) <= 3
+    pages = reader.execute("PRAGMA page_count").fetchone()[0]
+    page_rows, log_rows = cache_rows(cache)
+    assert log_rows == 1 and page_rows <= pages  # one row (data or marker) per page at most
+    close_clients(reader, writer)
