@@ -51,7 +51,14 @@ from pyroaring import BitMap
 
 from graft_vfs.core.graft import decode_graft, encode_graft
 from graft_vfs.core.ids import PAGE_SIZE
-from graft_vfs.errors import Busy, CorruptData, Diverged, GraftError, StorageError
+from graft_vfs.errors import (
+    Busy,
+    CorruptData,
+    Diverged,
+    GraftError,
+    SnapshotExpired,
+    StorageError,
+)
 
 STORE_FILE = "graft-cache.db"
 SIGNAL_FILE = "graft-cache.signal"
@@ -693,6 +700,12 @@ class LocalStore:
             rows = self._log_rows(
                 "v=? AND lsn<=? AND remote_lsn IS NOT NULL ORDER BY lsn DESC LIMIT 1", (v, lsn)
             )
+            if not rows and lsn < self._log_start(v):
+                raise SnapshotExpired(
+                    f"local LSN {lsn} of volume {v} is older than the local log, which "
+                    "maintenance compacted (another process pushed or pulled): a new "
+                    "transaction reads the latest snapshot"
+                )
         if not rows:
             raise self._corrupt(f"the log of volume {v} has no sync point at or before {lsn}")
         return rows[0][1], rows[0][3]
