@@ -78,7 +78,7 @@ TOKEN = click.option(
     help="Bearer token for a server that requires one (env: GRAFT_TOKEN, which keeps it "
     "out of the process list).",
 )
-CACHE = click.option(
+CACHE_DIR = click.option(
     "--cache",
     "cache_dir",
     envvar="GRAFT_CACHE_DIR",
@@ -86,6 +86,27 @@ CACHE = click.option(
     show_default=True,
     help="Local cache directory (env: GRAFT_CACHE_DIR).",
 )
+_CACHE_MAX_KEY = "graft.cache_max"  # where --cache-max leaves its value in click's context
+CACHE_MAX = click.option(
+    "--cache-max",
+    envvar="GRAFT_CACHE_MAX",
+    default=None,
+    expose_value=False,  # read by _cache_max(), so the commands' signatures stay as they are
+    callback=lambda ctx, param, value: ctx.meta.__setitem__(
+        _CACHE_MAX_KEY, None if value is None else parse_size(value, "--cache-max")
+    ),
+    help="Most page data the local cache keeps, e.g. 512MiB: clean pages are evicted least "
+    "recently used first, unpushed ones never (env: GRAFT_CACHE_MAX; default: no limit).",
+)
+
+
+def CACHE(fn: Callable[..., Any]) -> Callable[..., Any]:  # noqa: N802 (an option like the rest)
+    """``--cache`` and ``--cache-max``: where the local cache lives and what it may keep."""
+    return CACHE_DIR(CACHE_MAX(fn))
+
+
+def _cache_max() -> int | None:
+    return click.get_current_context().meta.get(_CACHE_MAX_KEY)
 
 
 class Interrupted(click.ClickException):
@@ -446,7 +467,9 @@ def sql(
             create=create,
             # This command pushes what it wrote itself, and nothing else: a read must
             # not fail, nor wait, because of earlier commits that cannot be pushed.
-            options=graft_vfs.Options(token=token, autopush=False),
+            options=graft_vfs.Options(
+                token=token, autopush=False, cache_max_bytes=_cache_max()
+            ),
         )
     except apsw.CantOpenError as exc:
         if isinstance(exc.__cause__, VolumeNotFound):
@@ -500,7 +523,8 @@ def _open_volume(volume: str, remote: str | None, cache_dir: str, token: str | N
     from graft_vfs.runtime import Options, Runtime
 
     # No background push: each command does what it says and nothing else.
-    runtime = Runtime(remote, cache_dir, Options(token=token, autopush=False))
+    runtime = Runtime(remote, cache_dir, Options(token=token, autopush=False, cache_max_bytes=_cache_max())
+    )
     try:
         return runtime, runtime.volume(volume, create=False)
     except VolumeNotFound:

@@ -11,6 +11,15 @@ holds the page's content from local LSN ``lsn`` until the next row of that page,
 reading a page at snapshot S is "the latest row at or before S"; a row with NULL data
 is a page known to have changed whose content has not been fetched yet.
 
+Size. Maintenance (after pushes, pulls and resets, and after fetches when the cache has
+a size limit) keeps only the versions a live snapshot can still read: below the
+volume's *floor*, the latest sync point at or before both ``sync_lsn`` and the oldest
+snapshot any process sharing the directory has pinned (``PinTable``), each page keeps
+its latest row and the log keeps nothing. Over the size limit, clean pages (rows at or
+before the floor, which the server can give back) become markers again, least recently
+used first; unpushed rows are never touched. Freed file pages go back to the file system
+with ``PRAGMA incremental_vacuum``. Each pass does a bounded amount of work.
+
 Damage. Every row carries a CRC-32 of its key and contents (``crc``), checked whenever
 the row is read; together with SQLite's own checks of its file structure, a cache
 damaged on disk raises ``CorruptData`` naming the file and the fix (delete the cache
@@ -33,6 +42,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -45,11 +55,30 @@ from pyroaring import BitMap
 
 from graft_vfs.core.graft import decode_graft, encode_graft
 from graft_vfs.core.identity import Identity
-from graft_vfs.errors import Busy, CorruptData, Diverged, GraftError, StorageError
+from graft_vfs.core.ids import PAGE_SIZE
+from graft_vfs.errors import (
+    Busy,
+    CorruptData,
+    Diverged,
+    GraftError,
+    SnapshotExpired,
+    StorageError,
+)
 
 STORE_FILE = "graft-cache.db"
 SIGNAL_FILE = "graft-cache.signal"
+PINS_FILE = "graft-cache.pins"
 LOCK_DIR = "locks"
+
+BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's write
+WAL_KEEP_BYTES = 1 << 20  # the -wal file is cut back to this after a checkpoint
+PIN_SLOTS = 4096  # connections open at once, over all processes sharing a cache directory
+NO_PIN = 2**64 - 1
+PRUNE_BATCH_PAGES = 4096  # distinct pages one maintenance pass prunes old versions of
+EVICT_BATCH_PAGES = 4096  # pages one maintenance pass evicts
+VACUUM_BATCH_PAGES = 4096  # free file pages one maintenance pass returns to the file system
+USAGE_LOG = 4096  # page reads from the cache file remembered for eviction order
+EVICT_CHECKS = 16  # eviction passes while fetches fill a cache of the limit's size
 
 # PRAGMA user_version of the store. 0: the first format; 1: every row has a crc;
 # 2: the origins table (the identity of each volume's server side).
@@ -105,6 +134,10 @@ UPDATE volumes SET crc = graft_volume_crc(id, vid, local_lsn, sync_lsn, remote_l
 UPDATE log SET crc = graft_log_crc(v, lsn, page_count, remote_lsn, pages);
 UPDATE pages SET crc = graft_page_crc(v, pageno, lsn, data);
 """
+
+# Added to stores of any format when missing: eviction order (ns since the epoch of the
+# last read or write of the row; a damaged value only changes what is evicted first).
+_ADD_USED = "ALTER TABLE pages ADD COLUMN used INTEGER NOT NULL DEFAULT 0"
 
 _KEY3 = struct.Struct("<qqq")
 _KEY4 = struct.Struct("<qqqq")
@@ -245,32 +278,173 @@ class WriterLock:
         os.close(self._fd)
 
 
+_SLOT = struct.Struct("<QQ")  # volume id + 1 (0: free), pinned local LSN (NO_PIN: none)
+_SIGNAL = struct.Struct("<Q")
+
+
+class PinSlot:
+    """One reader's entry in the pin table (a connection, or a hydrate in progress)."""
+
+    def __init__(self, table: PinTable, index: int, fd: int) -> None:
+        self.index = index
+        self.fd = fd
+        self._map = table.map
+        self._offset = 8 + index * _SLOT.size
+        self._fence = threading.Lock()
+        self.unpin()
+
+    def pin(self, v: int, lsn: int) -> int:
+        """Publish that this reader reads ``lsn`` of volume ``v``; returns the prune signal.
+
+        The signal is read after the pin is written, with a lock released in between:
+        a locked instruction, so a full barrier on x86-64.
+        """
+        with self._fence:
+            _SLOT.pack_into(self._map, self._offset, v + 1, lsn)
+        return _SIGNAL.unpack_from(self._map)[0]
+
+    def unpin(self) -> None:
+        _SLOT.pack_into(self._map, self._offset, 0, NO_PIN)
+
+
+class PinTable:
+    """The snapshots that readers in every process sharing a cache directory still read.
+
+    A shared memory map: eight bytes of *prune signal*, then one slot per reader (a
+    connection) holding the local LSN its transaction reads. A slot belongs to whoever
+    holds the flock of its lock file, so the slot of a process that died is ignored.
+    Maintenance and readers follow a hazard-pointer protocol: a reader writes its pin,
+    then reads the signal; maintenance changes the signal (holding the store's write
+    lock), then reads the pins. So either maintenance sees the pin, or the reader sees a
+    new signal and checks its snapshot once the maintenance has committed. Both sides
+    take a lock between their write and their read, a full barrier on x86-64, so
+    neither can miss the other. Pinning is two memory accesses and a lock: the
+    per-transaction hot path stays free of system calls.
+    """
+
+    def __init__(self, path: str, lock_dir: str) -> None:
+        size = 8 + PIN_SLOTS * _SLOT.size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._lock_dir = lock_dir
+        self._fence = threading.Lock()
+        # Reentrant: a connection collected (and its slot given back) while taking one.
+        self._lock = threading.RLock()
+        self._spare: list[PinSlot] = []  # slots this process owns and does not use now
+        self._owned: list[PinSlot] = []
+
+    def _lock_path(self, index: int) -> str:
+        return os.path.join(self._lock_dir, f"pin-{index}.lock")
+
+    def take(self) -> PinSlot:
+        """A free slot, owned by this process until it gives it back or ends."""
+        with self._lock:
+            if self._spare:
+                return self._spare.pop()
+            taken = {slot.index for slot in self._owned}
+        for index in range(PIN_SLOTS):
+            if index in taken:
+                continue
+            fd = os.open(self._lock_path(index), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            slot = PinSlot(self, index, fd)
+            with self._lock:
+                self._owned.append(slot)
+            return slot
+        raise StorageError(
+            f"more than {PIN_SLOTS} connections are open on one cache directory at once: "
+            "close some, or give some processes a cache directory of their own"
+        )
+
+    def give(self, slot: PinSlot) -> None:
+        with self._lock:
+            if slot in self._owned:  # not closed since
+                slot.unpin()
+                self._spare.append(slot)
+
+    def bump(self) -> None:
+        # Random like ChangeSignal: racing read-modify-writes cannot restore a seen value.
+        self.map[:8] = os.urandom(8)
+
+    def lowest(self, v: int) -> int | None:
+        """The lowest local LSN of volume ``v`` pinned by a live process, after a barrier."""
+        with self._fence:
+            slots = bytes(self.map[8:])
+        low = NO_PIN
+        for index, (vid, lsn) in enumerate(_SLOT.iter_unpack(slots)):
+            if vid == v + 1 and lsn < low and self._alive(index):
+                low = lsn
+        return None if low == NO_PIN else low
+
+    def _alive(self, index: int) -> bool:
+        try:
+            fd = os.open(self._lock_path(index), os.O_RDWR)
+        except FileNotFoundError:
+            return True  # deleted behind its owner's back: keep its pin, to be safe
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False  # its process ended without clearing the slot
+
+    def close(self) -> None:
+        with self._lock:
+            owned, self._owned, self._spare = self._owned, [], []
+        for slot in owned:
+            slot.unpin()
+            os.close(slot.fd)  # and so its flock
+        self.map.close()
+
+
 class LocalStore:
     """One cache directory's durable store; thread-safe, and shareable by processes."""
 
-    def __init__(self, cache_dir: str) -> None:
+    def __init__(self, cache_dir: str, max_bytes: int | None = None) -> None:
         self.cache_dir = cache_dir
         self.path = os.path.join(cache_dir, STORE_FILE)
+        self.max_bytes = max_bytes  # page data kept at most (None: no limit)
         try:
             os.makedirs(os.path.join(cache_dir, LOCK_DIR), exist_ok=True)
             self.signal = ChangeSignal(os.path.join(cache_dir, SIGNAL_FILE))
+            self.pins = PinTable(
+                os.path.join(cache_dir, PINS_FILE), os.path.join(cache_dir, LOCK_DIR)
+            )
         except OSError as exc:
             raise StorageError(f"cannot create the local cache {cache_dir}: {exc}") from exc
         self._lock = threading.RLock()
+        self._usage: dict[int, Callable[[], list[tuple[int, int, int]]]] = {}
+        self._fetched = 0  # pages fetched since the last eviction pass
         try:
             self._db = apsw.Connection(self.path)
         except apsw.Error as exc:
             self.signal.close()
+            self.pins.close()
             raise StorageError(f"cannot open the local cache {self.path}: {exc}") from exc
         try:
-            self._db.set_busy_timeout(10_000)
+            self._db.set_busy_timeout(BUSY_TIMEOUT_MS)
+            # Only a new file takes this (before its first table); see _reclaim_space.
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL").fetchall()
             self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}").fetchall()
             self._prepare()
+            self._prepare_maintenance()
             self._identity = self._file_identity()
         except BaseException as exc:
             self._db.close()
             self.signal.close()
+            self.pins.close()
             if isinstance(exc, (apsw.Error, UnicodeDecodeError)):
                 raise self._error(exc) from exc
             raise
@@ -307,6 +481,38 @@ class LocalStore:
                     "from the server (local commits not pushed yet are lost with it)"
                 )
             self._db.execute(f"PRAGMA user_version={FORMAT}")
+
+    def _prepare_maintenance(self) -> None:
+        """Give a store made before maintenance existed its eviction column and vacuum mode.
+
+        Neither changes what older graft_vfs versions read, so the format stays.
+        """
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(pages)")}
+        if "used" not in columns:
+            with self._write():
+                columns = {row[1] for row in self._db.execute("PRAGMA table_info(pages)")}
+                if "used" not in columns:
+                    self._db.execute(_ADD_USED)
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            self._reclaim_space()
+
+    def _reclaim_space(self) -> None:
+        """Switch an older store to incremental vacuum: one VACUUM, when no one else uses it.
+
+        SQLite changes auto_vacuum only by a VACUUM outside WAL mode, and leaving WAL mode
+        needs the only connection to the file; if another process has it open, this is
+        tried again at the next open, and meanwhile freed pages are reused, not returned.
+        """
+        self._db.set_busy_timeout(0)  # another process has it open: not now, and no wait
+        try:
+            with suppress(apsw.BusyError):
+                mode = self._db.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+                if mode == "delete":
+                    self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                    self._db.execute("VACUUM")
+        finally:
+            self._db.set_busy_timeout(BUSY_TIMEOUT_MS)
+            self._db.execute("PRAGMA journal_mode=WAL").fetchall()
 
     def _file_identity(self) -> tuple[int, int] | None:
         try:
@@ -347,6 +553,19 @@ class LocalStore:
         with self._lock:
             self._db.close()
         self.signal.close()
+        self.pins.close()
+
+    def track_usage(self, v: int, recent: Callable[[], list[tuple[int, int, int]]] | None) -> None:
+        """Register (None: forget) what tells eviction which rows of ``v`` were read lately.
+
+        ``recent()`` returns ``(page, row_lsn, time_ns)`` of reads from the file and
+        forgets them: reads are stamped in batches, never on the read path.
+        """
+        with self._lock:
+            if recent is None:
+                self._usage.pop(v, None)
+            else:
+                self._usage[v] = recent
 
     def writer_lock(self, vid: str) -> WriterLock:
         try:
@@ -439,9 +658,10 @@ class LocalStore:
         )
 
     def _insert_pages(self, v: int, lsn: int, pages: Iterable[tuple[int, bytes | None]]) -> None:
+        now = time.time_ns()
         self._db.executemany(
-            "INSERT INTO pages(v, pageno, lsn, data, crc) VALUES(?,?,?,?,?)",
-            ((v, p, lsn, data, _page_crc(v, p, lsn, data)) for p, data in pages),
+            "INSERT INTO pages(v, pageno, lsn, data, crc, used) VALUES(?,?,?,?,?,?)",
+            ((v, p, lsn, data, _page_crc(v, p, lsn, data), now) for p, data in pages),
         )
 
     # -- volumes --------------------------------------------------------------------
@@ -533,6 +753,12 @@ class LocalStore:
             rows = self._log_rows(
                 "v=? AND lsn<=? AND remote_lsn IS NOT NULL ORDER BY lsn DESC LIMIT 1", (v, lsn)
             )
+            if not rows and lsn < self._log_start(v):
+                raise SnapshotExpired(
+                    f"local LSN {lsn} of volume {v} is older than the local log, which "
+                    "maintenance compacted (another process pushed or pulled): a new "
+                    "transaction reads the latest snapshot"
+                )
         if not rows:
             raise self._corrupt(f"the log of volume {v} has no sync point at or before {lsn}")
         return rows[0][1], rows[0][3]
@@ -577,13 +803,21 @@ class LocalStore:
     def store_fetched(self, v: int, rows: Iterable[tuple[int, int, bytes]]) -> None:
         """Record fetched pages ``(pageno, row_lsn, data)``; fills markers, never overwrites."""
         # Not signalled: a fetched page changes no snapshot, only what is cached.
+        rows = list(rows)
+        now = time.time_ns()
         with self._lock, self._write():
             self._db.executemany(
-                "INSERT INTO pages(v, pageno, lsn, data, crc) VALUES(?,?,?,?,?) "
-                "ON CONFLICT DO UPDATE SET data=excluded.data, crc=excluded.crc "
-                "WHERE data IS NULL",
-                ((v, p, lsn, data, _page_crc(v, p, lsn, data)) for p, lsn, data in rows),
+                "INSERT INTO pages(v, pageno, lsn, data, crc, used) VALUES(?,?,?,?,?,?) "
+                "ON CONFLICT DO UPDATE SET data=excluded.data, crc=excluded.crc, "
+                "used=excluded.used WHERE data IS NULL",
+                ((v, p, lsn, data, _page_crc(v, p, lsn, data), now) for p, lsn, data in rows),
             )
+        if self.max_bytes is not None:
+            with self._lock:
+                self._fetched += len(rows)
+                due = self._fetched * PAGE_SIZE * EVICT_CHECKS >= max(self.max_bytes, PAGE_SIZE)
+            if due:
+                self._maintain_quietly(v)
 
     @_boundary
     def missing_pages(self, v: int, lsn: int, page_count: int) -> dict[int, int | None]:
@@ -642,11 +876,35 @@ class LocalStore:
     @_boundary
     def pending_changes(self, v: int, after: int, upto: int) -> BitMap:
         """Union of the pages changed by local LSNs in ``(after, upto]``."""
+        bm = self.changes(v, after, upto)
+        if bm is None:
+            raise Busy(
+                f"the local log of volume {v} before local LSN {upto} was compacted while "
+                "this was read (another process pushed or pulled): retry"
+            )
+        return bm
+
+    @_boundary
+    def changes(self, v: int, after: int, upto: int) -> BitMap | None:
+        """Union of the pages changed by local LSNs in ``(after, upto]``; None if compacted."""
         bm = BitMap()
         with self._lock:
-            for row in self._log_rows("v=? AND lsn>? AND lsn<=?", (v, after, upto)):
-                bm |= decode_graft(row[4])
+            rows = self._log_rows("v=? AND lsn>? AND lsn<=?", (v, after, upto))
+        if len(rows) != upto - after:  # every local LSN has a log row until maintenance
+            return None
+        for row in rows:
+            bm |= decode_graft(row[4])
         return bm
+
+    @_boundary
+    def settled_floor(self, v: int) -> int:
+        """The oldest local LSN of ``v`` still readable, once maintenance under way is done.
+
+        Taking the write lock waits for a maintenance pass in progress to commit.
+        """
+        with self._write():
+            row = self._db.execute("SELECT min(lsn) FROM log WHERE v=?", (v,)).fetchone()
+        return row[0] if row[0] is not None else 0
 
     @_boundary
     def apply_pull(self, v: int, remote_lsn: int, page_count: int, changed: BitMap) -> int:
@@ -663,6 +921,7 @@ class LocalStore:
             self._insert_pages(v, lsn, ((p, None) for p in changed))
             self._insert_log(v, lsn, page_count, remote_lsn, encode_graft(changed))
             self._update_volume(v, local_lsn=lsn, sync_lsn=lsn, remote_lsn=remote_lsn, diverged=0)
+        self._maintain_quietly(v)
         return lsn
 
     @_boundary
@@ -728,6 +987,7 @@ class LocalStore:
             self._update_volume(
                 v, sync_lsn=local_lsn, remote_lsn=remote_lsn, push_intent=None, diverged=0
             )
+        self._maintain_quietly(v)
 
     @_boundary
     def set_diverged(self, v: int, diverged: bool) -> None:
@@ -759,4 +1019,142 @@ class LocalStore:
             self._insert_pages(v, lsn, rows)
             self._insert_log(v, lsn, page_count, remote, encode_graft(changed))
             self._update_volume(v, local_lsn=lsn, sync_lsn=lsn, push_intent=None, diverged=0)
+        self._maintain_quietly(v)
         return lsn, changed
+
+    # -- maintenance: pruning, eviction, space -----------------------------------------
+
+    def _maintain_quietly(self, v: int) -> None:
+        """Maintenance after a sync step; a busy store only postpones it to the next one."""
+        with suppress(Busy):
+            self.maintain(v)
+
+    @_boundary
+    def maintain(self, v: int) -> dict[str, int]:
+        """One bounded pass: prune ``v``'s old versions, evict over the limit, free space."""
+        with self._write():
+            floor = self._floor(v, self._volume_by_id(v)[3])
+            held = self._held_bytes() if self.max_bytes is not None else 0
+            over = self.max_bytes is not None and held > self.max_bytes
+            if (floor is None or floor <= self._log_start(v)) and not over:
+                return {"pruned": 0, "evicted": 0}
+            # Announce, then read the pins (PinTable): a reader that pinned an older
+            # snapshot is seen here, or sees the signal and waits for this commit.
+            self.pins.bump()
+            pruned = self._prune(v)
+            evicted = self._evict(held) if over else 0
+            with self._lock:
+                self._fetched = 0
+            free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+            self._db.execute(f"PRAGMA incremental_vacuum({VACUUM_BATCH_PAGES})").fetchall()
+        if free:
+            # The file shrinks when the WAL is copied back into it; PASSIVE never waits
+            # for readers (what they still need is copied by a later checkpoint).
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        return {"pruned": pruned, "evicted": evicted}
+
+    def _floor(self, v: int, sync_lsn: int) -> int | None:
+        """The latest sync point at or before ``sync_lsn`` and every pinned snapshot of ``v``.
+
+        Below it no snapshot is read: not by a reader (pins), nor by push (which reads
+        after ``sync_lsn``) or reset (which reads at ``sync_lsn``). Being a sync point,
+        every snapshot from it on has its sync point in the log kept from it on.
+        """
+        bound = sync_lsn
+        pinned = self.pins.lowest(v)
+        if pinned is not None:
+            bound = min(bound, pinned)
+        rows = self._db.execute(
+            "SELECT max(lsn) FROM log WHERE v=? AND lsn<=? AND remote_lsn IS NOT NULL", (v, bound)
+        ).fetchone()
+        return rows[0]
+
+    def _log_start(self, v: int) -> int:
+        row = self._db.execute("SELECT min(lsn) FROM log WHERE v=?", (v,)).fetchone()
+        return row[0] if row[0] is not None else 0
+
+    def _prune(self, v: int) -> int:
+        """Drop the rows of ``v`` no snapshot from the floor on reads; returns page rows gone.
+
+        A row is superseded once a newer row of its page exists at or before the floor;
+        only pages changed since the last pass can have new superseded rows, and those
+        are the pages of the log rows this pass drops.
+        """
+        floor = self._floor(v, self._volume_by_id(v)[3])
+        start = self._log_start(v)
+        if floor is None or floor <= start:
+            return 0
+        pages = BitMap()
+        end = start
+        rows = self._log_rows("v=? AND lsn>? AND lsn<=? ORDER BY lsn", (v, start, floor))
+        for _, lsn, _, remote_lsn, bitmap in rows:
+            pages |= decode_graft(bitmap)
+            if remote_lsn is not None:
+                end = lsn
+                if len(pages) >= PRUNE_BATCH_PAGES:
+                    break
+        if end == start:
+            return 0
+        before = self._db.total_changes()
+        self._db.executemany(
+            "DELETE FROM pages WHERE v=?1 AND pageno=?2 AND lsn < (SELECT max(lsn) FROM pages "
+            "WHERE v=?1 AND pageno=?2 AND lsn<=?3)",
+            ((v, p, end) for p in pages),
+        )
+        # Pages past the end at the floor: a snapshot that grows the volume again writes
+        # them (a growing commit carries every new page), or reads them from the server.
+        page_count = self._log_rows("v=? AND lsn=?", (v, end))[0][2]
+        self._db.execute(
+            "DELETE FROM pages WHERE v=? AND pageno>=? AND lsn<=?", (v, page_count, end)
+        )
+        pruned = self._db.total_changes() - before
+        self._db.execute("DELETE FROM log WHERE v=? AND lsn<?", (v, end))
+        return pruned
+
+    def _held_bytes(self) -> int:
+        """Bytes of page data in the store, every volume together."""
+        row = self._db.execute("SELECT count(*) FROM pages WHERE data IS NOT NULL").fetchone()
+        return row[0] * PAGE_SIZE
+
+    def _evict(self, held: int) -> int:
+        """Turn clean pages back into markers, least recently used first, down to the limit.
+
+        Clean means at or before the volume's floor: every snapshot still read has its
+        sync point at or after the row, so the server gives the same content back
+        (a marker is fetched at the reader's sync point). Unpushed rows are never clean.
+        """
+        assert self.max_bytes is not None
+        self._stamp_usage()
+        floors = []
+        for vol_id, sync_lsn in self._db.execute("SELECT id, sync_lsn FROM volumes").fetchall():
+            floor = self._floor(vol_id, sync_lsn)
+            if floor is not None:
+                # Readers check their snapshot against the start of the log, so nothing
+                # after it is clean yet (a pass prunes a bounded stretch of the log).
+                floors.append((vol_id, min(floor, self._log_start(vol_id))))
+        if not floors:
+            return 0
+        wanted = min(-(-(held - self.max_bytes) // PAGE_SIZE), EVICT_BATCH_PAGES)
+        values = ",".join("(?,?)" for _ in floors)
+        victims = self._db.execute(
+            f"WITH floors(v, lsn) AS (VALUES {values}) "
+            "SELECT p.v, p.pageno, p.lsn FROM pages AS p JOIN floors AS f ON p.v=f.v "
+            "WHERE p.lsn<=f.lsn AND p.data IS NOT NULL "
+            "ORDER BY p.used, p.v, p.pageno, p.lsn LIMIT ?",
+            (*(x for pair in floors for x in pair), wanted),
+        ).fetchall()
+        self._db.executemany(
+            "UPDATE pages SET data=NULL, crc=? WHERE v=? AND pageno=? AND lsn=?",
+            ((_page_crc(v, p, lsn, None), v, p, lsn) for v, p, lsn in victims),
+        )
+        return len(victims)
+
+    def _stamp_usage(self) -> None:
+        """Record the reads the volumes remember since the last pass, with their times."""
+        with self._lock:
+            recents = [(v, recent()) for v, recent in self._usage.items()]
+        for v, used in recents:
+            self._db.executemany(
+                "UPDATE pages SET used=max(used, ?) WHERE v=? AND pageno=? AND lsn=?",
+                ((when, v, p, lsn) for p, lsn, when in used),
+            )

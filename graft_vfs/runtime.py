@@ -39,6 +39,14 @@ class Options:
     pull_interval: float | None = None  # pull in the background every N seconds
     timeout: float = 30.0
     token: str | None = field(default=None, repr=False)  # bearer token; never printed
+    cache_max_bytes: int | None = None  # page data the cache directory keeps; None: no limit
+
+    def __post_init__(self) -> None:
+        limit = self.cache_max_bytes
+        if limit is not None and (type(limit) is not int or limit < 0):  # a bool is no size
+            raise InvalidRequest(
+                f"cache_max_bytes={limit!r}: give a number of bytes >= 0, or None for no limit"
+            )
 
 
 class Runtime:
@@ -52,7 +60,7 @@ class Runtime:
             if remote
             else None
         )
-        self.local = LocalStore(cache_dir)
+        self.local = LocalStore(cache_dir, self.options.cache_max_bytes)
         self.signal = self.local.signal
         self.seen_signal = self.signal.value()
         self._volumes: dict[str, Volume] = {}

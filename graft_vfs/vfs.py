@@ -250,7 +250,7 @@ class GraftFile:
             runtime = self.runtime
             if runtime.signal.value() != runtime.seen_signal:
                 runtime.catch_up()  # another process changed the cache directory
-            self.snap = self.fixed or self.vol.snapshot
+            self.snap = self.vol.pin(self, self.fixed) if self.remote_lsn is None else self.fixed
             if self.exclusive and not self.readonly and not self.writing:
                 # In locking_mode=EXCLUSIVE SQLite keeps its lock and its page cache
                 # until the mode is NORMAL again and never looks for other writers'
@@ -287,6 +287,7 @@ class GraftFile:
         if level < LOCK_RESERVED and self.writing:
             self._end_write()
         if level == LOCK_NONE:
+            self.vol.unpin(self)
             self.snap = None
         self.level = level
 

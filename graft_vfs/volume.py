@@ -4,12 +4,15 @@ The hot path (pin a snapshot, read a cached page, page count) touches only memor
 ``snapshot`` is one tuple swapped atomically, and the page cache is an LRU of
 ``page -> (row_lsn, data)`` that is valid for every snapshot at or after ``row_lsn``
 because every change to a page (commit, pull, reset) replaces or evicts its entry.
+A pinned snapshot is published in the cache directory's pin table (a memory map), so
+the local store's maintenance, in any process, keeps every version it reads.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +25,12 @@ from graft_vfs.core.btree import is_interior
 from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.core.identity import Identity
 from graft_vfs.core.pages import ZERO_PAGE
-from graft_vfs.errors import Busy
+from graft_vfs.errors import Busy, SnapshotExpired
 from graft_vfs.faults import crash_point
 from graft_vfs.link import Link
-from graft_vfs.local import VolumeRow
+from graft_vfs.local import USAGE_LOG, PinSlot, VolumeRow
 from graft_vfs.prefetch import FrameSizer, Prefetcher
-from graft_vfs.remote import Transfer
+from graft_vfs.remote import Remote, Transfer
 
 # Interior B-tree pages the server may send along with a missed interior page: a
 # lookup then costs about one round trip per B-tree (its leaf) instead of one per level.
@@ -66,6 +69,10 @@ class Stats:
             self.bytes_fetched += t.bytes_received
 
 
+class _Reader:
+    """A reader of the volume's latest snapshot that is not a connection (a hydrate)."""
+
+
 class Volume:
     """A volume opened by a runtime; shared by all its connections in the process."""
 
@@ -87,6 +94,79 @@ class Volume:
         self.prefetcher = Prefetcher()
         self.frames = FrameSizer()
         self.last_error: str | None = None
+        self._fixed: set[int] = set()  # owners pinned for their lifetime (lsn=N)
+        # (prune signal, log start): snapshots from there on were readable at that signal.
+        self._checked: tuple[int | None, int] = (None, 0)
+        self._slots: dict[int, PinSlot] = {}  # id(owner) -> its slot in the pin table
+        self._used: OrderedDict[int, tuple[int, int]] = OrderedDict()  # page -> (row, ns)
+        self._used_lock = threading.Lock()
+        self.local.track_usage(self.id, self._take_usage)
+
+    # -- pinned snapshots -------------------------------------------------------------
+
+    def pin(self, owner: object, fixed: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Pin the snapshot a transaction of ``owner`` reads and return it.
+
+        It is the latest snapshot, or ``fixed``, a past local snapshot, which stays
+        pinned as long as ``owner`` exists. Maintenance in any process keeps every
+        version a pinned snapshot reads (see local.PinTable).
+        """
+        key = id(owner)
+        slot = self._slots.get(key) or self._slot_for(owner, key, fixed is not None)
+        while True:
+            snap = fixed or self.snapshot
+            signal = slot.pin(self.id, snap[0])
+            checked_signal, floor = self._checked
+            if signal != checked_signal:
+                # Maintenance ran since the last check, or is running: once it has
+                # committed, snapshots from the start of the log on are readable.
+                floor = self.local.settled_floor(self.id)
+                self._checked = (signal, floor)
+            if snap[0] >= floor:
+                return snap
+            if fixed is not None:
+                slot.unpin()
+                raise SnapshotExpired(
+                    f"local LSN {snap[0]} of volume {self.vid!r} was compacted away while "
+                    "the connection opened: open it again (it then reads from the server)"
+                )
+            self.reload()  # a newer latest snapshot, never compacted
+
+    def unpin(self, owner: object) -> None:
+        """``owner``'s transaction ended (a lifetime pin stays until ``owner`` goes)."""
+        key = id(owner)
+        if key not in self._fixed:
+            slot = self._slots.get(key)
+            if slot is not None:
+                slot.unpin()
+
+    def _slot_for(self, owner: object, key: int, lifetime: bool) -> PinSlot:
+        slot = self.local.pins.take()
+        with self.lock:
+            self._slots[key] = slot
+            if lifetime:
+                self._fixed.add(key)
+        weakref.finalize(owner, self._forget, key)
+        return slot
+
+    def _forget(self, key: int) -> None:
+        with self.lock:
+            slot = self._slots.pop(key, None)
+            self._fixed.discard(key)
+        if slot is not None:
+            self.local.pins.give(slot)
+
+    def _take_usage(self) -> list[tuple[int, int, int]]:
+        with self._used_lock:
+            used, self._used = self._used, OrderedDict()
+        return [(p, row_lsn, when) for p, (row_lsn, when) in used.items()]
+
+    def _note_use(self, pageno: int, row_lsn: int) -> None:
+        with self._used_lock:
+            self._used[pageno] = (row_lsn, time.time_ns())
+            self._used.move_to_end(pageno)
+            if len(self._used) > USAGE_LOG:
+                self._used.popitem(last=False)
 
     # -- reads ----------------------------------------------------------------------
 
@@ -101,6 +181,7 @@ class Volume:
         if row is not None and row[1] is not None:
             self.stats.local_hits += 1
             data = row[1]
+            self._note_use(pageno, row[0])
             self._remember(pageno, row[0], data, lsn)
         else:
             data = self._fetch(pageno, lsn, row[0] if row else None)
@@ -172,7 +253,21 @@ class Volume:
         Requests of up to MAX_PAGES_PER_READ pages run ``workers`` at a time.
         """
         remote = self.runtime.require_remote()
-        lsn, page_count = self.snapshot
+        token = _Reader()
+        lsn, page_count = self.pin(token)
+        try:
+            return self._hydrate(remote, lsn, page_count, progress, workers)
+        finally:
+            self.unpin(token)
+
+    def _hydrate(
+        self,
+        remote: Remote,
+        lsn: int,
+        page_count: int,
+        progress: Callable[[int], None] | None,
+        workers: int,
+    ) -> dict:
         identity = self._identity_for(lsn)
         sync_local, sync_remote = self.local.sync_point(self.id, lsn)
         missing = self.local.missing_pages(self.id, lsn, page_count)
@@ -256,12 +351,17 @@ class Volume:
         with self.lock:
             old = self.snapshot[0]
             if row.local_lsn != old:
-                for pageno in self.local.pending_changes(self.id, old, row.local_lsn):
-                    self.cache.pop(pageno, None)
+                changed = self.local.changes(self.id, old, row.local_lsn)
+                if changed is None:  # the log was compacted past ``old``: anything changed
+                    self.cache.clear()
+                else:
+                    for pageno in changed:
+                        self.cache.pop(pageno, None)
                 self.snapshot = (row.local_lsn, row.page_count)
             self.row = row
 
     def close(self) -> None:
+        self.local.track_usage(self.id, None)
         self._writer_file.close()
 
     def commit(self, base: int, pages: dict[int, bytes], page_count: int) -> tuple[int, int]:
