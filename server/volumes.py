@@ -21,13 +21,12 @@ import logging
 import threading
 import time
 from bisect import bisect_right
-from collections import defaultdict
-from collections.abc import Iterable
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import msgpack
-import zstandard
 from pyroaring import BitMap
 
 from graft_vfs.core.btree import interior_children, is_interior
@@ -35,7 +34,7 @@ from graft_vfs.core.checkpoint import Checkpoint, Located
 from graft_vfs.core.commit import CommitRecord, SegmentRef
 from graft_vfs.core.graft import MAX_PAGES, MAX_PAGES_PER_READ
 from graft_vfs.core.ids import validate_segment_id, validate_volume_id
-from graft_vfs.core.segment import Entry, encode_frames
+from graft_vfs.core.segment import MAX_SEGMENT_PAGES, Entry, decompress_page, encode_frames
 from graft_vfs.errors import (
     CommitConflict,
     CorruptData,
@@ -47,6 +46,7 @@ from graft_vfs.errors import (
     VolumeNotFound,
 )
 from graft_vfs.faults import crash_point
+from server.limits import MAX_LOADED_VOLUMES
 from server.objstore import ObjectStore
 from server.segments import (
     MissingSegment,
@@ -61,7 +61,7 @@ MAX_LSN = (1 << 63) - 1  # LSNs travel as msgpack ints and print in 20 digits
 HASH_SIZE = 32  # sha256, see graft_vfs.core.commit.commit_hash
 CHECKPOINT_EVERY = 32  # bootstrap reads at most this many log records
 SMALL_SEGMENT_PAGES = 256  # compaction merges segments holding fewer live pages
-MERGED_SEGMENT_PAGES = 4096
+MERGED_SEGMENT_PAGES = MAX_SEGMENT_PAGES
 MAX_EXPAND = 1024  # interior pages one read may add below the requested ones
 log = logging.getLogger("graft.server")
 
@@ -74,6 +74,14 @@ class Snapshot(NamedTuple):
     vid: str
     lsn: int
     page_count: int
+
+
+class Unreadable(NamedTuple):
+    """A volume in a listing whose state cannot be read: the error code and message."""
+
+    vid: str
+    error: str
+    message: str
 
 
 class Pull(NamedTuple):
@@ -237,7 +245,9 @@ class _Volume:
 class Volumes:
     """Every volume in one object store: snapshots, pulls, reads and commits. Thread-safe.
 
-    ``cache`` (optional) keeps recently read page frames in memory, bounded in bytes.
+    ``cache`` (optional) keeps recently read page frames in memory, bounded in bytes;
+    the page maps of at most ``max_loaded`` volumes stay loaded (least recently used
+    dropped first), and nothing stays for a name that has no volume.
     """
 
     def __init__(
@@ -246,11 +256,15 @@ class Volumes:
         *,
         cache: SegmentCache | None = None,
         checkpoint_every: int = CHECKPOINT_EVERY,
+        max_loaded: int = MAX_LOADED_VOLUMES,
     ) -> None:
         self.store = store
         self.cache = cache
         self.checkpoint_every = checkpoint_every
-        self._volumes: dict[str, _Volume] = {}
+        self.max_loaded = max(1, max_loaded)
+        # Least recently used first. A volume dropped here is read again from the store
+        # when next asked for; a request still holding it finishes on its own copy.
+        self._volumes: OrderedDict[str, _Volume] = OrderedDict()
         self._lock = threading.Lock()
         self._views: dict[tuple[str, int], _Volume] = {}  # past-LSN page maps, few
 
@@ -258,9 +272,25 @@ class Volumes:
         """Every volume with a log or a checkpoint in the store."""
         return sorted({key.split("/")[1] for key in self.store.list("volumes/") if "/log/" in key})
 
-    def list_volumes(self) -> list[Snapshot]:
-        """The latest snapshot of every volume in the store, by name."""
-        return [self.snapshot(vid) for vid in self.list_vids()]
+    def list_volumes(
+        self, allowed: Callable[[str], bool] | None = None
+    ) -> list[Snapshot | Unreadable]:
+        """The latest snapshot of every volume in the store that ``allowed`` accepts, by name.
+
+        Volumes outside ``allowed`` are never loaded. A volume that cannot be read
+        (CorruptData) is listed as Unreadable instead of failing the whole listing.
+        """
+        listed: list[Snapshot | Unreadable] = []
+        for vid in self.list_vids():
+            if allowed is not None and not allowed(vid):
+                continue
+            try:
+                listed.append(self.snapshot(vid))
+            except VolumeNotFound:
+                continue  # its log went away after the listing
+            except CorruptData as exc:
+                listed.append(Unreadable(vid, "corrupt_data", str(exc)))
+        return listed
 
     def snapshot(self, vid: str) -> Snapshot:
         """The latest snapshot. Raises VolumeNotFound if the volume has no commit."""
@@ -377,19 +407,18 @@ class Volumes:
         levels first) turns one round trip per level into one per tree. B-trees are
         balanced, so one probe per level tells whether that level is still interior.
         """
-        dctx = zstandard.ZstdDecompressor()
         seen = set(requested)
         level: list[int] = []
         for page, frame in requested.items():
             if frame.frame:
-                level += interior_children(dctx.decompress(frame.frame), page)
+                level += interior_children(decompress_page(frame.frame, page), page)
         extra: list[PageFrame] = []
         while budget > 0:
             level = [p for p in dict.fromkeys(level) if p < page_count and p not in seen]
             if not level:
                 break
             probe = self._frames(view, lsn, level[:1])[level[0]]
-            if not probe.frame or not is_interior(dctx.decompress(probe.frame), level[0]):
+            if not probe.frame or not is_interior(decompress_page(probe.frame, level[0]), level[0]):
                 break
             batch = level[:budget]
             frames = self._frames(view, lsn, batch)
@@ -400,7 +429,7 @@ class Volumes:
                 frame = frames[page]
                 if frame.frame:
                     extra.append(frame)
-                    level += interior_children(dctx.decompress(frame.frame), page)
+                    level += interior_children(decompress_page(frame.frame, page), page)
         return extra
 
     def _history(self, vol: _Volume, lsn: int) -> _Volume:
@@ -556,7 +585,24 @@ class Volumes:
             vol = self._volumes.get(vid)
             if vol is None:
                 vol = self._volumes[vid] = _Volume(vid)
+                while len(self._volumes) > self.max_loaded:
+                    self._volumes.popitem(last=False)
+            else:
+                self._volumes.move_to_end(vid)
             return vol
+
+    def loaded_volumes(self) -> int:
+        """How many volumes' page maps are held in memory."""
+        with self._lock:
+            return len(self._volumes)
+
+    def _not_found(self, vol: _Volume, message: str) -> VolumeNotFound:
+        """VolumeNotFound for ``vol``, which no longer stays loaded: a name asked for
+        that has no volume must leave nothing behind."""
+        with self._lock:
+            if self._volumes.get(vol.vid) is vol:
+                del self._volumes[vol.vid]
+        return VolumeNotFound(message)
 
     def _put_checkpoint(self, checkpoint: Checkpoint) -> None:
         # Any process may write the checkpoint of an LSN, and every one of them
@@ -666,7 +712,7 @@ class Volumes:
     def _latest(self, vol: _Volume) -> int:
         self._refresh(vol)
         if not vol.latest:
-            raise VolumeNotFound(f"volume {vol.vid!r} has no commits")
+            raise self._not_found(vol, f"volume {vol.vid!r} has no commits")
         return vol.latest
 
     def _ensure_lsn(self, vol: _Volume, lsn: int) -> None:
@@ -674,7 +720,7 @@ class Volumes:
         if not vol.loaded or lsn > vol.latest:
             self._refresh(vol)
         if not vol.latest:
-            raise VolumeNotFound(f"volume {vol.vid!r} has no commits")
+            raise self._not_found(vol, f"volume {vol.vid!r} has no commits")
         if lsn > vol.latest:
             raise SnapshotNotFound(
                 f"LSN {lsn} is beyond the latest LSN {vol.latest} of {vol.vid!r}"

@@ -13,7 +13,7 @@ from pyroaring import BitMap
 from graft_vfs.core.commit import CommitRecord, SegmentRef, commit_hash
 from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.core.ids import PAGE_SIZE
-from graft_vfs.core.segment import encode_segment
+from graft_vfs.core.segment import MAX_SEGMENT_PAGES, encode_segment
 from graft_vfs.errors import (
     CommitConflict,
     CorruptData,
@@ -33,9 +33,17 @@ def page(fill: int) -> bytes:
 
 
 def commit(vols: Volumes, vid: str, base: int, page_count: int, pages: dict[int, bytes]) -> int:
-    segment = encode_segment(pages.items())[0] if pages else None
+    """Commit ``pages`` as a client does: inline, or as uploaded segments when too many."""
     digest = commit_hash(vid, base, page_count, pages.items())
-    return vols.commit(vid, base, page_count, digest, segment=segment)
+    items = sorted(pages.items())
+    if len(items) <= MAX_SEGMENT_PAGES:
+        segment = encode_segment(items)[0] if items else None
+        return vols.commit(vid, base, page_count, digest, segment=segment)
+    sids = [
+        upload_segment(vols.store, encode_segment(items[i : i + MAX_SEGMENT_PAGES])[0])
+        for i in range(0, len(items), MAX_SEGMENT_PAGES)
+    ]
+    return vols.commit(vid, base, page_count, digest, sids=sids)
 
 
 def read(vols: Volumes, vid: str, lsn: int, pages: Iterable[int]) -> dict[int, tuple[int, bytes]]:
