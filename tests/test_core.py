@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 
 import pytest
 from hypothesis import given
@@ -180,6 +181,12 @@ def test_a_frame_is_refused_unless_it_declares_exactly_one_page():
             decompress_page(zstd_bomb(declared), 3)
         with pytest.raises(CorruptData, match="declares"):
             decode_segment(_one_page_segment(zstd_bomb(declared)))
+    # A client checks read answers with decode_page: a bomb with a valid crc is refused.
+    from graft_vfs.core.segment import Entry, decode_page
+
+    bomb = zstd_bomb(1 << 30)
+    with pytest.raises(CorruptData, match="declares 1073741824 bytes"):
+        decode_page(Entry(3, 0, len(bomb), zlib.crc32(bomb)), bomb)
     unsized = zstandard.ZstdCompressor(write_content_size=False).compress(_page(1))
     with pytest.raises(CorruptData, match="declares no size"):
         decompress_page(unsized, 3)

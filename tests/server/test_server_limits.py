@@ -269,3 +269,21 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408(tmp_path: Path) -> None:
         assert head.startswith(b"HTTP/1.1 408")
         assert json.loads(body)["error"] == "request_timeout"
         assert eventually(lambda: closed_by_peer(sock))
+
+
+def test_a_client_refuses_a_bomb_in_a_read_answer(own_server) -> None:
+    """A store written behind the server's back (a bomb with valid checksums): the server
+    serves frames unread, and the client refuses the frame before decompressing it."""
+    from graft_vfs.core.commit import CommitRecord, SegmentRef
+    from graft_vfs.core.ids import new_segment_id
+    from graft_vfs.errors import CorruptData
+    from graft_vfs.remote import Remote
+
+    srv = own_server.start()
+    seg, entries = encode_frames([(0, zstd_bomb(1 << 30))])
+    sid = new_segment_id()
+    srv.write_object(f"segments/{sid}", seg)
+    record = CommitRecord("bombed", 1, 1, b"h" * 32, time.time(), [SegmentRef(sid, entries)])
+    srv.write_object("volumes/bombed/log/" + "1".zfill(20), record.encode())
+    with pytest.raises(CorruptData, match="declares 1073741824 bytes"):
+        Remote(srv.url).read_pages("bombed", 1, [0])
