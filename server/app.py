@@ -74,6 +74,8 @@ DEFAULT_MAX_BODY = 64 * 1024 * 1024
 MIN_MAX_BODY = 9 * 1024 * 1024
 DEFAULT_CACHE = 256 * 1024 * 1024
 LISTEN_BACKLOG = 2048  # connections wait here until uvicorn starts accepting
+# The most a request's line and headers may take (h11's default limit is 16 KiB).
+MAX_HEADER_BYTES = 64 * 1024
 # File descriptors kept for everything but client connections: the store's files
 # and S3 connections, the worker threads, the interpreter's own.
 FD_RESERVE = 128
@@ -400,14 +402,20 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[HttpTo
     request's headers, and accepts connections until it runs out of file descriptors:
     a few thousand connections that never finish a request then make every other
     request fail. Here a connection must finish its headers within ``header_timeout``
-    seconds of opening (or of its previous response), and past ``max_connections``
-    open connections the one waiting longest for headers is closed to make room.
+    seconds of opening (or of its previous response) and in at most MAX_HEADER_BYTES
+    (httptools sets no limit of its own), and past ``max_connections`` open connections
+    the one waiting longest for headers is closed to make room.
+
+    uvicorn's own ``limit_concurrency`` does not help here: it counts open connections
+    when a request's headers are complete, so slow connections holding the slots make it
+    answer 503 to the ordinary request, not to them.
     """
     # Connections waiting for request headers, longest-waiting first (dicts keep order).
     waiting: dict[_GuardedProtocol, None] = {}
 
     class _GuardedProtocol(HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
+        _header_bytes = 0  # received since the connection began waiting for headers
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -428,6 +436,14 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[HttpTo
             self._stop_waiting()
             super().on_headers_complete()
 
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self in waiting:  # still in a request's headers, or between requests
+                self._header_bytes += len(data)
+                if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                    self._stop_waiting()
+                    self.send_400_response(f"request headers over {MAX_HEADER_BYTES} bytes")
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
             # Unless a pipelined request is already parsed, wait for the next headers.
@@ -438,6 +454,7 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[HttpTo
         def _await_headers(self) -> None:
             self._stop_waiting()
             waiting[self] = None
+            self._header_bytes = 0
             self._deadline = self.loop.call_later(header_timeout, self._close, "header timeout")
 
         def _stop_waiting(self) -> None:

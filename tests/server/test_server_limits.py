@@ -287,3 +287,15 @@ def test_a_client_refuses_a_bomb_in_a_read_answer(own_server) -> None:
     srv.write_object("volumes/bombed/log/" + "1".zfill(20), record.encode())
     with pytest.raises(CorruptData, match="declares 1073741824 bytes"):
         Remote(srv.url).read_pages("bombed", 1, [0])
+
+
+def test_headers_over_the_limit_are_refused(tmp_path: Path) -> None:
+    with server_process(tmp_path / "store") as (proc, url), ExitStack() as held:
+        before = peak_memory(proc.pid)
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        sock = held.enter_context(socket.create_connection((host, int(port)), timeout=10))
+        sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: graft\r\n")
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for _ in range(64 * 1024):  # 64 MiB of headers at most; refused after 64 KiB
+                sock.sendall(b"X-Pad: " + b"x" * 1015 + b"\r\n")
+        assert peak_memory(proc.pid) - before < REFUSAL_BUDGET
