@@ -24,7 +24,6 @@ from http import HTTPStatus
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-
 import msgpack
 import uvicorn
 from starlette.applications import Starlette
@@ -52,14 +51,14 @@ from graft_vfs.errors import (
 )
 from server.auth import READ, WRITE, TokenFile, authorize
 from server.gc import DEFAULT_GRACE, Retention, collect
-from server.objstore import TEMPORARY_GRACE, FsStore, ObjectStore, open_store
-from server.segments import SegmentCache, upload_segment
 from server.limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     MAX_LOADED_VOLUMES,
 )
+from server.objstore import TEMPORARY_GRACE, FsStore, ObjectStore, open_store
+from server.segments import SegmentCache, upload_segment
 from server.volumes import Volumes
 
 try:

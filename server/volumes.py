@@ -61,7 +61,7 @@ MAX_LSN = (1 << 63) - 1  # LSNs travel as msgpack ints and print in 20 digits
 HASH_SIZE = 32  # sha256, see graft_vfs.core.commit.commit_hash
 CHECKPOINT_EVERY = 32  # bootstrap reads at most this many log records
 SMALL_SEGMENT_PAGES = 256  # compaction merges segments holding fewer live pages
-MERGED_SEGMENT_PAGES = MAX_SEGMENT_PAGES
+MERGED_SEGMENT_PAGES = MAX_SEGMENT_PAGES  # compaction writes no segment a client could not
 MAX_EXPAND = 1024  # interior pages one read may add below the requested ones
 log = logging.getLogger("graft.server")
 
