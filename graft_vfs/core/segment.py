@@ -153,8 +153,9 @@ def decode_page(entry: Entry, blob: bytes) -> bytes:
 def iter_segment(data: bytes) -> Iterator[tuple[int, bytes]]:
     """Verify a whole segment, yielding its ``(page, bytes)`` pairs by page, one at a time.
 
-    The last pair comes only after the whole segment checked out; a consumer that keeps
-    nothing (``verify_segment``) holds one decoded page at a time.
+    The layout (index, offsets, total length) is checked before the first pair, each
+    page as it is yielded: the segment is good only once the iteration ends without
+    CorruptData. A consumer that keeps nothing (``verify_segment``) holds one page.
     """
     entries = decode_index(data)
     last = -1
