@@ -119,6 +119,8 @@ class _OneLineUsageErrors(click.Command):
             raise
 
 
+# uvicorn's (uvicorn.config.LOG_LEVELS), named here so that every command need not
+# import uvicorn; a test keeps the two equal.
 _LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
 
 

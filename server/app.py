@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.config import LOG_LEVELS
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from graft_vfs.core.graft import decode_graft
@@ -524,13 +525,19 @@ class _AnnouncingServer(uvicorn.Server):
 
 
 def configure_logging(level: str) -> None:
-    """Send the server's own log lines (GC, denials, warnings) to stderr, as uvicorn does."""
+    """Send the server's own log lines (GC, denials, warnings) to stderr, as uvicorn does.
+
+    ``level`` is one of uvicorn's (``LOG_LEVELS``: critical ... debug, trace); anything
+    else is InvalidRequest.
+    """
+    if level.lower() not in LOG_LEVELS:
+        raise InvalidRequest(f"unknown log level {level!r}: use one of {', '.join(LOG_LEVELS)}")
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:  graft: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
-    log.setLevel(level.upper())
+    log.setLevel(LOG_LEVELS[level.lower()])
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -625,7 +632,7 @@ def serve(
     shown_host = f"[{host}]" if ":" in host else host
     config = uvicorn.Config(
         app,
-        log_level=log_level,
+        log_level=log_level.lower(),
         access_log=False,
         http=guarded_protocol(header_timeout, connection_budget(max_connections)),
     )

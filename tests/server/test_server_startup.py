@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,24 @@ def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
         timeout=120,
         env={**os.environ, **(env or {})},
     )
+
+
+@contextmanager
+def listening(*args: str) -> Iterator[str]:
+    """A started ``python -m server`` (its URL), killed by PID afterwards."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        yield wait_until_listening(proc)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], status: int, text: str) -> None:
@@ -77,6 +97,17 @@ def test_usage_errors_are_one_line_and_exit_2(
     assert_one_line_error(start("--store", str(tmp_path / "s"), *args), 2, text)
 
 
+def test_every_log_level_uvicorn_knows_starts_a_server(tmp_path: Path) -> None:
+    from uvicorn.config import LOG_LEVELS
+
+    from graft_vfs import cli
+
+    assert cli._LOG_LEVELS == list(LOG_LEVELS)
+    for level in ("TRACE", "debug"):
+        with listening("--store", str(tmp_path / "s"), "--log-level", level) as url:
+            assert url.startswith("http://127.0.0.1:")
+
+
 def test_a_missing_bucket_stops_the_server_before_it_listens(seaweed) -> None:
     result = start(
         "--store", "s3://no-such-bucket/graft", "--s3-endpoint", seaweed.endpoint, "--port", "0",
@@ -105,21 +136,10 @@ def test_temporaries_of_killed_writes_are_removed_at_start_up(tmp_path: Path) ->
     then = time.time() - TEMPORARY_GRACE - 60
     os.utime(old, (then, then))
     store.put("kept/object", b"data")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--store", str(store.root), "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_until_listening(proc)
+    with listening("--store", str(store.root)):
         assert not old.exists()
         assert live.exists()
         assert store.get("kept/object") == b"data"
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        assert proc.stdout is not None
-        proc.stdout.close()
 
 
 def test_remove_stale_temporaries_spares_recent_ones(tmp_path: Path) -> None:
