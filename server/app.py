@@ -404,14 +404,18 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[HttpTo
     request fail. Here a connection must finish its headers within ``header_timeout``
     seconds of opening (or of its previous response) and in at most MAX_HEADER_BYTES
     (httptools sets no limit of its own), and past ``max_connections`` open connections
-    the one waiting longest for headers is closed to make room.
+    the one waiting longest for headers is closed to make room, else the one waiting
+    longest for the rest of a request body (its request fails, as it would at the body
+    timeout): connections that trickle bytes cannot hold every slot either.
 
     uvicorn's own ``limit_concurrency`` does not help here: it counts open connections
     when a request's headers are complete, so slow connections holding the slots make it
     answer 503 to the ordinary request, not to them.
     """
-    # Connections waiting for request headers, longest-waiting first (dicts keep order).
+    # Connections waiting for request headers, and for the rest of a request body,
+    # longest-waiting first (dicts keep insertion order).
     waiting: dict[_GuardedProtocol, None] = {}
+    receiving: dict[_GuardedProtocol, None] = {}
 
     class _GuardedProtocol(HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
@@ -422,19 +426,26 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[HttpTo
             self._await_headers()
             if len(self.connections) > max_connections:
                 oldest = next((p for p in waiting if p is not self), None)
+                oldest = oldest or next(iter(receiving), None)
                 if oldest is not None:
                     oldest._close("closed to make room for a new connection")
-                else:  # every other connection has a request in progress
+                else:  # every other connection has a whole request being answered
                     self._refuse_busy()
                     transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_waiting()
+            receiving.pop(self, None)
             super().connection_lost(exc)
 
         def on_headers_complete(self) -> None:
             self._stop_waiting()
+            receiving[self] = None
             super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            receiving.pop(self, None)
+            super().on_message_complete()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -465,6 +476,7 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[HttpTo
 
         def _close(self, why: str) -> None:
             self._stop_waiting()
+            receiving.pop(self, None)
             if not self.transport.is_closing():
                 log.debug("closing a connection from %s: %s", self.client, why)
                 self.transport.close()

@@ -299,3 +299,19 @@ def test_headers_over_the_limit_are_refused(tmp_path: Path) -> None:
             for _ in range(64 * 1024):  # 64 MiB of headers at most; refused after 64 KiB
                 sock.sendall(b"X-Pad: " + b"x" * 1015 + b"\r\n")
         assert peak_memory(proc.pid) - before < REFUSAL_BUDGET
+
+
+def test_connections_trickling_a_body_cannot_hold_every_slot(tmp_path: Path) -> None:
+    args = ["--max-connections", "20", "--body-timeout", "600"]
+    with server_process(tmp_path / "store", args) as (_, url), ExitStack() as held:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        trickling = []
+        for _ in range(60):
+            sock = held.enter_context(socket.create_connection((host, int(port)), timeout=10))
+            sock.sendall(
+                b"POST /v1/segments HTTP/1.1\r\nHost: graft\r\nContent-Length: 1000\r\n\r\nxx"
+            )
+            trickling.append(sock)
+        r = urllib3.PoolManager().request("GET", f"{url}/v1/health", retries=False, timeout=10)
+        assert r.status == 200
+        assert eventually(lambda: all(closed_by_peer(s) for s in trickling[:40]))
