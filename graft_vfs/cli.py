@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from graft_vfs.errors import GraftError, VolumeNotFound
+from server import limits
 
 # The exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
@@ -196,7 +197,24 @@ def main() -> None:
     """graft: lazily replicated SQLite volumes on object storage."""
 
 
-@main.command()
+class _OneLineUsageErrors(click.Command):
+    """A command whose usage errors are one line on stderr (exit 2), without the usage
+    text: a server is started by scripts and service managers, read in logs."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            exc.ctx = None
+            raise
+
+
+# uvicorn's (uvicorn.config.LOG_LEVELS), named here so that every command need not
+# import uvicorn; a test keeps the two equal.
+_LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
+
+
+@main.command(cls=_OneLineUsageErrors)
 @click.option(
     "--store",
     default="./graft-data",
@@ -205,8 +223,20 @@ def main() -> None:
 )
 @S3_ENDPOINT
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", default=3000, show_default=True, type=int, help="Port (0: any free port).")
-@click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
+@click.option(
+    "--port",
+    default=3000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port (0: any free port).",
+)
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(_LOG_LEVELS, case_sensitive=False),
+    help="Log level of the server and uvicorn.",
+)
 @click.option(
     "--cache-size",
     default="256MiB",
@@ -235,6 +265,36 @@ def main() -> None:
     show_default=True,
     help="Largest request body accepted (larger ones get 413), e.g. 16MiB.",
 )
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=limits.DEFAULT_HEADER_TIMEOUT,
+    show_default=True,
+    help="Seconds a connection has to send a request's headers (from its opening or "
+    "its previous answer) before it is closed.",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=limits.DEFAULT_BODY_TIMEOUT,
+    show_default=True,
+    help="Seconds a request body has to arrive in full (else 408).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=limits.DEFAULT_MAX_CONNECTIONS,
+    show_default=True,
+    help="Open connections at most; past it, the one idle longest is closed "
+    "(raises the open-file limit as needed).",
+)
+@click.option(
+    "--max-volumes",
+    type=click.IntRange(min=1),
+    default=limits.MAX_LOADED_VOLUMES,
+    show_default=True,
+    help="Volumes whose page maps stay in memory (least recently used dropped first).",
+)
 @_fail_cleanly
 def server(
     store: str,
@@ -249,6 +309,10 @@ def server(
     gc_grace: float,
     tokens_file: str | None,
     max_body: str,
+    header_timeout: float,
+    body_timeout: float,
+    max_connections: int,
+    max_volumes: int,
 ) -> None:
     """Run the graft server (stateless: everything is in the store)."""
     from server.app import serve
@@ -266,6 +330,10 @@ def server(
         gc_grace=gc_grace,
         tokens_file=tokens_file,
         max_body=parse_size(max_body, "--max-body"),
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_connections=max_connections,
+        max_volumes=max_volumes,
     )
 
 

@@ -22,7 +22,7 @@ from graft_vfs.core.graft import MAX_PAGES, MAX_PAGES_PER_READ, decode_graft, en
 from graft_vfs.core.identity import Identity
 from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_volume_id
 from graft_vfs.core.pages import ZERO_PAGE
-from graft_vfs.core.segment import Entry, decode_page, encode_segment
+from graft_vfs.core.segment import MAX_SEGMENT_PAGES, Entry, decode_page, encode_segment
 from graft_vfs.errors import (
     CommitConflict,
     CorruptData,
@@ -42,7 +42,7 @@ from graft_vfs.link import Link
 MSGPACK = "application/x-msgpack"
 # Pushes whose segment would exceed this go as several uploaded segments plus a
 # small commit request, so no single request body grows with the push.
-MAX_INLINE_PAGES = 2048
+MAX_INLINE_PAGES = MAX_SEGMENT_PAGES
 
 _ERRORS: dict[str, type[GraftError]] = {
     "invalid_request": InvalidRequest,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -32,6 +33,9 @@ MAX_KEY_LENGTH = 1024  # S3's limit, kept everywhere so a key valid here is vali
 _KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _TMP_DIR = ".tmp"  # dot-names are never keys, so temporaries cannot collide or be listed
+# A temporary older than this belongs to a write that was killed: a live write (of any
+# process sharing the directory) renames or removes its temporary within seconds.
+TEMPORARY_GRACE = 3600.0
 
 
 class ObjectStore(Protocol):
@@ -62,6 +66,13 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove an object; deleting a missing key is not an error."""
+        ...
+
+    def check(self) -> None:
+        """Raise StorageError, saying what is wrong, unless the store can be used now.
+
+        Cheap (one request at most): the server calls it before it starts listening.
+        """
         ...
 
 
@@ -149,6 +160,9 @@ class MemoryStore(_CallStats):
         self._count("deletes")
         with self._lock:
             self._objects.pop(key, None)
+
+    def check(self) -> None:
+        pass
 
 
 @contextmanager
@@ -255,6 +269,27 @@ class FsStore(_CallStats):
         self._count("deletes")
         with _storage_errors("delete", key), suppress(FileNotFoundError, NotADirectoryError):
             path.unlink()
+
+    def check(self) -> None:
+        tmp = self.root / _TMP_DIR
+        with _storage_errors("check", str(self.root)):
+            if not tmp.is_dir():
+                raise FileNotFoundError(f"{tmp} is missing")
+            if not os.access(self.root, os.W_OK | os.X_OK) or not os.access(tmp, os.W_OK):
+                raise PermissionError(f"{self.root} is not writable by this user")
+
+    def remove_stale_temporaries(self, older_than: float, now: float | None = None) -> int:
+        """Delete temporaries last modified more than ``older_than`` seconds ago (left
+        by writers that were killed mid-write); return how many."""
+        now = time.time() if now is None else now
+        removed = 0
+        with _storage_errors("cleanup", _TMP_DIR):
+            for entry in os.scandir(self.root / _TMP_DIR):
+                with suppress(FileNotFoundError):  # finished meanwhile, or another sweeper
+                    if now - entry.stat(follow_symlinks=False).st_mtime > older_than:
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
 
     def _write_temp(self, data: bytes) -> Path:
         tmp = self.root / _TMP_DIR / uuid.uuid4().hex

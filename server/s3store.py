@@ -258,3 +258,19 @@ class S3Store:
         full = self._key(key)
         with self._s3_errors("delete", key):
             self._client.delete_object(Bucket=self.bucket, Key=full)
+
+    def check(self) -> None:
+        """One listing request of at most one key: the bucket exists, the service
+        answers, and the credentials may list (which reads of missing keys need)."""
+        try:
+            with self._s3_errors("listing", self._root or "/"):
+                self._client.list_objects_v2(Bucket=self.bucket, Prefix=self._root, MaxKeys=1)
+        except StorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and _error_code(cause) == "NoSuchBucket":
+                where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+                raise StorageError(
+                    f"S3 bucket {self.bucket!r} does not exist{where}: create it, "
+                    "or fix --store (and --s3-endpoint)"
+                ) from None
+            raise

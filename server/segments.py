@@ -13,13 +13,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from graft_vfs.core.ids import new_segment_id, validate_segment_id
-from graft_vfs.core.segment import (
-    HEADER_SIZE,
-    Entry,
-    decode_index,
-    decode_segment,
-    segment_head_size,
-)
+from graft_vfs.core.segment import HEADER_SIZE, Entry, decode_index, segment_head_size
+from graft_vfs.core.segment import verify_segment as verify_segment_bytes
 from graft_vfs.errors import CorruptData, InvalidRequest, StorageError
 from server.objstore import ObjectStore
 
@@ -82,11 +77,12 @@ def segment_key(sid: str) -> str:
 def verify_segment(data: bytes) -> list[Entry]:
     """Check a client's segment (index checksum, each page's checksum and size); return its index.
 
-    Bad bytes from a client are a bad request (400), not corrupt storage (500).
+    Pages are decompressed one at a time and dropped, so checking a segment holds one
+    page, never all of them. Bad bytes from a client are a bad request (400), not
+    corrupt storage (500).
     """
     try:
-        decode_segment(data)
-        return decode_index(data)
+        return verify_segment_bytes(data)
     except CorruptData as exc:
         raise InvalidRequest(f"segment rejected: {exc}") from exc
 

@@ -21,12 +21,11 @@ import logging
 import threading
 import time
 from bisect import bisect_right
-from collections import defaultdict
-from collections.abc import Iterable
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import zstandard
 from pyroaring import BitMap
 
 from graft_vfs.core.btree import interior_children, is_interior
@@ -42,7 +41,13 @@ from graft_vfs.core.ids import (
     validate_volume_id,
 )
 from graft_vfs.core.retention import decode_floor
-from graft_vfs.core.segment import Entry, decode_page, encode_frames
+from graft_vfs.core.segment import (
+    MAX_SEGMENT_PAGES,
+    Entry,
+    decode_page,
+    decompress_page,
+    encode_frames,
+)
 from graft_vfs.errors import (
     CommitConflict,
     CorruptData,
@@ -55,6 +60,7 @@ from graft_vfs.errors import (
     VolumeNotFound,
 )
 from graft_vfs.faults import crash_point
+from server.limits import MAX_LOADED_VOLUMES
 from server.objstore import ObjectStore
 from server.segments import (
     MissingSegment,
@@ -68,7 +74,7 @@ from server.segments import (
 
 CHECKPOINT_EVERY = 32  # bootstrap reads at most this many log records
 SMALL_SEGMENT_PAGES = 256  # compaction merges segments holding fewer live pages
-MERGED_SEGMENT_PAGES = 4096
+MERGED_SEGMENT_PAGES = MAX_SEGMENT_PAGES  # compaction writes no segment a client could not
 MAX_EXPAND = 1024  # interior pages one read may add below the requested ones
 # How long a server trusts the GC floor it read last: `graft gc` run by another
 # process raises it, and reads below it must become 410 within this many seconds.
@@ -84,6 +90,14 @@ class Snapshot(NamedTuple):
     vid: str
     lsn: int
     page_count: int
+
+
+class Unreadable(NamedTuple):
+    """A volume in a listing whose state cannot be read: the error code and message."""
+
+    vid: str
+    error: str
+    message: str
 
 
 class Pull(NamedTuple):
@@ -274,7 +288,9 @@ class _Volume:
 class Volumes:
     """Every volume in one object store: snapshots, pulls, reads and commits. Thread-safe.
 
-    ``cache`` (optional) keeps recently read page frames in memory, bounded in bytes.
+    ``cache`` (optional) keeps recently read page frames in memory, bounded in bytes;
+    the page maps of at most ``max_loaded`` volumes stay loaded (least recently used
+    dropped first), and nothing stays for a name that has no volume.
     """
 
     def __init__(
@@ -283,11 +299,15 @@ class Volumes:
         *,
         cache: SegmentCache | None = None,
         checkpoint_every: int = CHECKPOINT_EVERY,
+        max_loaded: int = MAX_LOADED_VOLUMES,
     ) -> None:
         self.store = store
         self.cache = cache
         self.checkpoint_every = checkpoint_every
-        self._volumes: dict[str, _Volume] = {}
+        self.max_loaded = max(1, max_loaded)
+        # Least recently used first. A volume dropped here is read again from the store
+        # when next asked for; a request still holding it finishes on its own copy.
+        self._volumes: OrderedDict[str, _Volume] = OrderedDict()
         self._lock = threading.Lock()
         self._views: dict[tuple[str, int], _Volume] = {}  # past-LSN page maps, few
         self._store_id: bytes | None = None
@@ -296,9 +316,25 @@ class Volumes:
         """Every volume with a log or a checkpoint in the store."""
         return sorted({key.split("/")[1] for key in self.store.list("volumes/") if "/log/" in key})
 
-    def list_volumes(self) -> list[Snapshot]:
-        """The latest snapshot of every volume in the store, by name."""
-        return [self.snapshot(vid) for vid in self.list_vids()]
+    def list_volumes(
+        self, allowed: Callable[[str], bool] | None = None
+    ) -> list[Snapshot | Unreadable]:
+        """The latest snapshot of every volume in the store that ``allowed`` accepts, by name.
+
+        Volumes outside ``allowed`` are never loaded. A volume that cannot be read
+        (CorruptData) is listed as Unreadable instead of failing the whole listing.
+        """
+        listed: list[Snapshot | Unreadable] = []
+        for vid in self.list_vids():
+            if allowed is not None and not allowed(vid):
+                continue
+            try:
+                listed.append(self.snapshot(vid))
+            except VolumeNotFound:
+                continue  # its log went away after the listing
+            except CorruptData as exc:
+                listed.append(Unreadable(vid, "corrupt_data", str(exc)))
+        return listed
 
     def snapshot(self, vid: str) -> Snapshot:
         """The latest snapshot. Raises VolumeNotFound if the volume has no commit."""
@@ -475,19 +511,18 @@ class Volumes:
         levels first) turns one round trip per level into one per tree. B-trees are
         balanced, so one probe per level tells whether that level is still interior.
         """
-        dctx = zstandard.ZstdDecompressor()
         seen = set(requested)
         level: list[int] = []
         for page, frame in requested.items():
             if frame.frame:
-                level += interior_children(dctx.decompress(frame.frame), page)
+                level += interior_children(decompress_page(frame.frame, page), page)
         extra: list[PageFrame] = []
         while budget > 0:
             level = [p for p in dict.fromkeys(level) if p < page_count and p not in seen]
             if not level:
                 break
             probe = self._frames(view, lsn, level[:1])[level[0]]
-            if not probe.frame or not is_interior(dctx.decompress(probe.frame), level[0]):
+            if not probe.frame or not is_interior(decompress_page(probe.frame, level[0]), level[0]):
                 break
             batch = level[:budget]
             frames = self._frames(view, lsn, batch)
@@ -498,7 +533,7 @@ class Volumes:
                 frame = frames[page]
                 if frame.frame:
                     extra.append(frame)
-                    level += interior_children(dctx.decompress(frame.frame), page)
+                    level += interior_children(decompress_page(frame.frame, page), page)
         return extra
 
     def _history(self, vol: _Volume, lsn: int) -> _Volume:
@@ -708,7 +743,24 @@ class Volumes:
             vol = self._volumes.get(vid)
             if vol is None:
                 vol = self._volumes[vid] = _Volume(vid)
+                while len(self._volumes) > self.max_loaded:
+                    self._volumes.popitem(last=False)
+            else:
+                self._volumes.move_to_end(vid)
             return vol
+
+    def loaded_volumes(self) -> int:
+        """How many volumes' page maps are held in memory."""
+        with self._lock:
+            return len(self._volumes)
+
+    def _not_found(self, vol: _Volume, message: str) -> VolumeNotFound:
+        """VolumeNotFound for ``vol``, which no longer stays loaded: a name asked for
+        that has no volume must leave nothing behind."""
+        with self._lock:
+            if self._volumes.get(vol.vid) is vol:
+                del self._volumes[vol.vid]
+        return VolumeNotFound(message)
 
     def _put_checkpoint(self, checkpoint: Checkpoint) -> None:
         # Any process may write the checkpoint of an LSN, and every one of them
@@ -818,7 +870,7 @@ class Volumes:
     def _latest(self, vol: _Volume) -> int:
         self._refresh(vol)
         if not vol.latest:
-            raise VolumeNotFound(f"volume {vol.vid!r} has no commits")
+            raise self._not_found(vol, f"volume {vol.vid!r} has no commits")
         return vol.latest
 
     def _ensure_lsn(self, vol: _Volume, lsn: int) -> None:
@@ -826,7 +878,7 @@ class Volumes:
         if not vol.loaded or lsn > vol.latest:
             self._refresh(vol)
         if not vol.latest:
-            raise VolumeNotFound(f"volume {vol.vid!r} has no commits")
+            raise self._not_found(vol, f"volume {vol.vid!r} has no commits")
         if lsn > vol.latest:
             raise SnapshotNotFound(
                 f"LSN {lsn} is beyond the latest LSN {vol.latest} of {vol.vid!r}"

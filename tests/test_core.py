@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 
 import pytest
 from hypothesis import given
@@ -148,3 +149,84 @@ def test_btree_interior_children_match_sqlite(tmp_path):
     assert all(pages[c][0] == 13 for c in children)
     assert interior_children(pages[children[0]], children[0]) == []
     assert interior_children(b"\x05" + bytes(10), 3) == []  # damaged: no children
+
+
+def zstd_bomb(declared: int) -> bytes:
+    """One zstd frame that declares ``declared`` bytes of zeros and holds them as RLE
+    blocks: 4 bytes per 128 KiB, so 64 KiB of frame decompress to 2 GiB."""
+    block = 128 * 1024
+    out = bytearray(struct.pack("<IBQ", 0xFD2FB528, 0xE0, declared))
+    left = declared
+    while left:
+        n = min(block, left)
+        left -= n
+        out += (n << 3 | 1 << 1 | (left == 0)).to_bytes(3, "little") + b"\0"
+    return bytes(out)
+
+
+def _one_page_segment(frame: bytes, page: int = 0) -> bytes:
+    from graft_vfs.core.segment import encode_frames
+
+    return encode_frames([(page, frame)])[0]
+
+
+def test_a_frame_is_refused_unless_it_declares_exactly_one_page():
+    """A frame's declared size is checked before zstd allocates it (issue: 2 GiB bombs)."""
+    import zstandard
+
+    from graft_vfs.core.segment import decompress_page
+
+    assert decompress_page(zstd_bomb(PAGE_SIZE), 3) == bytes(PAGE_SIZE)
+    for declared in (64 << 20, PAGE_SIZE + 1, PAGE_SIZE - 1):
+        with pytest.raises(CorruptData, match=f"declares {declared} bytes, not {PAGE_SIZE}"):
+            decompress_page(zstd_bomb(declared), 3)
+        with pytest.raises(CorruptData, match="declares"):
+            decode_segment(_one_page_segment(zstd_bomb(declared)))
+    # A client checks read answers with decode_page: a bomb with a valid crc is refused.
+    from graft_vfs.core.segment import Entry, decode_page
+
+    bomb = zstd_bomb(1 << 30)
+    with pytest.raises(CorruptData, match="declares 1073741824 bytes"):
+        decode_page(Entry(3, 0, len(bomb), zlib.crc32(bomb)), bomb)
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(_page(1))
+    with pytest.raises(CorruptData, match="declares no size"):
+        decompress_page(unsized, 3)
+
+
+@pytest.mark.parametrize("extra", [b"\0", b"garbage", "second frame"])
+def test_a_frame_with_anything_after_it_is_refused(extra):
+    import zstandard
+
+    frame = zstandard.ZstdCompressor().compress(_page(1))
+    tail = frame if extra == "second frame" else extra
+    assert isinstance(tail, bytes)
+    with pytest.raises(CorruptData, match="one frame"):
+        decode_segment(_one_page_segment(frame + tail))
+
+
+@pytest.mark.parametrize("page", [1 << 31, 1 << 32, 1 << 40])
+def test_page_numbers_out_of_range_are_corrupt(page):
+    import zstandard
+
+    data = _one_page_segment(zstandard.ZstdCompressor().compress(_page(1)), page)
+    with pytest.raises(CorruptData, match="out of range"):
+        decode_index(data)
+
+
+def test_segments_hold_at_most_what_a_client_sends_at_once(monkeypatch):
+    import zstandard
+
+    from graft_vfs.core import segment
+    from graft_vfs.remote import MAX_INLINE_PAGES
+
+    assert segment.MAX_SEGMENT_PAGES == MAX_INLINE_PAGES == 2048
+    frame = zstandard.ZstdCompressor().compress(bytes(PAGE_SIZE))
+    frames = [(p, frame) for p in range(segment.MAX_SEGMENT_PAGES + 1)]
+    with pytest.raises(InvalidRequest, match="at most 2048"):
+        segment.encode_frames(frames)
+    monkeypatch.setattr(segment, "MAX_SEGMENT_PAGES", 1 << 20)  # write one anyway
+    data, _ = segment.encode_frames(frames)
+    monkeypatch.undo()
+    with pytest.raises(CorruptData, match="out of range"):
+        decode_segment(data)
+    assert len(decode_segment(segment.encode_frames(frames[:-1])[0])) == 2048

@@ -7,18 +7,23 @@ Layout (all integers big-endian)::
 ``index`` is msgpack: a list of ``[page, offset, length, crc32]`` with absolute byte
 offsets of each page's zstd frame, sorted by page. Each page is compressed on its own,
 so a reader can fetch one page, or a run of adjacent pages, with one ranged read.
+
+Every frame is exactly one zstd frame that declares a content size of PAGE_SIZE, with
+nothing after it. A decoder checks that declaration before it decompresses anything:
+zstd allocates what a frame declares, so a 64 KiB frame could otherwise claim 2 GiB.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import msgpack
 import zstandard
 
+from graft_vfs.core.graft import MAX_PAGES
 from graft_vfs.core.ids import PAGE_SIZE
 from graft_vfs.errors import CorruptData, InvalidRequest
 
@@ -26,7 +31,10 @@ MAGIC = b"GRFTSEG1"
 _HEADER = struct.Struct(">8sII")
 HEADER_SIZE = _HEADER.size
 ZSTD_LEVEL = 3
-MAX_SEGMENT_PAGES = 1 << 20
+# The most pages one segment holds: what a client sends in one request (a push splits
+# into segments of this size) and what compaction writes. A bigger one is refused.
+MAX_SEGMENT_PAGES = 2048
+_U32 = 1 << 32
 
 
 class Entry(NamedTuple):
@@ -52,6 +60,8 @@ def encode_segment(pages: Iterable[tuple[int, bytes]]) -> tuple[bytes, list[Entr
 def encode_frames(frames: Iterable[tuple[int, bytes]]) -> tuple[bytes, list[Entry]]:
     """Build a segment from already compressed ``(page, frame)`` pairs (compaction)."""
     items = sorted(frames)
+    if len(items) > MAX_SEGMENT_PAGES:
+        raise InvalidRequest(f"{len(items)} pages in one segment, at most {MAX_SEGMENT_PAGES}")
     # The index holds absolute offsets, which depend on the index's own size:
     # msgpack ints grow with value, so iterate until the size is stable.
     index_len = 0
@@ -103,26 +113,51 @@ def decode_index(head: bytes) -> list[Entry]:
         raise CorruptData("segment index is unreadable") from exc
     if len(entries) != count:
         raise CorruptData("segment index count mismatch")
+    for e in entries:
+        if not (0 <= e.page < MAX_PAGES and 0 <= e.offset and 0 < e.length and 0 <= e.crc < _U32):
+            raise CorruptData(f"segment index entry {list(e)} is out of range")
     return entries
+
+
+def decompress_page(frame: bytes, page: int) -> bytes:
+    """One page from its zstd frame, never allocating more than PAGE_SIZE for it.
+
+    python-zstandard allocates the content size a frame declares, whatever
+    ``max_output_size`` says, so the declaration is checked first.
+    """
+    try:
+        declared = zstandard.get_frame_parameters(frame).content_size
+    except zstandard.ZstdError as exc:
+        raise CorruptData(f"page {page} is not a zstd frame") from exc
+    if declared != PAGE_SIZE:
+        shown = "no size" if declared == zstandard.CONTENTSIZE_UNKNOWN else f"{declared} bytes"
+        raise CorruptData(f"page {page}'s frame declares {shown}, not {PAGE_SIZE}")
+    try:
+        data = zstandard.ZstdDecompressor().decompress(
+            frame, max_output_size=PAGE_SIZE, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise CorruptData(f"page {page} does not decompress as one frame: {exc}") from exc
+    if len(data) != PAGE_SIZE:
+        raise CorruptData(f"page {page} decompressed to {len(data)} bytes")
+    return data
 
 
 def decode_page(entry: Entry, blob: bytes) -> bytes:
     """Verify and decompress one page's frame; never returns wrong data."""
     if len(blob) != entry.length or zlib.crc32(blob) != entry.crc:
         raise CorruptData(f"checksum mismatch for page {entry.page}")
-    try:
-        data = zstandard.ZstdDecompressor().decompress(blob, max_output_size=PAGE_SIZE)
-    except zstandard.ZstdError as exc:
-        raise CorruptData(f"page {entry.page} does not decompress") from exc
-    if len(data) != PAGE_SIZE:
-        raise CorruptData(f"page {entry.page} decompressed to {len(data)} bytes")
-    return data
+    return decompress_page(blob, entry.page)
 
 
-def decode_segment(data: bytes) -> list[tuple[int, bytes]]:
-    """Verify a whole segment and return its ``(page, bytes)`` pairs, sorted by page."""
+def iter_segment(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """Verify a whole segment, yielding its ``(page, bytes)`` pairs by page, one at a time.
+
+    The layout (index, offsets, total length) is checked before the first pair, each
+    page as it is yielded: the segment is good only once the iteration ends without
+    CorruptData. A consumer that keeps nothing (``verify_segment``) holds one page.
+    """
     entries = decode_index(data)
-    pages = []
     last = -1
     end = segment_head_size(data)
     for e in entries:
@@ -130,7 +165,19 @@ def decode_segment(data: bytes) -> list[tuple[int, bytes]]:
             raise CorruptData("segment index is not contiguous and sorted")
         last = e.page
         end = e.offset + e.length
-        pages.append((e.page, decode_page(e, data[e.offset : e.offset + e.length])))
     if end != len(data):
         raise CorruptData("segment length does not match its index")
-    return pages
+    for e in entries:
+        yield e.page, decode_page(e, data[e.offset : e.offset + e.length])
+
+
+def verify_segment(data: bytes) -> list[Entry]:
+    """Check every byte of a segment (index, each frame's checksum and size); return its index."""
+    for _ in iter_segment(data):
+        pass
+    return decode_index(data)
+
+
+def decode_segment(data: bytes) -> list[tuple[int, bytes]]:
+    """Verify a whole segment and return its ``(page, bytes)`` pairs, sorted by page."""
+    return list(iter_segment(data))

@@ -374,3 +374,21 @@ def test_python_m_server_takes_a_token_file(tokens, tmp_path) -> None:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
         proc.stdout.close()
+
+
+def test_a_damaged_volume_fails_no_listing_and_stays_hidden_out_of_scope(
+    client, store, tokens
+) -> None:
+    store.put("volumes/logs/log/" + "1".zfill(20), b"damaged")
+
+    def listing(name: str) -> Any:
+        return client.get("/v1/volumes", headers={"authorization": f"Bearer {tokens[name]}"})
+
+    r = listing("orders-ro")
+    assert r.status_code == 200
+    assert r.json() == {"volumes": [{"vid": "orders", "lsn": 1, "page_count": 1}]}
+    r = listing("both-ro")
+    assert r.status_code == 200
+    logs, orders = r.json()["volumes"]  # by name
+    assert orders == {"vid": "orders", "lsn": 1, "page_count": 1}
+    assert (logs["vid"], logs["error"]) == ("logs", "corrupt_data") and logs["message"]

@@ -13,7 +13,7 @@ from pyroaring import BitMap
 from graft_vfs.core.commit import CommitRecord, SegmentRef, commit_hash
 from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.core.ids import PAGE_SIZE
-from graft_vfs.core.segment import encode_segment
+from graft_vfs.core.segment import MAX_SEGMENT_PAGES, encode_segment
 from graft_vfs.errors import (
     CommitConflict,
     CorruptData,
@@ -33,9 +33,17 @@ def page(fill: int) -> bytes:
 
 
 def commit(vols: Volumes, vid: str, base: int, page_count: int, pages: dict[int, bytes]) -> int:
-    segment = encode_segment(pages.items())[0] if pages else None
+    """Commit ``pages`` as a client does: inline, or as uploaded segments when too many."""
     digest = commit_hash(vid, base, page_count, pages.items())
-    return vols.commit(vid, base, page_count, digest, segment=segment)
+    items = sorted(pages.items())
+    if len(items) <= MAX_SEGMENT_PAGES:
+        segment = encode_segment(items)[0] if items else None
+        return vols.commit(vid, base, page_count, digest, segment=segment)
+    sids = [
+        upload_segment(vols.store, encode_segment(items[i : i + MAX_SEGMENT_PAGES])[0])
+        for i in range(0, len(items), MAX_SEGMENT_PAGES)
+    ]
+    return vols.commit(vid, base, page_count, digest, sids=sids)
 
 
 def read(vols: Volumes, vid: str, lsn: int, pages: Iterable[int]) -> dict[int, tuple[int, bytes]]:
@@ -319,3 +327,51 @@ def test_read_expand_sends_interior_pages_below_an_interior_page(tmp_path):
     assert len(capped) == 2
     leaf = min(set(pages) - interior - {0})
     assert [f.page for f in vols.read("v", 1, BitMap([leaf]), expand=64)] == [leaf]
+
+
+def test_names_that_have_no_volume_leave_nothing_loaded(vols: Volumes) -> None:
+    commit(vols, "v", 0, 1, {0: page(1)})
+    for i in range(2000):
+        with pytest.raises(VolumeNotFound):
+            vols.snapshot(f"missing-{i}")
+        with pytest.raises(VolumeNotFound):
+            vols.pull(f"missing-{i}", 0)
+        with pytest.raises(VolumeNotFound):
+            vols.read(f"missing-{i}", 1, BitMap([0]))
+    assert vols.loaded_volumes() == 1
+    assert vols.snapshot("v") == Snapshot("v", 1, 1)
+
+
+def test_loaded_volumes_are_bounded_least_recently_used_first(store: MemoryStore) -> None:
+    vols = Volumes(store, max_loaded=3)
+    for i in range(10):
+        commit(vols, f"v{i}", 0, 1, {0: page(i)})
+        assert vols.loaded_volumes() <= 3
+    assert vols.loaded_volumes() == 3
+    assert read(vols, "v9", 1, [0]) == {0: (1, page(9))}  # (reads its GC floor once)
+    gets = store.stats["gets"]
+    assert read(vols, "v9", 1, [0]) == {0: (1, page(9))}  # still loaded: no log read
+    assert store.stats["gets"] == gets
+    assert read(vols, "v0", 1, [0]) == {0: (1, page(0))}  # dropped: its log is read again
+    assert store.stats["gets"] > gets
+    for i in range(10):  # dropped ones are read again from the store
+        assert read(vols, f"v{i}", 1, [0]) == {0: (1, page(i))}
+        assert vols.snapshot(f"v{i}") == Snapshot(f"v{i}", 1, 1)
+    assert vols.loaded_volumes() == 3
+    assert [s.vid for s in vols.list_volumes()] == [f"v{i}" for i in range(10)]
+    assert vols.loaded_volumes() == 3
+
+
+def test_listing_reports_a_damaged_volume_and_loads_none_it_does_not_list(
+    vols: Volumes, store: MemoryStore
+) -> None:
+    for vid in ("a", "b", "c"):
+        commit(vols, vid, 0, 1, {0: page(1)})
+    store.put(log_key("b", 1), b"garbage")
+    fresh = Volumes(store)
+    listed = fresh.list_volumes()
+    assert listed[0] == Snapshot("a", 1, 1) and listed[2] == Snapshot("c", 1, 1)
+    assert (listed[1].vid, listed[1].error) == ("b", "corrupt_data")
+    gets = store.stats["gets"]
+    assert fresh.list_volumes(lambda vid: vid == "c") == [Snapshot("c", 1, 1)]
+    assert store.stats["gets"] - gets == 1  # c's probe for a newer LSN; b is never read
