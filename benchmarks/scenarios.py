@@ -38,8 +38,8 @@ from benchmarks.systems import (
     Run,
     Workload,
 )
+from graft_vfs.client.remote import Remote
 from graft_vfs.core.segment import ZSTD_LEVEL
-from graft_vfs.remote import Remote
 from graft_vfs.sample import SCHEMA
 
 

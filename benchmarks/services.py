@@ -27,10 +27,10 @@ import boto3
 from botocore.config import Config
 
 from benchmarks.linkproxy import LOOPBACK, Link, ProxyProcess
-from graft_vfs.remote import Remote
-from graft_vfs.transfer import import_database
-from server.app import wait_until_listening
-from tests.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, SeaweedFS, s3_env
+from graft_vfs.client.dbfile import import_database
+from graft_vfs.client.remote import Remote
+from tests.support.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, SeaweedFS, s3_env
+from tests.support.servers import wait_until_listening
 
 BUCKET = "graft-bench"
 VOLUME = "bench"

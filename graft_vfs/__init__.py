@@ -8,15 +8,9 @@ con = apsw.Connection("file:orders?vfs=graft", flags=apsw.SQLITE_OPEN_URI
 
 from __future__ import annotations
 
-import atexit
-import dataclasses
-import hashlib
-import os
-import threading
+from typing import TYPE_CHECKING, Any
 
-import apsw
-
-from graft_vfs.errors import (
+from graft_vfs.core.errors import (
     Busy,
     CommitConflict,
     CorruptData,
@@ -35,11 +29,26 @@ from graft_vfs.errors import (
     UnsupportedDatabase,
     VolumeNotFound,
 )
-from graft_vfs.core.ids import validate_volume_id
-from graft_vfs.runtime import Options, Runtime
-from graft_vfs.vfs import GraftVFS, to_sqlite
+from graft_vfs.core.version import VERSION
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from graft_vfs.client.api import (
+        DEFAULT_CACHE_DIR as DEFAULT_CACHE_DIR,
+    )
+    from graft_vfs.client.api import (
+        DEFAULT_VFS as DEFAULT_VFS,
+    )
+    from graft_vfs.client.api import (
+        connect,
+        register,
+        unregister,
+    )
+    from graft_vfs.client.api import (
+        runtime_of as runtime_of,
+    )
+    from graft_vfs.client.runtime import Options, Runtime
+
+__version__ = VERSION
 
 __all__ = [
     "register",
@@ -67,108 +76,24 @@ __all__ = [
     "__version__",
 ]
 
-DEFAULT_VFS = "graft"
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "graft")
-
-_registered: dict[str, GraftVFS] = {}
-_lock = threading.Lock()
-
-
-def register(
-    remote: str | None = None,
-    cache_dir: str | None = None,
-    *,
-    name: str = DEFAULT_VFS,
-    options: Options | None = None,
-) -> Runtime:
-    """Register the graft VFS under ``name`` (default ``"graft"``) and return its runtime.
-
-    ``remote`` is the graft server URL (default: ``$GRAFT_REMOTE``; none means local-only
-    volumes). ``cache_dir`` holds the durable local store (default: ``$GRAFT_CACHE_DIR``,
-    else ``~/.cache/graft``). The bearer token is ``options.token``, else ``$GRAFT_TOKEN``.
-    Registering a name again replaces its earlier client.
-    """
-    remote = remote if remote is not None else os.environ.get("GRAFT_REMOTE") or None
-    cache_dir = cache_dir or os.environ.get("GRAFT_CACHE_DIR") or DEFAULT_CACHE_DIR
-    options = options or Options()
-    if options.token is None and os.environ.get("GRAFT_TOKEN"):
-        options = dataclasses.replace(options, token=os.environ["GRAFT_TOKEN"])
-    with _lock:
-        old = _registered.pop(name, None)
-        if old is not None:
-            _close(old)
-        vfs = GraftVFS(name, Runtime(remote, os.path.abspath(cache_dir), options))
-        _registered[name] = vfs  # apsw unregisters a VFS when it is garbage-collected
-        return vfs.runtime
+# The client (apsw, the HTTP client, the local store) loads at first use, so the server
+# and other users of graft_vfs.core import the core alone.
+_CLIENT = {
+    "register": "graft_vfs.client.api",
+    "unregister": "graft_vfs.client.api",
+    "connect": "graft_vfs.client.api",
+    "runtime_of": "graft_vfs.client.api",
+    "DEFAULT_VFS": "graft_vfs.client.api",
+    "DEFAULT_CACHE_DIR": "graft_vfs.client.api",
+    "Options": "graft_vfs.client.runtime",
+    "Runtime": "graft_vfs.client.runtime",
+}
 
 
-def unregister(name: str = DEFAULT_VFS) -> None:
-    """Unregister a VFS and stop its background sync (pending commits stay durable)."""
-    with _lock:
-        vfs = _registered.pop(name, None)
-    if vfs is not None:
-        _close(vfs)
+def __getattr__(name: str) -> Any:
+    module = _CLIENT.get(name)
+    if module is None:
+        raise AttributeError(f"module 'graft_vfs' has no attribute {name!r}")
+    import importlib
 
-
-def _close(vfs: GraftVFS) -> None:
-    vfs.runtime.close()
-    vfs.unregister()
-
-
-def connect(
-    volume: str,
-    *,
-    remote: str | None = None,
-    cache_dir: str | None = None,
-    readonly: bool = False,
-    lsn: int | None = None,
-    create: bool = True,
-    options: Options | None = None,
-) -> apsw.Connection:
-    """Open ``volume`` with ``journal_mode=MEMORY``; a shortcut around register().
-
-    Each distinct (remote, cache_dir) pair is its own client, with its own local store
-    and sync state, even within one process; its ``options`` (the token among them,
-    default ``$GRAFT_TOKEN``) are those of its first connect(). ``lsn`` opens a read-only
-    past snapshot. ``create=False`` refuses a volume that exists neither in the cache
-    nor on the server (``apsw.CantOpenError`` caused by ``VolumeNotFound``).
-    """
-    try:
-        # SQLite reads an empty name as a private temporary database: never a volume.
-        validate_volume_id(volume)
-    except InvalidVolumeId as exc:
-        raise to_sqlite(exc) from exc
-    remote = remote if remote is not None else os.environ.get("GRAFT_REMOTE") or None
-    cache_dir = os.path.abspath(cache_dir or os.environ.get("GRAFT_CACHE_DIR") or DEFAULT_CACHE_DIR)
-    key = hashlib.sha1(f"{remote}\0{cache_dir}".encode()).hexdigest()[:12]
-    name = f"graft-{key}"
-    with _lock:
-        known = name in _registered
-    if not known:
-        register(remote, cache_dir, name=name, options=options)
-    flags = apsw.SQLITE_OPEN_URI
-    if readonly or lsn is not None:
-        flags |= apsw.SQLITE_OPEN_READONLY
-    else:
-        flags |= apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
-    uri = f"file:{volume}" + (f"?lsn={int(lsn)}" if lsn is not None else "")
-    con = apsw.Connection(uri, flags=flags, vfs=name)  # con.open_vfs names the client
-    con.execute("PRAGMA journal_mode=MEMORY").fetchall()
-    return con
-
-
-def runtime_of(name: str = DEFAULT_VFS) -> Runtime:
-    """The runtime behind a registered VFS name."""
-    with _lock:
-        return _registered[name].runtime
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    # Local commits are durable either way; this only spares a short-lived program's
-    # commits a wait for its next run before they reach the server.
-    for vfs in list(_registered.values()):
-        try:
-            vfs.runtime.flush(timeout=float(os.environ.get("GRAFT_EXIT_FLUSH_SECONDS", "10")))
-        except Exception:
-            pass
+    return getattr(importlib.import_module(module), name)

@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from graft_vfs.errors import GraftError, VolumeNotFound
-from server import limits
+from graft_server import limits
+from graft_vfs.core.errors import GraftError, VolumeNotFound
 
 # The exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
@@ -141,6 +141,29 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as exc:
             where = f": {exc.filename}" if exc.filename else ""
             raise click.ClickException(f"{exc.strerror or exc}{where}") from exc
+
+    return wrapper
+
+
+# What `graft-vfs[server]` adds to the client's dependencies.
+SERVER_DEPENDENCIES = ("boto3", "botocore", "starlette", "uvicorn")
+
+
+def _needs_server_extra(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A command that runs the server's code: a missing server dependency is one line."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ImportError as exc:
+            if (exc.name or "").partition(".")[0] not in SERVER_DEPENDENCIES:
+                raise
+            raise click.ClickException(
+                f"{exc.name} is not installed: this command runs the graft server, whose "
+                "dependencies come with pip install 'graft-vfs[server]'"
+            ) from None
 
     return wrapper
 
@@ -296,6 +319,7 @@ _LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
     help="Volumes whose page maps stay in memory (least recently used dropped first).",
 )
 @_fail_cleanly
+@_needs_server_extra
 def server(
     store: str,
     s3_endpoint: str | None,
@@ -315,8 +339,8 @@ def server(
     max_volumes: int,
 ) -> None:
     """Run the graft server (stateless: everything is in the store)."""
-    from server.app import serve
-    from server.gc import Retention
+    from graft_server.gc import Retention
+    from graft_server.serve import serve
 
     serve(
         store,
@@ -373,8 +397,8 @@ def parse_size(text: str, option: str = "--cache-size") -> int:
 @_fail_cleanly
 def import_(database: str, volume: str, remote: str, token: str | None, replace: bool) -> None:
     """Import a SQLite DATABASE file as VOLUME."""
-    from graft_vfs.remote import Remote
-    from graft_vfs.transfer import import_database
+    from graft_vfs.client.dbfile import import_database
+    from graft_vfs.client.remote import Remote
 
     size = os.path.getsize(database) if os.path.isfile(database) else 0
     with _progress(size // 4096, "reading") as update:
@@ -402,8 +426,8 @@ def export(
     volume: str, output: str, remote: str, token: str | None, lsn: int | None, force: bool
 ) -> None:
     """Export VOLUME to a SQLite file OUTPUT."""
-    from graft_vfs.remote import Remote
-    from graft_vfs.transfer import export_database
+    from graft_vfs.client.dbfile import export_database
+    from graft_vfs.client.remote import Remote
 
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
@@ -521,7 +545,7 @@ def sql(
     import apsw
 
     import graft_vfs
-    from graft_vfs import sync
+    from graft_vfs.client import sync
 
     if create and (readonly or lsn is not None):
         raise click.UsageError("--create cannot be combined with --readonly or --lsn")
@@ -568,7 +592,7 @@ def sql(
 
 
 def _pull_before_reading(vol: Any, remote: str) -> None:
-    from graft_vfs import sync
+    from graft_vfs.client import sync
 
     try:
         sync.pull(vol)
@@ -588,11 +612,11 @@ def _json_value(v: Any) -> Any:
 
 
 def _open_volume(volume: str, remote: str | None, cache_dir: str, token: str | None) -> Any:
-    from graft_vfs.runtime import Options, Runtime
+    from graft_vfs.client.runtime import Options, Runtime
 
     # No background push: each command does what it says and nothing else.
-    runtime = Runtime(remote, cache_dir, Options(token=token, autopush=False, cache_max_bytes=_cache_max())
-    )
+    options = Options(token=token, autopush=False, cache_max_bytes=_cache_max())
+    runtime = Runtime(remote, cache_dir, options)
     try:
         return runtime, runtime.volume(volume, create=False)
     except VolumeNotFound:
@@ -628,7 +652,7 @@ def _sync_command(name: str, doc: str, *options: Any) -> None:
     @TOKEN
     @_fail_cleanly
     def command(volume: str, remote: str, cache_dir: str, token: str | None, **flags: Any) -> None:
-        from graft_vfs import sync
+        from graft_vfs.client import sync
 
         runtime, vol = _open_volume(volume, remote, cache_dir, token)
         try:
@@ -680,6 +704,7 @@ _sync_command(
 @S3_ENDPOINT
 @_retention_options("--grace")
 @_fail_cleanly
+@_needs_server_extra
 def gc(
     store: str,
     s3_endpoint: str | None,
@@ -688,9 +713,9 @@ def gc(
     grace: float,
 ) -> None:
     """Compact and garbage-collect a store; without --retain-* all history is kept."""
-    from server.gc import Retention, collect
-    from server.objstore import open_store
-    from server.volumes import Volumes
+    from graft_server.gc import Retention, collect
+    from graft_server.objstore import open_store
+    from graft_server.volumes import Volumes
 
     report = collect(
         Volumes(open_store(store, s3_endpoint)), Retention(retain_lsns, retain_seconds), grace=grace
@@ -732,7 +757,7 @@ def token() -> None:
 @_fail_cleanly
 def token_create(name: str, globs: tuple[str, ...], access: str, path: str) -> None:
     """Create a token, print it once, and store only its hash in the file."""
-    from server.auth import create_token
+    from graft_server.auth import create_token
 
     secret = create_token(path, name, globs, access)
     click.echo(secret)  # stdout holds only the token, for TOKEN=$(graft token create ...)
@@ -748,7 +773,7 @@ def token_create(name: str, globs: tuple[str, ...], access: str, path: str) -> N
 @_fail_cleanly
 def token_list(path: str) -> None:
     """List the tokens in the file (names and scopes; never tokens or hashes) as JSON lines."""
-    from server.auth import describe_entries
+    from graft_server.auth import describe_entries
 
     for entry in describe_entries(path):
         _echo_json(entry)
@@ -760,7 +785,7 @@ def token_list(path: str) -> None:
 @_fail_cleanly
 def token_revoke(name: str, path: str) -> None:
     """Remove a token from the file; a running server stops accepting it within a second."""
-    from server.auth import revoke_token
+    from graft_server.auth import revoke_token
 
     revoke_token(path, name)
     click.echo(f"token {name!r} removed from {path}", err=True)
@@ -772,7 +797,7 @@ def token_revoke(name: str, path: str) -> None:
 @_fail_cleanly
 def volumes(remote: str, token: str | None) -> None:
     """List the volumes on the server that the token may read (JSON)."""
-    from graft_vfs.remote import Remote
+    from graft_vfs.client.remote import Remote
 
     _echo_json(
         [

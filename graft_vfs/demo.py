@@ -13,10 +13,9 @@ import tempfile
 import time
 
 import graft_vfs
-from graft_vfs.remote import Remote
+from graft_vfs.client.dbfile import import_database
+from graft_vfs.client.remote import Remote
 from graft_vfs.sample import make_sample_database
-from graft_vfs.transfer import import_database
-from server.app import wait_until_listening
 
 QUERIES = [
     (
@@ -46,15 +45,17 @@ QUERIES = [
 
 def start_server(store: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--store", store, "--port", "0"],
+        [sys.executable, "-m", "graft_server", "--store", store, "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )
-    try:
-        return proc, wait_until_listening(proc)
-    except RuntimeError as exc:
-        proc.kill()
-        raise SystemExit(str(exc)) from None
+    from graft_server.serve import LISTENING  # the line a started server prints
+
+    assert proc.stdout is not None
+    for line in proc.stdout:  # until the server listens, or exits
+        if line.startswith(LISTENING):
+            return proc, line[len(LISTENING) :].strip()
+    raise SystemExit(f"graft server exited with {proc.wait()} before it listened")
 
 
 def main() -> None:

@@ -3,115 +3,20 @@
 The end-to-end suite runs on every store kind selected with ``--stores`` (default
 ``fs,s3``): the session ``server`` is parametrized over them, and ``own_server``
 uses the same kind as ``server``. S3 is a real SeaweedFS started once per session
-(tests/s3.py); each server gets its own key prefix in one shared bucket.
+(tests/support/s3.py); each server gets its own key prefix in one shared bucket.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
-from s3 import SeaweedFS, s3_env
 
 import graft_vfs
-from server.app import wait_until_listening
-from server.objstore import FsStore, ObjectStore
-
-STARTUP_TIMEOUT = 30.0
-STORE_KINDS = ("fs", "s3")
-
-
-@dataclass
-class ServerProcess:
-    """A ``graft server`` child process on 127.0.0.1, stopped by PID."""
-
-    store: str
-    port: int = 0
-    env: dict[str, str] = field(default_factory=dict)
-    args: list[str] = field(default_factory=list)  # extra `graft server` options
-    proc: subprocess.Popen | None = None
-    kind: str = "fs"  # "fs": store is a directory; "s3": store is s3://bucket/prefix
-    s3_endpoint: str | None = None
-    backing: ObjectStore | None = None  # the tests' own view of the store
-
-    def _backing(self) -> ObjectStore:
-        if self.backing is None:
-            self.backing = FsStore(self.store)
-        return self.backing
-
-    def objects(self, prefix: str = "") -> list[str]:
-        """The keys in the server's store that start with ``prefix``, sorted."""
-        return self._backing().list(prefix)
-
-    def read_object(self, key: str) -> bytes | None:
-        return self._backing().get(key)
-
-    def write_object(self, key: str, data: bytes) -> None:
-        """Replace an object behind the server's back (to corrupt or repair it)."""
-        self._backing().put(key, data)
-
-    def wipe(self) -> None:
-        """Delete every object in the store (stop the server first: it caches what it read)."""
-        store = self._backing()
-        for key in store.list(""):
-            store.delete(key)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        """The server's command line (a subclass may run another program)."""
-        cmd = [sys.executable, "-m", "graft_vfs.cli", "server", "--store", self.store]
-        cmd += ["--port", str(self.port), *self.args]
-        if self.s3_endpoint:
-            cmd += ["--s3-endpoint", self.s3_endpoint]
-        return cmd
-
-    def start(self, **extra_env: str) -> ServerProcess:
-        env = {**os.environ, **self.env, **extra_env}
-        if "GRAFT_CRASH_AT" not in extra_env:
-            env.pop("GRAFT_CRASH_AT", None)
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, text=True, env=env)
-        url = wait_until_listening(self.proc, STARTUP_TIMEOUT)
-        self.port = int(url.rsplit(":", 1)[1])
-        return self
-
-    def kill(self) -> int:
-        """SIGKILL the process and return its exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        return self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def new_server_process(request: pytest.FixtureRequest, kind: str, directory) -> ServerProcess:
-    """A (not yet started) server on a fresh store of ``kind``: a directory or an S3 prefix."""
-    if kind == "fs":
-        return ServerProcess(str(directory))
-    seaweed: SeaweedFS = request.getfixturevalue("seaweed")
-    prefix = seaweed.new_prefix()
-    return ServerProcess(
-        seaweed.spec(prefix),
-        env=s3_env(),
-        kind="s3",
-        s3_endpoint=seaweed.endpoint,
-        backing=seaweed.store(prefix),
-    )
+from support.auth import Secured, create_tokens
+from support.s3 import SeaweedFS
+from support.servers import STORE_KINDS, ServerProcess, new_server_process
 
 
 @pytest.fixture(scope="session", params=STORE_KINDS)
@@ -212,3 +117,13 @@ def seaweed() -> Iterator[SeaweedFS]:
     instance = SeaweedFS().start()
     yield instance
     instance.stop()
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    directory = tmp_path_factory.mktemp("auth")
+    path = str(directory / "tokens.json")
+    tokens = create_tokens(path)
+    srv = ServerProcess(str(directory / "store"), args=["--tokens", path]).start()
+    yield Secured(srv, tokens, path)
+    srv.stop()

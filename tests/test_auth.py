@@ -6,85 +6,21 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import apsw
 import pytest
 import urllib3
-from conftest import ServerProcess
 
 import graft_vfs
+from graft_server.auth import hash_token
+from graft_vfs.client.remote import Remote
 from graft_vfs.core.commit import commit_hash
-from graft_vfs.errors import Forbidden, Unauthorized
-from graft_vfs.remote import MAX_INLINE_PAGES, Remote
+from graft_vfs.core.errors import Forbidden, Unauthorized
+from graft_vfs.core.protocol import MAX_INLINE_PAGES
 from graft_vfs.sample import make_sample_database
-from server.auth import hash_token
-from server.objstore import FsStore
-
-WRONG = "graft_" + "W" * 43  # looks like a token, is none
-SCOPES = [("rw", "app-*", "write"), ("ro", "app-*", "read"), ("other", "else-*", "write")]
-
-
-def graft(*args: str, token: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
-    if token is not None:
-        env["GRAFT_TOKEN"] = token
-    proc = subprocess.run(
-        [sys.executable, "-m", "graft_vfs.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"graft {args} failed: {proc.stderr}")
-    return proc
-
-
-@dataclass
-class Secured:
-    """A server with a token file, the tokens it accepts, and a view of its store."""
-
-    server: ServerProcess
-    tokens: dict[str, str]
-    path: str
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def objects(self) -> dict[str, bytes | None]:
-        store = FsStore(self.server.store)
-        return {key: store.get(key) for key in store.list("")}
-
-    def secrets(self) -> list[str]:
-        return [*self.tokens.values(), *map(hash_token, self.tokens.values()), WRONG]
-
-
-def create_tokens(path: str) -> dict[str, str]:
-    tokens = {}
-    for name, glob, access in SCOPES:
-        out = graft(
-            "token", "create", "--name", name, "--volumes", glob, "--access", access, "--file", path
-        )
-        tokens[name] = out.stdout.strip()  # stdout is the token and nothing else
-        assert tokens[name].startswith("graft_") and "\n" not in tokens[name]
-        assert tokens[name] not in out.stderr and repr(name) in out.stderr
-    return tokens
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
-    directory = tmp_path_factory.mktemp("auth")
-    path = str(directory / "tokens.json")
-    tokens = create_tokens(path)
-    srv = ServerProcess(str(directory / "store"), args=["--tokens", path]).start()
-    yield Secured(srv, tokens, path)
-    srv.stop()
+from support.auth import SCOPES, WRONG, Secured, create_tokens, graft
+from support.servers import ServerProcess
 
 
 def assert_no_secret(text: str, secured: Secured) -> None:
@@ -193,7 +129,8 @@ def test_connect_with_a_token_end_to_end(secured: Secured, tmp_path, monkeypatch
     finally:
         for con in made:
             con.close()
-        for name, vfs in list(graft_vfs._registered.items()):  # "none" registered, then failed
+        # "none" was registered, then failed
+        for name, vfs in list(graft_vfs.client.api._registered.items()):
             if vfs.runtime.cache_dir.startswith(str(tmp_path)):
                 graft_vfs.unregister(name)
 

@@ -1,8 +1,8 @@
 """The bank workload under object-store faults, with pulls inside open transactions.
 
 The invariant test storage engines use, run by tests/test_scale_out.py's ``bank_run``
-(six tests/bank_worker.py processes racing transfers through three servers on one
-store), here with every server running tests/faulty.py: each store call (get,
+(six tests/support/bank_worker.py processes racing transfers through three servers on one
+store), here with every server running tests/support/faulty.py: each store call (get,
 get_range, put, put_if_absent, list, delete) fails, is delayed, or completes only in
 part (a write that lands but reports an error, a truncated read, a short listing) at
 a few percent, and the test switches the faults on and off every second through the
@@ -30,8 +30,9 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import ServerProcess
-from faulty import KINDS, FaultPlan
+
+from support.faulty import KINDS, FaultPlan
+from support.servers import ServerProcess
 from test_scale_out import SERVERS, WORKER_GRACE, bank_run
 
 WORKLOAD_SECONDS = float(os.environ.get("GRAFT_SOAK_SECONDS", "6"))
@@ -39,12 +40,12 @@ FAULT_RATE = 0.03  # per call and kind: about 9% of store calls are faulted whil
 FAULT_DELAY = 0.005  # seconds
 FLIP_SECONDS = 1.0  # faults on for a second, off for a second, ...
 PULL_IN_TX = 0.2  # per transaction, after its read and again after its writes
-FAULTY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faulty.py")
+FAULTY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "faulty.py")
 
 
 @dataclasses.dataclass
 class FaultyServer(ServerProcess):
-    """A graft server whose store injects faults: ``python tests/faulty.py STORE PORT``."""
+    """A graft server whose store injects faults: ``python tests/support/faulty.py STORE PORT``."""
 
     def command(self) -> list[str]:
         return [sys.executable, FAULTY, self.store, str(self.port)]

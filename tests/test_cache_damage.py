@@ -27,7 +27,7 @@ import apsw
 import pytest
 
 import graft_vfs
-from graft_vfs.local import FORMAT, STORE_FILE
+from graft_vfs.client.local import FORMAT, STORE_FILE
 
 pytestmark = pytest.mark.stores("fs")
 

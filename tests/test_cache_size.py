@@ -12,8 +12,8 @@ import apsw
 import pytest
 
 import graft_vfs
+from graft_vfs.client.local import STORE_FILE
 from graft_vfs.core.ids import PAGE_SIZE
-from graft_vfs.local import STORE_FILE
 
 ROWS = 40  # of about 1 KB: a database of a dozen pages
 COMMITS = 60  # each rewrites every leaf page, and is pushed

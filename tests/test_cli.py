@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import apsw
 import pytest
 
-from graft_vfs.errors import VolumeNotFound
-from graft_vfs.remote import Remote
+from graft_vfs.client.remote import Remote
+from graft_vfs.core.errors import VolumeNotFound
 from graft_vfs.sample import make_sample_database
 
 
@@ -127,3 +128,40 @@ def test_sql_status_and_sync_commands(server, vid, tmp_path):
     assert hydrated["page_count"] >= 2 and hydrated["pages_fetched"] >= 0
     volumes = json.loads(graft("volumes", "--remote", server.url).stdout)
     assert vid in {v["volume"] for v in volumes}
+
+
+def test_the_client_installs_without_the_servers_dependencies():
+    """`pip install graft-vfs` is the client: the server's libraries come with [server]."""
+    from importlib.metadata import requires
+
+    from graft_vfs.cli import SERVER_DEPENDENCIES
+
+    def names(extra: str | None) -> set[str]:
+        wanted = f'extra == "{extra}"' if extra else None
+        return {
+            re.split(r"[<>=;\[ ]", r, maxsplit=1)[0]
+            for r in requires("graft-vfs") or []
+            if (wanted in r if wanted else "extra ==" not in r)
+        }
+
+    plain, server = names(None), names("server")
+    assert plain and not plain & {"boto3", "starlette", "uvicorn", "uvloop", "httptools"}
+    assert {"boto3", "starlette", "uvicorn"} <= server
+    assert set(SERVER_DEPENDENCIES) >= {"boto3", "starlette", "uvicorn"}
+
+
+def test_server_commands_without_the_server_extra_say_what_to_install(tmp_path):
+    """The client alone still imports; `graft server` then names the extra, in one line."""
+    code = (
+        "import sys\n"
+        "for name in ('starlette', 'uvicorn', 'boto3', 'botocore'):\n"
+        "    sys.modules[name] = None  # as if not installed\n"
+        "import graft_vfs, graft_vfs.client.api\n"
+        "from graft_vfs.cli import main\n"
+        f"main(['server', '--store', {str(tmp_path / 's')!r}, '--port', '0'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "pip install 'graft-vfs[server]'" in proc.stderr

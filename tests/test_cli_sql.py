@@ -12,7 +12,7 @@ import apsw
 import pytest
 
 import graft_vfs
-from graft_vfs.remote import Remote
+from graft_vfs.client.remote import Remote
 
 # Never ends on its own: only an interrupt stops it.
 ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"

@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from pyroaring import BitMap
 
 from graft_vfs.core.commit import CommitRecord, SegmentRef, commit_hash
+from graft_vfs.core.errors import CorruptData, InvalidRequest, InvalidVolumeId, UnsupportedDatabase
 from graft_vfs.core.graft import decode_graft, encode_graft
 from graft_vfs.core.ids import PAGE_SIZE, new_segment_id, validate_segment_id, validate_volume_id
 from graft_vfs.core.pages import check_database_header, same_page1, with_counter
 from graft_vfs.core.segment import decode_index, decode_segment, encode_segment
-from graft_vfs.errors import CorruptData, InvalidRequest, InvalidVolumeId, UnsupportedDatabase
 
 
 @pytest.mark.parametrize("name", ["orders", "a", "A.b-c_d", "9" * 128])
@@ -217,7 +217,7 @@ def test_segments_hold_at_most_what_a_client_sends_at_once(monkeypatch):
     import zstandard
 
     from graft_vfs.core import segment
-    from graft_vfs.remote import MAX_INLINE_PAGES
+    from graft_vfs.core.protocol import MAX_INLINE_PAGES
 
     assert segment.MAX_SEGMENT_PAGES == MAX_INLINE_PAGES == 2048
     frame = zstandard.ZstdCompressor().compress(bytes(PAGE_SIZE))

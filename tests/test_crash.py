@@ -14,7 +14,7 @@ import apsw
 import pytest
 
 import graft_vfs
-from graft_vfs.remote import Remote
+from graft_vfs.client.remote import Remote
 
 CHILD = textwrap.dedent(
     """

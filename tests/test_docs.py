@@ -17,7 +17,7 @@ def readme() -> str:
 
 def test_every_command_and_pragma_is_documented():
     from graft_vfs.cli import main
-    from graft_vfs.vfs import PRAGMAS
+    from graft_vfs.client.vfs import PRAGMAS
 
     text = readme()
     for name, command in main.commands.items():
@@ -38,3 +38,25 @@ def test_readme_python_example_runs(server, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "[('hello',)]"  # the replica saw the push
+
+
+def test_layout_lists_every_module_and_only_what_exists():
+    """README's Layout names every module of the product, and nothing that is not there."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    section = readme().split("## Layout\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```\n(.*?)```", section, re.S)
+    assert block, "README's Layout has no listing"
+    listed = [line.split()[0] for line in block.group(1).splitlines() if line.strip()]
+    missing = [p for p in listed if not os.path.exists(os.path.join(root, p))]
+    assert not missing, f"README's Layout names what does not exist: {missing}"
+    modules = []
+    for package in ("graft_vfs", os.path.join("server", "graft_server")):
+        for folder, _, files in os.walk(os.path.join(root, package)):
+            rel = os.path.relpath(folder, root)
+            modules += [
+                os.path.join(rel, f)
+                for f in files
+                if f.endswith(".py") and not (f == "__init__.py" and rel != "graft_vfs")
+            ]
+    unlisted = sorted(m for m in modules if m not in listed)
+    assert not unlisted, f"README's Layout does not name: {unlisted}"

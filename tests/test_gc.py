@@ -12,9 +12,9 @@ import apsw
 import pytest
 
 import graft_vfs
-from graft_vfs.errors import SnapshotExpired
-from graft_vfs.remote import Remote
-from server.volumes import FLOOR_RECHECK
+from graft_server.volumes import FLOOR_RECHECK
+from graft_vfs.client.remote import Remote
+from graft_vfs.core.errors import SnapshotExpired
 
 
 def pragma(con, name):

@@ -22,18 +22,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import apsw
 import msgpack
 import pytest
-from conftest import new_server_process
 from pyroaring import BitMap
 
 import graft_vfs
-from graft_vfs import sync
+from graft_vfs.client import sync
+from graft_vfs.client.local import FORMAT, STORE_FILE
+from graft_vfs.client.remote import Remote
+from graft_vfs.client.runtime import Options, Runtime
 from graft_vfs.core.commit import commit_hash
+from graft_vfs.core.errors import CorruptData, IdentityMismatch, RemoteError
 from graft_vfs.core.graft import MAX_PAGES
 from graft_vfs.core.identity import Identity
-from graft_vfs.errors import CorruptData, IdentityMismatch, RemoteError
-from graft_vfs.local import FORMAT, STORE_FILE
-from graft_vfs.remote import Remote
-from graft_vfs.runtime import Options, Runtime
+from support.servers import new_server_process
 
 NO_AUTOPUSH = graft_vfs.Options(autopush=False)
 ROWS = 200

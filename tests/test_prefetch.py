@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from graft_vfs.prefetch import MAX_AHEAD, MIN_AHEAD, Prefetcher
+from graft_vfs.client.prefetch import MAX_AHEAD, MIN_AHEAD, Prefetcher
 
 
 def miss(p: Prefetcher, page: int) -> list[int]:
@@ -43,7 +43,7 @@ def test_unused_prefetches_are_counted():
 
 
 def test_link_estimates():
-    from graft_vfs.link import Link
+    from graft_vfs.client.link import Link
 
     link = Link(rtt=0.01, bandwidth=1e6)
     for _ in range(50):
@@ -57,7 +57,7 @@ def test_link_estimates():
 
 
 def test_frame_width_follows_density_and_the_link():
-    from graft_vfs.prefetch import FrameSizer
+    from graft_vfs.client.prefetch import FrameSizer
 
     sparse, moderate, dense = FrameSizer(), FrameSizer(), FrameSizer()
     rng = random.Random(5)

@@ -11,9 +11,9 @@ import apsw
 import pytest
 
 import graft_vfs
-from graft_vfs.remote import Remote
+from graft_vfs.client.dbfile import import_database
+from graft_vfs.client.remote import Remote
 from graft_vfs.sample import make_sample_database
-from graft_vfs.transfer import import_database
 
 
 def pragma(con, name):

@@ -1,6 +1,6 @@
 """Scale-out proof: three server processes on one store, six clients racing to commit.
 
-Each client runs tests/bank_worker.py against one of the servers (round-robin):
+Each client runs tests/support/bank_worker.py against one of the servers (round-robin):
 bank transfers, each one SQL transaction plus a push, with random pauses and
 pulls. Pushes race for the next LSN across server processes; the store's
 create-only write decides every race. At the end the test checks, through the
@@ -33,10 +33,10 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import ServerProcess
 
 import graft_vfs
-from graft_vfs.remote import Remote
+from graft_vfs.client.remote import Remote
+from support.servers import ServerProcess
 
 SERVERS = 3
 WORKERS = 6
@@ -46,7 +46,7 @@ WORKLOAD_SECONDS = float(os.environ.get("GRAFT_SOAK_SECONDS", "5"))
 RESTART_WORKLOAD_SECONDS = float(os.environ.get("GRAFT_SOAK_SECONDS", "10"))  # see chaos()
 WORKER_GRACE = 60.0  # beyond the workload, before a worker is killed as hung
 PAST_LSN_SAMPLES = 8
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bank_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "bank_worker.py")
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def run_workers(
     """Run the workers for ``seconds`` (killed by PID if hung); return their event logs.
 
     ``during(servers)``, if given, runs in this process once every worker is connected.
-    ``worker_args`` are extra options of tests/bank_worker.py.
+    ``worker_args`` are extra options of tests/support/bank_worker.py.
     """
     env = {**os.environ, "GRAFT_EXIT_FLUSH_SECONDS": "0"}
     env.pop("GRAFT_CRASH_AT", None)
@@ -140,7 +140,7 @@ def bank_run(
     """Set up the bank, run the workers, check everything; return the counts.
 
     ``logs_out``, if given, receives each worker's event log; ``worker_args`` are
-    extra options of tests/bank_worker.py.
+    extra options of tests/support/bank_worker.py.
     """
     opts = graft_vfs.Options(autopush=False)
     setup = connect(vid, remote=servers[0].url, cache_dir=str(tmp_path / "setup"), options=opts)

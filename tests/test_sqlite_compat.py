@@ -24,7 +24,7 @@ import apsw
 import pytest
 
 import graft_vfs
-from graft_vfs.vfs import GraftVFS
+from graft_vfs.client.vfs import GraftVFS
 
 URI_RW = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
 NATIVE_VFS = "unix"
@@ -346,7 +346,7 @@ def registered(tmp_path):
 
 def apsw_vfs(name: str) -> GraftVFS:
     """The VFS object registered under ``name``."""
-    from graft_vfs import _registered
+    from graft_vfs.client.api import _registered
 
     return _registered[name]
 

@@ -11,13 +11,12 @@ import sys
 
 import apsw
 import pytest
-from test_auth import graft as graft_with
-from test_auth import secured  # noqa: F401  (a fixture: a server with a token file)
-from test_crash import pragma, run_child
 
 import graft_vfs
-from graft_vfs.remote import Remote
-from server.auth import create_token, describe_entries, load_entries, revoke_token
+from graft_server.auth import create_token, describe_entries, load_entries, revoke_token
+from graft_vfs.client.remote import Remote
+from support.auth import graft as graft_with
+from test_crash import pragma, run_child
 
 ROUNDS = 20
 EDITORS = 4  # processes editing the file at the same moment in each round

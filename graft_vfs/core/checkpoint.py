@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 from graft_vfs.core.commit import MAX_CRC, MAX_OFFSET
 from graft_vfs.core.envelope import pack, unpack
+from graft_vfs.core.errors import CorruptData
 from graft_vfs.core.graft import MAX_PAGES
 from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_segment_id, validate_volume_id
 from graft_vfs.core.segment import Entry
-from graft_vfs.errors import CorruptData
 
 CHECKPOINT_KIND = b"CKP2"  # CKP1 was the unchecksummed zstd msgpack checkpoint
 

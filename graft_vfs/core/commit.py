@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pyroaring import BitMap
 
 from graft_vfs.core.envelope import Fields, check_int, pack, unpack
+from graft_vfs.core.errors import CorruptData, GraftError
 from graft_vfs.core.graft import MAX_PAGES, decode_graft, encode_graft
 from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_segment_id, validate_volume_id
 from graft_vfs.core.segment import Entry
-from graft_vfs.errors import CorruptData, GraftError
 
 RECORD_KIND = b"LOG2"  # LOG1 was the unchecksummed msgpack record
 HASH_SIZE = 32  # sha256

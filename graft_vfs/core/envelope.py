@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 import zstandard
 
-from graft_vfs.errors import CorruptData
+from graft_vfs.core.errors import CorruptData
 
 MAGIC = b"GRFM"
 _HEADER = struct.Struct(">4s4sI")

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from pyroaring import BitMap
 
-from graft_vfs.errors import InvalidRequest
+from graft_vfs.core.errors import InvalidRequest
 
 MAX_PAGES = 1 << 31  # page indexes fit SQLite's 32-bit page numbers
 MAX_PAGES_PER_READ = 4096  # pages one read request may ask for (protocol limit)

@@ -6,7 +6,7 @@ import os
 import re
 import time
 
-from graft_vfs.errors import InvalidRequest, InvalidVolumeId
+from graft_vfs.core.errors import InvalidRequest, InvalidVolumeId
 
 PAGE_SIZE = 4096
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 
+from graft_vfs.core.errors import UnsupportedDatabase
 from graft_vfs.core.ids import PAGE_SIZE
-from graft_vfs.errors import UnsupportedDatabase
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 SQLITE_MAGIC = b"SQLite format 3\x00"

@@ -7,8 +7,8 @@ the server writes.
 from __future__ import annotations
 
 from graft_vfs.core.envelope import pack, unpack
+from graft_vfs.core.errors import CorruptData
 from graft_vfs.core.ids import MAX_LSN, validate_segment_id
-from graft_vfs.errors import CorruptData
 
 FLOOR_KIND = b"FLR1"
 PENDING_KIND = b"GCP1"

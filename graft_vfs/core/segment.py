@@ -23,9 +23,9 @@ from typing import NamedTuple
 import msgpack
 import zstandard
 
+from graft_vfs.core.errors import CorruptData, InvalidRequest
 from graft_vfs.core.graft import MAX_PAGES
 from graft_vfs.core.ids import PAGE_SIZE
-from graft_vfs.errors import CorruptData, InvalidRequest
 
 MAGIC = b"GRFTSEG1"
 _HEADER = struct.Struct(">8sII")

@@ -1,0 +1,317 @@
+"""HTTP client of the graft server: pooled keep-alive connections, retries, timeouts.
+
+This is the boundary where transport errors and error responses become graft_vfs
+exceptions; nothing above it sees urllib3.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import msgpack
+import urllib3
+from pyroaring import BitMap
+from urllib3.util.retry import Retry
+
+from graft_vfs.client.link import Link
+from graft_vfs.core.envelope import check_int
+from graft_vfs.core.errors import (
+    CommitConflict,
+    CorruptData,
+    Forbidden,
+    GraftError,
+    InvalidRequest,
+    RemoteError,
+    SnapshotExpired,
+    SnapshotNotFound,
+    Unauthorized,
+    VolumeNotFound,
+)
+from graft_vfs.core.graft import MAX_PAGES, MAX_PAGES_PER_READ, decode_graft, encode_graft
+from graft_vfs.core.identity import Identity
+from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_volume_id
+from graft_vfs.core.pages import ZERO_PAGE
+from graft_vfs.core.protocol import MAX_INLINE_PAGES, MSGPACK, SEGMENT_BODY, error_for_code
+from graft_vfs.core.segment import Entry, decode_page, encode_segment
+
+
+def _check_token(token: str) -> str:
+    """``token`` without surrounding whitespace, refused (unprinted) if a header cannot hold it."""
+    token = token.strip()
+    if not token or not all("!" <= c <= "~" for c in token):
+        # http.client would reject it with an error that quotes the header: the secret.
+        raise InvalidRequest("the bearer token is empty or has characters a token cannot have")
+    return token
+
+
+@dataclass
+class Snapshot:
+    """The server's view of a volume at one LSN, and which volume (None: not created yet)."""
+
+    vid: str
+    lsn: int
+    page_count: int
+    identity: Identity | None = None
+
+
+class Committed(NamedTuple):
+    """A commit the server accepted: its LSN, in the volume ``identity``."""
+
+    lsn: int
+    identity: Identity
+
+
+def _identity_fields(identity: Identity | None) -> dict[str, bytes]:
+    """Request fields that make the server refuse a request meant for another volume."""
+    if identity is None:
+        return {}
+    return {"store_id": identity.store_id, "volume_id": identity.volume_id}
+
+
+@dataclass
+class Transfer:
+    """What one request moved, for the caller's statistics."""
+
+    requests: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+
+
+class Remote:
+    """A client of one graft server URL; safe to share between threads."""
+
+    def __init__(
+        self, url: str, *, timeout: float = 30.0, retries: int = 4, token: str | None = None
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise InvalidRequest(f"remote URL must start with http:// or https://, got {url!r}")
+        self.url = url.rstrip("/")
+        # Every endpoint is safe to retry: reads are pure, and a retried commit carries
+        # the same content hash, which the server recognises instead of applying twice.
+        retry = Retry(
+            total=retries,
+            connect=retries,
+            read=retries,
+            status=retries,
+            backoff_factor=0.2,
+            status_forcelist=(502, 503, 504),
+            allowed_methods=None,
+            raise_on_status=False,
+        )
+        self._pool = urllib3.PoolManager(
+            num_pools=4,
+            maxsize=8,
+            retries=retry,
+            timeout=urllib3.Timeout(connect=5.0, read=timeout),
+        )
+        self._headers = {"Authorization": f"Bearer {_check_token(token)}"} if token else {}
+        self.link = Link()
+
+    def close(self) -> None:
+        self._pool.clear()
+
+    # -- transport ------------------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: dict | bytes | None = None,
+        transfer: Transfer | None = None,
+        content_type: str = MSGPACK,
+    ) -> dict:
+        headers = dict(self._headers)
+        data = None
+        if body is not None:
+            data = body if isinstance(body, bytes) else msgpack.packb(body)
+            headers["Content-Type"] = content_type
+        started = time.perf_counter()
+        try:
+            resp = self._pool.request(method, self.url + path, body=data, headers=headers)
+        except urllib3.exceptions.HTTPError as exc:
+            raise RemoteError(f"graft server {self.url} unreachable: {exc}") from exc
+        self.link.observe(time.perf_counter() - started, len(resp.data) + len(data or b""))
+        if transfer is not None:
+            transfer.requests += 1
+            transfer.bytes_received += len(resp.data)
+            transfer.bytes_sent += len(data or b"")
+        if resp.status >= 400:
+            raise self._error(resp)
+        try:
+            if resp.headers.get("Content-Type", "").startswith("application/json"):
+                return json.loads(resp.data)
+            return msgpack.unpackb(resp.data)
+        except Exception as exc:
+            raise RemoteError(f"graft server sent an unreadable response to {path}") from exc
+
+    def _error(self, resp: urllib3.BaseHTTPResponse) -> GraftError:
+        try:
+            info = json.loads(resp.data)
+            code, message = info.get("error"), info.get("message", "")
+        except Exception:
+            info, code, message = {}, None, resp.data[:200].decode("utf-8", "replace")
+        if code == "conflict":
+            return CommitConflict(message or "commit conflict", info.get("latest_lsn"))
+        if code == "unauthorized":
+            # Never repeat the token: say only whether one was sent and where to set it.
+            hint = (
+                "check the token given"
+                if self._headers
+                else "give one with GRAFT_TOKEN, --token or Options(token=...)"
+            )
+            return Unauthorized(f"graft server {self.url}: {message}; {hint}")
+        if code == "forbidden":
+            return Forbidden(f"graft server {self.url}: {message}")
+        cls = error_for_code(code)
+        if cls is not None:
+            return cls(message)
+        return RemoteError(f"graft server answered {resp.status}: {message}", resp.status)
+
+    # -- API ------------------------------------------------------------------------
+
+    def health(self) -> dict:
+        return self._call("GET", "/v1/health")
+
+    def list_volumes(self) -> list[dict]:
+        return self._call("GET", "/v1/volumes")["volumes"]
+
+    def _invalid(self, what: str, why: str) -> CorruptData:
+        # An answer that breaks the protocol's own invariants is treated like a failed
+        # checksum: nothing of it is used, and retrying the same server cannot help.
+        return CorruptData(f"graft server {self.url} sent an invalid answer to {what}: {why}")
+
+    def _answer_int(self, d: Any, name: str, high: int, what: str) -> int:
+        if not isinstance(d, dict) or name not in d:
+            raise self._invalid(what, f"no {name!r}")
+        return check_int(d[name], 0, high, lambda why: self._invalid(what, f"{name!r} {why}"))
+
+    def _identity_of(self, d: dict, what: str) -> Identity:
+        ids = [d.get(name) for name in ("store_id", "volume_id")]
+        if not all(isinstance(i, bytes) and len(i) == IDENTITY_SIZE for i in ids):
+            raise self._invalid(
+                what, "no volume and store identity (a graft server from before identities?)"
+            )
+        return Identity(*ids)
+
+    def _snapshot_of(self, vid: str, d: Any, what: str) -> Snapshot:
+        """A snapshot answer, every field checked: nothing out of range reaches the cache."""
+        lsn = self._answer_int(d, "lsn", MAX_LSN, what)
+        page_count = self._answer_int(d, "page_count", MAX_PAGES - 1, what)
+        return Snapshot(vid, lsn, page_count, self._identity_of(d, what))
+
+    def snapshot(self, vid: str, transfer: Transfer | None = None) -> Snapshot:
+        d = self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}", transfer=transfer)
+        return self._snapshot_of(vid, d, f"the snapshot of {vid!r}")
+
+    def pull(
+        self, vid: str, since: int, transfer: Transfer | None = None
+    ) -> tuple[Snapshot, BitMap]:
+        """The latest snapshot and the pages changed in ``(since, latest]``.
+
+        Raises CorruptData for an answer out of range (a page count over MAX_PAGES, a
+        graft naming a page at or beyond the page count).
+        """
+        d = self._call(
+            "POST", f"/v1/volumes/{validate_volume_id(vid)}/pull", {"since": since}, transfer
+        )
+        what = f"a pull of {vid!r}"
+        snap = self._snapshot_of(vid, d, what)
+        try:
+            graft = decode_graft(d.get("graft"))
+        except InvalidRequest as exc:
+            raise self._invalid(what, str(exc)) from None
+        if graft and graft.max() >= snap.page_count:
+            raise self._invalid(
+                what, f"its graft names page {graft.max()}, beyond its page count {snap.page_count}"
+            )
+        return snap, graft
+
+    def read_pages(
+        self,
+        vid: str,
+        lsn: int,
+        pages: Iterable[int],
+        transfer: Transfer | None = None,
+        *,
+        expand: int = 0,
+        identity: Identity | None = None,
+    ) -> dict[int, tuple[int, bytes]]:
+        """Pages as of ``lsn``: ``{page: (version_lsn, 4096 bytes)}``, each verified.
+
+        ``expand`` asks the server to add up to that many interior B-tree pages below
+        the requested interior pages; they are in the answer too. With ``identity``,
+        the server refuses (IdentityMismatch) if the volume is another one.
+        """
+        wanted = BitMap(pages)
+        out: dict[int, tuple[int, bytes]] = {}
+        path = f"/v1/volumes/{validate_volume_id(vid)}/read"
+        ordered = list(wanted)
+        for i in range(0, len(ordered), MAX_PAGES_PER_READ):
+            chunk = ordered[i : i + MAX_PAGES_PER_READ]
+            body = {"lsn": lsn, "pages": encode_graft(chunk), **_identity_fields(identity)}
+            if expand:
+                body["expand"] = expand
+            d = self._call("POST", path, body, transfer)
+            self.link.observe_pages(sum(len(p[3]) for p in d["pages"]), len(d["pages"]))
+            for page, version, crc, frame in d["pages"]:
+                if frame:
+                    data = decode_page(Entry(page, 0, len(frame), crc), frame)
+                else:
+                    data = ZERO_PAGE
+                out[page] = (version, data)
+        missing = wanted - BitMap(out.keys())
+        if missing:
+            raise RemoteError(f"graft server did not return pages {list(missing)[:10]}")
+        return out
+
+    def log_entry(self, vid: str, lsn: int) -> dict | None:
+        try:
+            return self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}/log/{int(lsn)}")
+        except SnapshotExpired:
+            raise
+        except (SnapshotNotFound, VolumeNotFound):
+            return None
+
+    def commit(
+        self,
+        vid: str,
+        base: int,
+        page_count: int,
+        pages: dict[int, bytes],
+        digest: bytes,
+        transfer: Transfer | None = None,
+        identity: Identity | None = None,
+    ) -> Committed:
+        """Commit ``pages`` on top of ``base``; returns the new LSN or raises CommitConflict.
+
+        ``digest`` is ``core.commit.commit_hash`` of the commit: a retry with the same
+        digest after a lost response is recognised by the server, never applied twice.
+        With ``identity``, the server refuses (IdentityMismatch) to commit on top of
+        another volume than the one ``base`` belongs to.
+        """
+        validate_volume_id(vid)
+        body: dict = {
+            "base": base,
+            "page_count": page_count,
+            "hash": digest,
+            **_identity_fields(identity),
+        }
+        items = sorted(pages.items())
+        if len(items) <= MAX_INLINE_PAGES:
+            body["segment"] = encode_segment(items)[0]
+        else:
+            sids = []
+            for i in range(0, len(items), MAX_INLINE_PAGES):
+                seg, _ = encode_segment(items[i : i + MAX_INLINE_PAGES])
+                d = self._call(
+                    "POST", "/v1/segments", seg, transfer, content_type=SEGMENT_BODY
+                )
+                sids.append(d["sid"])
+            body["segments"] = sids
+        d = self._call("POST", f"/v1/volumes/{vid}/commit", body, transfer)
+        what = f"a commit to {vid!r}"
+        return Committed(self._answer_int(d, "lsn", MAX_LSN, what), self._identity_of(d, what))

@@ -1,6 +1,0 @@
-"""The graft server: an HTTP service that keeps volumes in object storage.
-
-``graft server --store DIR`` (or ``python -m server``) runs it;
-``server.app.create_app`` builds the ASGI
-app for tests and embedding.
-"""

@@ -1,0 +1,299 @@
+"""The HTTP edge of the server: the routes of docs/protocol.md, and nothing else.
+
+Routes parse msgpack bodies, call ``Volumes`` (in a worker thread: all storage work
+blocks), and encode the answer. Errors become the protocol's JSON error bodies in one
+place, ``error_response``, through the protocol's one table (``graft_vfs.core.protocol``);
+storage logic lives in volumes.py and segments.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
+from typing import Any
+
+import msgpack
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from graft_server.auth import READ, WRITE, TokenFile, authorize
+from graft_server.limits import (
+    DEFAULT_BODY_TIMEOUT,
+    MAX_LOADED_VOLUMES,
+)
+from graft_server.objstore import ObjectStore
+from graft_server.segments import SegmentCache, upload_segment
+from graft_server.volumes import Volumes, expected_identity
+from graft_vfs.core.errors import (
+    CommitConflict,
+    Forbidden,
+    GraftError,
+    InvalidRequest,
+    RequestTimeout,
+    TooLarge,
+    Unauthorized,
+)
+from graft_vfs.core.graft import decode_graft
+from graft_vfs.core.protocol import MSGPACK, wire_error
+from graft_vfs.core.version import VERSION
+
+try:
+    import resource
+except ImportError:  # not on POSIX
+    resource = None  # type: ignore[assignment]
+
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+DEFAULT_CACHE = 256 * 1024 * 1024
+
+
+log = logging.getLogger("graft.server")
+
+
+def error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The JSON error body for any exception a route raised."""
+    error = wire_error(exc)
+    status, code = error.status, error.code
+    body: dict[str, Any] = {"error": code, "message": str(exc)}
+    headers = None
+    if isinstance(exc, CommitConflict):
+        body["latest_lsn"] = exc.latest_lsn
+    if isinstance(exc, RequestTimeout):
+        # The rest of the body may still be on its way: this connection is done.
+        headers = {"Connection": "close"}
+    if isinstance(exc, (Unauthorized, Forbidden)):
+        # The message names the token, never the token itself nor its hash.
+        client = request.client.host if request.client else "?"
+        log.warning("denied %s %r from %s: %s", request.method, request.url.path, client, exc)
+        if isinstance(exc, Unauthorized):
+            headers = {"WWW-Authenticate": 'Bearer realm="graft"'}
+    if status >= 500 and isinstance(exc, GraftError):  # uvicorn logs unexpected errors itself
+        log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
+    return JSONResponse(body, status, headers=headers)
+
+
+def http_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (no such route, wrong method) in the same JSON shape."""
+    assert isinstance(exc, HTTPException)
+    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    return JSONResponse(
+        {"error": code, "message": exc.detail}, exc.status_code, headers=exc.headers
+    )
+
+
+def msgpack_response(body: Mapping[str, Any]) -> Response:
+    return Response(msgpack.packb(body), media_type=MSGPACK)
+
+
+async def read_body(
+    request: Request, limit: int, timeout: float = DEFAULT_BODY_TIMEOUT
+) -> bytes:
+    """The request body, refusing more than ``limit`` bytes before buffering them.
+
+    A body that has not arrived in full within ``timeout`` seconds is RequestTimeout
+    (uvicorn itself waits for a body forever).
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise InvalidRequest(f"invalid Content-Length {declared[:40]!r}")
+        if int(declared) > limit:
+            raise TooLarge(f"body of {declared} bytes is over the limit of {limit}")
+    try:
+        return await asyncio.wait_for(_receive_body(request, limit), timeout)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout:g} s; send it at once"
+        ) from None
+
+
+async def _receive_body(request: Request, limit: int) -> bytes:
+    # Content-Length may be absent (chunked) or lie: count what actually arrives.
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_body(data: bytes) -> dict[str, Any]:
+    """A msgpack map from untrusted bytes; anything else is InvalidRequest."""
+    try:
+        body = msgpack.unpackb(data)
+    # msgpack signals bad input with many types (ExtraData, FormatError, StackError,
+    # ValueError, TypeError for unhashable keys, UnicodeDecodeError...): all are 400s.
+    except Exception as exc:
+        raise InvalidRequest(f"body is not valid msgpack: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"body must be a msgpack map, got {type(body).__name__}")
+    return body
+
+
+def field(body: Mapping[str, Any], name: str) -> Any:
+    """A required field of a request body."""
+    if name not in body:
+        raise InvalidRequest(f"missing field {name!r}")
+    return body[name]
+
+
+def parse_lsn(text: str) -> int:
+    # 20 digits hold any u64; the range itself is checked by Volumes.
+    if not re.fullmatch(r"[0-9]{1,20}", text):
+        raise InvalidRequest(f"invalid LSN {text[:40]!r} in path")
+    return int(text)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def create_app(
+    store: ObjectStore,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    cache_bytes: int = DEFAULT_CACHE,
+    tokens: TokenFile | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    max_volumes: int = MAX_LOADED_VOLUMES,
+) -> Starlette:
+    """The ASGI app serving the volumes in ``store``; bodies over ``max_body`` get 413.
+
+    ``cache_bytes`` bounds the in-memory cache of page frames (0 disables it). With
+    ``tokens``, every route but health needs a bearer token whose scope covers it
+    (401 without a valid one, 403 outside its scope); without, the server is open.
+    A body that takes longer than ``body_timeout`` seconds to arrive gets 408; the
+    page maps of at most ``max_volumes`` volumes stay in memory.
+    """
+    volumes = Volumes(
+        store,
+        cache=SegmentCache(cache_bytes) if cache_bytes else None,
+        max_loaded=max_volumes,
+    )
+
+    def guarded(access: str, endpoint: Endpoint) -> Endpoint:
+        """``endpoint`` behind the token check, made before any of the body is read."""
+        if tokens is None:
+            return endpoint
+
+        async def checked(request: Request) -> Response:
+            token = tokens.authenticate(request.headers.get("authorization"))
+            authorize(token, access, request.path_params.get("vid"))
+            request.state.token = token
+            return await endpoint(request)
+
+        return checked
+
+    async def read_map(request: Request) -> dict[str, Any]:
+        return decode_body(await read_body(request, max_body, body_timeout))
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"ok": True, "version": VERSION})
+
+    async def list_volumes(request: Request) -> Response:
+        token = getattr(request.state, "token", None)
+        # Out-of-scope volumes are never loaded: their state (or damage) is not the
+        # caller's business, and loading them would cost time for nothing.
+        allowed = None if token is None else functools.partial(token.allows, READ)
+        listed = await run_in_threadpool(volumes.list_volumes, allowed)
+        return JSONResponse({"volumes": [v._asdict() for v in listed]})
+
+    def identified(vid: str, answer: dict[str, Any]) -> dict[str, Any]:
+        """``answer`` with the volume's and the store's identity, for the client to check."""
+        identity = volumes.identity(vid)
+        return {**answer, "volume_id": identity.volume_id, "store_id": identity.store_id}
+
+    async def snapshot(request: Request) -> Response:
+        vid = request.path_params["vid"]
+
+        def answer() -> dict[str, Any]:
+            return identified(vid, volumes.snapshot(vid)._asdict())
+
+        return msgpack_response(await run_in_threadpool(answer))
+
+    async def pull(request: Request) -> Response:
+        vid = request.path_params["vid"]
+        body = await read_map(request)
+
+        def answer() -> dict[str, Any]:
+            result = volumes.pull(vid, field(body, "since"))
+            fields = {
+                "vid": vid,
+                "lsn": result.lsn,
+                "page_count": result.page_count,
+                "graft": result.graft.serialize(),
+            }
+            return identified(vid, fields)
+
+        return msgpack_response(await run_in_threadpool(answer))
+
+    async def read(request: Request) -> Response:
+        body = await read_map(request)
+        lsn = field(body, "lsn")
+        pages = decode_graft(field(body, "pages"))
+        expand = body.get("expand", 0)
+        expected = expected_identity(body.get("store_id"), body.get("volume_id"))
+        frames = await run_in_threadpool(
+            volumes.read, request.path_params["vid"], lsn, pages, expand, expected
+        )
+        return msgpack_response({"lsn": lsn, "pages": [list(f) for f in frames]})
+
+    async def upload(request: Request) -> Response:
+        data = await read_body(request, max_body, body_timeout)
+        sid = await run_in_threadpool(upload_segment, store, data)
+        return msgpack_response({"sid": sid})
+
+    async def commit(request: Request) -> Response:
+        vid = request.path_params["vid"]
+        body = await read_map(request)
+
+        def answer() -> dict[str, Any]:
+            lsn = volumes.commit(
+                vid,
+                base=field(body, "base"),
+                page_count=field(body, "page_count"),
+                hash=field(body, "hash"),
+                segment=body.get("segment"),
+                sids=body.get("segments"),
+                expected=expected_identity(body.get("store_id"), body.get("volume_id")),
+            )
+            # A client that created the volume learns its identity here.
+            return identified(vid, {"lsn": lsn})
+
+        return msgpack_response(await run_in_threadpool(answer))
+
+    async def log_entry(request: Request) -> Response:
+        lsn = parse_lsn(request.path_params["lsn"])
+        entry = await run_in_threadpool(volumes.log_entry, request.path_params["vid"], lsn)
+        return msgpack_response(entry._asdict())
+
+    routes = [
+        Route("/v1/health", health, methods=["GET"]),
+        Route("/v1/volumes", guarded(READ, list_volumes), methods=["GET"]),
+        Route("/v1/volumes/{vid}", guarded(READ, snapshot), methods=["GET"]),
+        Route("/v1/volumes/{vid}/pull", guarded(READ, pull), methods=["POST"]),
+        Route("/v1/volumes/{vid}/read", guarded(READ, read), methods=["POST"]),
+        Route("/v1/volumes/{vid}/commit", guarded(WRITE, commit), methods=["POST"]),
+        Route("/v1/volumes/{vid}/log/{lsn}", guarded(READ, log_entry), methods=["GET"]),
+        # A segment names no volume: the commit that uses it is checked against its own.
+        Route("/v1/segments", guarded(WRITE, upload), methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            HTTPException: http_error_response,
+            GraftError: error_response,
+            # Anything else is a bug: still answer in the protocol's shape (500).
+            Exception: error_response,
+        },
+    )
+    app.state.volumes = volumes
+    return app

@@ -1,0 +1,292 @@
+"""Metadata integrity: every object the server writes is checksummed and range-checked.
+
+A log record, checkpoint, GC floor, store identity or GC pending list that is damaged
+or edited is ``corrupt_data`` (500), never data and never a 400; a commit whose hash is
+not the hash of its pages is a 400, never mistaken for a commit that landed.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Callable
+
+import msgpack
+import pytest
+import urllib3
+import zstandard
+from pyroaring import BitMap
+
+from graft_server.objstore import MemoryStore
+from graft_server.volumes import Volumes, checkpoint_key, log_key, retention_key
+from graft_vfs.core import envelope
+from graft_vfs.core.checkpoint import Checkpoint
+from graft_vfs.core.commit import CommitRecord, commit_hash
+from graft_vfs.core.errors import CorruptData
+from graft_vfs.core.identity import STORE_KEY, decode_store, encode_store
+from graft_vfs.core.ids import PAGE_SIZE
+from graft_vfs.core.retention import decode_floor, decode_pending, encode_floor, encode_pending
+from graft_vfs.core.segment import encode_segment
+
+PAGES = 6
+
+
+def page(seed: int) -> bytes:
+    return random.Random(seed).randbytes(64) * (PAGE_SIZE // 64)
+
+
+def commit(vols: Volumes, vid: str, base: int, pages: dict[int, bytes]) -> int:
+    digest = commit_hash(vid, base, PAGES, pages.items())
+    return vols.commit(vid, base, PAGES, digest, segment=encode_segment(pages.items())[0])
+
+
+def volume_with_checkpoint(store, vid: str = "v") -> Volumes:
+    """A volume of PAGES distinct pages over 3 LSNs, with a checkpoint at LSN 3."""
+    vols = Volumes(store)
+    commit(vols, vid, 0, {p: page(p) for p in range(PAGES)})
+    commit(vols, vid, 1, {0: page(100)})
+    commit(vols, vid, 2, {1: page(101)})
+    vols.write_checkpoint(vid, 3)
+    return vols
+
+
+def objects() -> dict[str, tuple[bytes, Callable[[bytes], object]]]:
+    store = MemoryStore()
+    volume_with_checkpoint(store)
+    return {
+        "log record": (store.get(log_key("v", 2)), CommitRecord.decode),
+        "checkpoint": (store.get(checkpoint_key("v", 3)), Checkpoint.decode),
+        "floor": (encode_floor(2), decode_floor),
+        "store identity": (encode_store(), decode_store),
+        "gc pending": (encode_pending({"0" * 32: 1.5}), decode_pending),
+    }
+
+
+@pytest.mark.parametrize("kind", list(objects()))
+def test_every_single_bit_flip_is_refused(kind: str) -> None:
+    data, decode = objects()[kind]
+    decode(data)
+    for bit in range(len(data) * 8):
+        damaged = bytearray(data)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(CorruptData):
+            decode(bytes(damaged))
+    for cut in (0, 1, len(data) // 2, len(data) - 1):
+        with pytest.raises(CorruptData):
+            decode(data[:cut])
+
+
+def edit_checkpoint(data: bytes, edit: Callable[[dict], None]) -> bytes:
+    """The checkpoint with its map edited and recompressed, its original checksum kept."""
+    body = envelope.unseal(b"CKP2", data, "checkpoint")
+    fields = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body))
+    edit(fields)
+    new_body = zstandard.ZstdCompressor(level=3).compress(msgpack.packb(fields))
+    resealed = envelope.seal(b"CKP2", new_body)
+    return resealed[:-4] + data[-4:]  # an edit cannot know the checksum of its result
+
+
+def swap_pages_0_and_1(fields: dict) -> None:
+    # Each page keeps a valid (offset, length, crc) triple: only the map lies.
+    for col in fields["cols"][2:]:
+        col[0], col[1] = col[1], col[0]
+
+
+def test_swapped_page_map_is_corrupt_data_not_rows() -> None:
+    store = MemoryStore()
+    volume_with_checkpoint(store)
+    key = checkpoint_key("v", 3)
+    store.put(key, edit_checkpoint(store.get(key), swap_pages_0_and_1))
+    cold = Volumes(store)
+    with pytest.raises(CorruptData, match="checksum"):
+        cold.read("v", 3, BitMap([0, 1]))
+
+
+def test_resealed_edits_are_range_checked() -> None:
+    """Even with a valid checksum, a map that breaks its own rules is refused."""
+    store = MemoryStore()
+    volume_with_checkpoint(store)
+    data = store.get(checkpoint_key("v", 3))
+
+    def resealed(edit: Callable[[dict], None]) -> bytes:
+        body = envelope.unseal(b"CKP2", data, "checkpoint")
+        fields = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body))
+        edit(fields)
+        return envelope.pack(b"CKP2", fields, compress=True)
+
+    def beyond_page_count(f: dict) -> None:
+        f["cols"][0][-1] = f["page_count"]
+
+    def unsorted(f: dict) -> None:
+        f["cols"][0][0], f["cols"][0][1] = f["cols"][0][1], f["cols"][0][0]
+
+    def version_from_the_future(f: dict) -> None:
+        f["cols"][1][0] = f["lsn"] + 1
+
+    def no_such_segment(f: dict) -> None:
+        f["cols"][2][0] = len(f["sids"])
+
+    def bool_for_int(f: dict) -> None:
+        f["page_count"] = True
+
+    def short_identity(f: dict) -> None:
+        f["volume_id"] = b"x"
+
+    for edit in (
+        beyond_page_count,
+        unsorted,
+        version_from_the_future,
+        no_such_segment,
+        bool_for_int,
+        short_identity,
+    ):
+        with pytest.raises(CorruptData):
+            Checkpoint.decode(resealed(edit))
+
+
+def test_log_record_page_count_edit_is_refused() -> None:
+    store = MemoryStore()
+    volume_with_checkpoint(store)
+    data = store.get(log_key("v", 2))
+    body = envelope.unseal(b"LOG2", data, "commit record")
+    fields = msgpack.unpackb(body)
+    fields["page_count"] += 1
+    edited = envelope.seal(b"LOG2", msgpack.packb(fields))
+    with pytest.raises(CorruptData, match="checksum"):
+        CommitRecord.decode(edited[:-4] + data[-4:])
+
+
+def test_unchecksummed_objects_of_older_servers_are_refused_with_the_fix() -> None:
+    old_record = msgpack.packb({"v": 1, "vid": "v", "lsn": 1, "page_count": 0})
+    old_floor = msgpack.packb({"floor": 3})
+    for decode, data in ((CommitRecord.decode, old_record), (decode_floor, old_floor)):
+        with pytest.raises(CorruptData, match="export the volume"):
+            decode(data)
+
+
+# -- through a real server process, on a directory store and on S3 --------------------
+
+
+def call(url: str, method: str, path: str, body: object = None) -> tuple[int, dict]:
+    r = urllib3.request(
+        method,
+        url + path,
+        body=None if body is None else msgpack.packb(body),
+        headers={"content-type": "application/x-msgpack"},
+        retries=False,
+    )
+    if r.headers.get("content-type", "").startswith("application/json"):
+        return r.status, r.json()
+    return r.status, msgpack.unpackb(r.data)
+
+
+def commit_body(vid: str, base: int, pages: dict[int, bytes]) -> dict:
+    return {
+        "base": base,
+        "page_count": PAGES,
+        "hash": commit_hash(vid, base, PAGES, pages.items()),
+        "segment": encode_segment(pages.items())[0],
+    }
+
+
+def read_body(lsn: int) -> dict:
+    return {"lsn": lsn, "pages": BitMap(range(PAGES)).serialize()}
+
+
+def flip(data: bytes, position: int) -> bytes:
+    damaged = bytearray(data)
+    damaged[position % len(data)] ^= 0x10
+    return bytes(damaged)
+
+
+def fill_volume(url: str, vid: str) -> None:
+    assert call(url, "POST", f"/v1/volumes/{vid}/commit", commit_body(vid, 0, {
+        p: page(p) for p in range(PAGES)
+    }))[0] == 200
+    assert call(url, "POST", f"/v1/volumes/{vid}/commit", commit_body(vid, 1, {
+        0: page(100)
+    }))[0] == 200
+
+
+@pytest.mark.parametrize("target", ["log record", "checkpoint", "floor", "store"])
+def test_damaged_metadata_is_500_corrupt_data(own_server, target: str) -> None:
+    srv = own_server.start()
+    vid = "damaged"
+    fill_volume(srv.url, vid)
+    Volumes(srv._backing()).write_checkpoint(vid, 2)
+    srv._backing().put(retention_key(vid), encode_floor(1))
+    key = {
+        "log record": log_key(vid, 1),
+        "checkpoint": checkpoint_key(vid, 2),
+        "floor": retention_key(vid),
+        "store": STORE_KEY,
+    }[target]
+    original = srv.read_object(key)
+    assert original is not None
+    srv.stop()
+    for position in (0, 9, len(original) // 2, len(original) - 1):
+        srv.write_object(key, flip(original, position))
+        srv.start()  # a cold server: nothing of the object is cached
+        answers = [call(srv.url, "GET", f"/v1/volumes/{vid}")]
+        answers.append(call(srv.url, "POST", f"/v1/volumes/{vid}/read", read_body(1)))
+        answers.append(call(srv.url, "GET", f"/v1/volumes/{vid}/log/1"))
+        srv.stop()
+        failed = [(status, body.get("error")) for status, body in answers if status != 200]
+        assert failed, f"a damaged {target} was served"
+        assert set(failed) == {(500, "corrupt_data")}, failed
+    srv.write_object(key, original)
+
+
+def test_swapped_checkpoint_never_reaches_a_fresh_replica(own_server, client) -> None:
+    srv = own_server.start()
+    vid = "swapped"
+    fill_volume(srv.url, vid)
+    Volumes(srv._backing()).write_checkpoint(vid, 2)
+    key = checkpoint_key(vid, 2)
+    srv.stop()
+    srv.write_object(key, edit_checkpoint(srv.read_object(key), swap_pages_0_and_1))
+    srv.start()
+    status, body = call(srv.url, "POST", f"/v1/volumes/{vid}/read", read_body(2))
+    assert (status, body["error"]) == (500, "corrupt_data")
+
+
+def test_commit_with_a_landed_hash_but_other_pages_is_400(server) -> None:
+    vid = f"hash-{random.randrange(1 << 30)}"
+    first = commit_body(vid, 0, {p: page(p) for p in range(PAGES)})
+    assert call(server.url, "POST", f"/v1/volumes/{vid}/commit", first)[0] == 200
+    forged = {**commit_body(vid, 0, {p: page(50 + p) for p in range(PAGES)}), "hash": first["hash"]}
+    status, body = call(server.url, "POST", f"/v1/volumes/{vid}/commit", forged)
+    assert (status, body["error"]) == (400, "invalid_request")
+    assert "is not the hash of the commit's pages" in body["message"]
+    # A new LSN with a wrong hash is refused too, and nothing is written.
+    wrong = {**commit_body(vid, 1, {0: page(7)}), "hash": bytes(32)}
+    status, body = call(server.url, "POST", f"/v1/volumes/{vid}/commit", wrong)
+    assert (status, body["error"]) == (400, "invalid_request")
+    assert call(server.url, "GET", f"/v1/volumes/{vid}")[1]["lsn"] == 1
+    # The genuine retry is still recognised.
+    assert call(server.url, "POST", f"/v1/volumes/{vid}/commit", first)[1]["lsn"] == 1
+    frames = call(server.url, "POST", f"/v1/volumes/{vid}/read", read_body(1))[1]["pages"]
+    dctx = zstandard.ZstdDecompressor()
+    assert [dctx.decompress(f[3]) for f in frames] == [page(p) for p in range(PAGES)]
+    assert all(zlib.crc32(f[3]) == f[2] for f in frames)
+
+
+def test_commit_hash_covers_uploaded_segments(server) -> None:
+    vid = f"hash-up-{random.randrange(1 << 30)}"
+    pages = {p: page(p) for p in range(PAGES)}
+    sids = []
+    for chunk in ((0, 1, 2), (3, 4, 5)):
+        seg = encode_segment([(p, pages[p]) for p in chunk])[0]
+        r = urllib3.request(
+            "POST",
+            f"{server.url}/v1/segments",
+            body=seg,
+            headers={"content-type": "application/octet-stream"},
+        )
+        sids.append(msgpack.unpackb(r.data)["sid"])
+    body = {"base": 0, "page_count": PAGES, "segments": sids}
+    wrong = {**body, "hash": commit_hash(vid, 0, PAGES, {**pages, 5: page(99)}.items())}
+    status, answer = call(server.url, "POST", f"/v1/volumes/{vid}/commit", wrong)
+    assert (status, answer["error"]) == (400, "invalid_request")
+    right = {**body, "hash": commit_hash(vid, 0, PAGES, pages.items())}
+    assert call(server.url, "POST", f"/v1/volumes/{vid}/commit", right)[1]["lsn"] == 1

@@ -1,0 +1,130 @@
+"""Real ``graft server`` processes on loopback ports, and the wait for them to listen.
+
+Used by the tests' fixtures (tests/conftest.py) and by the benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from graft_server.objstore import FsStore, ObjectStore
+from graft_server.serve import LISTENING
+
+from .s3 import SeaweedFS, s3_env
+
+STARTUP_TIMEOUT = 30.0
+STORE_KINDS = ("fs", "s3")
+
+
+@dataclass
+class ServerProcess:
+    """A ``graft server`` child process on 127.0.0.1, stopped by PID."""
+
+    store: str
+    port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)  # extra `graft server` options
+    proc: subprocess.Popen | None = None
+    kind: str = "fs"  # "fs": store is a directory; "s3": store is s3://bucket/prefix
+    s3_endpoint: str | None = None
+    backing: ObjectStore | None = None  # the tests' own view of the store
+
+    def _backing(self) -> ObjectStore:
+        if self.backing is None:
+            self.backing = FsStore(self.store)
+        return self.backing
+
+    def objects(self, prefix: str = "") -> list[str]:
+        """The keys in the server's store that start with ``prefix``, sorted."""
+        return self._backing().list(prefix)
+
+    def read_object(self, key: str) -> bytes | None:
+        return self._backing().get(key)
+
+    def write_object(self, key: str, data: bytes) -> None:
+        """Replace an object behind the server's back (to corrupt or repair it)."""
+        self._backing().put(key, data)
+
+    def wipe(self) -> None:
+        """Delete every object in the store (stop the server first: it caches what it read)."""
+        store = self._backing()
+        for key in store.list(""):
+            store.delete(key)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        """The server's command line (a subclass may run another program)."""
+        cmd = [sys.executable, "-m", "graft_vfs.cli", "server", "--store", self.store]
+        cmd += ["--port", str(self.port), *self.args]
+        if self.s3_endpoint:
+            cmd += ["--s3-endpoint", self.s3_endpoint]
+        return cmd
+
+    def start(self, **extra_env: str) -> ServerProcess:
+        env = {**os.environ, **self.env, **extra_env}
+        if "GRAFT_CRASH_AT" not in extra_env:
+            env.pop("GRAFT_CRASH_AT", None)
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, text=True, env=env)
+        url = wait_until_listening(self.proc, STARTUP_TIMEOUT)
+        self.port = int(url.rsplit(":", 1)[1])
+        return self
+
+    def kill(self) -> int:
+        """SIGKILL the process and return its exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        return self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def new_server_process(request: pytest.FixtureRequest, kind: str, directory) -> ServerProcess:
+    """A (not yet started) server on a fresh store of ``kind``: a directory or an S3 prefix."""
+    if kind == "fs":
+        return ServerProcess(str(directory))
+    seaweed: SeaweedFS = request.getfixturevalue("seaweed")
+    prefix = seaweed.new_prefix()
+    return ServerProcess(
+        seaweed.spec(prefix),
+        env=s3_env(),
+        kind="s3",
+        s3_endpoint=seaweed.endpoint,
+        backing=seaweed.store(prefix),
+    )
+
+
+def wait_until_listening(proc: subprocess.Popen, timeout: float = STARTUP_TIMEOUT) -> str:
+    """The URL a started ``graft server`` process (stdout piped, text) listens on.
+
+    Raises RuntimeError if it exits or prints no listening line within ``timeout``.
+    """
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"graft server exited with {proc.wait()}")
+        if line.startswith(LISTENING):
+            return line[len(LISTENING) :].strip()
+    raise RuntimeError(f"graft server did not start within {timeout} s")
