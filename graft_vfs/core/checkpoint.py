@@ -11,9 +11,10 @@ a checkpoint whose map was edited, even with every page's crc still valid, is re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from graft_vfs.core.commit import MAX_CRC, MAX_OFFSET
-from graft_vfs.core.envelope import pack, unpack
+from graft_vfs.core.envelope import Packable, pack, unpack
 from graft_vfs.core.errors import CorruptData
 from graft_vfs.core.graft import MAX_PAGES
 from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_segment_id, validate_volume_id
@@ -53,7 +54,7 @@ class Checkpoint:
                 (page, loc.version, sids.setdefault(loc.sid, len(sids)), e.offset, e.length, e.crc),
             ):
                 col.append(value)
-        fields = {
+        fields: dict[str, Packable] = {
             "vid": self.vid,
             "volume_id": self.volume_id,
             "lsn": self.lsn,
@@ -69,36 +70,41 @@ class Checkpoint:
         f = unpack(CHECKPOINT_KIND, data, "checkpoint", compressed=True)
         lsn = f.integer("lsn", 0, MAX_LSN)
         page_count = f.integer("page_count", 0, MAX_PAGES - 1)
-        sids = f.sequence("sids")
-        for sid in sids:
+        sids: list[str] = []
+        for sid in f.sequence("sids"):
             try:
-                validate_segment_id(sid)
+                sids.append(validate_segment_id(sid))
             except ValueError as exc:
                 raise f.bad("sids", str(exc)) from None
         cols = f.sequence("cols")
-        if len(cols) != 6 or not all(isinstance(c, list) for c in cols):
+        if len(cols) != 6 or not _all_lists(cols):
             raise f.bad("cols", "is not 6 lists")
-        pages, versions, indexes, offsets, lengths, crcs = cols
         if len({len(c) for c in cols}) != 1:
             raise f.bad("cols", "has columns of different lengths")
-        for name, col, low, high in (
-            ("page", pages, 0, page_count - 1),
-            ("version", versions, 1, lsn),
-            ("segment", indexes, 0, len(sids) - 1),
-            ("offset", offsets, 0, MAX_OFFSET),
-            ("length", lengths, 1, MAX_OFFSET),
-            ("crc", crcs, 0, MAX_CRC),
+        columns: list[list[int]] = []
+        for col, (name, low, high) in zip(
+            cols,
+            (
+                ("page", 0, page_count - 1),
+                ("version", 1, lsn),
+                ("segment", 0, len(sids) - 1),
+                ("offset", 0, MAX_OFFSET),
+                ("length", 1, MAX_OFFSET),
+                ("crc", 0, MAX_CRC),
+            ),
         ):
             # Checked a column at a time: a checkpoint holds a row per page of the volume.
-            if col and (
-                not all(type(v) is int for v in col) or min(col) < low or max(col) > high
-            ):
+            if not _all_ints(col) or (col and (min(col) < low or max(col) > high)):
                 raise f.bad("cols", f"has a {name} outside [{low}, {high}]")
+            columns.append(col)
+        pages, versions, indexes, offsets, lengths, crcs = columns
         if any(a >= b for a, b in zip(pages, pages[1:])):
             raise CorruptData("checkpoint: its pages are not strictly ascending")
         located = {
             page: Located(version, sids[s], Entry(page, off, length, crc))
-            for page, version, s, off, length, crc in zip(*cols)
+            for page, version, s, off, length, crc in zip(
+                pages, versions, indexes, offsets, lengths, crcs
+            )
         }
         return cls(
             f.text("vid", validate_volume_id),
@@ -111,3 +117,12 @@ class Checkpoint:
 
     def segments(self) -> set[str]:
         return {loc.sid for loc in self.pages.values()}
+
+
+def _all_lists(values: list[object]) -> TypeGuard[list[list[object]]]:
+    return all(isinstance(v, list) for v in values)
+
+
+def _all_ints(values: list[object]) -> TypeGuard[list[int]]:
+    # Exact type: msgpack turns true into True, and bool is an int subclass.
+    return all(type(v) is int for v in values)

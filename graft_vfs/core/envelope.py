@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeAlias, TypeGuard
 
 import msgpack
 import zstandard
@@ -31,6 +31,11 @@ ZSTD_LEVEL = 3
 # A decompressed body larger than this is damage (a checkpoint of MAX_PAGES pages
 # would be far larger, but no store holds one: 8 TiB of pages).
 MAX_BODY = 1 << 31
+
+# What ``pack`` seals: the values msgpack encodes, nested in lists and string-keyed maps.
+Packable: TypeAlias = (
+    "None | bool | int | float | str | bytes | Sequence[Packable] | Mapping[str, Packable]"
+)
 
 
 def seal(kind: bytes, body: bytes) -> bytes:
@@ -62,9 +67,9 @@ def unseal(kind: bytes, data: bytes, what: str) -> bytes:
     return bytes(data[_HEADER.size : -_CRC.size])
 
 
-def pack(kind: bytes, fields: dict[str, Any], *, compress: bool = False) -> bytes:
+def pack(kind: bytes, fields: Mapping[str, Packable], *, compress: bool = False) -> bytes:
     """A msgpack map, optionally zstd-compressed, sealed as ``kind``."""
-    body = msgpack.packb(fields)
+    body: bytes = msgpack.packb(fields)
     if compress:
         body = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(body)
     return seal(kind, body)
@@ -76,7 +81,7 @@ def unpack(kind: bytes, data: bytes, what: str, *, compressed: bool = False) -> 
     try:
         if compressed:
             body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_BODY)
-        d = msgpack.unpackb(body, strict_map_key=False)
+        d: object = msgpack.unpackb(body, strict_map_key=False)
     except Exception as exc:  # zstd and msgpack raise many types for bad input
         raise CorruptData(f"{what} is unreadable: {type(exc).__name__}") from exc
     if not isinstance(d, dict):
@@ -87,14 +92,14 @@ def unpack(kind: bytes, data: bytes, what: str, *, compressed: bool = False) -> 
 class Fields:
     """Typed, range-checked access to a decoded map; every failure is CorruptData."""
 
-    def __init__(self, d: dict, what: str) -> None:
+    def __init__(self, d: Mapping[object, object], what: str) -> None:
         self.d = d
         self.what = what
 
     def bad(self, name: str, why: str) -> CorruptData:
         return CorruptData(f"{self.what}: field {name!r} {why}")
 
-    def get(self, name: str) -> Any:
+    def get(self, name: str) -> object:
         if name not in self.d:
             raise self.bad(name, "is missing")
         return self.d[name]
@@ -121,15 +126,26 @@ class Fields:
 
     def number(self, name: str) -> float:
         value = self.get(name)
-        if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        if not is_number(value) or not math.isfinite(value) or value < 0:
             raise self.bad(name, "is not a finite, non-negative number")
         return float(value)
 
-    def sequence(self, name: str) -> list:
+    def sequence(self, name: str) -> list[object]:
         value = self.get(name)
         if not isinstance(value, list):
             raise self.bad(name, "is not a list")
         return value
+
+    def mapping(self, name: str) -> dict[object, object]:
+        value = self.get(name)
+        if not isinstance(value, dict):
+            raise self.bad(name, "is not a map")
+        return value
+
+
+def is_number(value: object) -> TypeGuard[float]:
+    """An int or a float, not a bool (msgpack turns true into True, an int subclass)."""
+    return type(value) is int or type(value) is float
 
 
 def check_int(value: object, low: int, high: int, error: Callable[[str], Exception]) -> int:

@@ -35,7 +35,8 @@ def with_counter(page1: bytes, counter: int) -> bytes:
 
 def header_page_count(page1: bytes) -> int:
     """The in-header database size (bytes 28-31) of page 1."""
-    return struct.unpack_from(">I", page1, 28)[0]
+    count: int = struct.unpack_from(">I", page1, 28)[0]
+    return count
 
 
 def same_page1(a: bytes, b: bytes) -> bool:

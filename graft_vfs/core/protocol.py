@@ -84,7 +84,7 @@ def wire_error(exc: BaseException) -> WireError:
     """The protocol's error for an exception, looked up along its MRO (a subclass maps
     like its parent unless listed itself)."""
     for cls in type(exc).__mro__:
-        found = _BY_CLASS.get(cls)  # type: ignore[call-overload]
+        found = _BY_CLASS.get(cls)
         if found is not None:
             return found
     return INTERNAL_ERROR

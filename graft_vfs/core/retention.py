@@ -6,7 +6,7 @@ the server writes.
 
 from __future__ import annotations
 
-from graft_vfs.core.envelope import pack, unpack
+from graft_vfs.core.envelope import is_number, pack, unpack
 from graft_vfs.core.errors import CorruptData
 from graft_vfs.core.ids import MAX_LSN, validate_segment_id
 
@@ -30,14 +30,13 @@ def encode_pending(pending: dict[str, float]) -> bytes:
 
 def decode_pending(data: bytes) -> dict[str, float]:
     f = unpack(PENDING_KIND, data, "the GC pending list")
-    pending = f.get("segments")
-    if not isinstance(pending, dict):
-        raise f.bad("segments", "is not a map")
-    for sid, seen in pending.items():
+    pending: dict[str, float] = {}
+    for sid, seen in f.mapping("segments").items():
         try:
-            validate_segment_id(sid)
+            name = validate_segment_id(sid)
         except ValueError as exc:
             raise f.bad("segments", str(exc)) from None
-        if type(seen) not in (int, float) or not 0 <= seen < float("inf"):
+        if not is_number(seen) or not 0 <= seen < float("inf"):
             raise CorruptData(f"the GC pending list has a bad time for segment {sid}")
+        pending[name] = seen
     return pending

@@ -71,7 +71,7 @@ def encode_frames(frames: Iterable[tuple[int, bytes]]) -> tuple[bytes, list[Entr
         for page, blob in items:
             entries.append(Entry(page, off, len(blob), zlib.crc32(blob)))
             off += len(blob)
-        packed = msgpack.packb([list(e) for e in entries])
+        packed: bytes = msgpack.packb([list(e) for e in entries])
         if len(packed) == index_len:
             break
         index_len = len(packed)
