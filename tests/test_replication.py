@@ -159,8 +159,10 @@ def test_background_push(client, vid, server):
         import time
 
         time.sleep(0.05)
-    assert pragma(con, "graft_status")["pending_push"] == 0
-    assert remote.snapshot(vid).lsn >= 1
+    status = pragma(con, "graft_status")
+    assert status["pending_push"] == 0 and status["remote_lsn"] == remote.snapshot(vid).lsn > 0
+    fresh = client(vid)
+    assert fresh.execute("SELECT x FROM t").fetchall() == [(1,)]
 
 
 def test_conflict_diverges_keeps_local_data_and_reset_recovers(client, vid):
