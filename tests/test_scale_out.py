@@ -73,6 +73,10 @@ def pragma(con, name):
     return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
 
 
+def worker_log(tmp_path, i: int) -> str:
+    return str(tmp_path / f"worker{i}.jsonl")
+
+
 def read_log(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -99,7 +103,8 @@ def run_workers(
     procs: list[subprocess.Popen] = []
     errs = [open(tmp_path / f"worker{i}.stderr", "w+") for i in range(WORKERS)]
     seed = random.randrange(1 << 30)
-    print(f"scale-out: seed {seed}, {seconds:g} s workload")
+    bound = " at most (until a stop file)" if "--stop-file" in worker_args else ""
+    print(f"scale-out: seed {seed}, {seconds:g} s workload{bound}")
     try:
         for i in range(WORKERS):
             url = servers[i % len(servers)].url
@@ -257,10 +262,6 @@ def test_three_servers_six_clients_bank_transfers(servers, tmp_path, vid, connec
 def events_through(tmp_path, k: int) -> list[dict]:
     """What the workers on server ``k`` logged so far (worker i uses server i % SERVERS)."""
     return [e for i in range(k, WORKERS, SERVERS) for e in read_log(worker_log(tmp_path, i))]
-
-
-def worker_log(tmp_path, i: int) -> str:
-    return str(tmp_path / f"worker{i}.jsonl")
 
 
 def await_progress(what: str, done) -> None:
