@@ -43,7 +43,10 @@ WORKERS = 6
 ACCOUNTS = 20
 INITIAL_BALANCE = 1000
 WORKLOAD_SECONDS = float(os.environ.get("GRAFT_SOAK_SECONDS", "5"))
-RESTART_WORKLOAD_SECONDS = float(os.environ.get("GRAFT_SOAK_SECONDS", "10"))  # see chaos()
+# The restart test ends on its workers' progress; a soak goes on killing servers this long.
+RESTART_SOAK_SECONDS = float(os.environ.get("GRAFT_SOAK_SECONDS", "0"))
+PROGRESS_BOUND = 90.0  # seconds the workers may take to show the progress a step waits for
+SHORT_OUTAGE = 0.3  # seconds a server stays down when its clients are to ride it out
 WORKER_GRACE = 60.0  # beyond the workload, before a worker is killed as hung
 PAST_LSN_SAMPLES = 8
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "bank_worker.py")
@@ -70,6 +73,10 @@ def pragma(con, name):
     return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
 
 
+def worker_log(tmp_path, i: int) -> str:
+    return str(tmp_path / f"worker{i}.jsonl")
+
+
 def read_log(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -92,11 +99,12 @@ def run_workers(
     """
     env = {**os.environ, "GRAFT_EXIT_FLUSH_SECONDS": "0"}
     env.pop("GRAFT_CRASH_AT", None)
-    logs = [str(tmp_path / f"worker{i}.jsonl") for i in range(WORKERS)]
+    logs = [worker_log(tmp_path, i) for i in range(WORKERS)]
     procs: list[subprocess.Popen] = []
     errs = [open(tmp_path / f"worker{i}.stderr", "w+") for i in range(WORKERS)]
     seed = random.randrange(1 << 30)
-    print(f"scale-out: seed {seed}, {seconds:g} s workload")
+    bound = " at most (until a stop file)" if "--stop-file" in worker_args else ""
+    print(f"scale-out: seed {seed}, {seconds:g} s workload{bound}")
     try:
         for i in range(WORKERS):
             url = servers[i % len(servers)].url
@@ -251,41 +259,78 @@ def test_three_servers_six_clients_bank_transfers(servers, tmp_path, vid, connec
     bank_run(servers, tmp_path, vid, connect, WORKLOAD_SECONDS)
 
 
-@pytest.mark.stores("fs")
-@pytest.mark.timeout(RESTART_WORKLOAD_SECONDS + WORKER_GRACE + 240)
+def events_through(tmp_path, k: int) -> list[dict]:
+    """What the workers on server ``k`` logged so far (worker i uses server i % SERVERS)."""
+    return [e for i in range(k, WORKERS, SERVERS) for e in read_log(worker_log(tmp_path, i))]
+
+
+def await_progress(what: str, done) -> None:
+    """Wait until ``done()``; fail if the workers show no such progress in PROGRESS_BOUND s."""
+    deadline = time.monotonic() + PROGRESS_BOUND
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {PROGRESS_BOUND:g} s")
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(RESTART_SOAK_SECONDS + 8 * PROGRESS_BOUND + WORKER_GRACE + 240)
 def test_servers_killed_and_restarted_mid_run_lose_nothing(servers, tmp_path, vid, connect):
     """kill -9 two of the three servers in turn while their clients push through them.
 
-    The first is back within the clients' HTTP retries; the second stays down
-    longer, so its clients see IOErrors and retry their pushes as the same commits.
+    Each step waits for the workers' progress, never for the clock: a server is killed
+    once its clients have had a push acknowledged through it, and after its restart the
+    next step waits until they have one again. The first server is back within the
+    clients' HTTP retries; the second stays down until its clients have seen IOErrors,
+    so they retry their pushes as the same commits. The workers stop (a stop file)
+    once pushes have also raced (bank_run needs 3 rejected). A soak goes on killing a
+    server in turn for GRAFT_SOAK_SECONDS.
     """
-    restarted: dict[str, float] = {}
+    stop = tmp_path / "stop"
+    restarts: list[str] = []
+
+    def acked_through(k: int, since: float) -> bool:
+        return any(e["event"] == "ack" and e["t"] > since for e in events_through(tmp_path, k))
+
+    def unavailable_through(k: int, since: float) -> bool:
+        events = events_through(tmp_path, k)
+        return any(e["event"] == "unavailable" and e["t"] > since for e in events)
+
+    def rejected_pushes() -> int:
+        every = [e for i in range(WORKERS) for e in read_log(worker_log(tmp_path, i))]
+        return sum(e["event"] == "rejected" and e["via"] == "push" for e in every)
+
+    def kill_and_restart(k: int, wait_unavailable: bool) -> None:
+        victim = servers[k]
+        since = time.time()
+        await_progress(f"no ack through {victim.url}", lambda: acked_through(k, since))
+        killed = time.time()
+        assert victim.kill() == -signal.SIGKILL
+        if wait_unavailable:
+            await_progress(
+                f"no client saw {victim.url} down", lambda: unavailable_through(k, killed)
+            )
+        else:
+            time.sleep(SHORT_OUTAGE)
+        victim.start()  # same store, same port
+        restarts.append(victim.url)
+        restarted = time.time()
+        await_progress(
+            f"no ack through {victim.url} after its restart", lambda: acked_through(k, restarted)
+        )
 
     def chaos(servers: list[ServerProcess]) -> None:
-        # Timed from the workers' start so that both servers are back with several
-        # seconds of workload left (a server takes about a second to start). A soak
-        # (a longer workload) goes on killing a server every 15 s until near its end.
-        started = time.monotonic()  # every worker is connected
-        plan = [(servers[0], 1.0, 0.3), (servers[2], 2.5, 3.2)]
-        at = 15.0
-        while at < RESTART_WORKLOAD_SECONDS - 10:
-            plan.append((servers[len(plan) % SERVERS], at, (0.3, 3.2)[len(plan) % 2]))
-            at += 15.0
-        for victim, kill_at, down in plan:
-            time.sleep(max(0.0, started + kill_at - time.monotonic()))
-            assert victim.kill() == -signal.SIGKILL
-            time.sleep(down)
-            victim.start()  # same store, same port
-            restarted[victim.url] = time.time()  # the last restart of each server
+        soak_end = time.monotonic() + RESTART_SOAK_SECONDS
+        kill_and_restart(0, wait_unavailable=False)
+        kill_and_restart(2, wait_unavailable=True)
+        n = 2
+        while time.monotonic() < soak_end:
+            kill_and_restart(n % SERVERS, wait_unavailable=bool(n % 2))
+            n += 1
+        await_progress("pushes did not race", lambda: rejected_pushes() >= 3)
+        stop.touch()
 
-    logs = []
-    counts = bank_run(servers, tmp_path, vid, connect, RESTART_WORKLOAD_SECONDS, chaos, logs)
-    assert len(restarted) >= 2
+    seconds = RESTART_SOAK_SECONDS + 8 * PROGRESS_BOUND  # a bound: the stop file ends it
+    args = ("--stop-file", str(stop))
+    counts = bank_run(servers, tmp_path, vid, connect, seconds, chaos, worker_args=args)
+    assert restarts[:2] == [servers[0].url, servers[2].url]
     assert counts["unavailable"] > 0, "no client saw the server that stayed down"
-    # Each restarted server's clients carried on through it. (Not each client: under
-    # this much contention one client can lose every race for a second or two.)
-    for k, srv in enumerate(servers):
-        if srv.url in restarted:
-            clients = logs[k::SERVERS]
-            after = [e for ev in clients for e in ev if e["t"] > restarted[srv.url]]
-            assert any(e["event"] == "ack" for e in after), f"no ack through {srv.url}"

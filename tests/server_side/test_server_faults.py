@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from graft_vfs.core.ids import PAGE_SIZE
 from graft_vfs.core.segment import encode_segment
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from support.faulty import KINDS, FaultPlan, FaultyStore  # noqa: E402
+from support.faulty import CALLS, KINDS, FaultPlan, FaultyStore  # noqa: E402
 
 TRANSIENT = (StorageError, CorruptData)  # what a faulty store may cause; both are retried
 PAGES = 6
@@ -92,27 +93,60 @@ def test_commits_and_reads_under_faults(seed: int, rate: float) -> None:
     assert sum(faulty.injected.values()) > 0 or rate * 40 < 1
 
 
+# Each store call, as the test drives it, on a store holding "a/0" and "a/1".
+DRIVE = {
+    "get": lambda store: store.get("a/1"),
+    "get_range": lambda store: store.get_range("a/1", 0, 10),
+    "put": lambda store: store.put("a/2", b"x"),
+    "put_if_absent": lambda store: store.put_if_absent("a/2", b"x"),
+    "list": lambda store: store.list("a/"),
+    "delete": lambda store: store.delete("a/1"),
+}
+# What a "partial" fault makes of each call: a read cut in half, or a write that landed
+# though its answer was an error.
+PARTIAL_READS = {"get": b"01234", "get_range": b"01234", "list": ["a/0"]}
+
+
+def two_objects() -> MemoryStore:
+    store = MemoryStore()
+    store.put("a/0", b"z")
+    store.put("a/1", b"0123456789")
+    return store
+
+
+def contents(store: MemoryStore) -> dict[str, bytes | None]:
+    return {key: store.get(key) for key in store.list("")}
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_each_fault_kind_of_each_call_is_injected(kind: str) -> None:
-    inner = MemoryStore()
-    inner.put("a/1", b"0123456789")
-    plan = FaultPlan({c: {kind: 1.0} for c in ("get", "get_range", "list", "put", "delete")})
-    faulty = FaultyStore(inner, plan)
+@pytest.mark.parametrize("call", CALLS)
+def test_each_fault_kind_of_each_call_is_injected(call: str, kind: str) -> None:
+    assert set(DRIVE) == set(CALLS)
+    clean = two_objects()
+    expected_result = DRIVE[call](clean)  # what the call does without faults
+    inner = two_objects()
+    faulty = FaultyStore(inner, FaultPlan({call: {kind: 1.0}}, delay=0.05))
+    started = time.monotonic()
     if kind == "fail":
-        for call in (lambda: faulty.get("a/1"), lambda: faulty.put("a/2", b"x")):
-            with pytest.raises(StorageError, match="injected"):
-                call()
-        assert inner.get("a/2") is None  # a failed write changes nothing
-    elif kind == "partial":
-        assert faulty.get("a/1") == b"01234"
-        assert faulty.get_range("a/1", 0, 10) == b"01234"
-        with pytest.raises(StorageError, match="landed"):
-            faulty.put("a/2", b"x")
-        assert inner.get("a/2") == b"x"  # the write landed; only its answer was lost
+        with pytest.raises(StorageError, match=f"injected fault: {call} "):
+            DRIVE[call](faulty)
+        assert contents(inner) == contents(two_objects())  # a failed call changes nothing
+    elif kind == "delay":
+        assert DRIVE[call](faulty) == expected_result
+        assert time.monotonic() - started >= faulty.plan.delay
+        assert contents(inner) == contents(clean)
+    elif call in PARTIAL_READS:
+        assert DRIVE[call](faulty) == PARTIAL_READS[call]
+        assert contents(inner) == contents(two_objects())
     else:
-        assert faulty.get("a/1") == b"0123456789"
+        with pytest.raises(StorageError, match=r"\(landed\)"):
+            DRIVE[call](faulty)
+        assert contents(inner) == contents(clean)  # the write landed; only its answer was lost
+    assert {k: n for k, n in faulty.injected.items() if n} == {f"{call}.{kind}": 1}
     faulty.enabled = False
-    assert faulty.get("a/1") == b"0123456789"
+    again, fresh = two_objects(), two_objects()
+    faulty.inner = again
+    assert DRIVE[call](faulty) == DRIVE[call](fresh) and contents(again) == contents(fresh)
 
 
 def test_a_read_damaged_in_transit_is_read_again() -> None:

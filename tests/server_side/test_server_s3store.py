@@ -14,11 +14,16 @@ from botocore.stub import Stubber
 from graft_server.s3store import S3Store
 from graft_vfs.core.errors import StorageError
 
+# Bound for the module's life and never listened on: connections to it are refused, and
+# no other process can take the port meanwhile.
+_UNLISTENED: list[socket.socket] = []
+
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _UNLISTENED.append(s)
+    return s.getsockname()[1]
 
 
 def offline_store(max_attempts: int = 2) -> S3Store:

@@ -118,12 +118,12 @@ def test_a_missing_bucket_stops_the_server_before_it_listens(seaweed) -> None:
 
 
 def test_an_unreachable_store_stops_the_server_before_it_listens() -> None:
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        endpoint = f"http://127.0.0.1:{free.getsockname()[1]}"  # nothing listens there
-    result = start(
-        "--store", "s3://graft/x", "--s3-endpoint", endpoint, "--port", "0", env=s3_env()
-    )
+    with socket.socket() as held:  # bound, never listened on: connections are refused
+        held.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{held.getsockname()[1]}"
+        result = start(
+            "--store", "s3://graft/x", "--s3-endpoint", endpoint, "--port", "0", env=s3_env()
+        )
     assert_one_line_error(result, 1, "cannot use the store: ")
     assert endpoint in result.stderr
 

@@ -1,9 +1,10 @@
 """A bank-transfer client for tests/test_scale_out.py, run as its own process.
 
     python tests/support/bank_worker.py VOLUME URL CACHE_DIR LOG_PATH SECONDS SEED NAME
-        [--pull-in-tx P] [--faults]
+        [--pull-in-tx P] [--faults] [--stop-file PATH]
 
-Until SECONDS have passed it repeats: a random short pause, sometimes a pull, one
+Until SECONDS have passed (with ``--stop-file``, until PATH exists, SECONDS being only
+a bound) it repeats: a random short pause, sometimes a pull, one
 transfer (one SQL transaction that moves a random amount between two random
 accounts, never below 0, and inserts a row identifying it in ``transfers``), then
 ``PRAGMA graft_push`` (sometimes preceded by a pull while the transfer is still
@@ -262,6 +263,7 @@ def main(argv: list[str]) -> int:
         parser.add_argument(arg)
     parser.add_argument("--pull-in-tx", type=float, default=0.0)
     parser.add_argument("--faults", action="store_true")
+    parser.add_argument("--stop-file")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + float(args.seconds)
     con = graft_vfs.connect(
@@ -273,6 +275,8 @@ def main(argv: list[str]) -> int:
         worker.record(event="start")
         try:
             while time.monotonic() < deadline:
+                if args.stop_file and os.path.exists(args.stop_file):
+                    break
                 worker.step()
         except BaseException as exc:
             worker.record(event="error", message=f"{type(exc).__name__}: {exc}")
