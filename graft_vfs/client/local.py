@@ -201,7 +201,7 @@ def _boundary(fn: F) -> F:
 class VolumeRow:
     """A volume's sync state as stored."""
 
-    id: int
+    row_id: int  # the key of its rows in the local store
     vid: str
     local_lsn: int
     sync_lsn: int
@@ -697,7 +697,7 @@ class LocalStore:
         vid_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent = row
         origin = self._origin(vid_id)
         return VolumeRow(
-            id=vid_id,
+            row_id=vid_id,
             vid=vid,
             local_lsn=local_lsn,
             sync_lsn=sync_lsn,

@@ -49,7 +49,7 @@ def _check_token(token: str) -> str:
 
 
 @dataclass
-class Snapshot:
+class RemoteHead:
     """The server's view of a volume at one LSN, and which volume (None: not created yet)."""
 
     vid: str
@@ -73,12 +73,22 @@ def _identity_fields(identity: Identity | None) -> dict[str, bytes]:
 
 
 @dataclass
-class Transfer:
-    """What one request moved, for the caller's statistics."""
+class Traffic:
+    """Requests and bytes that calls moved, for the caller's statistics."""
 
     requests: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
+
+
+def required(remote: Remote | None) -> Remote:
+    """``remote``, or the error that says how to configure one."""
+    if remote is None:
+        raise InvalidRequest(
+            "no graft server configured: pass remote= to graft_vfs.register() or set "
+            "GRAFT_REMOTE"
+        )
+    return remote
 
 
 class Remote:
@@ -121,7 +131,7 @@ class Remote:
         method: str,
         path: str,
         body: dict | bytes | None = None,
-        transfer: Transfer | None = None,
+        traffic: Traffic | None = None,
         content_type: str = MSGPACK,
     ) -> dict:
         headers = dict(self._headers)
@@ -135,10 +145,10 @@ class Remote:
         except urllib3.exceptions.HTTPError as exc:
             raise RemoteError(f"graft server {self.url} unreachable: {exc}") from exc
         self.link.observe(time.perf_counter() - started, len(resp.data) + len(data or b""))
-        if transfer is not None:
-            transfer.requests += 1
-            transfer.bytes_received += len(resp.data)
-            transfer.bytes_sent += len(data or b"")
+        if traffic is not None:
+            traffic.requests += 1
+            traffic.bytes_received += len(resp.data)
+            traffic.bytes_sent += len(data or b"")
         if resp.status >= 400:
             raise self._error(resp)
         try:
@@ -197,26 +207,26 @@ class Remote:
             )
         return Identity(*ids)
 
-    def _snapshot_of(self, vid: str, d: Any, what: str) -> Snapshot:
+    def _snapshot_of(self, vid: str, d: Any, what: str) -> RemoteHead:
         """A snapshot answer, every field checked: nothing out of range reaches the cache."""
         lsn = self._answer_int(d, "lsn", MAX_LSN, what)
         page_count = self._answer_int(d, "page_count", MAX_PAGES - 1, what)
-        return Snapshot(vid, lsn, page_count, self._identity_of(d, what))
+        return RemoteHead(vid, lsn, page_count, self._identity_of(d, what))
 
-    def snapshot(self, vid: str, transfer: Transfer | None = None) -> Snapshot:
-        d = self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}", transfer=transfer)
+    def snapshot(self, vid: str, traffic: Traffic | None = None) -> RemoteHead:
+        d = self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}", traffic=traffic)
         return self._snapshot_of(vid, d, f"the snapshot of {vid!r}")
 
     def pull(
-        self, vid: str, since: int, transfer: Transfer | None = None
-    ) -> tuple[Snapshot, BitMap]:
+        self, vid: str, since: int, traffic: Traffic | None = None
+    ) -> tuple[RemoteHead, BitMap]:
         """The latest snapshot and the pages changed in ``(since, latest]``.
 
         Raises CorruptData for an answer out of range (a page count over MAX_PAGES, a
         graft naming a page at or beyond the page count).
         """
         d = self._call(
-            "POST", f"/v1/volumes/{validate_volume_id(vid)}/pull", {"since": since}, transfer
+            "POST", f"/v1/volumes/{validate_volume_id(vid)}/pull", {"since": since}, traffic
         )
         what = f"a pull of {vid!r}"
         snap = self._snapshot_of(vid, d, what)
@@ -235,7 +245,7 @@ class Remote:
         vid: str,
         lsn: int,
         pages: Iterable[int],
-        transfer: Transfer | None = None,
+        traffic: Traffic | None = None,
         *,
         expand: int = 0,
         identity: Identity | None = None,
@@ -255,7 +265,7 @@ class Remote:
             body = {"lsn": lsn, "pages": encode_graft(chunk), **_identity_fields(identity)}
             if expand:
                 body["expand"] = expand
-            d = self._call("POST", path, body, transfer)
+            d = self._call("POST", path, body, traffic)
             self.link.observe_pages(sum(len(p[3]) for p in d["pages"]), len(d["pages"]))
             for page, version, crc, frame in d["pages"]:
                 if frame:
@@ -283,7 +293,7 @@ class Remote:
         page_count: int,
         pages: dict[int, bytes],
         digest: bytes,
-        transfer: Transfer | None = None,
+        traffic: Traffic | None = None,
         identity: Identity | None = None,
     ) -> Committed:
         """Commit ``pages`` on top of ``base``; returns the new LSN or raises CommitConflict.
@@ -308,10 +318,10 @@ class Remote:
             for i in range(0, len(items), MAX_INLINE_PAGES):
                 seg, _ = encode_segment(items[i : i + MAX_INLINE_PAGES])
                 d = self._call(
-                    "POST", "/v1/segments", seg, transfer, content_type=SEGMENT_BODY
+                    "POST", "/v1/segments", seg, traffic, content_type=SEGMENT_BODY
                 )
                 sids.append(d["sid"])
             body["segments"] = sids
-        d = self._call("POST", f"/v1/volumes/{vid}/commit", body, transfer)
+        d = self._call("POST", f"/v1/volumes/{vid}/commit", body, traffic)
         what = f"a commit to {vid!r}"
         return Committed(self._answer_int(d, "lsn", MAX_LSN, what), self._identity_of(d, what))
