@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from graft_vfs.client.link import Link
 from graft_vfs.client.local import USAGE_LOG, LocalStore
@@ -168,7 +169,7 @@ class ReadPath:
         page_count: int,
         progress: Callable[[int], None] | None,
         workers: int,
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Fetch every page of the (pinned) snapshot ``lsn`` that is not local yet.
 
         Requests of up to MAX_PAGES_PER_READ pages run ``workers`` at a time.
@@ -189,9 +190,10 @@ class ReadPath:
                 got = remote.read_pages(self.vid, sync_remote, chunk, traffic, identity=identity)
             finally:
                 self.stats.count(traffic)
-            rows = [
-                (p, missing[p] if missing[p] is not None else sync_local, got[p][1]) for p in chunk
-            ]
+            rows = []
+            for p in chunk:
+                marker = missing[p]
+                rows.append((p, marker if marker is not None else sync_local, got[p][1]))
             self.local.store_fetched(self.row_id, rows)
             self.stats.add(pages_fetched=len(chunk))
             if progress is not None:

@@ -85,8 +85,7 @@ def required(remote: Remote | None) -> Remote:
     """``remote``, or the error that says how to configure one."""
     if remote is None:
         raise InvalidRequest(
-            "no graft server configured: pass remote= to graft_vfs.register() or set "
-            "GRAFT_REMOTE"
+            "no graft server configured: pass remote= to graft_vfs.register() or set GRAFT_REMOTE"
         )
     return remote
 
@@ -130,10 +129,10 @@ class Remote:
         self,
         method: str,
         path: str,
-        body: dict | bytes | None = None,
+        body: dict[str, Any] | bytes | None = None,
         traffic: Traffic | None = None,
         content_type: str = MSGPACK,
-    ) -> dict:
+    ) -> dict[str, Any]:
         headers = dict(self._headers)
         data = None
         if body is not None:
@@ -152,9 +151,12 @@ class Remote:
         if resp.status >= 400:
             raise self._error(resp)
         try:
+            answer: dict[str, Any]
             if resp.headers.get("Content-Type", "").startswith("application/json"):
-                return json.loads(resp.data)
-            return msgpack.unpackb(resp.data)
+                answer = json.loads(resp.data)
+            else:
+                answer = msgpack.unpackb(resp.data)
+            return answer
         except Exception as exc:
             raise RemoteError(f"graft server sent an unreadable response to {path}") from exc
 
@@ -183,11 +185,12 @@ class Remote:
 
     # -- API ------------------------------------------------------------------------
 
-    def health(self) -> dict:
+    def health(self) -> dict[str, Any]:
         return self._call("GET", "/v1/health")
 
-    def list_volumes(self) -> list[dict]:
-        return self._call("GET", "/v1/volumes")["volumes"]
+    def list_volumes(self) -> list[dict[str, Any]]:
+        volumes: list[dict[str, Any]] = self._call("GET", "/v1/volumes")["volumes"]
+        return volumes
 
     def _invalid(self, what: str, why: str) -> CorruptData:
         # An answer that breaks the protocol's own invariants is treated like a failed
@@ -199,13 +202,17 @@ class Remote:
             raise self._invalid(what, f"no {name!r}")
         return check_int(d[name], 0, high, lambda why: self._invalid(what, f"{name!r} {why}"))
 
-    def _identity_of(self, d: dict, what: str) -> Identity:
-        ids = [d.get(name) for name in ("store_id", "volume_id")]
-        if not all(isinstance(i, bytes) and len(i) == IDENTITY_SIZE for i in ids):
+    def _identity_of(self, d: dict[str, Any], what: str) -> Identity:
+        store_id, volume_id = d.get("store_id"), d.get("volume_id")
+        if not (
+            isinstance(store_id, bytes)
+            and isinstance(volume_id, bytes)
+            and len(store_id) == len(volume_id) == IDENTITY_SIZE
+        ):
             raise self._invalid(
                 what, "no volume and store identity (a graft server from before identities?)"
             )
-        return Identity(*ids)
+        return Identity(store_id, volume_id)
 
     def _snapshot_of(self, vid: str, d: Any, what: str) -> RemoteHead:
         """A snapshot answer, every field checked: nothing out of range reaches the cache."""
@@ -278,7 +285,7 @@ class Remote:
             raise RemoteError(f"graft server did not return pages {list(missing)[:10]}")
         return out
 
-    def log_entry(self, vid: str, lsn: int) -> dict | None:
+    def log_entry(self, vid: str, lsn: int) -> dict[str, Any] | None:
         try:
             return self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}/log/{int(lsn)}")
         except SnapshotExpired:
@@ -304,7 +311,7 @@ class Remote:
         another volume than the one ``base`` belongs to.
         """
         validate_volume_id(vid)
-        body: dict = {
+        body: dict[str, Any] = {
             "base": base,
             "page_count": page_count,
             "hash": digest,
@@ -317,9 +324,7 @@ class Remote:
             sids = []
             for i in range(0, len(items), MAX_INLINE_PAGES):
                 seg, _ = encode_segment(items[i : i + MAX_INLINE_PAGES])
-                d = self._call(
-                    "POST", "/v1/segments", seg, traffic, content_type=SEGMENT_BODY
-                )
+                d = self._call("POST", "/v1/segments", seg, traffic, content_type=SEGMENT_BODY)
                 sids.append(d["sid"])
             body["segments"] = sids
         d = self._call("POST", f"/v1/volumes/{vid}/commit", body, traffic)

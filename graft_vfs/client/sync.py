@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyroaring import BitMap
 
@@ -101,7 +101,7 @@ class Sync:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("graft: %s", exc)
 
-    def reconcile(self, snap: RemoteHead) -> dict | None:
+    def reconcile(self, snap: RemoteHead) -> dict[str, Any] | None:
         """Check the server's identity of the volume against the cache's; caller holds ``lock``.
 
         Returns None if they agree (a volume with no identity yet takes the server's);
@@ -139,7 +139,7 @@ class Sync:
             "page_count": snap.page_count,
         }
 
-    def push(self) -> dict:
+    def push(self) -> dict[str, Any]:
         """Push pending local commits as one remote commit; raises Diverged on conflict."""
         remote = required(self.remote)
         with self.lock:
@@ -210,7 +210,7 @@ class Sync:
                 "pages": len(pages),
             }
 
-    def pull(self) -> dict:
+    def pull(self) -> dict[str, Any]:
         """Take the server's latest snapshot (metadata and changed-page bitmap only)."""
         remote = required(self.remote)
         with self.lock:
@@ -256,7 +256,7 @@ class Sync:
                 "page_count": snap.page_count,
             }
 
-    def reset(self, force: bool = False) -> dict:
+    def reset(self, force: bool = False) -> dict[str, Any]:
         """Discard unpushed local commits and take the server's latest snapshot.
 
         If the server's volume is another one than the cache's (IdentityMismatch), only
@@ -310,7 +310,7 @@ class Sync:
         )
 
 
-def _not_pulled(row: VolumeRow) -> dict:
+def _not_pulled(row: VolumeRow) -> dict[str, Any]:
     """A pull's answer when the volume did not move: the same fields as when it did."""
     return {
         "pulled": False,

@@ -69,6 +69,7 @@ FILE_JOURNAL_MODES = ("delete", "truncate", "persist")
 _PAGE_SHIFT = 12
 _PAGE_MASK = PAGE_SIZE - 1
 
+
 class StaleSnapshot(Busy):
     """A write transaction began on a read snapshot that is no longer the latest."""
 
@@ -323,8 +324,8 @@ class GraftFile:
             if (offset, amount) == (CHANGE_CHECK, CHANGE_CHECK_SIZE):
                 # SQLite's cache still holds the page 1 it wrote; a change counter other
                 # than the one it expects makes it drop the cache and read page 1 again.
-                data = self.xRead(amount, offset)
-                return bytes(b ^ 0xFF for b in data[:4]) + data[4:]
+                header = self.xRead(amount, offset)
+                return bytes(b ^ 0xFF for b in header[:4]) + header[4:]
         within = offset & _PAGE_MASK
         if within + amount <= PAGE_SIZE:
             data = self._page(offset >> _PAGE_SHIFT)
@@ -487,8 +488,7 @@ class GraftFile:
             if name.startswith(PRAGMA_PREFIX):
                 # SQLite ignores an unknown PRAGMA: a typo would look like an answer.
                 raise InvalidRequest(
-                    f"unknown PRAGMA {name}; the graft PRAGMAs are "
-                    + ", ".join(sorted(PRAGMAS))
+                    f"unknown PRAGMA {name}; the graft PRAGMAs are " + ", ".join(sorted(PRAGMAS))
                 )
             return False
         result = handler(self, p.value)
@@ -529,7 +529,7 @@ class GraftFile:
         self.snap = None
 
 
-def _snapshot(f: GraftFile, value: str | None) -> dict:
+def _snapshot(f: GraftFile, value: str | None) -> dict[str, Any]:
     lsn, page_count = f.snap or f.fixed or f.vol.snapshot
     out = {"volume": f.vol.vid, "local_lsn": lsn, "page_count": page_count}
     if f.remote_lsn is not None:
@@ -539,12 +539,12 @@ def _snapshot(f: GraftFile, value: str | None) -> dict:
     return out
 
 
-def _stats(f: GraftFile, value: str | None) -> dict:
+def _stats(f: GraftFile, value: str | None) -> dict[str, Any]:
     f.vol.stats.prefetch_unused = f.vol.reads.prefetcher.unused
     return f.vol.stats.as_dict()
 
 
-def _version(f: GraftFile, value: str | None) -> dict:
+def _version(f: GraftFile, value: str | None) -> dict[str, Any]:
     return {
         "graft_vfs": VERSION,
         "sqlite": apsw.sqlite_lib_version(),
@@ -552,11 +552,11 @@ def _version(f: GraftFile, value: str | None) -> dict:
     }
 
 
-def _sync(f: GraftFile, value: str | None) -> dict:
+def _sync(f: GraftFile, value: str | None) -> dict[str, Any]:
     return {"push": f.vol.sync.push(), "pull": f.vol.sync.pull()}
 
 
-PRAGMAS: dict[str, Callable[[GraftFile, str | None], dict]] = {
+PRAGMAS: dict[str, Callable[[GraftFile, str | None], dict[str, Any]]] = {
     "graft_status": lambda f, v: f.vol.status(),
     "graft_stats": _stats,
     "graft_pull": lambda f, v: f.vol.sync.pull(),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from pyroaring import BitMap
 
@@ -154,7 +155,9 @@ class Volume:
         """Page ``pageno`` at a remote LSN that the local log does not hold."""
         return self.reads.read_remote_page(pageno, remote_lsn, self.row.identity)
 
-    def hydrate(self, progress: Callable[[int], None] | None = None, workers: int = 4) -> dict:
+    def hydrate(
+        self, progress: Callable[[int], None] | None = None, workers: int = 4
+    ) -> dict[str, Any]:
         """Fetch every page of the latest snapshot that is not local yet."""
         token = _Reader()
         lsn, page_count = self.pin(token)
@@ -239,7 +242,7 @@ class Volume:
             self.row = row
         return row
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         row = self.refresh()
         return {
             "volume": self.vid,
