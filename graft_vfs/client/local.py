@@ -156,7 +156,7 @@ def _log_crc(v: int, lsn: int, page_count: int, remote_lsn: int | None, pages: b
 
 
 def _volume_crc(
-    vid_id: int,
+    row_id: int,
     vid: str,
     local_lsn: int,
     sync_lsn: int,
@@ -164,7 +164,7 @@ def _volume_crc(
     diverged: int,
     intent: bytes | None,
 ) -> int:
-    key = _VOLUME_KEY.pack(vid_id, local_lsn, sync_lsn, remote_lsn, diverged)
+    key = _VOLUME_KEY.pack(row_id, local_lsn, sync_lsn, remote_lsn, diverged)
     crc = zlib.crc32(vid.encode(), zlib.crc32(key))
     return crc if intent is None else zlib.crc32(intent, crc ^ 1)
 
@@ -634,14 +634,14 @@ class LocalStore:
 
     def _update_volume(self, v: int, **changes: Any) -> None:
         """Rewrite volume ``v``'s row with ``changes`` and a fresh crc."""
-        vid_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent = self._volume_by_id(v)
+        row_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent = self._volume_by_id(v)
         local_lsn = changes.pop("local_lsn", local_lsn)
         sync_lsn = changes.pop("sync_lsn", sync_lsn)
         remote_lsn = changes.pop("remote_lsn", remote_lsn)
         diverged = changes.pop("diverged", diverged)
         intent = changes.pop("push_intent", intent)
         assert not changes, changes
-        crc = _volume_crc(vid_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent)
+        crc = _volume_crc(row_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent)
         self._db.execute(
             "UPDATE volumes SET local_lsn=?, sync_lsn=?, remote_lsn=?, diverged=?, "
             "push_intent=?, crc=? WHERE id=?",
@@ -705,17 +705,17 @@ class LocalStore:
         )
 
     def _volume_row(self, row: VolumeFields) -> VolumeRow:
-        vid_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent = row
-        origin = self._origin(vid_id)
+        row_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent = row
+        origin = self._origin(row_id)
         return VolumeRow(
-            row_id=vid_id,
+            row_id=row_id,
             vid=vid,
             local_lsn=local_lsn,
             sync_lsn=sync_lsn,
             remote_lsn=remote_lsn,
             diverged=bool(diverged),
             push_intent=msgpack.unpackb(intent) if intent else None,
-            page_count=self.page_count_at(vid_id, local_lsn),
+            page_count=self.page_count_at(row_id, local_lsn),
             identity=origin[0] if origin else None,
             identity_lsn=origin[1] if origin else 0,
         )
@@ -738,12 +738,12 @@ class LocalStore:
                     "INSERT INTO volumes(vid, local_lsn, sync_lsn, remote_lsn) VALUES(?,?,?,?)",
                     (vid, local, local, remote_lsn),
                 )
-                vol_id = self._db.last_insert_rowid()
-                crc = _volume_crc(vol_id, vid, local, local, remote_lsn, 0, None)
-                self._db.execute("UPDATE volumes SET crc=? WHERE id=?", (crc, vol_id))
-                self._insert_log(vol_id, local, page_count, remote_lsn, encode_graft(()))
+                row_id = self._db.last_insert_rowid()
+                crc = _volume_crc(row_id, vid, local, local, remote_lsn, 0, None)
+                self._db.execute("UPDATE volumes SET crc=? WHERE id=?", (crc, row_id))
+                self._insert_log(row_id, local, page_count, remote_lsn, encode_graft(()))
                 if identity is not None:
-                    self._set_origin(vol_id, identity, 0)
+                    self._set_origin(row_id, identity, 0)
         row = self.load_volume(vid)
         assert row is not None
         return row
@@ -1137,12 +1137,12 @@ class LocalStore:
         volumes = cast(
             "list[tuple[int, int]]", self._db.execute("SELECT id, sync_lsn FROM volumes").fetchall()
         )
-        for vol_id, sync_lsn in volumes:
-            floor = self._floor(vol_id, sync_lsn)
+        for row_id, sync_lsn in volumes:
+            floor = self._floor(row_id, sync_lsn)
             if floor is not None:
                 # Readers check their snapshot against the start of the log, so nothing
                 # after it is clean yet (a pass prunes a bounded stretch of the log).
-                floors.append((vol_id, min(floor, self._log_start(vol_id))))
+                floors.append((row_id, min(floor, self._log_start(row_id))))
         if not floors:
             return 0
         wanted = min(-(-(held - self.max_bytes) // PAGE_SIZE), EVICT_BATCH_PAGES)

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import apsw
 
+from graft_vfs.client.pragmas import PRAGMA_PREFIX, PRAGMAS
 from graft_vfs.client.runtime import Runtime
 from graft_vfs.core.errors import (
     Busy,
@@ -47,10 +48,8 @@ from graft_vfs.core.pages import (
     same_page1,
     with_counter,
 )
-from graft_vfs.core.version import VERSION
 
 SQLITE_FCNTL_PRAGMA = 14
-PRAGMA_PREFIX = "graft_"
 SQLITE_FCNTL_SYNC = 21
 LOCK_NONE, LOCK_SHARED, LOCK_RESERVED = 0, 1, 2
 # Where SQLite reads the change counter (and the next 12 header bytes) to learn whether
@@ -247,7 +246,7 @@ class GraftFile:
                 raise ValueError
         except ValueError:
             raise SnapshotNotFound(f"lsn={param!r} is not a non-negative integer") from None
-        found = self.vol.local.local_for_remote(self.vol.row_id, lsn)
+        found = self.vol.local_snapshot_of(lsn)
         if found is not None:
             self.fixed = found
             return
@@ -353,8 +352,7 @@ class GraftFile:
                 return data
             if pageno >= self.size >> _PAGE_SHIFT:
                 return None
-        snap = self.snap or self.fixed or self.vol.snapshot
-        lsn, page_count = snap
+        lsn, page_count = self.current()
         if pageno >= page_count:
             return ZERO_PAGE if self.writing else None
         if pageno == 0:
@@ -375,10 +373,14 @@ class GraftFile:
             self._remote_pages[pageno] = data
         return data
 
+    def current(self) -> tuple[int, int]:
+        """The ``(local LSN, page count)`` this connection reads now."""
+        return self.snap or self.fixed or self.vol.snapshot
+
     def xFileSize(self) -> int:
         if self.writing:
             return self.size
-        return (self.snap or self.fixed or self.vol.snapshot)[1] * PAGE_SIZE
+        return self.current()[1] * PAGE_SIZE
 
     # -- writes -----------------------------------------------------------------------
 
@@ -527,46 +529,6 @@ class GraftFile:
         if self.writing:
             self._end_write()
         self.snap = None
-
-
-def _snapshot(f: GraftFile, value: str | None) -> dict[str, Any]:
-    lsn, page_count = f.snap or f.fixed or f.vol.snapshot
-    out = {"volume": f.vol.vid, "local_lsn": lsn, "page_count": page_count}
-    if f.remote_lsn is not None:
-        out.update(local_lsn=None, remote_lsn=f.remote_lsn)
-    else:
-        out["remote_lsn"] = f.vol.local.sync_point(f.vol.row_id, lsn)[1]
-    return out
-
-
-def _stats(f: GraftFile, value: str | None) -> dict[str, Any]:
-    f.vol.stats.prefetch_unused = f.vol.reads.prefetcher.unused
-    return f.vol.stats.as_dict()
-
-
-def _version(f: GraftFile, value: str | None) -> dict[str, Any]:
-    return {
-        "graft_vfs": VERSION,
-        "sqlite": apsw.sqlite_lib_version(),
-        "apsw": apsw.apsw_version(),
-    }
-
-
-def _sync(f: GraftFile, value: str | None) -> dict[str, Any]:
-    return {"push": f.vol.sync.push(), "pull": f.vol.sync.pull()}
-
-
-PRAGMAS: dict[str, Callable[[GraftFile, str | None], dict[str, Any]]] = {
-    "graft_status": lambda f, v: f.vol.status(),
-    "graft_stats": _stats,
-    "graft_pull": lambda f, v: f.vol.sync.pull(),
-    "graft_push": lambda f, v: f.vol.sync.push(),
-    "graft_sync": _sync,
-    "graft_reset": lambda f, v: f.vol.sync.reset(),
-    "graft_snapshot": _snapshot,
-    "graft_version": _version,
-    "graft_hydrate": lambda f, v: f.vol.hydrate(),
-}
 
 
 class MemoryFile:

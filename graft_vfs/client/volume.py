@@ -166,6 +166,14 @@ class Volume:
         finally:
             self.unpin(token)
 
+    def local_snapshot_of(self, remote_lsn: int) -> tuple[int, int] | None:
+        """The local snapshot ``(lsn, page count)`` holding ``remote_lsn``, if still logged."""
+        return self.local.local_for_remote(self.row_id, remote_lsn)
+
+    def remote_lsn_at(self, lsn: int) -> int:
+        """The remote LSN the local snapshot ``lsn`` is based on."""
+        return self.local.sync_point(self.row_id, lsn)[1]
+
     def identity_for(self, lsn: int) -> Identity | None:
         """The server volume that pages of local snapshot ``lsn`` must come from.
 
@@ -241,6 +249,11 @@ class Volume:
         with self.lock:
             self.row = row
         return row
+
+    def counters(self) -> dict[str, int]:
+        """The statistics of ``PRAGMA graft_stats``."""
+        self.stats.prefetch_unused = self.reads.prefetcher.unused
+        return self.stats.as_dict()
 
     def status(self) -> dict[str, Any]:
         row = self.refresh()
