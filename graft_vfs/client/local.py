@@ -476,7 +476,7 @@ class LocalStore:
                         self._db.create_scalar_function(name, fn, deterministic=True)
                     self._db.execute(_MIGRATE_0)
                 # Volumes of an older cache have no identity yet: each takes the one of
-                # its server's volume at its first contact (see sync.reconcile).
+                # its server's volume at its first contact (see sync.Sync.reconcile).
                 self._db.execute(_ORIGINS)
             elif version != FORMAT:
                 raise StorageError(
