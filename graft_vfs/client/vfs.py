@@ -10,6 +10,10 @@ rollback journal lives in memory (every graft main database runs in
 ``journal_mode=MEMORY``); temporary databases, statement journals and sorter spills
 are real temporary files of the default VFS, as natively. In
 ``locking_mode=EXCLUSIVE`` SHARED takes the writer lock too, and keeps it.
+
+Errors: code below the VFS methods raises graft errors only; ``sqlite_errors``, wrapped
+around every method that can fail, turns them into SQLite result codes with the one
+table ``SQLITE_CODES``.
 """
 
 from __future__ import annotations
