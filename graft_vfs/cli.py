@@ -545,7 +545,6 @@ def sql(
     import apsw
 
     import graft_vfs
-    from graft_vfs.client import sync
 
     if create and (readonly or lsn is not None):
         raise click.UsageError("--create cannot be combined with --readonly or --lsn")
@@ -580,7 +579,7 @@ def sql(
             wrote = vol.refresh().local_lsn != before
         if remote and wrote:
             try:
-                sync.push(vol)
+                vol.sync.push()
             except GraftError as exc:
                 raise click.ClickException(
                     f"the write is committed in the local cache but was not pushed: {exc}; "
@@ -592,10 +591,8 @@ def sql(
 
 
 def _pull_before_reading(vol: Any, remote: str) -> None:
-    from graft_vfs.client import sync
-
     try:
-        sync.pull(vol)
+        vol.sync.pull()
     except GraftError as exc:
         if isinstance(exc, VolumeNotFound) and vol.refresh().remote_lsn == 0:
             return  # created here and never pushed: nothing on the server to pull yet
@@ -652,11 +649,9 @@ def _sync_command(name: str, doc: str, *options: Any) -> None:
     @TOKEN
     @_fail_cleanly
     def command(volume: str, remote: str, cache_dir: str, token: str | None, **flags: Any) -> None:
-        from graft_vfs.client import sync
-
         runtime, vol = _open_volume(volume, remote, cache_dir, token)
         try:
-            _echo_json(getattr(sync, name)(vol, **flags))
+            _echo_json(getattr(vol.sync, name)(**flags))
         finally:
             runtime.close()
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import graft_vfs
 from graft_vfs.client.dbfile import import_database
@@ -43,7 +44,7 @@ QUERIES = [
 ]
 
 
-def start_server(store: str) -> tuple[subprocess.Popen, str]:
+def start_server(store: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "graft_server", "--store", store, "--port", "0"],
         stdout=subprocess.PIPE,
@@ -76,10 +77,16 @@ def main() -> None:
         con = graft_vfs.connect("orders", remote=url, cache_dir=cache)
         print(f"opened a stateless replica with an empty cache in {cache}\n")
 
-        def stats() -> dict:
-            return json.loads(con.execute("PRAGMA graft_stats").fetchone()[0])
+        def pragma(name: str) -> dict[str, Any]:
+            row = con.execute(f"PRAGMA {name}").fetchone()
+            assert row is not None
+            answer: dict[str, Any] = json.loads(row[0])
+            return answer
 
-        pages = json.loads(con.execute("PRAGMA graft_status").fetchone()[0])["page_count"]
+        def stats() -> dict[str, Any]:
+            return pragma("graft_stats")
+
+        pages = pragma("graft_status")["page_count"]
         for title, sql in QUERIES:
             before = stats()
             t = time.perf_counter()

@@ -173,7 +173,7 @@ def test_cache_max_bytes_evicts_clean_pages_least_recently_used_first(server, vi
     # Unpushed pages are never evicted, even when they alone exceed the limit.
     reader.execute("UPDATE t SET n = -id WHERE id % 10 = 0")  # a row in every 2nd leaf or so
     row = vol.refresh()
-    changed = set(vol.local.pending_changes(vol.id, row.sync_lsn, row.local_lsn))
+    changed = set(vol.local.pending_changes(vol.row_id, row.sync_lsn, row.local_lsn))
     assert len(changed) > LIMIT_PAGES
     absent = next(p for p in leaves if p not in cached_pages(cache))
     misses = vol.stats.cache_misses

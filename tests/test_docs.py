@@ -17,7 +17,7 @@ def readme() -> str:
 
 def test_every_command_and_pragma_is_documented():
     from graft_vfs.cli import main
-    from graft_vfs.client.vfs import PRAGMAS
+    from graft_vfs.client.pragmas import PRAGMAS
 
     text = readme()
     for name, command in main.commands.items():

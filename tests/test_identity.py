@@ -25,7 +25,6 @@ import pytest
 from pyroaring import BitMap
 
 import graft_vfs
-from graft_vfs.client import sync
 from graft_vfs.client.local import FORMAT, STORE_FILE
 from graft_vfs.client.remote import Remote
 from graft_vfs.client.runtime import Options, Runtime
@@ -299,7 +298,7 @@ def test_a_pull_answer_out_of_range_is_refused_and_writes_nothing(
         counted = counts.fetchone()
         fake.pull_answer = {"vid": "fake", **answer, **IDENTITY}
         with pytest.raises(error, match=says):
-            sync.pull(vol)
+            vol.sync.pull()
         assert vol.refresh() == before
         again = store.execute("SELECT (SELECT count(*) FROM pages), (SELECT count(*) FROM log)")
         assert again.fetchone() == counted

@@ -36,7 +36,7 @@ def check(con: apsw.Connection, name: str, fields: dict[str, set[str]]) -> dict:
 
 def test_every_pragma_answers_its_documented_fields(client, vid):
     fields = documented_fields()
-    assert set(fields) == set(graft_vfs.client.vfs.PRAGMAS)
+    assert set(fields) == set(graft_vfs.client.pragmas.PRAGMAS)
     a = client(vid, options=graft_vfs.Options(autopush=False))
     b = client(vid, options=graft_vfs.Options(autopush=False))
     a.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")

@@ -53,7 +53,9 @@ def import_database(
     try:
         src.execute("BEGIN")
         src.execute("SELECT count(*) FROM sqlite_schema").fetchall()
-        (page_count,) = src.execute("PRAGMA page_count").fetchone()
+        row = src.execute("PRAGMA page_count").fetchone()
+        assert row is not None
+        page_count: int = row[0]
         pages: dict[int, bytes] = {}
         with open(path, "rb") as f:
             for pageno in range(page_count):

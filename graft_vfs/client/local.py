@@ -47,7 +47,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import apsw
 import msgpack
@@ -156,7 +156,7 @@ def _log_crc(v: int, lsn: int, page_count: int, remote_lsn: int | None, pages: b
 
 
 def _volume_crc(
-    vid_id: int,
+    row_id: int,
     vid: str,
     local_lsn: int,
     sync_lsn: int,
@@ -164,7 +164,7 @@ def _volume_crc(
     diverged: int,
     intent: bytes | None,
 ) -> int:
-    key = _VOLUME_KEY.pack(vid_id, local_lsn, sync_lsn, remote_lsn, diverged)
+    key = _VOLUME_KEY.pack(row_id, local_lsn, sync_lsn, remote_lsn, diverged)
     crc = zlib.crc32(vid.encode(), zlib.crc32(key))
     return crc if intent is None else zlib.crc32(intent, crc ^ 1)
 
@@ -201,13 +201,13 @@ def _boundary(fn: F) -> F:
 class VolumeRow:
     """A volume's sync state as stored."""
 
-    id: int
+    row_id: int  # the key of its rows in the local store
     vid: str
     local_lsn: int
     sync_lsn: int
     remote_lsn: int
     diverged: bool
-    push_intent: dict | None
+    push_intent: dict[str, Any] | None
     page_count: int  # at local_lsn
     identity: Identity | None = None  # the server's volume; None until known
     identity_lsn: int = 0  # the first local LSN whose pages came from that volume
@@ -216,6 +216,10 @@ class VolumeRow:
     def pending(self) -> int:
         """Local LSNs not yet pushed."""
         return self.local_lsn - self.sync_lsn
+
+
+# A volume row as stored: (row id, name, local, sync and remote LSN, diverged, intent).
+VolumeFields = tuple[int, str, int, int, int, int, bytes | None]
 
 
 @dataclass(frozen=True)
@@ -247,7 +251,7 @@ class ChangeSignal:
             os.close(fd)
 
     def value(self) -> int:
-        return struct.unpack_from("<Q", self._map)[0]
+        return int(struct.unpack_from("<Q", self._map)[0])
 
     def bump(self) -> None:
         # A fresh random value rather than an increment: two writers racing on a
@@ -301,7 +305,7 @@ class PinSlot:
         """
         with self._fence:
             _SLOT.pack_into(self._map, self._offset, v + 1, lsn)
-        return _SIGNAL.unpack_from(self._map)[0]
+        return int(_SIGNAL.unpack_from(self._map)[0])
 
     def unpin(self) -> None:
         _SLOT.pack_into(self._map, self._offset, 0, NO_PIN)
@@ -451,27 +455,28 @@ class LocalStore:
 
     def _prepare(self) -> None:
         """Create the schema in a new store; bring an older store to the current format."""
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        version = self._scalar("PRAGMA user_version")
         if version == FORMAT:
             return
         with self._write():
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            tables = self._db.execute(
+            version = self._scalar("PRAGMA user_version")
+            tables = self._scalar(
                 "SELECT count(*) FROM sqlite_schema WHERE name IN ('volumes', 'log', 'pages')"
-            ).fetchone()[0]
+            )
             if version == 0 and tables == 0:
                 self._db.execute(_SCHEMA + _ORIGINS)
             elif version in (0, 1) and tables == 3:
                 if version == 0:
-                    for name, fn in (
+                    crcs: tuple[tuple[str, Callable[..., int]], ...] = (
                         ("graft_volume_crc", _volume_crc),
                         ("graft_log_crc", _log_crc),
                         ("graft_page_crc", _page_crc),
-                    ):
+                    )
+                    for name, fn in crcs:
                         self._db.create_scalar_function(name, fn, deterministic=True)
                     self._db.execute(_MIGRATE_0)
                 # Volumes of an older cache have no identity yet: each takes the one of
-                # its server's volume at its first contact (see sync.reconcile).
+                # its server's volume at its first contact (see sync.Sync.reconcile).
                 self._db.execute(_ORIGINS)
             elif version != FORMAT:
                 raise StorageError(
@@ -493,7 +498,7 @@ class LocalStore:
                 columns = {row[1] for row in self._db.execute("PRAGMA table_info(pages)")}
                 if "used" not in columns:
                     self._db.execute(_ADD_USED)
-        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        if self._scalar("PRAGMA auto_vacuum") != 2:
             self._reclaim_space()
 
     def _reclaim_space(self) -> None:
@@ -506,7 +511,7 @@ class LocalStore:
         self._db.set_busy_timeout(0)  # another process has it open: not now, and no wait
         try:
             with suppress(apsw.BusyError):
-                mode = self._db.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+                mode = self._scalar("PRAGMA journal_mode=DELETE")
                 if mode == "delete":
                     self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
                     self._db.execute("VACUUM")
@@ -602,7 +607,13 @@ class LocalStore:
 
     # -- verified reads of rows -------------------------------------------------------
 
-    def _volume_fields(self, column: str, value: object) -> tuple | None:
+    def _scalar(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        """The first value of the first row of ``sql`` (a PRAGMA, an aggregate)."""
+        row = self._db.execute(sql, args).fetchone()
+        assert row is not None
+        return row[0]
+
+    def _volume_fields(self, column: str, value: object) -> VolumeFields | None:
         """The volume row ``(id, vid, local, sync, remote, diverged, intent)``, verified."""
         row = self._db.execute(
             "SELECT id, vid, local_lsn, sync_lsn, remote_lsn, diverged, push_intent, crc "
@@ -613,31 +624,31 @@ class LocalStore:
             return None
         if not _matches(_volume_crc, row[7], *row[:7]):
             raise self._corrupt(f"the row of volume {row[1]!r} fails its checksum")
-        return row[:7]
+        return cast(VolumeFields, tuple(row[:7]))
 
-    def _volume_by_id(self, v: int) -> tuple:
+    def _volume_by_id(self, v: int) -> VolumeFields:
         row = self._volume_fields("id", v)
         if row is None:
             raise self._corrupt(f"volume {v} has no row")
         return row
 
-    def _update_volume(self, v: int, **changes: object) -> None:
+    def _update_volume(self, v: int, **changes: Any) -> None:
         """Rewrite volume ``v``'s row with ``changes`` and a fresh crc."""
-        vid_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent = self._volume_by_id(v)
+        row_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent = self._volume_by_id(v)
         local_lsn = changes.pop("local_lsn", local_lsn)
         sync_lsn = changes.pop("sync_lsn", sync_lsn)
         remote_lsn = changes.pop("remote_lsn", remote_lsn)
         diverged = changes.pop("diverged", diverged)
         intent = changes.pop("push_intent", intent)
         assert not changes, changes
-        crc = _volume_crc(vid_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent)
+        crc = _volume_crc(row_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent)
         self._db.execute(
             "UPDATE volumes SET local_lsn=?, sync_lsn=?, remote_lsn=?, diverged=?, "
             "push_intent=?, crc=? WHERE id=?",
             (local_lsn, sync_lsn, remote_lsn, diverged, intent, crc, v),
         )
 
-    def _log_rows(self, sql: str, args: tuple) -> list[tuple]:
+    def _log_rows(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Log rows ``(v, lsn, page_count, remote_lsn, pages)`` selected by ``sql``, verified."""
         out = []
         for row in self._db.execute(
@@ -693,18 +704,18 @@ class LocalStore:
             (v, identity.store_id, identity.volume_id, since_lsn, crc),
         )
 
-    def _volume_row(self, row: tuple) -> VolumeRow:
-        vid_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent = row
-        origin = self._origin(vid_id)
+    def _volume_row(self, row: VolumeFields) -> VolumeRow:
+        row_id, vid, local_lsn, sync_lsn, remote_lsn, diverged, intent = row
+        origin = self._origin(row_id)
         return VolumeRow(
-            id=vid_id,
+            row_id=row_id,
             vid=vid,
             local_lsn=local_lsn,
             sync_lsn=sync_lsn,
             remote_lsn=remote_lsn,
             diverged=bool(diverged),
             push_intent=msgpack.unpackb(intent) if intent else None,
-            page_count=self.page_count_at(vid_id, local_lsn),
+            page_count=self.page_count_at(row_id, local_lsn),
             identity=origin[0] if origin else None,
             identity_lsn=origin[1] if origin else 0,
         )
@@ -727,12 +738,12 @@ class LocalStore:
                     "INSERT INTO volumes(vid, local_lsn, sync_lsn, remote_lsn) VALUES(?,?,?,?)",
                     (vid, local, local, remote_lsn),
                 )
-                vol_id = self._db.last_insert_rowid()
-                crc = _volume_crc(vol_id, vid, local, local, remote_lsn, 0, None)
-                self._db.execute("UPDATE volumes SET crc=? WHERE id=?", (crc, vol_id))
-                self._insert_log(vol_id, local, page_count, remote_lsn, encode_graft(()))
+                row_id = self._db.last_insert_rowid()
+                crc = _volume_crc(row_id, vid, local, local, remote_lsn, 0, None)
+                self._db.execute("UPDATE volumes SET crc=? WHERE id=?", (crc, row_id))
+                self._insert_log(row_id, local, page_count, remote_lsn, encode_graft(()))
                 if identity is not None:
-                    self._set_origin(vol_id, identity, 0)
+                    self._set_origin(row_id, identity, 0)
         row = self.load_volume(vid)
         assert row is not None
         return row
@@ -903,8 +914,7 @@ class LocalStore:
         Taking the write lock waits for a maintenance pass in progress to commit.
         """
         with self._write():
-            row = self._db.execute("SELECT min(lsn) FROM log WHERE v=?", (v,)).fetchone()
-        return row[0] if row[0] is not None else 0
+            return self._log_start(v)
 
     @_boundary
     def apply_pull(self, v: int, remote_lsn: int, page_count: int, changed: BitMap) -> int:
@@ -1045,7 +1055,7 @@ class LocalStore:
             evicted = self._evict(held) if over else 0
             with self._lock:
                 self._fetched = 0
-            free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+            free = self._scalar("PRAGMA freelist_count")
             self._db.execute(f"PRAGMA incremental_vacuum({VACUUM_BATCH_PAGES})").fetchall()
         if free:
             # The file shrinks when the WAL is copied back into it; PASSIVE never waits
@@ -1064,14 +1074,13 @@ class LocalStore:
         pinned = self.pins.lowest(v)
         if pinned is not None:
             bound = min(bound, pinned)
-        rows = self._db.execute(
+        floor: int | None = self._scalar(
             "SELECT max(lsn) FROM log WHERE v=? AND lsn<=? AND remote_lsn IS NOT NULL", (v, bound)
-        ).fetchone()
-        return rows[0]
+        )
+        return floor
 
     def _log_start(self, v: int) -> int:
-        row = self._db.execute("SELECT min(lsn) FROM log WHERE v=?", (v,)).fetchone()
-        return row[0] if row[0] is not None else 0
+        return int(self._scalar("SELECT min(lsn) FROM log WHERE v=?", (v,)) or 0)
 
     def _prune(self, v: int) -> int:
         """Drop the rows of ``v`` no snapshot from the floor on reads; returns page rows gone.
@@ -1113,8 +1122,7 @@ class LocalStore:
 
     def _held_bytes(self) -> int:
         """Bytes of page data in the store, every volume together."""
-        row = self._db.execute("SELECT count(*) FROM pages WHERE data IS NOT NULL").fetchone()
-        return row[0] * PAGE_SIZE
+        return int(self._scalar("SELECT count(*) FROM pages WHERE data IS NOT NULL")) * PAGE_SIZE
 
     def _evict(self, held: int) -> int:
         """Turn clean pages back into markers, least recently used first, down to the limit.
@@ -1126,23 +1134,29 @@ class LocalStore:
         assert self.max_bytes is not None
         self._stamp_usage()
         floors = []
-        for vol_id, sync_lsn in self._db.execute("SELECT id, sync_lsn FROM volumes").fetchall():
-            floor = self._floor(vol_id, sync_lsn)
+        volumes = cast(
+            "list[tuple[int, int]]", self._db.execute("SELECT id, sync_lsn FROM volumes").fetchall()
+        )
+        for row_id, sync_lsn in volumes:
+            floor = self._floor(row_id, sync_lsn)
             if floor is not None:
                 # Readers check their snapshot against the start of the log, so nothing
                 # after it is clean yet (a pass prunes a bounded stretch of the log).
-                floors.append((vol_id, min(floor, self._log_start(vol_id))))
+                floors.append((row_id, min(floor, self._log_start(row_id))))
         if not floors:
             return 0
         wanted = min(-(-(held - self.max_bytes) // PAGE_SIZE), EVICT_BATCH_PAGES)
         values = ",".join("(?,?)" for _ in floors)
-        victims = self._db.execute(
-            f"WITH floors(v, lsn) AS (VALUES {values}) "
-            "SELECT p.v, p.pageno, p.lsn FROM pages AS p JOIN floors AS f ON p.v=f.v "
-            "WHERE p.lsn<=f.lsn AND p.data IS NOT NULL "
-            "ORDER BY p.used, p.v, p.pageno, p.lsn LIMIT ?",
-            (*(x for pair in floors for x in pair), wanted),
-        ).fetchall()
+        victims = cast(
+            "list[tuple[int, int, int]]",
+            self._db.execute(
+                f"WITH floors(v, lsn) AS (VALUES {values}) "
+                "SELECT p.v, p.pageno, p.lsn FROM pages AS p JOIN floors AS f ON p.v=f.v "
+                "WHERE p.lsn<=f.lsn AND p.data IS NOT NULL "
+                "ORDER BY p.used, p.v, p.pageno, p.lsn LIMIT ?",
+                (*(x for pair in floors for x in pair), wanted),
+            ).fetchall(),
+        )
         self._db.executemany(
             "UPDATE pages SET data=NULL, crc=? WHERE v=? AND pageno=? AND lsn=?",
             ((_page_crc(v, p, lsn, None), v, p, lsn) for v, p, lsn in victims),

@@ -49,7 +49,7 @@ def _check_token(token: str) -> str:
 
 
 @dataclass
-class Snapshot:
+class RemoteHead:
     """The server's view of a volume at one LSN, and which volume (None: not created yet)."""
 
     vid: str
@@ -73,12 +73,21 @@ def _identity_fields(identity: Identity | None) -> dict[str, bytes]:
 
 
 @dataclass
-class Transfer:
-    """What one request moved, for the caller's statistics."""
+class Traffic:
+    """Requests and bytes that calls moved, for the caller's statistics."""
 
     requests: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
+
+
+def required(remote: Remote | None) -> Remote:
+    """``remote``, or the error that says how to configure one."""
+    if remote is None:
+        raise InvalidRequest(
+            "no graft server configured: pass remote= to graft_vfs.register() or set GRAFT_REMOTE"
+        )
+    return remote
 
 
 class Remote:
@@ -120,10 +129,10 @@ class Remote:
         self,
         method: str,
         path: str,
-        body: dict | bytes | None = None,
-        transfer: Transfer | None = None,
+        body: dict[str, Any] | bytes | None = None,
+        traffic: Traffic | None = None,
         content_type: str = MSGPACK,
-    ) -> dict:
+    ) -> dict[str, Any]:
         headers = dict(self._headers)
         data = None
         if body is not None:
@@ -135,16 +144,19 @@ class Remote:
         except urllib3.exceptions.HTTPError as exc:
             raise RemoteError(f"graft server {self.url} unreachable: {exc}") from exc
         self.link.observe(time.perf_counter() - started, len(resp.data) + len(data or b""))
-        if transfer is not None:
-            transfer.requests += 1
-            transfer.bytes_received += len(resp.data)
-            transfer.bytes_sent += len(data or b"")
+        if traffic is not None:
+            traffic.requests += 1
+            traffic.bytes_received += len(resp.data)
+            traffic.bytes_sent += len(data or b"")
         if resp.status >= 400:
             raise self._error(resp)
         try:
+            answer: dict[str, Any]
             if resp.headers.get("Content-Type", "").startswith("application/json"):
-                return json.loads(resp.data)
-            return msgpack.unpackb(resp.data)
+                answer = json.loads(resp.data)
+            else:
+                answer = msgpack.unpackb(resp.data)
+            return answer
         except Exception as exc:
             raise RemoteError(f"graft server sent an unreadable response to {path}") from exc
 
@@ -173,11 +185,12 @@ class Remote:
 
     # -- API ------------------------------------------------------------------------
 
-    def health(self) -> dict:
+    def health(self) -> dict[str, Any]:
         return self._call("GET", "/v1/health")
 
-    def list_volumes(self) -> list[dict]:
-        return self._call("GET", "/v1/volumes")["volumes"]
+    def list_volumes(self) -> list[dict[str, Any]]:
+        volumes: list[dict[str, Any]] = self._call("GET", "/v1/volumes")["volumes"]
+        return volumes
 
     def _invalid(self, what: str, why: str) -> CorruptData:
         # An answer that breaks the protocol's own invariants is treated like a failed
@@ -189,34 +202,38 @@ class Remote:
             raise self._invalid(what, f"no {name!r}")
         return check_int(d[name], 0, high, lambda why: self._invalid(what, f"{name!r} {why}"))
 
-    def _identity_of(self, d: dict, what: str) -> Identity:
-        ids = [d.get(name) for name in ("store_id", "volume_id")]
-        if not all(isinstance(i, bytes) and len(i) == IDENTITY_SIZE for i in ids):
+    def _identity_of(self, d: dict[str, Any], what: str) -> Identity:
+        store_id, volume_id = d.get("store_id"), d.get("volume_id")
+        if not (
+            isinstance(store_id, bytes)
+            and isinstance(volume_id, bytes)
+            and len(store_id) == len(volume_id) == IDENTITY_SIZE
+        ):
             raise self._invalid(
                 what, "no volume and store identity (a graft server from before identities?)"
             )
-        return Identity(*ids)
+        return Identity(store_id, volume_id)
 
-    def _snapshot_of(self, vid: str, d: Any, what: str) -> Snapshot:
+    def _snapshot_of(self, vid: str, d: Any, what: str) -> RemoteHead:
         """A snapshot answer, every field checked: nothing out of range reaches the cache."""
         lsn = self._answer_int(d, "lsn", MAX_LSN, what)
         page_count = self._answer_int(d, "page_count", MAX_PAGES - 1, what)
-        return Snapshot(vid, lsn, page_count, self._identity_of(d, what))
+        return RemoteHead(vid, lsn, page_count, self._identity_of(d, what))
 
-    def snapshot(self, vid: str, transfer: Transfer | None = None) -> Snapshot:
-        d = self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}", transfer=transfer)
+    def snapshot(self, vid: str, traffic: Traffic | None = None) -> RemoteHead:
+        d = self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}", traffic=traffic)
         return self._snapshot_of(vid, d, f"the snapshot of {vid!r}")
 
     def pull(
-        self, vid: str, since: int, transfer: Transfer | None = None
-    ) -> tuple[Snapshot, BitMap]:
+        self, vid: str, since: int, traffic: Traffic | None = None
+    ) -> tuple[RemoteHead, BitMap]:
         """The latest snapshot and the pages changed in ``(since, latest]``.
 
         Raises CorruptData for an answer out of range (a page count over MAX_PAGES, a
         graft naming a page at or beyond the page count).
         """
         d = self._call(
-            "POST", f"/v1/volumes/{validate_volume_id(vid)}/pull", {"since": since}, transfer
+            "POST", f"/v1/volumes/{validate_volume_id(vid)}/pull", {"since": since}, traffic
         )
         what = f"a pull of {vid!r}"
         snap = self._snapshot_of(vid, d, what)
@@ -235,7 +252,7 @@ class Remote:
         vid: str,
         lsn: int,
         pages: Iterable[int],
-        transfer: Transfer | None = None,
+        traffic: Traffic | None = None,
         *,
         expand: int = 0,
         identity: Identity | None = None,
@@ -255,7 +272,7 @@ class Remote:
             body = {"lsn": lsn, "pages": encode_graft(chunk), **_identity_fields(identity)}
             if expand:
                 body["expand"] = expand
-            d = self._call("POST", path, body, transfer)
+            d = self._call("POST", path, body, traffic)
             self.link.observe_pages(sum(len(p[3]) for p in d["pages"]), len(d["pages"]))
             for page, version, crc, frame in d["pages"]:
                 if frame:
@@ -268,7 +285,7 @@ class Remote:
             raise RemoteError(f"graft server did not return pages {list(missing)[:10]}")
         return out
 
-    def log_entry(self, vid: str, lsn: int) -> dict | None:
+    def log_entry(self, vid: str, lsn: int) -> dict[str, Any] | None:
         try:
             return self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}/log/{int(lsn)}")
         except SnapshotExpired:
@@ -283,7 +300,7 @@ class Remote:
         page_count: int,
         pages: dict[int, bytes],
         digest: bytes,
-        transfer: Transfer | None = None,
+        traffic: Traffic | None = None,
         identity: Identity | None = None,
     ) -> Committed:
         """Commit ``pages`` on top of ``base``; returns the new LSN or raises CommitConflict.
@@ -294,7 +311,7 @@ class Remote:
         another volume than the one ``base`` belongs to.
         """
         validate_volume_id(vid)
-        body: dict = {
+        body: dict[str, Any] = {
             "base": base,
             "page_count": page_count,
             "hash": digest,
@@ -307,11 +324,9 @@ class Remote:
             sids = []
             for i in range(0, len(items), MAX_INLINE_PAGES):
                 seg, _ = encode_segment(items[i : i + MAX_INLINE_PAGES])
-                d = self._call(
-                    "POST", "/v1/segments", seg, transfer, content_type=SEGMENT_BODY
-                )
+                d = self._call("POST", "/v1/segments", seg, traffic, content_type=SEGMENT_BODY)
                 sids.append(d["sid"])
             body["segments"] = sids
-        d = self._call("POST", f"/v1/volumes/{vid}/commit", body, transfer)
+        d = self._call("POST", f"/v1/volumes/{vid}/commit", body, traffic)
         what = f"a commit to {vid!r}"
         return Committed(self._answer_int(d, "lsn", MAX_LSN, what), self._identity_of(d, what))

@@ -1,4 +1,4 @@
-"""The runtime: one per (remote, cache directory) client; owns volumes and background sync."""
+"""The runtime: one per (remote, cache directory) client; opens volumes, schedules their sync."""
 
 from __future__ import annotations
 
@@ -7,15 +7,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from graft_vfs.client import sync
 from graft_vfs.client.local import LocalStore
-from graft_vfs.client.remote import Remote, Snapshot
+from graft_vfs.client.remote import Remote, RemoteHead, required
 from graft_vfs.client.volume import Volume
 from graft_vfs.core.errors import (
     Diverged,
     Forbidden,
     GraftError,
-    IdentityMismatch,
     InvalidRequest,
     RemoteError,
     Unauthorized,
@@ -71,12 +69,7 @@ class Runtime:
         self._thread: threading.Thread | None = None
 
     def require_remote(self) -> Remote:
-        if self.remote is None:
-            raise InvalidRequest(
-                "no graft server configured: pass remote= to graft_vfs.register() or set "
-                "GRAFT_REMOTE"
-            )
-        return self.remote
+        return required(self.remote)
 
     def volume(self, vid: str, *, create: bool) -> Volume:
         """Open a volume; one never seen here is bootstrapped from the server's metadata."""
@@ -90,7 +83,7 @@ class Runtime:
             if row is None:
                 snap = self._remote_snapshot(vid, create)
                 row = self.local.create_volume(vid, snap.lsn, snap.page_count, snap.identity)
-            vol = Volume(self, row, self.options.cache_pages)
+            vol = Volume(row, self.local, self.remote, self.schedule_push, self.options.cache_pages)
             if known:
                 self._check_identity(vol)
             row = vol.row
@@ -116,24 +109,18 @@ class Runtime:
             snap = self.remote.snapshot(vol.vid)
         except (RemoteError, VolumeNotFound, *ACCESS_DENIED):
             return
-        with vol.sync_lock:
-            vol.refresh()
-            try:
-                sync.reconcile(vol, snap)
-            except IdentityMismatch as exc:
-                vol.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("graft: %s", exc)
+        vol.sync.check_identity(snap)
 
-    def _remote_snapshot(self, vid: str, create: bool) -> Snapshot:
+    def _remote_snapshot(self, vid: str, create: bool) -> RemoteHead:
         if self.remote is None:
             if create:
-                return Snapshot(vid, 0, 0)
+                return RemoteHead(vid, 0, 0)
             raise VolumeNotFound(f"volume {vid!r} is not in the local cache {self.cache_dir}")
         try:
             return self.remote.snapshot(vid)
         except VolumeNotFound:
             if create:
-                return Snapshot(vid, 0, 0)
+                return RemoteHead(vid, 0, 0)
             raise VolumeNotFound(
                 f"volume {vid!r} does not exist on {self.remote.url} nor in {self.cache_dir}; "
                 "open it read-write with SQLITE_OPEN_CREATE to create it"
@@ -182,18 +169,18 @@ class Runtime:
             for vol in self.volumes():
                 try:
                     if vol.vid in dirty:
-                        sync.push(vol)
+                        vol.sync.push()
                     if self.options.pull_interval:
-                        sync.pull(vol)
-                    vol.last_error = None
+                        vol.sync.pull()
+                    vol.sync.last_error = None
                 except Diverged as exc:
-                    vol.last_error = str(exc)  # the user decides: nothing to retry
+                    vol.sync.last_error = str(exc)  # the user decides: nothing to retry
                 except ACCESS_DENIED as exc:
-                    if vol.last_error != f"{type(exc).__name__}: {exc}":
+                    if vol.sync.last_error != f"{type(exc).__name__}: {exc}":
                         log.warning("graft: background sync of %s refused: %s", vol.vid, exc)
-                    vol.last_error = f"{type(exc).__name__}: {exc}"
+                    vol.sync.last_error = f"{type(exc).__name__}: {exc}"
                 except GraftError as exc:
-                    vol.last_error = f"{type(exc).__name__}: {exc}"
+                    vol.sync.last_error = f"{type(exc).__name__}: {exc}"
                     log.warning("graft: background sync of %s failed: %s", vol.vid, exc)
                     if vol.vid in dirty:
                         retry = True
@@ -214,7 +201,7 @@ class Runtime:
         for vol in self.volumes():
             while time.monotonic() < deadline:
                 try:
-                    sync.push(vol)
+                    vol.sync.push()
                     break
                 except (Diverged, *ACCESS_DENIED):
                     break

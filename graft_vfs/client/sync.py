@@ -1,4 +1,4 @@
-"""Push, pull and reset: moving a volume between the local store and the server.
+"""A volume's sync with the server: push, pull, reset and the identity check.
 
 Push sends the union of the pending local commits as one remote commit (a roll-up),
 based on the last remote LSN this client synced with. Before sending, the push is
@@ -14,17 +14,21 @@ cache's pages came from (``core.identity``). A server whose volume is another on
 store was wiped and the name imported again, or the cache was pointed at another
 server) refills a clean cache (every cached page becomes a marker, fetched from the
 new volume when read) and is refused with ``IdentityMismatch`` while local commits are
-pending; ``reset(force=True)`` discards them and refills. A server that answers an LSN
+pending; ``Sync.reset(force=True)`` discards them and refills. A server that answers an LSN
 below the one the cache already has is refused: it lost history.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from typing import Any, Protocol
 
-from graft_vfs.client.local import PushIntent, VolumeRow
-from graft_vfs.client.remote import Snapshot, Transfer
-from graft_vfs.client.volume import Volume
+from pyroaring import BitMap
+
+from graft_vfs.client.local import LocalStore, PushIntent, VolumeRow
+from graft_vfs.client.remote import Remote, RemoteHead, Traffic, required
+from graft_vfs.client.stats import Stats
 from graft_vfs.core.commit import commit_hash
 from graft_vfs.core.errors import (
     CommitConflict,
@@ -42,182 +46,91 @@ from graft_vfs.core.identity import Identity
 log = logging.getLogger("graft_vfs")
 
 
-def _diverged_message(vol: Volume, latest: int | None) -> str:
-    row = vol.row
-    where = f"the server is at LSN {latest}" if latest is not None else "the server moved on"
-    return (
-        f"volume {vol.vid!r} diverged: {row.pending} local commit(s) were made on remote "
-        f"LSN {row.remote_lsn} and {where}; PRAGMA graft_reset (or `graft reset`) "
-        "discards them and takes the server's latest"
-    )
+class Synced(Protocol):
+    """What sync needs of the volume it moves (``volume.Volume``)."""
+
+    @property
+    def row(self) -> VolumeRow: ...
+
+    def refresh(self) -> VolumeRow:
+        """Reload the volume's sync state from the local store."""
+        ...
+
+    def advance(self, lsn: int, page_count: int, changed: BitMap) -> None:
+        """Make ``lsn`` the latest local snapshot, ``changed`` pages changed."""
+        ...
 
 
-def _mismatch_message(vol: Volume, cached: Identity, server: Identity | None) -> str:
-    row = vol.row
-    return (
-        f"volume {vol.vid!r} on {vol.runtime.require_remote().url} is "
-        f"{server or 'another volume'}, but the local "
-        f"cache {vol.runtime.cache_dir} holds {cached}, with {row.pending} local commit(s) not "
-        "pushed: the name now belongs to another volume (its store was wiped and the name "
-        "created again, or this cache was used with another server). `graft reset --force "
-        f"{vol.vid}` discards those commits and refills the cache from the server; or use a "
-        "new cache directory with this server"
-    )
+class Sync:
+    """Push, pull and reset of one volume; owned by the volume (``Volume.sync``).
 
-
-def _backwards_message(vol: Volume, server_lsn: int) -> str:
-    return (
-        f"graft server {vol.runtime.require_remote().url} is at LSN {server_lsn} of "
-        f"{vol.vid!r}, behind LSN {vol.row.remote_lsn} that the local cache "
-        f"{vol.runtime.cache_dir} already has from it: the server lost history (a store "
-        "restored from an older backup?). Nothing was taken from it; use a new cache "
-        "directory to start from what it has now"
-    )
-
-
-def reconcile(vol: Volume, snap: Snapshot) -> dict | None:
-    """Check the server's identity of the volume against the cache's; caller holds sync_lock.
-
-    Returns None if they agree (a volume with no identity yet takes the server's);
-    refills a clean cache from another identity and returns the pull's answer; raises
-    IdentityMismatch if local commits are pending.
+    ``lock`` lets one push, pull or reset run at a time; it is taken before the
+    volume's own lock, never while holding it. ``last_error`` is the last failure of
+    an exchange with the server, shown by ``graft_status`` (None after a success).
     """
-    row = vol.row
-    if snap.identity is None or row.identity == snap.identity:
-        return None
-    if row.identity is None:
-        # New here, or from a cache older than identities: nothing to compare with.
-        vol.local.set_identity(vol.id, snap.identity)
-        vol.refresh()
-        return None
-    if row.pending or row.push_intent is not None:
-        raise IdentityMismatch(_mismatch_message(vol, row.identity, snap.identity))
-    lsn, changed = vol.local.replace_origin(vol.id, snap.lsn, snap.page_count, snap.identity)
-    vol.advance(lsn, snap.page_count, changed)
-    log.warning(
-        "graft: volume %r on the server is %s, not %s that the cache came from: "
-        "cache refilled from the server (%d cached pages dropped)",
-        vol.vid,
-        snap.identity,
-        row.identity,
-        len(changed),
-    )
-    vol.refresh()
-    return {
-        "pulled": True,
-        "remote_lsn": snap.lsn,
-        "local_lsn": lsn,
-        "changed_pages": len(changed),
-        "page_count": snap.page_count,
-    }
 
+    def __init__(
+        self,
+        vol: Synced,
+        local: LocalStore,
+        remote: Remote | None,
+        row_id: int,
+        vid: str,
+        stats: Stats,
+    ) -> None:
+        self.vol = vol
+        self.local = local
+        self.remote = remote
+        self.row_id = row_id
+        self.vid = vid
+        self.stats = stats
+        self.lock = threading.RLock()
+        self.last_error: str | None = None
 
-def push(vol: Volume) -> dict:
-    """Push pending local commits as one remote commit; raises Diverged on conflict."""
-    remote = vol.runtime.require_remote()
-    with vol.sync_lock:
-        row = vol.refresh()
-        intent = row.push_intent
-        if intent is not None:
-            target, base = intent["local_lsn"], intent["base"]
-        elif row.pending == 0:
-            return {
-                "pushed": False,
-                "remote_lsn": row.remote_lsn,
-                "local_lsn": row.local_lsn,
-                "local_commits": 0,
-                "pages": 0,
-            }
-        elif row.diverged:
-            raise Diverged(_diverged_message(vol, None))
-        else:
-            target, base = row.local_lsn, row.remote_lsn
-        local = vol.local
-        page_count = local.page_count_at(vol.id, target)
-        changed = [p for p in local.pending_changes(vol.id, row.sync_lsn, target) if p < page_count]
-        pages = local.pages_at(vol.id, changed, target)
-        digest = commit_hash(vol.vid, base, page_count, pages.items())
-        local.set_push_intent(vol.id, PushIntent(target, base, digest))
-        crash_point("client.push.before_send")
-        transfer = Transfer()
-        try:
-            committed = remote.commit(
-                vol.vid, base, page_count, pages, digest, transfer, identity=row.identity
-            )
-        except IdentityMismatch as exc:
-            assert row.identity is not None
-            server = remote.snapshot(vol.vid).identity  # to name it in the message
-            raise IdentityMismatch(_mismatch_message(vol, row.identity, server)) from exc
-        except CommitConflict as exc:
-            local.set_push_intent(vol.id, None)
-            local.set_diverged(vol.id, True)
-            vol.refresh()
-            raise Diverged(_diverged_message(vol, exc.latest_lsn)) from exc
-        except (Unauthorized, Forbidden) as exc:
-            # The server refuses a request without a valid token in scope before
-            # applying anything, so this send certainly did not land. An intent from an
-            # earlier send might have, though: only that same hash, sent again, tells.
-            if intent is None:
-                local.set_push_intent(vol.id, None)
-                vol.refresh()
-            vol.last_error = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            vol.stats.count(transfer, push=True)
-        crash_point("client.push.after_ack")
-        remote_lsn = committed.lsn
-        local.record_push(vol.id, target, remote_lsn, committed.identity)
-        vol.last_error = None
-        vol.stats.commits_pushed += 1
-        vol.stats.pages_pushed += len(pages)
-        vol.refresh()
-        return {
-            "pushed": True,
-            "remote_lsn": remote_lsn,
-            "local_lsn": target,
-            "local_commits": target - row.sync_lsn,
-            "pages": len(pages),
-        }
+    def check_identity(self, snap: RemoteHead) -> None:
+        """At open: reconcile with the server's ``snap``; a mismatch opens, noted, not raised.
 
+        A volume with local commits of another identity stays readable (like a diverged
+        volume) so that ``graft reset --force`` can open it and discard them.
+        """
+        with self.lock:
+            self.vol.refresh()
+            try:
+                self.reconcile(snap)
+            except IdentityMismatch as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("graft: %s", exc)
 
-def pull(vol: Volume) -> dict:
-    """Take the server's latest snapshot (metadata and changed-page bitmap only)."""
-    remote = vol.runtime.require_remote()
-    with vol.sync_lock:
-        row = vol.refresh()
-        if row.push_intent is not None:
-            push(vol)  # finish the push in flight first: it may have landed
-            row = vol.refresh()
-        transfer = Transfer()
-        try:
-            snap, changed = remote.pull(vol.vid, row.remote_lsn, transfer)
-        except SnapshotExpired:
-            raise
-        except SnapshotNotFound:
-            # Our LSN is beyond the server's latest: another volume, or lost history.
-            snap = remote.snapshot(vol.vid, transfer)
-            refilled = reconcile(vol, snap)
-            if refilled is not None:
-                return refilled
-            raise RemoteError(_backwards_message(vol, snap.lsn)) from None
-        finally:
-            vol.stats.count(transfer)
-        refilled = reconcile(vol, snap)
-        if refilled is not None:
-            return refilled
-        row = vol.row
-        if snap.lsn < row.remote_lsn:
-            raise RemoteError(_backwards_message(vol, snap.lsn))
-        if snap.lsn == row.remote_lsn:
-            return _not_pulled(row)
-        if row.pending:
-            vol.local.set_diverged(vol.id, True)
-            vol.refresh()
-            raise Diverged(_diverged_message(vol, snap.lsn))
-        lsn = vol.local.apply_pull(vol.id, snap.lsn, snap.page_count, changed)
-        vol.advance(lsn, snap.page_count, changed)
-        vol.stats.commits_pulled += snap.lsn - row.remote_lsn
-        vol.refresh()
+    def reconcile(self, snap: RemoteHead) -> dict[str, Any] | None:
+        """Check the server's identity of the volume against the cache's; caller holds ``lock``.
+
+        Returns None if they agree (a volume with no identity yet takes the server's);
+        refills a clean cache from another identity and returns the pull's answer; raises
+        IdentityMismatch if local commits are pending.
+        """
+        row = self.vol.row
+        if snap.identity is None or row.identity == snap.identity:
+            return None
+        if row.identity is None:
+            # New here, or from a cache older than identities: nothing to compare with.
+            self.local.set_identity(self.row_id, snap.identity)
+            self.vol.refresh()
+            return None
+        if row.pending or row.push_intent is not None:
+            raise IdentityMismatch(self._mismatch_message(row.identity, snap.identity))
+        lsn, changed = self.local.replace_origin(
+            self.row_id, snap.lsn, snap.page_count, snap.identity
+        )
+        self.vol.advance(lsn, snap.page_count, changed)
+        log.warning(
+            "graft: volume %r on the server is %s, not %s that the cache came from: "
+            "cache refilled from the server (%d cached pages dropped)",
+            self.vid,
+            snap.identity,
+            row.identity,
+            len(changed),
+        )
+        self.vol.refresh()
         return {
             "pulled": True,
             "remote_lsn": snap.lsn,
@@ -226,32 +139,178 @@ def pull(vol: Volume) -> dict:
             "page_count": snap.page_count,
         }
 
+    def push(self) -> dict[str, Any]:
+        """Push pending local commits as one remote commit; raises Diverged on conflict."""
+        remote = required(self.remote)
+        with self.lock:
+            row = self.vol.refresh()
+            intent = row.push_intent
+            if intent is not None:
+                target, base = intent["local_lsn"], intent["base"]
+            elif row.pending == 0:
+                return {
+                    "pushed": False,
+                    "remote_lsn": row.remote_lsn,
+                    "local_lsn": row.local_lsn,
+                    "local_commits": 0,
+                    "pages": 0,
+                }
+            elif row.diverged:
+                raise Diverged(self._diverged_message(None))
+            else:
+                target, base = row.local_lsn, row.remote_lsn
+            local = self.local
+            page_count = local.page_count_at(self.row_id, target)
+            changed = [
+                p
+                for p in local.pending_changes(self.row_id, row.sync_lsn, target)
+                if p < page_count
+            ]
+            pages = local.pages_at(self.row_id, changed, target)
+            digest = commit_hash(self.vid, base, page_count, pages.items())
+            local.set_push_intent(self.row_id, PushIntent(target, base, digest))
+            crash_point("client.push.before_send")
+            traffic = Traffic()
+            try:
+                committed = remote.commit(
+                    self.vid, base, page_count, pages, digest, traffic, identity=row.identity
+                )
+            except IdentityMismatch as exc:
+                assert row.identity is not None
+                server = remote.snapshot(self.vid).identity  # to name it in the message
+                raise IdentityMismatch(self._mismatch_message(row.identity, server)) from exc
+            except CommitConflict as exc:
+                local.set_push_intent(self.row_id, None)
+                local.set_diverged(self.row_id, True)
+                self.vol.refresh()
+                raise Diverged(self._diverged_message(exc.latest_lsn)) from exc
+            except (Unauthorized, Forbidden) as exc:
+                # The server refuses a request without a valid token in scope before
+                # applying anything, so this send certainly did not land. An intent from an
+                # earlier send might have, though: only that same hash, sent again, tells.
+                if intent is None:
+                    local.set_push_intent(self.row_id, None)
+                    self.vol.refresh()
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                self.stats.count(traffic, push=True)
+            crash_point("client.push.after_ack")
+            remote_lsn = committed.lsn
+            local.record_push(self.row_id, target, remote_lsn, committed.identity)
+            self.last_error = None
+            self.stats.commits_pushed += 1
+            self.stats.pages_pushed += len(pages)
+            self.vol.refresh()
+            return {
+                "pushed": True,
+                "remote_lsn": remote_lsn,
+                "local_lsn": target,
+                "local_commits": target - row.sync_lsn,
+                "pages": len(pages),
+            }
 
-def reset(vol: Volume, force: bool = False) -> dict:
-    """Discard unpushed local commits and take the server's latest snapshot.
+    def pull(self) -> dict[str, Any]:
+        """Take the server's latest snapshot (metadata and changed-page bitmap only)."""
+        remote = required(self.remote)
+        with self.lock:
+            row = self.vol.refresh()
+            if row.push_intent is not None:
+                self.push()  # finish the push in flight first: it may have landed
+                row = self.vol.refresh()
+            traffic = Traffic()
+            try:
+                snap, changed = remote.pull(self.vid, row.remote_lsn, traffic)
+            except SnapshotExpired:
+                raise
+            except SnapshotNotFound:
+                # Our LSN is beyond the server's latest: another volume, or lost history.
+                snap = remote.snapshot(self.vid, traffic)
+                refilled = self.reconcile(snap)
+                if refilled is not None:
+                    return refilled
+                raise RemoteError(self._backwards_message(snap.lsn)) from None
+            finally:
+                self.stats.count(traffic)
+            refilled = self.reconcile(snap)
+            if refilled is not None:
+                return refilled
+            row = self.vol.row
+            if snap.lsn < row.remote_lsn:
+                raise RemoteError(self._backwards_message(snap.lsn))
+            if snap.lsn == row.remote_lsn:
+                return _not_pulled(row)
+            if row.pending:
+                self.local.set_diverged(self.row_id, True)
+                self.vol.refresh()
+                raise Diverged(self._diverged_message(snap.lsn))
+            lsn = self.local.apply_pull(self.row_id, snap.lsn, snap.page_count, changed)
+            self.vol.advance(lsn, snap.page_count, changed)
+            self.stats.commits_pulled += snap.lsn - row.remote_lsn
+            self.vol.refresh()
+            return {
+                "pulled": True,
+                "remote_lsn": snap.lsn,
+                "local_lsn": lsn,
+                "changed_pages": len(changed),
+                "page_count": snap.page_count,
+            }
 
-    If the server's volume is another one than the cache's (IdentityMismatch), only
-    ``force`` discards the commits: they were made on a database the server no longer has.
-    """
-    with vol.sync_lock:
-        row = vol.refresh()
-        remote = vol.runtime.remote
-        if remote is not None and row.identity is not None and not force:
-            server = remote.snapshot(vol.vid).identity
-            if server is not None and server != row.identity and row.pending:
-                raise IdentityMismatch(_mismatch_message(vol, row.identity, server))
-        discarded = row.pending
-        result = vol.local.discard_pending(vol.id)
-        if result is not None:
-            lsn, changed = result
-            vol.advance(lsn, vol.local.page_count_at(vol.id, lsn), changed)
-        vol.refresh()
-        out = {"discarded_commits": discarded}
-        out.update(pull(vol) if vol.runtime.remote is not None else _not_pulled(vol.refresh()))
-        return out
+    def reset(self, force: bool = False) -> dict[str, Any]:
+        """Discard unpushed local commits and take the server's latest snapshot.
+
+        If the server's volume is another one than the cache's (IdentityMismatch), only
+        ``force`` discards the commits: they were made on a database the server no longer has.
+        """
+        with self.lock:
+            row = self.vol.refresh()
+            remote = self.remote
+            if remote is not None and row.identity is not None and not force:
+                server = remote.snapshot(self.vid).identity
+                if server is not None and server != row.identity and row.pending:
+                    raise IdentityMismatch(self._mismatch_message(row.identity, server))
+            discarded = row.pending
+            result = self.local.discard_pending(self.row_id)
+            if result is not None:
+                lsn, changed = result
+                self.vol.advance(lsn, self.local.page_count_at(self.row_id, lsn), changed)
+            self.vol.refresh()
+            out = {"discarded_commits": discarded}
+            out.update(self.pull() if self.remote is not None else _not_pulled(self.vol.refresh()))
+            return out
+
+    def _diverged_message(self, latest: int | None) -> str:
+        row = self.vol.row
+        where = f"the server is at LSN {latest}" if latest is not None else "the server moved on"
+        return (
+            f"volume {self.vid!r} diverged: {row.pending} local commit(s) were made on remote "
+            f"LSN {row.remote_lsn} and {where}; PRAGMA graft_reset (or `graft reset`) "
+            "discards them and takes the server's latest"
+        )
+
+    def _mismatch_message(self, cached: Identity, server: Identity | None) -> str:
+        row = self.vol.row
+        return (
+            f"volume {self.vid!r} on {required(self.remote).url} is "
+            f"{server or 'another volume'}, but the local "
+            f"cache {self.local.cache_dir} holds {cached}, with {row.pending} local commit(s) not "
+            "pushed: the name now belongs to another volume (its store was wiped and the name "
+            "created again, or this cache was used with another server). `graft reset --force "
+            f"{self.vid}` discards those commits and refills the cache from the server; or use a "
+            "new cache directory with this server"
+        )
+
+    def _backwards_message(self, server_lsn: int) -> str:
+        return (
+            f"graft server {required(self.remote).url} is at LSN {server_lsn} of "
+            f"{self.vid!r}, behind LSN {self.vol.row.remote_lsn} that the local cache "
+            f"{self.local.cache_dir} already has from it: the server lost history (a store "
+            "restored from an older backup?). Nothing was taken from it; use a new cache "
+            "directory to start from what it has now"
+        )
 
 
-def _not_pulled(row: VolumeRow) -> dict:
+def _not_pulled(row: VolumeRow) -> dict[str, Any]:
     """A pull's answer when the volume did not move: the same fields as when it did."""
     return {
         "pulled": False,

@@ -10,6 +10,10 @@ rollback journal lives in memory (every graft main database runs in
 ``journal_mode=MEMORY``); temporary databases, statement journals and sorter spills
 are real temporary files of the default VFS, as natively. In
 ``locking_mode=EXCLUSIVE`` SHARED takes the writer lock too, and keeps it.
+
+Errors: code below the VFS methods raises graft errors only; ``sqlite_errors``, wrapped
+around every method that can fail, turns them into SQLite result codes with the one
+table ``SQLITE_CODES``.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from typing import Any, TypeVar
 
 import apsw
 
-from graft_vfs.client import sync
+from graft_vfs.client.pragmas import PRAGMA_PREFIX, PRAGMAS
 from graft_vfs.client.runtime import Runtime
 from graft_vfs.core.errors import (
     Busy,
     CorruptData,
     Forbidden,
     GraftError,
+    InvalidRequest,
     InvalidVolumeId,
     ReadOnly,
     RemoteError,
@@ -36,6 +41,7 @@ from graft_vfs.core.errors import (
     SnapshotNotFound,
     StorageError,
     Unauthorized,
+    UnsupportedDatabase,
     VolumeNotFound,
 )
 from graft_vfs.core.ids import PAGE_SIZE, validate_volume_id
@@ -46,10 +52,8 @@ from graft_vfs.core.pages import (
     same_page1,
     with_counter,
 )
-from graft_vfs.core.version import VERSION
 
 SQLITE_FCNTL_PRAGMA = 14
-PRAGMA_PREFIX = "graft_"
 SQLITE_FCNTL_SYNC = 21
 LOCK_NONE, LOCK_SHARED, LOCK_RESERVED = 0, 1, 2
 # Where SQLite reads the change counter (and the next 12 header bytes) to learn whether
@@ -68,19 +72,33 @@ FILE_JOURNAL_MODES = ("delete", "truncate", "persist")
 _PAGE_SHIFT = 12
 _PAGE_MASK = PAGE_SIZE - 1
 
-# GraftError -> the apsw exception (and so the SQLite result code) SQLite sees.
-SQLITE_CODES: dict[type[GraftError], type[apsw.Error]] = {
-    Busy: apsw.BusyError,
-    VolumeNotFound: apsw.CantOpenError,
-    InvalidVolumeId: apsw.CantOpenError,
-    SnapshotNotFound: apsw.CantOpenError,
-    SnapshotExpired: apsw.IOError,
-    CorruptData: apsw.CorruptError,
-    RemoteError: apsw.IOError,
-    StorageError: apsw.IOError,
-    ReadOnly: apsw.ReadOnlyError,
-    Unauthorized: apsw.AuthError,
-    Forbidden: apsw.AuthError,
+
+class StaleSnapshot(Busy):
+    """A write transaction began on a read snapshot that is no longer the latest."""
+
+
+class NotAVolumeFile(UnsupportedDatabase):
+    """SQLite asked for a file a volume cannot have (a WAL, a super-journal on disk)."""
+
+
+# GraftError -> the apsw exception (and so the SQLite result code) SQLite sees, and the
+# extended result code where SQLite has a more precise one. The nearest class in an
+# error's MRO decides; a GraftError found nowhere here is SQLITE_ERROR.
+SQLITE_CODES: dict[type[GraftError], tuple[type[apsw.Error], int | None]] = {
+    # As WAL mode reports a read snapshot too old to write.
+    StaleSnapshot: (apsw.BusyError, apsw.SQLITE_BUSY_SNAPSHOT),
+    Busy: (apsw.BusyError, None),
+    VolumeNotFound: (apsw.CantOpenError, None),
+    InvalidVolumeId: (apsw.CantOpenError, None),
+    SnapshotNotFound: (apsw.CantOpenError, None),
+    NotAVolumeFile: (apsw.CantOpenError, None),
+    SnapshotExpired: (apsw.IOError, None),
+    CorruptData: (apsw.CorruptError, None),
+    RemoteError: (apsw.IOError, None),
+    StorageError: (apsw.IOError, None),
+    ReadOnly: (apsw.ReadOnlyError, None),
+    Unauthorized: (apsw.AuthError, None),
+    Forbidden: (apsw.AuthError, None),
 }
 
 
@@ -88,14 +106,23 @@ def to_sqlite(exc: GraftError) -> apsw.Error:
     """The apsw exception for a graft error, with the same message."""
     for cls in type(exc).__mro__:
         if cls in SQLITE_CODES:
-            return SQLITE_CODES[cls](f"graft: {exc}")
+            error, extended = SQLITE_CODES[cls]
+            out = error(f"graft: {exc}")
+            if extended is not None:
+                out.extendedresult = extended  # type: ignore[attr-defined]
+            return out
     return apsw.SQLError(f"graft: {exc}")
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _mapped(fn: F) -> F:
+def sqlite_errors(fn: F) -> F:
+    """The VFS's one error boundary: a GraftError leaves as the apsw error of SQLITE_CODES.
+
+    Every VFS method that can fail is wrapped; below it, code raises graft errors only.
+    """
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -106,13 +133,7 @@ def _mapped(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def stale_snapshot(message: str) -> apsw.BusyError:
-    """SQLITE_BUSY_SNAPSHOT, as WAL mode reports a read snapshot too old to write."""
-    exc = apsw.BusyError(message)
-    exc.extendedresult = apsw.SQLITE_BUSY_SNAPSHOT  # type: ignore[attr-defined]
-    return exc
-
-
+@sqlite_errors
 def _memory_journal(con: apsw.Connection) -> None:
     """Every connection whose main database is a volume starts in journal_mode=MEMORY.
 
@@ -125,10 +146,7 @@ def _memory_journal(con: apsw.Connection) -> None:
     if con.open_vfs in GRAFT_VFS_NAMES and not con.filename:
         # SQLite opens an empty name as a private temporary database without asking
         # the VFS until it spills: it would look like a volume and be none.
-        try:
-            validate_volume_id("")
-        except GraftError as exc:
-            raise to_sqlite(exc) from exc
+        validate_volume_id("")
     # apsw names a Python VFS's file by its class (open_vfs is only what the opener asked).
     if con.vfsname("main") == f"{GraftFile.__module__}.{GraftFile.__qualname__}":
         con.execute("PRAGMA main.journal_mode=MEMORY").fetchall()
@@ -147,24 +165,22 @@ class GraftVFS(apsw.VFS):
         super().__init__(name, "")
         GRAFT_VFS_NAMES.add(name)
 
+    @sqlite_errors
     def xOpen(self, name: str | apsw.URIFilename | None, flags: list[int]) -> Any:
         kind = flags[0]
         if kind & apsw.SQLITE_OPEN_MAIN_DB and name is not None:
-            try:
-                return GraftFile(self.runtime, name, flags)
-            except GraftError as exc:
-                raise to_sqlite(exc) from exc
+            return GraftFile(self.runtime, name, flags)
         if kind & TEMP_FILES:
             return apsw.VFSFile("", name, flags)
         if kind & apsw.SQLITE_OPEN_WAL:
             # A WAL in memory would take commits that never reach the volume.
-            raise apsw.CantOpenError("graft: volumes have no WAL; use journal_mode=MEMORY")
+            raise NotAVolumeFile("volumes have no WAL; use journal_mode=MEMORY")
         if kind & apsw.SQLITE_OPEN_SUPER_JOURNAL:
             # A transaction writing two or more attached files with journals on disk: the
             # super-journal SQLite names them in is opened through the main database's
             # VFS, and one in memory would let a crash half-commit those files.
-            raise apsw.CantOpenError(
-                "graft: a transaction that writes two or more attached database files "
+            raise NotAVolumeFile(
+                "a transaction that writes two or more attached database files "
                 "needs a super-journal on disk, which a connection opened on a volume "
                 "cannot write: open the connection on a plain file and ATTACH the volume "
                 "('file:VOLUME?vfs=graft'), or write the files in separate transactions"
@@ -234,7 +250,7 @@ class GraftFile:
                 raise ValueError
         except ValueError:
             raise SnapshotNotFound(f"lsn={param!r} is not a non-negative integer") from None
-        found = self.vol.local.local_for_remote(self.vol.id, lsn)
+        found = self.vol.local_snapshot_of(lsn)
         if found is not None:
             self.fixed = found
             return
@@ -246,6 +262,7 @@ class GraftFile:
 
     # -- locks ------------------------------------------------------------------------
 
+    @sqlite_errors
     def xLock(self, level: int) -> None:
         if level == LOCK_SHARED:
             runtime = self.runtime
@@ -265,25 +282,26 @@ class GraftFile:
 
     def _begin_write(self) -> None:
         if self.readonly:
-            raise apsw.ReadOnlyError("graft: this connection is read-only")
+            raise ReadOnly("this connection is read-only")
         vol = self.vol
         if not vol.acquire_writer():
             # Plain SQLITE_BUSY: the busy handler (busy_timeout) waits for the writer.
-            raise apsw.BusyError("graft: another connection is writing to this volume")
+            raise Busy("another connection is writing to this volume")
         try:
             vol.reload()  # the latest snapshot, whichever process made it
-        except GraftError as exc:
+        except GraftError:
             vol.release_writer()
-            raise to_sqlite(exc) from exc
+            raise
         snap = self.snap or vol.snapshot
         if snap[0] != vol.snapshot[0]:
             vol.release_writer()
-            raise stale_snapshot("graft: snapshot is stale: roll back and retry")
+            raise StaleSnapshot("snapshot is stale: roll back and retry")
         self.snap = snap
         self.writing = True
         self.dirty = {}
         self.size = snap[1] * PAGE_SIZE
 
+    @sqlite_errors
     def xUnlock(self, level: int) -> None:
         if level < LOCK_RESERVED and self.writing:
             self._end_write()
@@ -302,36 +320,34 @@ class GraftFile:
 
     # -- reads ------------------------------------------------------------------------
 
+    @sqlite_errors
     def xRead(self, amount: int, offset: int) -> bytes:
         if self._page1_rewritten and offset <= CHANGE_CHECK < offset + amount:
             self._page1_rewritten = False
             if (offset, amount) == (CHANGE_CHECK, CHANGE_CHECK_SIZE):
                 # SQLite's cache still holds the page 1 it wrote; a change counter other
                 # than the one it expects makes it drop the cache and read page 1 again.
-                data = self.xRead(amount, offset)
-                return bytes(b ^ 0xFF for b in data[:4]) + data[4:]
+                header = self.xRead(amount, offset)
+                return bytes(b ^ 0xFF for b in header[:4]) + header[4:]
         within = offset & _PAGE_MASK
-        try:
-            if within + amount <= PAGE_SIZE:
-                data = self._page(offset >> _PAGE_SHIFT)
-                if data is None:
-                    return b""
-                if amount == PAGE_SIZE:
-                    return data
-                return data[within : within + amount]
-            out = bytearray()
-            while amount > 0:
-                data = self._page(offset >> _PAGE_SHIFT)
-                if data is None:
-                    break
-                within = offset & _PAGE_MASK
-                take = min(amount, PAGE_SIZE - within)
-                out += data[within : within + take]
-                offset += take
-                amount -= take
-            return bytes(out)
-        except GraftError as exc:
-            raise to_sqlite(exc) from exc
+        if within + amount <= PAGE_SIZE:
+            data = self._page(offset >> _PAGE_SHIFT)
+            if data is None:
+                return b""
+            if amount == PAGE_SIZE:
+                return data
+            return data[within : within + amount]
+        out = bytearray()
+        while amount > 0:
+            data = self._page(offset >> _PAGE_SHIFT)
+            if data is None:
+                break
+            within = offset & _PAGE_MASK
+            take = min(amount, PAGE_SIZE - within)
+            out += data[within : within + take]
+            offset += take
+            amount -= take
+        return bytes(out)
 
     def _page(self, pageno: int) -> bytes | None:
         if self.writing:
@@ -340,8 +356,7 @@ class GraftFile:
                 return data
             if pageno >= self.size >> _PAGE_SHIFT:
                 return None
-        snap = self.snap or self.fixed or self.vol.snapshot
-        lsn, page_count = snap
+        lsn, page_count = self.current()
         if pageno >= page_count:
             return ZERO_PAGE if self.writing else None
         if pageno == 0:
@@ -362,38 +377,41 @@ class GraftFile:
             self._remote_pages[pageno] = data
         return data
 
+    def current(self) -> tuple[int, int]:
+        """The ``(local LSN, page count)`` this connection reads now."""
+        return self.snap or self.fixed or self.vol.snapshot
+
     def xFileSize(self) -> int:
         if self.writing:
             return self.size
-        return (self.snap or self.fixed or self.vol.snapshot)[1] * PAGE_SIZE
+        return self.current()[1] * PAGE_SIZE
 
     # -- writes -----------------------------------------------------------------------
 
+    @sqlite_errors
     def xWrite(self, data: Any, offset: int) -> None:
         if not self.writing:
-            raise apsw.IOError("graft: write outside a write transaction")
+            raise StorageError("write outside a write transaction")
         data = bytes(data)
         end = offset + len(data)
-        try:
-            while data:
-                pageno = offset >> _PAGE_SHIFT
-                within = offset & _PAGE_MASK
-                take = min(len(data), PAGE_SIZE - within)
-                if within == 0 and take == PAGE_SIZE:
-                    self.dirty[pageno] = data[:PAGE_SIZE]
-                else:
-                    old = self._page(pageno) or ZERO_PAGE
-                    self.dirty[pageno] = old[:within] + data[:take] + old[within + take :]
-                data = data[take:]
-                offset += take
-        except GraftError as exc:
-            raise to_sqlite(exc) from exc
+        while data:
+            pageno = offset >> _PAGE_SHIFT
+            within = offset & _PAGE_MASK
+            take = min(len(data), PAGE_SIZE - within)
+            if within == 0 and take == PAGE_SIZE:
+                self.dirty[pageno] = data[:PAGE_SIZE]
+            else:
+                old = self._page(pageno) or ZERO_PAGE
+                self.dirty[pageno] = old[:within] + data[:take] + old[within + take :]
+            data = data[take:]
+            offset += take
         if end > self.size:
             self.size = end
 
+    @sqlite_errors
     def xTruncate(self, newsize: int) -> None:
         if not self.writing:
-            raise apsw.IOError("graft: truncate outside a write transaction")
+            raise StorageError("truncate outside a write transaction")
         self.size = newsize
         keep = -(-newsize // PAGE_SIZE)
         for pageno in [p for p in self.dirty if p >= keep]:
@@ -402,7 +420,6 @@ class GraftFile:
     def xSync(self, flags: int) -> None:
         return None  # the commit happened at SQLITE_FCNTL_SYNC, just before
 
-    @_mapped
     def _commit(self) -> None:
         assert self.snap is not None
         base_lsn, base_count = self.snap
@@ -451,6 +468,7 @@ class GraftFile:
 
     # -- file controls and PRAGMAs ----------------------------------------------------
 
+    @sqlite_errors
     def xFileControl(self, op: int, ptr: int) -> bool:
         if op == SQLITE_FCNTL_SYNC:
             if self.writing:
@@ -463,8 +481,8 @@ class GraftFile:
     def _pragma(self, p: apsw.VFSFcntlPragma) -> bool:
         name = p.name.lower()
         if name == "journal_mode" and p.value is not None and p.value.lower() == "wal":
-            raise apsw.SQLError(
-                "graft: WAL mode is not supported on graft volumes (a Python VFS has no "
+            raise InvalidRequest(
+                "WAL mode is not supported on graft volumes (a Python VFS has no "
                 "shared memory); use PRAGMA journal_mode=MEMORY"
             )
         answer = self._sqlite_pragma(name, p.value)
@@ -475,15 +493,11 @@ class GraftFile:
         if handler is None:
             if name.startswith(PRAGMA_PREFIX):
                 # SQLite ignores an unknown PRAGMA: a typo would look like an answer.
-                raise apsw.SQLError(
-                    f"graft: unknown PRAGMA {name}; the graft PRAGMAs are "
-                    + ", ".join(sorted(PRAGMAS))
+                raise InvalidRequest(
+                    f"unknown PRAGMA {name}; the graft PRAGMAs are " + ", ".join(sorted(PRAGMAS))
                 )
             return False
-        try:
-            result = handler(self, p.value)
-        except GraftError as exc:
-            raise to_sqlite(exc) from exc
+        result = handler(self, p.value)
         p.result = json.dumps(result, sort_keys=True, ensure_ascii=False)
         return True
 
@@ -499,8 +513,8 @@ class GraftFile:
                 self.journal_off = value == "off"
         elif name == "page_size" and value != str(PAGE_SIZE):
             # Anything else, however SQLite would read it, is refused.
-            raise apsw.SQLError(
-                f"graft: volumes use {PAGE_SIZE}-byte pages, PRAGMA page_size={value} is "
+            raise InvalidRequest(
+                f"volumes use {PAGE_SIZE}-byte pages, PRAGMA page_size={value} is "
                 f"refused; a database with another page size converts with sqlite3 FILE "
                 f"\"PRAGMA page_size={PAGE_SIZE}; VACUUM INTO 'new.db'\" (journal_mode="
                 "DELETE), then graft import new.db"
@@ -519,46 +533,6 @@ class GraftFile:
         if self.writing:
             self._end_write()
         self.snap = None
-
-
-def _snapshot(f: GraftFile, value: str | None) -> dict:
-    lsn, page_count = f.snap or f.fixed or f.vol.snapshot
-    out = {"volume": f.vol.vid, "local_lsn": lsn, "page_count": page_count}
-    if f.remote_lsn is not None:
-        out.update(local_lsn=None, remote_lsn=f.remote_lsn)
-    else:
-        out["remote_lsn"] = f.vol.local.sync_point(f.vol.id, lsn)[1]
-    return out
-
-
-def _stats(f: GraftFile, value: str | None) -> dict:
-    f.vol.stats.prefetch_unused = f.vol.prefetcher.unused
-    return f.vol.stats.as_dict()
-
-
-def _version(f: GraftFile, value: str | None) -> dict:
-    return {
-        "graft_vfs": VERSION,
-        "sqlite": apsw.sqlite_lib_version(),
-        "apsw": apsw.apsw_version(),
-    }
-
-
-def _sync(f: GraftFile, value: str | None) -> dict:
-    return {"push": sync.push(f.vol), "pull": sync.pull(f.vol)}
-
-
-PRAGMAS: dict[str, Callable[[GraftFile, str | None], dict]] = {
-    "graft_status": lambda f, v: f.vol.status(),
-    "graft_stats": _stats,
-    "graft_pull": lambda f, v: sync.pull(f.vol),
-    "graft_push": lambda f, v: sync.push(f.vol),
-    "graft_sync": _sync,
-    "graft_reset": lambda f, v: sync.reset(f.vol),
-    "graft_snapshot": _snapshot,
-    "graft_version": _version,
-    "graft_hydrate": lambda f, v: f.vol.hydrate(),
-}
 
 
 class MemoryFile:

@@ -1,0 +1,66 @@
+"""The graft PRAGMAs: what ``PRAGMA graft_*`` answers on a connection to a volume (JSON)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import apsw
+
+from graft_vfs.client.volume import Volume
+from graft_vfs.core.version import VERSION
+
+PRAGMA_PREFIX = "graft_"
+
+
+class Connection(Protocol):
+    """What a PRAGMA sees of the connection it runs on (``vfs.GraftFile``)."""
+
+    @property
+    def vol(self) -> Volume: ...
+
+    @property
+    def remote_lsn(self) -> int | None:
+        """The past remote LSN an ``lsn=N`` connection reads, if the local log lacks it."""
+        ...
+
+    def current(self) -> tuple[int, int]:
+        """The ``(local LSN, page count)`` the connection reads now."""
+        ...
+
+
+def _snapshot(c: Connection, value: str | None) -> dict[str, Any]:
+    lsn, page_count = c.current()
+    vol = c.vol
+    out: dict[str, Any] = {"volume": vol.vid, "local_lsn": lsn, "page_count": page_count}
+    if c.remote_lsn is not None:
+        out.update(local_lsn=None, remote_lsn=c.remote_lsn)
+    else:
+        out["remote_lsn"] = vol.remote_lsn_at(lsn)
+    return out
+
+
+def _version(c: Connection, value: str | None) -> dict[str, Any]:
+    return {
+        "graft_vfs": VERSION,
+        "sqlite": apsw.sqlite_lib_version(),
+        "apsw": apsw.apsw_version(),
+    }
+
+
+def _sync(c: Connection, value: str | None) -> dict[str, Any]:
+    return {"push": c.vol.sync.push(), "pull": c.vol.sync.pull()}
+
+
+# Each PRAGMA's answer, from the connection and the PRAGMA's value (None without one).
+PRAGMAS: dict[str, Callable[[Connection, str | None], dict[str, Any]]] = {
+    "graft_status": lambda c, v: c.vol.status(),
+    "graft_stats": lambda c, v: c.vol.counters(),
+    "graft_pull": lambda c, v: c.vol.sync.pull(),
+    "graft_push": lambda c, v: c.vol.sync.push(),
+    "graft_sync": _sync,
+    "graft_reset": lambda c, v: c.vol.sync.reset(),
+    "graft_snapshot": _snapshot,
+    "graft_version": _version,
+    "graft_hydrate": lambda c, v: c.vol.hydrate(),
+}
