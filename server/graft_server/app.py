@@ -222,8 +222,9 @@ class CommitRequest(NamedTuple):
 
 
 def parse_commit(body: Mapping[str, Any]) -> CommitRequest:
+    """The fields of a commit body; what needs the store (hash, segments) is the commit's."""
     return CommitRequest(
-        base=parse_int(field(body, "base"), "base", MAX_LSN - 1),
+        base=parse_int(field(body, "base"), "base", MAX_LSN - 1),  # base + 1 is an LSN too
         page_count=parse_int(field(body, "page_count"), "page_count", MAX_PAGES - 1),
         hash=parse_bytes(field(body, "hash"), "hash", HASH_SIZE),
         segment=parse_segment(body.get("segment")),
