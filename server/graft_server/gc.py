@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from graft_server.compaction import compact
+from graft_server.index import Index
 from graft_server.keys import checkpoint_key, checkpoint_prefix, log_prefix, lsn_of, retention_key
 from graft_server.segments import SEGMENTS_PREFIX, segment_key
 from graft_server.volumes import Volumes
@@ -98,7 +99,7 @@ def collect(
     segments = {key.rsplit("/", 1)[1] for key in store.list(SEGMENTS_PREFIX)}
     reachable: set[str] = set()
     for vid in volumes.index.list_vids():
-        reachable |= _collect_volume(volumes, vid, retention, now, report)
+        reachable |= _collect_volume(volumes.index, vid, retention, now, report)
         report.volumes += 1
     data = store.get(PENDING_KEY)
     pending = decode_pending(data) if data is not None else {}
@@ -116,9 +117,8 @@ def collect(
 
 
 def _collect_volume(
-    volumes: Volumes, vid: str, retention: Retention, now: float, report: Report
+    index: Index, vid: str, retention: Retention, now: float, report: Report
 ) -> set[str]:
-    index = volumes.index
     store = index.store
     vol = index.volume(vid)
     with vol.lock:
