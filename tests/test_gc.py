@@ -12,7 +12,7 @@ import apsw
 import pytest
 
 import graft_vfs
-from graft_server.volumes import FLOOR_RECHECK
+from graft_server.index import FLOOR_RECHECK
 from graft_vfs.client.remote import Remote
 from graft_vfs.core.errors import SnapshotExpired
 

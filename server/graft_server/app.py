@@ -1,9 +1,11 @@
-"""The HTTP edge of the server: the routes of docs/protocol.md, and nothing else.
+"""The HTTP edge of the server: the routes of docs/protocol.md and their input checks.
 
-Routes parse msgpack bodies, call ``Volumes`` (in a worker thread: all storage work
-blocks), and encode the answer. Errors become the protocol's JSON error bodies in one
-place, ``error_response``, through the protocol's one table (``graft_vfs.core.protocol``);
-storage logic lives in volumes.py and segments.py.
+Routes parse msgpack bodies into checked, typed values (the field parsers below: every
+400 for a malformed field is raised here), call the volume services (in a worker
+thread: all storage work blocks), and encode the answer. Errors become the protocol's
+JSON error bodies in one place, ``error_response``, through the protocol's one table
+(``graft_vfs.core.protocol``); storage logic lives in the index, commits, reads and
+segments modules.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
+from pyroaring import BitMap
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -31,7 +34,8 @@ from graft_server.limits import (
 )
 from graft_server.objstore import ObjectStore
 from graft_server.segments import SegmentCache, upload_segment
-from graft_server.volumes import Volumes, expected_identity
+from graft_server.volumes import Volumes
+from graft_vfs.core.commit import HASH_SIZE
 from graft_vfs.core.errors import (
     CommitConflict,
     Forbidden,
@@ -41,8 +45,10 @@ from graft_vfs.core.errors import (
     TooLarge,
     Unauthorized,
 )
-from graft_vfs.core.graft import decode_graft
-from graft_vfs.core.protocol import MSGPACK, wire_error
+from graft_vfs.core.graft import MAX_PAGES, MAX_PAGES_PER_READ, decode_graft
+from graft_vfs.core.identity import Identity
+from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_segment_id
+from graft_vfs.core.protocol import MAX_EXPAND, MSGPACK, wire_error
 from graft_vfs.core.version import VERSION
 
 try:
@@ -146,11 +152,93 @@ def field(body: Mapping[str, Any], name: str) -> Any:
     return body[name]
 
 
+def _describe(value: object) -> str:
+    # Never echo a client's value whole: it may be megabytes of binary.
+    return str(value) if type(value) is int else f"a {type(value).__name__}"
+
+
+def parse_int(value: object, name: str, maximum: int) -> int:
+    """An integer field in ``[0, maximum]``: an LSN, a page count, a budget."""
+    # bool is an int subclass, and msgpack turns true into True: refuse it explicitly.
+    if type(value) is not int or not 0 <= value <= maximum:
+        raise InvalidRequest(f"{name} must be an integer in [0, {maximum}], got {_describe(value)}")
+    return value
+
+
+def parse_bytes(value: object, name: str, size: int) -> bytes:
+    """A binary field of exactly ``size`` bytes: a hash, an identity."""
+    if not isinstance(value, bytes) or len(value) != size:
+        raise InvalidRequest(f"{name} must be {size} bytes, got {_describe(value)}")
+    return value
+
+
+def parse_identity(body: Mapping[str, Any]) -> Identity | None:
+    """The identity a client expects the volume to have (both fields, or neither)."""
+    store_id, volume_id = body.get("store_id"), body.get("volume_id")
+    if store_id is None and volume_id is None:
+        return None
+    return Identity(
+        parse_bytes(store_id, "store_id", IDENTITY_SIZE),
+        parse_bytes(volume_id, "volume_id", IDENTITY_SIZE),
+    )
+
+
+def parse_pages(value: object) -> BitMap:
+    """The pages a read asks for: a graft of at most MAX_PAGES_PER_READ pages."""
+    pages = decode_graft(value)
+    if len(pages) > MAX_PAGES_PER_READ:
+        raise InvalidRequest(f"{len(pages)} pages requested, at most {MAX_PAGES_PER_READ} per read")
+    return pages
+
+
+def parse_segment(value: object) -> bytes | None:
+    """A commit's inline segment, if any; its contents are verified by the commit."""
+    if value is not None and not isinstance(value, bytes):
+        raise InvalidRequest(f"segment must be binary, got {_describe(value)}")
+    return value
+
+
+def parse_segment_ids(value: object) -> list[str]:
+    """The uploaded segments a commit names: valid ids, each once."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidRequest(f"segments must be a list of ids, got {_describe(value)}")
+    sids = [validate_segment_id(sid) for sid in value]
+    if len(set(sids)) != len(sids):
+        raise InvalidRequest("a segment is named twice")
+    return sids
+
+
+class CommitRequest(NamedTuple):
+    """The body of a commit, checked field by field."""
+
+    base: int
+    page_count: int
+    hash: bytes
+    segment: bytes | None
+    sids: list[str]
+    expected: Identity | None
+
+
+def parse_commit(body: Mapping[str, Any]) -> CommitRequest:
+    """The fields of a commit body; what needs the store (hash, segments) is the commit's."""
+    return CommitRequest(
+        base=parse_int(field(body, "base"), "base", MAX_LSN - 1),  # base + 1 is an LSN too
+        page_count=parse_int(field(body, "page_count"), "page_count", MAX_PAGES - 1),
+        hash=parse_bytes(field(body, "hash"), "hash", HASH_SIZE),
+        segment=parse_segment(body.get("segment")),
+        sids=parse_segment_ids(body.get("segments")),
+        expected=parse_identity(body),
+    )
+
+
 def parse_lsn(text: str) -> int:
-    # 20 digits hold any u64; the range itself is checked by Volumes.
+    """An LSN in a path."""
+    # 20 digits hold any u64; the range is checked as for an LSN in a body.
     if not re.fullmatch(r"[0-9]{1,20}", text):
         raise InvalidRequest(f"invalid LSN {text[:40]!r} in path")
-    return int(text)
+    return parse_int(int(text), "lsn", MAX_LSN)
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -203,28 +291,29 @@ def create_app(
         # Out-of-scope volumes are never loaded: their state (or damage) is not the
         # caller's business, and loading them would cost time for nothing.
         allowed = None if token is None else functools.partial(token.allows, READ)
-        listed = await run_in_threadpool(volumes.list_volumes, allowed)
+        listed = await run_in_threadpool(volumes.reads.list_volumes, allowed)
         return JSONResponse({"volumes": [v._asdict() for v in listed]})
 
     def identified(vid: str, answer: dict[str, Any]) -> dict[str, Any]:
         """``answer`` with the volume's and the store's identity, for the client to check."""
-        identity = volumes.identity(vid)
+        identity = volumes.index.identity(vid)
         return {**answer, "volume_id": identity.volume_id, "store_id": identity.store_id}
 
     async def snapshot(request: Request) -> Response:
         vid = request.path_params["vid"]
 
         def answer() -> dict[str, Any]:
-            return identified(vid, volumes.snapshot(vid)._asdict())
+            return identified(vid, volumes.reads.head(vid)._asdict())
 
         return msgpack_response(await run_in_threadpool(answer))
 
     async def pull(request: Request) -> Response:
         vid = request.path_params["vid"]
         body = await read_map(request)
+        since = parse_int(field(body, "since"), "since", MAX_LSN)
 
         def answer() -> dict[str, Any]:
-            result = volumes.pull(vid, field(body, "since"))
+            result = volumes.reads.pull(vid, since)
             fields = {
                 "vid": vid,
                 "lsn": result.lsn,
@@ -237,12 +326,12 @@ def create_app(
 
     async def read(request: Request) -> Response:
         body = await read_map(request)
-        lsn = field(body, "lsn")
-        pages = decode_graft(field(body, "pages"))
-        expand = body.get("expand", 0)
-        expected = expected_identity(body.get("store_id"), body.get("volume_id"))
+        lsn = parse_int(field(body, "lsn"), "lsn", MAX_LSN)
+        pages = parse_pages(field(body, "pages"))
+        expand = parse_int(body.get("expand", 0), "expand", MAX_EXPAND)
+        expected = parse_identity(body)
         frames = await run_in_threadpool(
-            volumes.read, request.path_params["vid"], lsn, pages, expand, expected
+            volumes.reads.read, request.path_params["vid"], lsn, pages, expand, expected
         )
         return msgpack_response({"lsn": lsn, "pages": [list(f) for f in frames]})
 
@@ -253,17 +342,17 @@ def create_app(
 
     async def commit(request: Request) -> Response:
         vid = request.path_params["vid"]
-        body = await read_map(request)
+        checked = parse_commit(await read_map(request))
 
         def answer() -> dict[str, Any]:
-            lsn = volumes.commit(
+            lsn = volumes.commits.commit(
                 vid,
-                base=field(body, "base"),
-                page_count=field(body, "page_count"),
-                hash=field(body, "hash"),
-                segment=body.get("segment"),
-                sids=body.get("segments"),
-                expected=expected_identity(body.get("store_id"), body.get("volume_id")),
+                base=checked.base,
+                page_count=checked.page_count,
+                hash=checked.hash,
+                segment=checked.segment,
+                sids=checked.sids,
+                expected=checked.expected,
             )
             # A client that created the volume learns its identity here.
             return identified(vid, {"lsn": lsn})
@@ -272,7 +361,7 @@ def create_app(
 
     async def log_entry(request: Request) -> Response:
         lsn = parse_lsn(request.path_params["lsn"])
-        entry = await run_in_threadpool(volumes.log_entry, request.path_params["vid"], lsn)
+        entry = await run_in_threadpool(volumes.reads.log_entry, request.path_params["vid"], lsn)
         return msgpack_response(entry._asdict())
 
     routes = [

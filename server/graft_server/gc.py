@@ -25,14 +25,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from graft_server.segments import segment_key
-from graft_server.volumes import (
-    Volumes,
-    checkpoint_prefix,
-    log_prefix,
-    lsn_of,
-    retention_key,
-)
+from graft_server.compaction import compact
+from graft_server.index import Index
+from graft_server.keys import checkpoint_key, checkpoint_prefix, log_prefix, lsn_of, retention_key
+from graft_server.segments import SEGMENTS_PREFIX, segment_key
+from graft_server.volumes import Volumes
 from graft_vfs.core.checkpoint import Checkpoint, Located
 from graft_vfs.core.commit import CommitRecord
 from graft_vfs.core.retention import decode_floor, decode_pending, encode_floor, encode_pending
@@ -82,7 +79,7 @@ class Report:
     segments_pending: int = 0
     floors: dict[str, int] = field(default_factory=dict)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
 
 
@@ -99,10 +96,10 @@ def collect(
     report = Report()
     # List segments before reading any log: a segment written after this listing is
     # not a candidate in this pass, whatever its commit does meanwhile.
-    segments = {key.rsplit("/", 1)[1] for key in store.list("segments/")}
+    segments = {key.rsplit("/", 1)[1] for key in store.list(SEGMENTS_PREFIX)}
     reachable: set[str] = set()
-    for vid in volumes.list_vids():
-        reachable |= _collect_volume(volumes, vid, retention, now, report)
+    for vid in volumes.index.list_vids():
+        reachable |= _collect_volume(volumes.index, vid, retention, now, report)
         report.volumes += 1
     data = store.get(PENDING_KEY)
     pending = decode_pending(data) if data is not None else {}
@@ -120,19 +117,19 @@ def collect(
 
 
 def _collect_volume(
-    volumes: Volumes, vid: str, retention: Retention, now: float, report: Report
+    index: Index, vid: str, retention: Retention, now: float, report: Report
 ) -> set[str]:
-    store = volumes.store
-    vol = volumes._volume(vid)
+    store = index.store
+    vol = index.volume(vid)
     with vol.lock:
-        latest = volumes._latest(vol)
+        latest = index.latest(vol)
         base = vol.base
-    floor = retention.floor(latest, lambda lsn: volumes.timestamp(vid, lsn), now)
+    floor = retention.floor(latest, lambda lsn: index.timestamp(vid, lsn), now)
     relocated: dict[tuple[int, int], Located] = {}
     if base <= floor < latest and floor > 0:
-        volumes.compact(vid, floor, relocated, merge_upto=floor)
+        compact(index, vid, floor, relocated, merge_upto=floor)
         report.checkpoints_written += 1
-    volumes.compact(vid, latest, relocated, merge_upto=floor)
+    compact(index, vid, latest, relocated, merge_upto=floor)
     report.checkpoints_written += 1
     checkpoints = [lsn_of(k) for k in store.list(checkpoint_prefix(vid))]
     kept = [c for c in checkpoints if c <= floor]
@@ -149,9 +146,9 @@ def _collect_volume(
                 report.records_deleted += 1
         for c in checkpoints:
             if c < effective:
-                store.delete(f"{checkpoint_prefix(vid)}{c:020d}")
+                store.delete(checkpoint_key(vid, c))
                 report.checkpoints_deleted += 1
-    volumes.reload(vid)  # serve from the compacted checkpoint from now on
+    index.unload(index.volume(vid))  # serve from the compacted checkpoint from now on
     reachable: set[str] = set()
     for key in store.list(checkpoint_prefix(vid)):
         data = store.get(key)

@@ -70,8 +70,11 @@ class SegmentCache:
         return len(self._frames)
 
 
+SEGMENTS_PREFIX = "segments/"  # shared by every volume: a commit names its segments
+
+
 def segment_key(sid: str) -> str:
-    return f"segments/{validate_segment_id(sid)}"
+    return f"{SEGMENTS_PREFIX}{validate_segment_id(sid)}"
 
 
 def verify_segment(data: bytes) -> list[Entry]:

@@ -279,3 +279,45 @@ def test_fuzz_hostile_bodies_get_4xx_and_change_nothing(
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert r.json()["error"]
     assert snapshot_of(store) == before
+
+
+
+MAX_LSN = (1 << 63) - 1
+GOOD_COMMIT = {"base": 0, "page_count": 1, "hash": bytes(32)}
+NO_PAGES = {"lsn": 1, "pages": b""}
+NOT_16 = "must be 16 bytes, got a "
+TOO_MANY_PAGES = "4097 pages requested, at most 4096 per read"
+PAGE_COUNT_OVER = ("page_count", (1 << 31) - 1, 1 << 31)
+
+
+def in_range(name: str, maximum: int, got: object) -> str:
+    return f"{name} must be an integer in [0, {maximum}], got {got}"
+
+
+@pytest.mark.parametrize(
+    "method, path, body, message",
+    [
+        ("POST", "pull", {"since": True}, in_range("since", MAX_LSN, "a bool")),
+        ("POST", "read", {**NO_PAGES, "lsn": -1}, in_range("lsn", MAX_LSN, -1)),
+        ("POST", "read", {**NO_PAGES, "expand": 1025}, in_range("expand", 1024, 1025)),
+        ("POST", "read", {**NO_PAGES, "pages": GRAFT_4097}, TOO_MANY_PAGES),
+        ("POST", "read", {**NO_PAGES, "volume_id": bytes(16)}, f"store_id {NOT_16}NoneType"),
+        ("POST", "commit", {**GOOD_COMMIT, "base": "0"}, in_range("base", MAX_LSN - 1, "a str")),
+        ("POST", "commit", {**GOOD_COMMIT, "page_count": 1 << 31}, in_range(*PAGE_COUNT_OVER)),
+        ("POST", "commit", {**GOOD_COMMIT, "hash": b"short"}, "hash must be 32 bytes, got a bytes"),
+        ("POST", "commit", {**GOOD_COMMIT, "segment": "x"}, "segment must be binary, got a str"),
+        ("POST", "commit", {**GOOD_COMMIT, "segments": 7}, "segments must be a list of ids, got 7"),
+        ("POST", "commit", {**GOOD_COMMIT, "segments": ["0" * 32] * 2}, "a segment is named twice"),
+        ("GET", "log/" + "9" * 20, None, in_range("lsn", MAX_LSN, "9" * 20)),
+    ],
+)
+def test_malformed_fields_are_refused_at_the_edge_with_their_message(
+    client: TestClient, store: MemoryStore, method: str, path: str, body: object, message: str
+) -> None:
+    """A client reads what is wrong with its request: each field's 400 names it."""
+    post(client, "/v1/volumes/v/commit", commit_body("v", 0, 1, {0: page(1)}))
+    before = snapshot_of(store)
+    content = None if body is None else msgpack.packb(body)
+    r = client.request(method, f"/v1/volumes/v/{path}", content=content, headers=MSGPACK)
+    assert (r.status_code, r.json()) == (400, {"error": "invalid_request", "message": message})
+    assert snapshot_of(store) == before

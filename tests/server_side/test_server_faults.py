@@ -33,7 +33,7 @@ def page(rng: random.Random) -> bytes:
 
 def read_all(vols: Volumes, lsn: int, count: int) -> dict[int, bytes]:
     dctx = zstandard.ZstdDecompressor()
-    frames = vols.read("v", lsn, BitMap(range(count)))
+    frames = vols.reads.read("v", lsn, BitMap(range(count)))
     return {f.page: dctx.decompress(f.frame) for f in frames}
 
 
@@ -75,7 +75,7 @@ def test_commits_and_reads_under_faults(seed: int, rate: float) -> None:
         segment = encode_segment(changed.items())[0]
         digest = commit_hash("v", base, PAGES, changed.items())
         try:
-            lsn = until_done(srv.commit, "v", base, PAGES, digest, segment=segment)
+            lsn = until_done(srv.commits.commit, "v", base, PAGES, digest, segment=segment)
         except CommitConflict as exc:
             bases[c] = exc.latest_lsn or 0
             continue
@@ -85,7 +85,7 @@ def test_commits_and_reads_under_faults(seed: int, rate: float) -> None:
     assert wrong == 0, "a read returned wrong data"
     faulty.enabled = False
     cold = Volumes(inner)  # a fresh process: everything acknowledged, nothing else
-    assert cold.snapshot("v").lsn == len(history) - 1
+    assert cold.reads.head("v").lsn == len(history) - 1
     keys = inner.list("volumes/v/log/")
     assert [int(k.rsplit("/", 1)[1]) for k in keys] == list(range(1, len(history)))
     for lsn in range(1, len(history)):
@@ -154,7 +154,7 @@ def test_a_read_damaged_in_transit_is_read_again() -> None:
     vols = Volumes(inner)
     data = {p: random.Random(p).randbytes(PAGE_SIZE) for p in range(4)}
     digest = commit_hash("v", 0, 4, data.items())
-    vols.commit("v", 0, 4, digest, segment=encode_segment(data.items())[0])
+    vols.commits.commit("v", 0, 4, digest, segment=encode_segment(data.items())[0])
 
     class OnceShort:
         """Every first ranged read comes back cut in half; the retry is whole."""
@@ -173,6 +173,6 @@ def test_a_read_damaged_in_transit_is_read_again() -> None:
     flaky = OnceShort()
     reader = Volumes(flaky)  # type: ignore[arg-type]
     dctx = zstandard.ZstdDecompressor()
-    frames = reader.read("v", 1, BitMap(range(4)))
+    frames = reader.reads.read("v", 1, BitMap(range(4)))
     assert {f.page: dctx.decompress(f.frame) for f in frames} == data
     assert flaky.calls == 2

@@ -26,14 +26,14 @@ def page(seed: int) -> bytes:
 def commit(vols: Volumes, vid: str, base: int, page_count: int, pages: dict[int, bytes]) -> int:
     segment = encode_segment(pages.items())[0] if pages else None
     digest = commit_hash(vid, base, page_count, pages.items())
-    return vols.commit(vid, base, page_count, digest, segment=segment)
+    return vols.commits.commit(vid, base, page_count, digest, segment=segment)
 
 
 def contents(vols: Volumes, vid: str, lsn: int, count: int | None = None) -> list[bytes]:
     """Every page at ``lsn`` (``count`` of them, else the count its log entry says)."""
     dctx = zstandard.ZstdDecompressor()
-    count = vols.log_entry(vid, lsn).page_count if count is None else count
-    frames = vols.read(vid, lsn, BitMap(range(count)))
+    count = vols.reads.log_entry(vid, lsn).page_count if count is None else count
+    frames = vols.reads.read(vid, lsn, BitMap(range(count)))
     return [dctx.decompress(f.frame) if f.frame else bytes(PAGE_SIZE) for f in frames]
 
 
@@ -54,8 +54,8 @@ def first_query_cost(store: MemoryStore, vid: str) -> int:
     """Object-store requests a cold server makes to answer a snapshot and a page read."""
     before = sum(store.stats.values())
     cold = Volumes(store)
-    snap = cold.snapshot(vid)
-    cold.read(vid, snap.lsn, BitMap([0]))
+    snap = cold.reads.head(vid)
+    cold.reads.read(vid, snap.lsn, BitMap([0]))
     return sum(store.stats.values()) - before
 
 
@@ -84,7 +84,7 @@ def test_cold_server_reads_every_lsn_through_checkpoints():
             for p in range(5)
             if any(expected[lsn][p] != expected[lsn - 1][p] for lsn in range(since + 1, 31))
         )
-        assert cold.pull("v", since).graft == written
+        assert cold.reads.pull("v", since).graft == written
 
 
 def test_segment_cache_limit_holds_and_saves_reads():
@@ -94,11 +94,11 @@ def test_segment_cache_limit_holds_and_saves_reads():
     incompressible = {p: random.Random(p).randbytes(PAGE_SIZE) for p in range(64)}
     commit(vols, "v", 0, 64, incompressible)
     for p in range(64):
-        vols.read("v", 1, BitMap([p]))
+        vols.reads.read("v", 1, BitMap([p]))
         assert cache.bytes <= cache.max_bytes
     assert 0 < len(cache) < 64
     gets = store.stats["range_gets"]
-    vols.read("v", 1, BitMap([63]))  # recently read: served from memory
+    vols.reads.read("v", 1, BitMap([63]))  # recently read: served from memory
     assert store.stats["range_gets"] == gets and cache.hits == 1
 
 
@@ -139,7 +139,7 @@ def test_gc_waits_out_the_grace_period_and_never_breaks_an_old_reader():
     assert second.segments_deleted == first.segments_pending
     # Its map names segments that are gone: "expired", never a wrong or empty page.
     with pytest.raises(SnapshotExpired, match="older than its retained history"):
-        stale.read("v", 5, BitMap(range(6)))
+        stale.reads.read("v", 5, BitMap(range(6)))
 
 
 def test_gc_keeps_everything_without_retention():
@@ -159,7 +159,7 @@ def test_time_retention_sees_history_older_than_the_loaded_checkpoint():
     vols = Volumes(store, checkpoint_every=4)
     churn(vols, "v", 20, pages=4)  # all committed just now
     cold = Volumes(store, checkpoint_every=4)  # starts from the checkpoint at LSN 20
-    cold.snapshot("v")
+    cold.reads.head("v")
     report = collect(cold, Retention(seconds=3600), grace=0)
     assert report.records_deleted == 0 and report.floors == {}
     later = collect(cold, Retention(seconds=3600), grace=0, now=time.time() + 7200)

@@ -17,8 +17,10 @@ import urllib3
 import zstandard
 from pyroaring import BitMap
 
+from graft_server.compaction import write_checkpoint
+from graft_server.keys import checkpoint_key, log_key, retention_key
 from graft_server.objstore import MemoryStore
-from graft_server.volumes import Volumes, checkpoint_key, log_key, retention_key
+from graft_server.volumes import Volumes
 from graft_vfs.core import envelope
 from graft_vfs.core.checkpoint import Checkpoint
 from graft_vfs.core.commit import CommitRecord, commit_hash
@@ -37,7 +39,7 @@ def page(seed: int) -> bytes:
 
 def commit(vols: Volumes, vid: str, base: int, pages: dict[int, bytes]) -> int:
     digest = commit_hash(vid, base, PAGES, pages.items())
-    return vols.commit(vid, base, PAGES, digest, segment=encode_segment(pages.items())[0])
+    return vols.commits.commit(vid, base, PAGES, digest, segment=encode_segment(pages.items())[0])
 
 
 def volume_with_checkpoint(store, vid: str = "v") -> Volumes:
@@ -46,7 +48,7 @@ def volume_with_checkpoint(store, vid: str = "v") -> Volumes:
     commit(vols, vid, 0, {p: page(p) for p in range(PAGES)})
     commit(vols, vid, 1, {0: page(100)})
     commit(vols, vid, 2, {1: page(101)})
-    vols.write_checkpoint(vid, 3)
+    write_checkpoint(vols.index, vid, 3)
     return vols
 
 
@@ -99,7 +101,7 @@ def test_swapped_page_map_is_corrupt_data_not_rows() -> None:
     store.put(key, edit_checkpoint(store.get(key), swap_pages_0_and_1))
     cold = Volumes(store)
     with pytest.raises(CorruptData, match="checksum"):
-        cold.read("v", 3, BitMap([0, 1]))
+        cold.reads.read("v", 3, BitMap([0, 1]))
 
 
 def test_resealed_edits_are_range_checked() -> None:
@@ -213,7 +215,7 @@ def test_damaged_metadata_is_500_corrupt_data(own_server, target: str) -> None:
     srv = own_server.start()
     vid = "damaged"
     fill_volume(srv.url, vid)
-    Volumes(srv._backing()).write_checkpoint(vid, 2)
+    write_checkpoint(Volumes(srv._backing()).index, vid, 2)
     srv._backing().put(retention_key(vid), encode_floor(1))
     key = {
         "log record": log_key(vid, 1),
@@ -241,7 +243,7 @@ def test_swapped_checkpoint_never_reaches_a_fresh_replica(own_server, client) ->
     srv = own_server.start()
     vid = "swapped"
     fill_volume(srv.url, vid)
-    Volumes(srv._backing()).write_checkpoint(vid, 2)
+    write_checkpoint(Volumes(srv._backing()).index, vid, 2)
     key = checkpoint_key(vid, 2)
     srv.stop()
     srv.write_object(key, edit_checkpoint(srv.read_object(key), swap_pages_0_and_1))

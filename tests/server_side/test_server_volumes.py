@@ -10,10 +10,13 @@ import pytest
 import zstandard
 from pyroaring import BitMap
 
-from graft_server import volumes as volumes_module
+from graft_server import commits as commits_module
+from graft_server.app import parse_commit, parse_pages
+from graft_server.keys import log_key
 from graft_server.objstore import MemoryStore
+from graft_server.reads import Head
 from graft_server.segments import upload_segment
-from graft_server.volumes import Snapshot, Volumes, log_key
+from graft_server.volumes import Volumes
 from graft_vfs.core.commit import CommitRecord, SegmentRef, commit_hash
 from graft_vfs.core.errors import (
     CommitConflict,
@@ -38,12 +41,12 @@ def commit(vols: Volumes, vid: str, base: int, page_count: int, pages: dict[int,
     items = sorted(pages.items())
     if len(items) <= MAX_SEGMENT_PAGES:
         segment = encode_segment(items)[0] if items else None
-        return vols.commit(vid, base, page_count, digest, segment=segment)
+        return vols.commits.commit(vid, base, page_count, digest, segment=segment)
     sids = [
         upload_segment(vols.store, encode_segment(items[i : i + MAX_SEGMENT_PAGES])[0])
         for i in range(0, len(items), MAX_SEGMENT_PAGES)
     ]
-    return vols.commit(vid, base, page_count, digest, sids=sids)
+    return vols.commits.commit(vid, base, page_count, digest, sids=sids)
 
 
 def read(vols: Volumes, vid: str, lsn: int, pages: Iterable[int]) -> dict[int, tuple[int, bytes]]:
@@ -51,7 +54,7 @@ def read(vols: Volumes, vid: str, lsn: int, pages: Iterable[int]) -> dict[int, t
     dctx = zstandard.ZstdDecompressor()
     return {
         f.page: (f.version_lsn, dctx.decompress(f.frame) if f.frame else bytes(PAGE_SIZE))
-        for f in vols.read(vid, lsn, BitMap(pages))
+        for f in vols.reads.read(vid, lsn, BitMap(pages))
     }
 
 
@@ -71,48 +74,48 @@ def vols(store: MemoryStore) -> Volumes:
 
 def test_unknown_volume(vols: Volumes) -> None:
     with pytest.raises(VolumeNotFound):
-        vols.snapshot("v")
+        vols.reads.head("v")
     with pytest.raises(VolumeNotFound):
-        vols.pull("v", 0)
+        vols.reads.pull("v", 0)
     with pytest.raises(VolumeNotFound):
-        vols.read("v", 0, BitMap())
+        vols.reads.read("v", 0, BitMap())
     with pytest.raises(VolumeNotFound):
-        vols.log_entry("v", 1)
+        vols.reads.log_entry("v", 1)
     with pytest.raises(InvalidVolumeId):
-        vols.snapshot("../etc")
+        vols.reads.head("../etc")
 
 
 def test_commit_then_read_at_past_lsns(vols: Volumes, store: MemoryStore) -> None:
     assert commit(vols, "v", 0, 3, {0: page(1), 1: page(1), 2: page(1)}) == 1
     assert commit(vols, "v", 1, 3, {1: page(2)}) == 2
-    assert vols.snapshot("v") == Snapshot("v", 2, 3)
+    assert vols.reads.head("v") == Head("v", 2, 3)
     assert read(vols, "v", 1, [0, 1, 2]) == {0: (1, page(1)), 1: (1, page(1)), 2: (1, page(1))}
     assert read(vols, "v", 2, [0, 1, 2]) == {0: (1, page(1)), 1: (2, page(2)), 2: (1, page(1))}
-    assert vols.read("v", 0, BitMap()) == []
+    assert vols.reads.read("v", 0, BitMap()) == []
     assert log_records(store, "v") == [log_key("v", 1), log_key("v", 2)]
     with pytest.raises(SnapshotNotFound):
-        vols.read("v", 3, BitMap([0]))
+        vols.reads.read("v", 3, BitMap([0]))
 
 
 def test_read_crc_matches_frame_and_limits(vols: Volumes) -> None:
     commit(vols, "v", 0, 2, {0: page(7), 1: page(8)})
-    frames = vols.read("v", 1, BitMap([0, 1]))
+    frames = vols.reads.read("v", 1, BitMap([0, 1]))
     assert all(f.crc == zlib.crc32(f.frame) for f in frames)
     with pytest.raises(InvalidRequest, match="beyond the page count"):
-        vols.read("v", 1, BitMap([2]))
-    with pytest.raises(InvalidRequest, match="at most"):
-        vols.read("v", 1, BitMap(range(MAX_PAGES_PER_READ + 1)))
+        vols.reads.read("v", 1, BitMap([2]))
+    with pytest.raises(InvalidRequest, match="at most"):  # refused at the HTTP edge
+        parse_pages(BitMap(range(MAX_PAGES_PER_READ + 1)).serialize())
 
 
 def test_pull_returns_pages_changed_since(vols: Volumes) -> None:
     commit(vols, "v", 0, 3, {0: page(1), 1: page(1), 2: page(1)})
     commit(vols, "v", 1, 3, {1: page(2)})
     commit(vols, "v", 2, 3, {2: page(3)})
-    assert vols.pull("v", 0) == (3, 3, BitMap([0, 1, 2]))
-    assert vols.pull("v", 1) == (3, 3, BitMap([1, 2]))
-    assert vols.pull("v", 3) == (3, 3, BitMap())
+    assert vols.reads.pull("v", 0) == (3, 3, BitMap([0, 1, 2]))
+    assert vols.reads.pull("v", 1) == (3, 3, BitMap([1, 2]))
+    assert vols.reads.pull("v", 3) == (3, 3, BitMap())
     with pytest.raises(SnapshotNotFound):
-        vols.pull("v", 4)
+        vols.reads.pull("v", 4)
 
 
 def test_conflict_reports_latest_and_writes_no_record(vols: Volumes, store: MemoryStore) -> None:
@@ -133,7 +136,7 @@ def test_retry_of_a_landed_commit_succeeds_once(vols: Volumes, store: MemoryStor
     commit(vols, "v", 1, 1, {0: page(2)})
     assert commit(vols, "v", 0, 1, {0: page(1)}) == 1  # still recognised later
     assert len(log_records(store, "v")) == 2
-    entry = vols.log_entry("v", 1)
+    entry = vols.reads.log_entry("v", 1)
     assert (entry.lsn, entry.page_count) == (1, 1)
     assert entry.hash == commit_hash("v", 0, 1, [(0, page(1))])
 
@@ -152,10 +155,10 @@ def test_growing_commit_must_write_every_new_page(vols: Volumes) -> None:
 def test_truncate_then_regrow(vols: Volumes) -> None:
     commit(vols, "v", 0, 3, {0: page(1), 1: page(1), 2: page(1)})
     assert commit(vols, "v", 1, 1, {}) == 2  # truncation only: no segment
-    assert vols.snapshot("v").page_count == 1
-    assert vols.pull("v", 0) == (2, 1, BitMap([0]))  # truncated pages are not in the graft
+    assert vols.reads.head("v").page_count == 1
+    assert vols.reads.pull("v", 0) == (2, 1, BitMap([0]))  # truncated pages are not in the graft
     with pytest.raises(InvalidRequest):
-        vols.read("v", 2, BitMap([2]))
+        vols.reads.read("v", 2, BitMap([2]))
     assert read(vols, "v", 1, [2]) == {2: (1, page(1))}  # the past keeps its pages
     with pytest.raises(InvalidRequest, match="every new page"):
         commit(vols, "v", 2, 3, {2: page(3)})
@@ -170,7 +173,7 @@ def test_never_written_page_reads_as_empty_frame(vols: Volumes, store: MemorySto
     sid = upload_segment(store, data)
     record = CommitRecord("v", bytes(16), 1, 3, bytes(32), 0.0, [SegmentRef(sid, entries)])
     store.put_if_absent(log_key("v", 1), record.encode())
-    frames = vols.read("v", 1, BitMap([0, 1, 2]))
+    frames = vols.reads.read("v", 1, BitMap([0, 1, 2]))
     assert [(f.page, f.version_lsn, f.crc, f.frame) for f in frames if f.page != 1] == [
         (0, 0, 0, b""),
         (2, 0, 0, b""),
@@ -181,14 +184,14 @@ def test_never_written_page_reads_as_empty_frame(vols: Volumes, store: MemorySto
 def test_two_volumes_objects_on_one_store_see_each_other(store: MemoryStore) -> None:
     a, b = Volumes(store), Volumes(store)
     commit(a, "v", 0, 1, {0: page(1)})
-    assert b.snapshot("v") == Snapshot("v", 1, 1)
+    assert b.reads.head("v") == Head("v", 1, 1)
     assert commit(b, "v", 1, 1, {0: page(2)}) == 2
-    assert a.pull("v", 1) == (2, 1, BitMap([0]))
+    assert a.reads.pull("v", 1) == (2, 1, BitMap([0]))
     assert read(a, "v", 2, [0]) == {0: (2, page(2))}
     with pytest.raises(CommitConflict) as info:
         commit(a, "v", 1, 1, {0: page(3)})
     assert info.value.latest_lsn == 2
-    assert [s.vid for s in b.list_volumes()] == ["v"]
+    assert [s.vid for s in b.reads.list_volumes()] == ["v"]
 
 
 def test_concurrent_commits_on_one_base_have_one_winner(vols: Volumes) -> None:
@@ -216,14 +219,15 @@ def test_commit_with_uploaded_segments(vols: Volumes, store: MemoryStore) -> Non
     second = upload_segment(store, encode_segment([(2, page(2))])[0])
     pages = [(0, page(1)), (1, page(1)), (2, page(2))]
     digest = commit_hash("v", 0, 3, pages)
-    assert vols.commit("v", 0, 3, digest, sids=[first, second]) == 1
+    assert vols.commits.commit("v", 0, 3, digest, sids=[first, second]) == 1
     assert read(vols, "v", 1, [0, 2]) == {0: (1, page(1)), 2: (1, page(2))}
     with pytest.raises(InvalidRequest, match="never uploaded"):
-        vols.commit("v", 1, 3, digest, sids=["0" * 32])
+        vols.commits.commit("v", 1, 3, digest, sids=["0" * 32])
     with pytest.raises(InvalidRequest, match="two segments"):
-        vols.commit("v", 1, 3, digest, segment=encode_segment([(2, page(3))])[0], sids=[second])
-    with pytest.raises(InvalidRequest, match="named twice"):
-        vols.commit("v", 1, 3, digest, sids=[first, first])
+        overlapping = encode_segment([(2, page(3))])[0]
+        vols.commits.commit("v", 1, 3, digest, segment=overlapping, sids=[second])
+    with pytest.raises(InvalidRequest, match="named twice"):  # refused at the HTTP edge
+        parse_commit({"base": 1, "page_count": 3, "hash": digest, "segments": [first, first]})
 
 
 @pytest.mark.parametrize(
@@ -238,18 +242,27 @@ def test_commit_with_uploaded_segments(vols: Volumes, store: MemoryStore) -> Non
         ("hash", "x" * 32),
         ("segment", "not bytes"),
         ("segment", b"not a segment"),
-        ("sids", "not a list"),
-        ("sids", ["../../etc/passwd"]),
+        ("segments", "not a list"),
+        ("segments", ["../../etc/passwd"]),
     ],
 )
 def test_malformed_commits_are_refused(
     vols: Volumes, store: MemoryStore, field: str, value: object
 ) -> None:
-    args: dict[str, object] = {"base": 0, "page_count": 1, "hash": bytes(32)}
-    args["segment"] = encode_segment([(0, page(1))])[0]
-    args[field] = value
+    """Through the HTTP edge's parser, then the commit: one of them refuses it."""
+    body: dict[str, object] = {"base": 0, "page_count": 1, "hash": bytes(32)}
+    body["segment"] = encode_segment([(0, page(1))])[0]
+    body[field] = value
     with pytest.raises(InvalidRequest):
-        vols.commit("v", **args)  # type: ignore[arg-type]
+        checked = parse_commit(body)
+        vols.commits.commit(
+            "v",
+            checked.base,
+            checked.page_count,
+            checked.hash,
+            segment=checked.segment,
+            sids=checked.sids,
+        )
     assert store.list("") == []
 
 
@@ -260,17 +273,17 @@ def test_corrupt_frame_is_never_served(vols: Volumes, store: MemoryStore) -> Non
     assert data is not None
     store.put(key, data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(CorruptData):
-        vols.read("v", 1, BitMap([0]))
+        vols.reads.read("v", 1, BitMap([0]))
 
 
 def test_corrupt_log_is_reported(store: MemoryStore) -> None:
     store.put(log_key("v", 1), b"not msgpack")
     with pytest.raises(CorruptData):
-        Volumes(store).snapshot("v")
+        Volumes(store).reads.head("v")
     store.delete(log_key("v", 1))
     store.put(log_key("v", 2), b"")  # a gap: LSN 1 missing
     with pytest.raises(CorruptData, match="gap"):
-        Volumes(store).snapshot("v")
+        Volumes(store).reads.head("v")
 
 
 @pytest.mark.parametrize("point", ["server.commit.after_segment", "server.commit.after_log"])
@@ -284,7 +297,7 @@ def test_crash_points_leave_nothing_or_a_complete_commit(
         if name == point:
             raise Crash(name)
 
-    monkeypatch.setattr(volumes_module, "crash_point", crash_at)
+    monkeypatch.setattr(commits_module, "crash_point", crash_at)
     with pytest.raises(Crash):
         commit(Volumes(store), "v", 0, 1, {0: page(1)})
     monkeypatch.undo()
@@ -293,9 +306,9 @@ def test_crash_points_leave_nothing_or_a_complete_commit(
     fresh = Volumes(store)
     if point == "server.commit.after_segment":
         with pytest.raises(VolumeNotFound):
-            fresh.snapshot("v")
+            fresh.reads.head("v")
     else:
-        assert fresh.snapshot("v") == Snapshot("v", 1, 1)
+        assert fresh.reads.head("v") == Head("v", 1, 1)
     assert commit(fresh, "v", 0, 1, {0: page(1)}) == 1  # the client's retry
     assert read(fresh, "v", 1, [0]) == {0: (1, page(1))}
     assert len(log_records(store, "v")) == 1
@@ -319,35 +332,35 @@ def test_read_expand_sends_interior_pages_below_an_interior_page(tmp_path):
     assert len(interior) > 2  # a tree with more than one interior level
     vols = Volumes(MemoryStore())
     commit(vols, "v", 0, len(pages), pages)
-    plain = vols.read("v", 1, BitMap([root - 1]))
+    plain = vols.reads.read("v", 1, BitMap([root - 1]))
     assert [f.page for f in plain] == [root - 1]
-    expanded = vols.read("v", 1, BitMap([root - 1]), expand=1024)
+    expanded = vols.reads.read("v", 1, BitMap([root - 1]), expand=1024)
     assert {f.page for f in expanded} == interior  # every interior page, no leaf
-    capped = vols.read("v", 1, BitMap([root - 1]), expand=1)
+    capped = vols.reads.read("v", 1, BitMap([root - 1]), expand=1)
     assert len(capped) == 2
     leaf = min(set(pages) - interior - {0})
-    assert [f.page for f in vols.read("v", 1, BitMap([leaf]), expand=64)] == [leaf]
+    assert [f.page for f in vols.reads.read("v", 1, BitMap([leaf]), expand=64)] == [leaf]
 
 
 def test_names_that_have_no_volume_leave_nothing_loaded(vols: Volumes) -> None:
     commit(vols, "v", 0, 1, {0: page(1)})
     for i in range(2000):
         with pytest.raises(VolumeNotFound):
-            vols.snapshot(f"missing-{i}")
+            vols.reads.head(f"missing-{i}")
         with pytest.raises(VolumeNotFound):
-            vols.pull(f"missing-{i}", 0)
+            vols.reads.pull(f"missing-{i}", 0)
         with pytest.raises(VolumeNotFound):
-            vols.read(f"missing-{i}", 1, BitMap([0]))
-    assert vols.loaded_volumes() == 1
-    assert vols.snapshot("v") == Snapshot("v", 1, 1)
+            vols.reads.read(f"missing-{i}", 1, BitMap([0]))
+    assert vols.index.loaded_volumes() == 1
+    assert vols.reads.head("v") == Head("v", 1, 1)
 
 
 def test_loaded_volumes_are_bounded_least_recently_used_first(store: MemoryStore) -> None:
     vols = Volumes(store, max_loaded=3)
     for i in range(10):
         commit(vols, f"v{i}", 0, 1, {0: page(i)})
-        assert vols.loaded_volumes() <= 3
-    assert vols.loaded_volumes() == 3
+        assert vols.index.loaded_volumes() <= 3
+    assert vols.index.loaded_volumes() == 3
     assert read(vols, "v9", 1, [0]) == {0: (1, page(9))}  # (reads its GC floor once)
     gets = store.stats["gets"]
     assert read(vols, "v9", 1, [0]) == {0: (1, page(9))}  # still loaded: no log read
@@ -356,10 +369,10 @@ def test_loaded_volumes_are_bounded_least_recently_used_first(store: MemoryStore
     assert store.stats["gets"] > gets
     for i in range(10):  # dropped ones are read again from the store
         assert read(vols, f"v{i}", 1, [0]) == {0: (1, page(i))}
-        assert vols.snapshot(f"v{i}") == Snapshot(f"v{i}", 1, 1)
-    assert vols.loaded_volumes() == 3
-    assert [s.vid for s in vols.list_volumes()] == [f"v{i}" for i in range(10)]
-    assert vols.loaded_volumes() == 3
+        assert vols.reads.head(f"v{i}") == Head(f"v{i}", 1, 1)
+    assert vols.index.loaded_volumes() == 3
+    assert [s.vid for s in vols.reads.list_volumes()] == [f"v{i}" for i in range(10)]
+    assert vols.index.loaded_volumes() == 3
 
 
 def test_listing_reports_a_damaged_volume_and_loads_none_it_does_not_list(
@@ -369,9 +382,9 @@ def test_listing_reports_a_damaged_volume_and_loads_none_it_does_not_list(
         commit(vols, vid, 0, 1, {0: page(1)})
     store.put(log_key("b", 1), b"garbage")
     fresh = Volumes(store)
-    listed = fresh.list_volumes()
-    assert listed[0] == Snapshot("a", 1, 1) and listed[2] == Snapshot("c", 1, 1)
+    listed = fresh.reads.list_volumes()
+    assert listed[0] == Head("a", 1, 1) and listed[2] == Head("c", 1, 1)
     assert (listed[1].vid, listed[1].error) == ("b", "corrupt_data")
     gets = store.stats["gets"]
-    assert fresh.list_volumes(lambda vid: vid == "c") == [Snapshot("c", 1, 1)]
+    assert fresh.reads.list_volumes(lambda vid: vid == "c") == [Head("c", 1, 1)]
     assert store.stats["gets"] - gets == 1  # c's probe for a newer LSN; b is never read

@@ -1,0 +1,194 @@
+"""The commit protocol: verify a commit, create its log record, tell landed from conflict.
+
+A commit on top of LSN ``base`` becomes LSN ``base + 1`` by creating that log record
+with a create-only write: whoever creates it wins, in this process as across the
+processes sharing one store. Before that, the server checks what only it can: that
+the commit's hash is the hash of the pages it carries, that its segments exist and do
+not overlap, and that a commit growing the volume writes every new page. A retry of a
+commit that already landed is recognised by its hash at ``base + 1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from pyroaring import BitMap
+
+from graft_server.index import Index, VolumeLog, put_checkpoint, read_record
+from graft_server.keys import log_key
+from graft_server.segments import put_segment, read_segment_index, segment_key, verify_segment
+from graft_vfs.core.commit import CommitHasher, CommitRecord, SegmentRef
+from graft_vfs.core.errors import CommitConflict, GraftError, InvalidRequest, VolumeNotFound
+from graft_vfs.core.faults import crash_point
+from graft_vfs.core.identity import Identity
+from graft_vfs.core.ids import new_identity, validate_volume_id
+from graft_vfs.core.segment import Entry, decode_page
+
+CHECKPOINT_EVERY = 32  # a cold process reads at most this many log records
+
+log = logging.getLogger("graft.server")
+
+
+class Commits:
+    """Commits to the volumes of one index. Thread-safe.
+
+    Every ``checkpoint_every`` LSNs the process that created the record also writes the
+    checkpoint of that LSN, so loading a volume never reads a long log.
+    """
+
+    def __init__(self, index: Index, checkpoint_every: int = CHECKPOINT_EVERY) -> None:
+        self.index = index
+        self.store = index.store
+        self.checkpoint_every = checkpoint_every
+
+    def commit(
+        self,
+        vid: str,
+        base: int,
+        page_count: int,
+        hash: bytes,
+        segment: bytes | None = None,
+        sids: Sequence[str] = (),
+        expected: Identity | None = None,
+    ) -> int:
+        """Commit pages on top of LSN ``base``; return the new LSN, ``base + 1``.
+
+        ``segment`` carries pages inline; ``sids`` names segments uploaded before.
+        A retry of a commit that already landed (same ``hash`` at ``base + 1``)
+        returns ``base + 1`` again. Raises CommitConflict (with ``latest_lsn``) if
+        ``base`` is not the latest, InvalidRequest for a malformed commit or a
+        ``hash`` that is not the hash of its pages, IdentityMismatch if the volume is
+        not ``expected``.
+        """
+        vid = validate_volume_id(vid)  # before any I/O: the name becomes keys
+        inline = verify_segment(segment) if segment is not None else []
+        uploaded = self._uploaded_segments(sids)
+        changed = BitMap()
+        for entries in [inline, *(ref.entries for ref in uploaded)]:
+            seg_pages = BitMap(e.page for e in entries)
+            if changed.intersection_cardinality(seg_pages):
+                raise InvalidRequest(f"page {(changed & seg_pages).min()} is in two segments")
+            changed |= seg_pages
+        if changed and changed.max() >= page_count:
+            raise InvalidRequest(f"page {changed.max()} is beyond the page count {page_count}")
+        # Before the retry check: a body claiming a landed commit's hash with other
+        # pages must not be answered as that commit.
+        self._verify_hash(vid, base, page_count, hash, segment, inline, uploaded)
+
+        vol = self.index.volume(vid)
+        with vol.lock:
+            self.index.refresh(vol)
+            self.index.check_identity(vol, expected)
+            volume_id = vol.volume_id if base else new_identity()
+            if base != vol.latest:
+                return self._landed_or_conflict(vol, base, hash)
+            previous = vol.page_count_at(base)
+            if page_count > previous and not changed.contains_range(previous, page_count):
+                raise InvalidRequest(
+                    f"commit grows the volume from {previous} to {page_count} pages "
+                    "but does not write every new page"
+                )
+
+        # The protocol's steps 2 and 3, without the lock: the create-only write
+        # below decides the race, in this process as across processes.
+        refs = list(uploaded)
+        if segment is not None and inline:  # a truncation-only commit stores no segment
+            refs.insert(0, SegmentRef(put_segment(self.store, segment), inline))
+        crash_point("server.commit.after_segment")
+        assert volume_id is not None  # base > 0 == latest, so the cache holds commits
+        record = CommitRecord(vid, volume_id, base + 1, page_count, hash, time.time(), refs)
+        won = self.store.put_if_absent(log_key(vid, base + 1), record.encode())
+        crash_point("server.commit.after_log")
+
+        checkpoint = None
+        with vol.lock:
+            if won and vol.latest == base:
+                vol.apply(record)
+                if (base + 1) % self.checkpoint_every == 0:
+                    checkpoint = vol.checkpoint(base + 1)
+        if won:
+            if checkpoint is not None:
+                try:
+                    put_checkpoint(self.store, checkpoint)
+                except GraftError as exc:  # the commit landed; a later one checkpoints
+                    log.warning("checkpoint of %s at %d failed: %s", vid, base + 1, exc)
+            return base + 1
+        with vol.lock:
+            # Lost the race (or someone already cached ours): the record at
+            # base+1 decides between "your retry landed" and "conflict". An
+            # inline segment written above is now an orphan, left for GC.
+            self.index.refresh(vol)
+            return self._landed_or_conflict(vol, base, hash)
+
+    def _verify_hash(
+        self,
+        vid: str,
+        base: int,
+        page_count: int,
+        digest: bytes,
+        segment: bytes | None,
+        inline: list[Entry],
+        uploaded: list[SegmentRef],
+    ) -> None:
+        """Refuse a commit whose ``digest`` is not ``commit_hash`` of the pages it carries.
+
+        Pages are decoded and hashed one at a time, segment after segment in page order,
+        so the check holds one segment's bytes at a time, never the decoded commit.
+        """
+        parts: list[tuple[list[Entry], str | None]] = [(ref.entries, ref.sid) for ref in uploaded]
+        if inline:
+            parts.append((inline, None))
+        parts.sort(key=lambda part: min(e.page for e in part[0]) if part[0] else -1)
+        hasher = CommitHasher(vid, base, page_count)
+        for entries, sid in parts:
+            if sid is None:
+                assert segment is not None
+                data = segment
+            else:
+                stored = self.store.get(segment_key(sid))
+                if stored is None:
+                    raise InvalidRequest(f"segment {sid} was never uploaded")
+                data = stored
+            for e in sorted(entries, key=lambda e: e.page):
+                try:
+                    hasher.add(e.page, decode_page(e, data[e.offset : e.offset + e.length]))
+                except ValueError:
+                    raise InvalidRequest(
+                        "the segments of a commit must hold ascending, non-interleaved page "
+                        "ranges"
+                    ) from None
+        if hasher.digest() != digest:
+            raise InvalidRequest(
+                f"hash {digest.hex()[:16]}... is not the hash of the commit's pages "
+                f"({hasher.digest().hex()[:16]}...): compute it with "
+                "graft_vfs.core.commit.commit_hash over the pages sent"
+            )
+
+    def _uploaded_segments(self, sids: Sequence[str]) -> list[SegmentRef]:
+        """The uploaded segments a commit names, with their indexes read from the store."""
+        refs = []
+        for sid in sids:
+            entries = read_segment_index(self.store, sid)
+            if entries is None:
+                raise InvalidRequest(f"segment {sid} was never uploaded")
+            refs.append(SegmentRef(sid, entries))
+        return refs
+
+    def _landed_or_conflict(self, vol: VolumeLog, base: int, digest: bytes) -> int:
+        """For a commit on a stale ``base``: its earlier attempt landed, or a conflict."""
+        if base < vol.latest:
+            if base >= vol.base:
+                landed = vol.commit_at(base + 1).hash
+            else:
+                record = read_record(self.store, vol.vid, base + 1)
+                landed = record.hash if record is not None else b""
+            if landed == digest:
+                return base + 1
+        if not vol.latest:
+            raise VolumeNotFound(f"volume {vol.vid!r} has no commits, so no LSN {base}")
+        raise CommitConflict(
+            f"commit is based on LSN {base} but the latest LSN of {vol.vid!r} is {vol.latest}",
+            latest_lsn=vol.latest,
+        )

@@ -1,0 +1,391 @@
+"""The index: each volume's commit log and page map, cached from the object store.
+
+The store is the only truth. A volume's log is one ``CommitRecord`` per LSN (see
+``keys``), each created with a create-only write, so any number of server processes
+can share one store. Checkpoints of the whole page map are written every few LSNs and
+at each compaction, so a cold process reads the latest checkpoint and only the records
+after it: loading costs the same whatever the length of the history. Records are
+immutable, so cached ones are never stale; before it answers "what is the latest", a
+process probes the store for the next LSN until it is missing.
+
+The page index maps each page to the sorted LSNs that wrote it and each LSN to where
+its pages live, so reading page p as of LSN L is one bisect. That is correct across
+truncations because a commit that grows a volume must write every new page: a page cut
+off and later grown back always has a version after the regrowth.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from bisect import bisect_right
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pyroaring import BitMap
+
+from graft_server.keys import (
+    STORE_KEY,
+    VOLUMES_PREFIX,
+    checkpoint_key,
+    checkpoint_prefix,
+    is_log_key,
+    log_key,
+    log_prefix,
+    lsn_of,
+    retention_key,
+    vid_of,
+)
+from graft_server.limits import MAX_LOADED_VOLUMES
+from graft_server.objstore import ObjectStore
+from graft_vfs.core.checkpoint import Checkpoint, Located
+from graft_vfs.core.commit import CommitRecord
+from graft_vfs.core.errors import (
+    CorruptData,
+    IdentityMismatch,
+    InvalidRequest,
+    SnapshotExpired,
+    SnapshotNotFound,
+    StorageError,
+    VolumeNotFound,
+)
+from graft_vfs.core.identity import Identity, decode_store, encode_store
+from graft_vfs.core.ids import validate_volume_id
+from graft_vfs.core.retention import decode_floor
+from graft_vfs.core.segment import Entry
+
+# How long a server trusts the GC floor it read last: `graft gc` run by another
+# process raises it, and reads below it must become 410 within this many seconds.
+FLOOR_RECHECK = 2.0
+HISTORY_VIEWS = 4  # past-LSN page maps kept for reads older than the loaded checkpoint
+
+
+def read_record(store: ObjectStore, vid: str, lsn: int) -> CommitRecord | None:
+    """The log record of ``lsn``; None if there is none (not yet, or dropped by GC)."""
+    for attempt in range(2):  # a damaged read in transit gets one more try
+        data = store.get(log_key(vid, lsn))
+        try:
+            return None if data is None else CommitRecord.decode(data)
+        except CorruptData:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def read_floor(store: ObjectStore, vid: str) -> int:
+    """The GC floor of ``vid`` as recorded in the store (0: none yet)."""
+    data = store.get(retention_key(vid))
+    return decode_floor(data) if data is not None else 0
+
+
+def put_checkpoint(store: ObjectStore, checkpoint: Checkpoint) -> None:
+    # Any process may write the checkpoint of an LSN, and every one of them
+    # describes the same snapshot, so a plain (overwriting) put is safe.
+    store.put(checkpoint_key(checkpoint.vid, checkpoint.lsn), checkpoint.encode())
+
+
+@dataclass
+class LoggedCommit:
+    """What the index keeps of one commit after its base checkpoint."""
+
+    page_count: int
+    hash: bytes
+    timestamp: float
+    graft: BitMap
+    pages: dict[int, tuple[str, Entry]]  # page -> (sid, where its frame is)
+
+
+class VolumeLog:
+    """The cached log of one volume from a checkpoint (or LSN 0) to the latest record.
+
+    ``versions`` maps each page to the ascending LSNs that wrote it, starting with the
+    version the base checkpoint holds; so it answers for any LSN at or after ``base``.
+    """
+
+    def __init__(self, vid: str) -> None:
+        self.vid = vid
+        self.lock = threading.Lock()  # guards everything below; held across store reads
+        self.loaded = False
+        self.floor = 0  # the GC floor as last read, at ``floor_read`` (monotonic)
+        self.floor_read = -FLOOR_RECHECK
+        self.reset(None)
+
+    def reset(self, checkpoint: Checkpoint | None) -> None:
+        self.base = checkpoint.lsn if checkpoint else 0
+        self.base_page_count = checkpoint.page_count if checkpoint else 0
+        self.base_time = checkpoint.timestamp if checkpoint else 0.0
+        # Fixed when LSN 1 is created; None only while the cache holds no commit.
+        self.volume_id: bytes | None = checkpoint.volume_id if checkpoint else None
+        self.base_pages: dict[int, Located] = dict(checkpoint.pages) if checkpoint else {}
+        self.commits: list[LoggedCommit] = []  # commits[lsn - base - 1]
+        self.versions: dict[int, list[int]] = {
+            page: [loc.version] for page, loc in self.base_pages.items()
+        }
+
+    @property
+    def latest(self) -> int:
+        return self.base + len(self.commits)
+
+    def commit_at(self, lsn: int) -> LoggedCommit:
+        return self.commits[lsn - self.base - 1]
+
+    def page_count_at(self, lsn: int) -> int:
+        return self.base_page_count if lsn == self.base else self.commit_at(lsn).page_count
+
+    def timestamp_at(self, lsn: int) -> float:
+        return self.base_time if lsn == self.base else self.commit_at(lsn).timestamp
+
+    def locate(self, page: int, lsn: int) -> Located | None:
+        """Where page ``page`` as of ``lsn`` (>= base) lives; None if never written."""
+        lsns = self.versions.get(page, ())
+        i = bisect_right(lsns, lsn)
+        if not i:
+            return None
+        version = lsns[i - 1]
+        if version <= self.base:
+            return self.base_pages[page]
+        sid, entry = self.commit_at(version).pages[page]
+        return Located(version, sid, entry)
+
+    def checkpoint(self, lsn: int) -> Checkpoint:
+        """The page map as of ``lsn`` (>= base)."""
+        pages = {}
+        for page in range(self.page_count_at(lsn)):
+            loc = self.locate(page, lsn)
+            if loc is not None:
+                pages[page] = loc
+        assert self.volume_id is not None, "LSN 0 has no checkpoint"
+        return Checkpoint(
+            self.vid, self.volume_id, lsn, self.page_count_at(lsn), self.timestamp_at(lsn), pages
+        )
+
+    def apply(self, record: CommitRecord) -> None:
+        """Append the record for LSN latest+1 to the cache."""
+        if record.vid != self.vid or record.lsn != self.latest + 1:
+            raise CorruptData(
+                f"log record {self.latest + 1} of {self.vid!r} claims to be "
+                f"LSN {record.lsn} of {record.vid!r}"
+            )
+        if self.volume_id is None:
+            self.volume_id = record.volume_id
+        elif record.volume_id != self.volume_id:
+            # A record of another incarnation of the name: mixing them would serve a
+            # page map of two databases at once.
+            raise CorruptData(
+                f"log record {record.lsn} of {self.vid!r} belongs to volume "
+                f"{record.volume_id.hex()}, not {self.volume_id.hex()}"
+            )
+        pages: dict[int, tuple[str, Entry]] = {}
+        for seg in record.segments:
+            for e in seg.entries:
+                pages[e.page] = (seg.sid, e)
+        for page in pages:
+            self.versions.setdefault(page, []).append(record.lsn)
+        self.commits.append(
+            LoggedCommit(record.page_count, record.hash, record.timestamp, record.pages(), pages)
+        )
+
+
+class Index:
+    """The loaded logs of the volumes in one store, and the identities and floors they obey.
+
+    The logs of at most ``max_loaded`` volumes stay loaded (least recently used dropped
+    first), and nothing stays for a name that has no volume. Thread-safe: each
+    ``VolumeLog`` has its own lock, which callers of the methods taking one hold.
+    """
+
+    def __init__(self, store: ObjectStore, *, max_loaded: int = MAX_LOADED_VOLUMES) -> None:
+        self.store = store
+        self.max_loaded = max(1, max_loaded)
+        # Least recently used first. A volume dropped here is read again from the store
+        # when next asked for; a request still holding it finishes on its own copy.
+        self._volumes: OrderedDict[str, VolumeLog] = OrderedDict()
+        self._lock = threading.Lock()
+        self._views: dict[tuple[str, int], VolumeLog] = {}  # past-LSN page maps, few
+        self._store_id: bytes | None = None
+
+    def list_vids(self) -> list[str]:
+        """Every volume with a log record in the store."""
+        return sorted({vid_of(key) for key in self.store.list(VOLUMES_PREFIX) if is_log_key(key)})
+
+    def volume(self, vid: str) -> VolumeLog:
+        """The log of ``vid``, loaded or not; raises InvalidVolumeId for a bad name."""
+        vid = validate_volume_id(vid)
+        with self._lock:
+            vol = self._volumes.get(vid)
+            if vol is None:
+                vol = self._volumes[vid] = VolumeLog(vid)
+                while len(self._volumes) > self.max_loaded:
+                    self._volumes.popitem(last=False)
+            else:
+                self._volumes.move_to_end(vid)
+            return vol
+
+    def loaded_volumes(self) -> int:
+        """How many volumes' page maps are held in memory."""
+        with self._lock:
+            return len(self._volumes)
+
+    def unload(self, vol: VolumeLog) -> None:
+        """Forget the cached map of ``vol``: the next request reads the latest checkpoint."""
+        with vol.lock:
+            vol.loaded = False
+            with self._lock:
+                self._views = {k: v for k, v in self._views.items() if k[0] != vol.vid}
+
+    def refresh(self, vol: VolumeLog) -> None:
+        """Bring the cache up to the store's latest record. Caller holds ``vol.lock``."""
+        if not vol.loaded:
+            self._load(vol)
+        # Other processes may have committed since the listing or the last probe.
+        while (record := read_record(self.store, vol.vid, vol.latest + 1)) is not None:
+            vol.apply(record)
+
+    def latest(self, vol: VolumeLog) -> int:
+        """The latest LSN, refreshed. Caller holds ``vol.lock``; VolumeNotFound without one."""
+        self.refresh(vol)
+        if not vol.latest:
+            raise self._not_found(vol, f"volume {vol.vid!r} has no commits")
+        return vol.latest
+
+    def ensure_lsn(self, vol: VolumeLog, lsn: int) -> None:
+        """Make ``lsn`` cached, or raise. Past LSNs need no store access: records are immutable.
+
+        Caller holds ``vol.lock``.
+        """
+        if not vol.loaded or lsn > vol.latest:
+            self.refresh(vol)
+        if not vol.latest:
+            raise self._not_found(vol, f"volume {vol.vid!r} has no commits")
+        if lsn > vol.latest:
+            raise SnapshotNotFound(
+                f"LSN {lsn} is beyond the latest LSN {vol.latest} of {vol.vid!r}"
+            )
+
+    def checkpoint(self, vid: str, lsn: int | None = None) -> Checkpoint:
+        """The page map of ``lsn`` (default: the latest) from the loaded log, unwritten."""
+        vol = self.volume(vid)
+        with vol.lock:
+            latest = self.latest(vol)
+            lsn = latest if lsn is None else lsn
+            if not vol.base <= lsn <= latest:
+                raise InvalidRequest(f"cannot checkpoint LSN {lsn} of {vid!r} from this cache")
+            return vol.checkpoint(lsn)
+
+    def history(self, vol: VolumeLog, lsn: int) -> VolumeLog:
+        """A page map valid at ``lsn``, older than ``vol``'s base checkpoint."""
+        key = (vol.vid, lsn)
+        view = self._views.get(key)
+        if view is not None:
+            return view
+        expired = SnapshotExpired(
+            f"LSN {lsn} of {vol.vid!r} is older than its retained history; pull a newer snapshot"
+        )
+        older = [c for c in map(lsn_of, self.store.list(checkpoint_prefix(vol.vid))) if c <= lsn]
+        view = VolumeLog(vol.vid)
+        if older:
+            data = self.store.get(checkpoint_key(vol.vid, older[-1]))
+            if data is None:
+                raise expired
+            view.reset(Checkpoint.decode(data))
+        for n in range(view.base + 1, lsn + 1):
+            record = read_record(self.store, vol.vid, n)
+            if record is None:
+                raise expired
+            view.apply(record)
+        view.loaded = True
+        with self._lock:
+            if len(self._views) >= HISTORY_VIEWS:
+                self._views.pop(next(iter(self._views)))
+            self._views[key] = view
+        return view
+
+    def timestamp(self, vid: str, lsn: int) -> float | None:
+        """When ``lsn`` was committed; None if its record is no longer in the store."""
+        vol = self.volume(vid)
+        with vol.lock:
+            if lsn >= vol.base and lsn <= vol.latest and (lsn > 0 or vol.base == 0):
+                return vol.timestamp_at(lsn)
+        record = read_record(self.store, vid, lsn)
+        return record.timestamp if record is not None else None
+
+    def check_retained(self, vol: VolumeLog, lsn: int) -> None:
+        """Raise SnapshotExpired for an LSN below the GC floor. Caller holds ``vol.lock``.
+
+        GC may run in another process; the floor it records is re-read at most every
+        FLOOR_RECHECK seconds, so old LSNs turn 410 that soon after it.
+        """
+        now = time.monotonic()
+        if now - vol.floor_read >= FLOOR_RECHECK:
+            vol.floor = max(vol.floor, read_floor(self.store, vol.vid))
+            vol.floor_read = now
+        if lsn < vol.floor:
+            raise SnapshotExpired(
+                f"LSN {lsn} of {vol.vid!r} is older than its retained history (LSN "
+                f"{vol.floor} and later); pull a newer snapshot"
+            )
+
+    def store_id(self) -> bytes:
+        """The store's identity, created (once, whoever comes first) if it has none yet."""
+        if self._store_id is None:
+            data = self.store.get(STORE_KEY)
+            if data is None:
+                self.store.put_if_absent(STORE_KEY, encode_store())
+                data = self.store.get(STORE_KEY)
+                if data is None:
+                    raise StorageError("the store identity object vanished after it was created")
+            self._store_id = decode_store(data)
+        return self._store_id
+
+    def identity(self, vid: str) -> Identity:
+        """The identity of ``vid`` and of the store. Raises VolumeNotFound without commits."""
+        vol = self.volume(vid)
+        with vol.lock:
+            if not vol.loaded or vol.volume_id is None:
+                self.latest(vol)
+            assert vol.volume_id is not None
+            volume_id = vol.volume_id
+        return Identity(self.store_id(), volume_id)
+
+    def check_identity(self, vol: VolumeLog, expected: Identity | None) -> None:
+        """Refuse a request made for another incarnation of the volume. Caller holds the lock."""
+        if expected is None or vol.volume_id is None:
+            return
+        actual = Identity(self.store_id(), vol.volume_id)
+        if actual != expected:
+            raise IdentityMismatch(
+                f"volume {vol.vid!r} here is {actual}, not {expected} as the client expects: "
+                "it was created again or the client was pointed at another store"
+            )
+
+    def _load(self, vol: VolumeLog) -> None:
+        """Read the latest checkpoint and the log records after it. Caller holds the lock."""
+        for _ in range(3):
+            checkpoints = self.store.list(checkpoint_prefix(vol.vid))
+            checkpoint = None
+            if checkpoints:
+                data = self.store.get(checkpoints[-1])
+                if data is None:
+                    continue  # removed by GC after a newer one was written: list again
+                checkpoint = Checkpoint.decode(data)
+            vol.reset(checkpoint)
+            after = log_key(vol.vid, vol.base)
+            keys = self.store.list(log_prefix(vol.vid), start_after=after)
+            for lsn, key in enumerate(keys, start=vol.base + 1):
+                if key != log_key(vol.vid, lsn):
+                    raise CorruptData(f"log of {vol.vid!r} has a gap or stray key at {key!r}")
+                record = read_record(self.store, vol.vid, lsn)
+                if record is None:
+                    raise CorruptData(f"log record {lsn} of {vol.vid!r} vanished after listing")
+                vol.apply(record)
+            vol.loaded = True
+            return
+        raise StorageError(f"the checkpoints of {vol.vid!r} kept changing while being read")
+
+    def _not_found(self, vol: VolumeLog, message: str) -> VolumeNotFound:
+        """VolumeNotFound for ``vol``, which no longer stays loaded: a name asked for
+        that has no volume must leave nothing behind."""
+        with self._lock:
+            if self._volumes.get(vol.vid) is vol:
+                del self._volumes[vol.vid]
+        return VolumeNotFound(message)

@@ -1,0 +1,263 @@
+"""The read path: heads, pulls, page reads at any retained LSN, and log entries.
+
+Every answer comes from the index (refreshed from the store when it must say what the
+latest is) and from segments, which are immutable: frames are fetched without holding
+a volume's lock. Values arrive checked by the HTTP edge; what only the volume's state
+can tell (an LSN beyond the latest, a page beyond the page count, an LSN below the GC
+floor) is checked here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+from pyroaring import BitMap
+
+from graft_server.index import Index, VolumeLog, read_floor, read_record
+from graft_server.segments import MissingSegment, SegmentCache, fetch_frames
+from graft_vfs.core.btree import interior_children, is_interior
+from graft_vfs.core.checkpoint import Located
+from graft_vfs.core.errors import (
+    CorruptData,
+    InvalidRequest,
+    SnapshotExpired,
+    SnapshotNotFound,
+    VolumeNotFound,
+)
+from graft_vfs.core.graft import MAX_PAGES
+from graft_vfs.core.identity import Identity
+from graft_vfs.core.segment import Entry, decompress_page
+
+
+class Head(NamedTuple):
+    """A volume's latest state: its LSN and page count."""
+
+    vid: str
+    lsn: int
+    page_count: int
+
+
+class Unreadable(NamedTuple):
+    """A volume in a listing whose state cannot be read: the error code and message."""
+
+    vid: str
+    error: str
+    message: str
+
+
+class Pull(NamedTuple):
+    """The answer to a pull: the latest LSN, its page count, and the pages changed since."""
+
+    lsn: int
+    page_count: int
+    graft: BitMap
+
+
+class PageFrame(NamedTuple):
+    """One page as of some LSN: the commit that wrote it and its compressed frame.
+
+    A page that was never written has version 0, crc 0 and an empty frame (all zeros).
+    """
+
+    page: int
+    version_lsn: int
+    crc: int
+    frame: bytes
+
+
+class LogEntry(NamedTuple):
+    """What a log record says about its commit, enough to tell whether a push landed."""
+
+    lsn: int
+    page_count: int
+    hash: bytes
+
+
+class Reads:
+    """Answers about the volumes of one index. Thread-safe.
+
+    ``cache`` (optional) keeps recently read page frames in memory, bounded in bytes.
+    """
+
+    def __init__(self, index: Index, cache: SegmentCache | None = None) -> None:
+        self.index = index
+        self.store = index.store
+        self.cache = cache
+
+    def list_volumes(self, allowed: Callable[[str], bool] | None = None) -> list[Head | Unreadable]:
+        """The head of every volume in the store that ``allowed`` accepts, by name.
+
+        Volumes outside ``allowed`` are never loaded. A volume that cannot be read
+        (CorruptData) is listed as Unreadable instead of failing the whole listing.
+        """
+        listed: list[Head | Unreadable] = []
+        for vid in self.index.list_vids():
+            if allowed is not None and not allowed(vid):
+                continue
+            try:
+                listed.append(self.head(vid))
+            except VolumeNotFound:
+                continue  # its log went away after the listing
+            except CorruptData as exc:
+                listed.append(Unreadable(vid, "corrupt_data", str(exc)))
+        return listed
+
+    def head(self, vid: str) -> Head:
+        """The latest LSN and page count. Raises VolumeNotFound if the volume has no commit."""
+        vol = self.index.volume(vid)
+        with vol.lock:
+            latest = self.index.latest(vol)
+            return Head(vol.vid, latest, vol.page_count_at(latest))
+
+    def pull(self, vid: str, since: int) -> Pull:
+        """The latest snapshot and the pages changed in ``(since, latest]`` that still exist."""
+        vol = self.index.volume(vid)
+        with vol.lock:
+            latest = self.index.latest(vol)
+            if since > latest:
+                raise SnapshotNotFound(f"LSN {since} is beyond the latest LSN {latest} of {vid!r}")
+            if since >= vol.base:
+                graft = BitMap()
+                for lsn in range(since + 1, latest + 1):
+                    graft |= vol.commit_at(lsn).graft
+            else:
+                # Older than the loaded checkpoint: a page changed in (since, latest]
+                # exactly when its latest version is newer than since.
+                graft = BitMap(p for p, lsns in vol.versions.items() if lsns[-1] > since)
+            page_count = vol.page_count_at(latest)
+        # Pages past the current end were truncated away: nothing to fetch for them.
+        graft.remove_range(page_count, MAX_PAGES)
+        return Pull(latest, page_count, graft)
+
+    def read(
+        self,
+        vid: str,
+        lsn: int,
+        pages: BitMap,
+        expand: int = 0,
+        expected: Identity | None = None,
+    ) -> list[PageFrame]:
+        """Each page's frame as of ``lsn``, in page order.
+
+        With ``expand``, up to that many interior B-tree pages below the requested
+        interior pages follow (see ``_interior_below``).
+
+        Raises InvalidRequest for a page at or beyond the page count at ``lsn``;
+        SnapshotNotFound if ``lsn`` is beyond the latest; SnapshotExpired if GC removed
+        it; CorruptData if a stored frame fails its checksum; IdentityMismatch if the
+        volume is not ``expected``.
+        """
+        vol = self.index.volume(vid)
+        try:
+            return self._read(vol, lsn, pages, expand, expected)
+        except MissingSegment:
+            # GC may have compacted the pages into new segments (and deleted the old
+            # ones after its grace period): reload the map once and retry.
+            if lsn < read_floor(self.store, vid):
+                raise SnapshotExpired(
+                    f"LSN {lsn} of {vid!r} is older than its retained history; "
+                    "pull a newer snapshot"
+                ) from None
+            self.index.unload(vol)
+            return self._read(vol, lsn, pages, expand, expected)
+
+    def log_entry(self, vid: str, lsn: int) -> LogEntry:
+        """The record of commit ``lsn``: lets a client that crashed mid-push check it landed."""
+        vol = self.index.volume(vid)
+        with vol.lock:
+            self.index.ensure_lsn(vol, lsn)
+            if lsn == 0:
+                raise SnapshotNotFound("LSN 0 is the empty volume: it has no log record")
+            self.index.check_retained(vol, lsn)
+            if lsn > vol.base:
+                commit = vol.commit_at(lsn)
+                return LogEntry(lsn, commit.page_count, commit.hash)
+        record = read_record(self.store, vid, lsn)
+        if record is None:
+            raise SnapshotExpired(f"LSN {lsn} of {vid!r} is older than its retained history")
+        return LogEntry(lsn, record.page_count, record.hash)
+
+    def _read(
+        self, vol: VolumeLog, lsn: int, pages: BitMap, expand: int, expected: Identity | None
+    ) -> list[PageFrame]:
+        with vol.lock:
+            self.index.ensure_lsn(vol, lsn)
+            self.index.check_identity(vol, expected)
+            self.index.check_retained(vol, lsn)
+            view = vol if lsn >= vol.base else self.index.history(vol, lsn)
+        page_count = view.page_count_at(lsn)
+        if pages and pages.max() >= page_count:
+            raise InvalidRequest(
+                f"page {pages.max()} is beyond the page count {page_count} at LSN {lsn}"
+            )
+        frames = self._frames(view, lsn, pages)
+        result = [frames[page] for page in pages]
+        if expand:
+            result += self._interior_below(view, lsn, page_count, frames, expand)
+        return result
+
+    def _frames(self, view: VolumeLog, lsn: int, pages: Iterable[int]) -> dict[int, PageFrame]:
+        """Each page's frame as of ``lsn`` (an empty frame for a page never written)."""
+        located: dict[int, Located] = {}
+        with view.lock:
+            for page in pages:
+                loc = view.locate(page, lsn)
+                if loc is not None:
+                    located[page] = loc
+        # Segments are immutable, so frames are fetched without holding the lock.
+        by_segment: dict[str, list[Entry]] = defaultdict(list)
+        for loc in located.values():
+            by_segment[loc.sid].append(loc.entry)
+        frames: dict[int, bytes] = {}
+        for sid, entries in by_segment.items():
+            frames.update(fetch_frames(self.store, sid, entries, self.cache))
+        result = {}
+        for page in pages:
+            loc = located.get(page)
+            if loc is not None:
+                result[page] = PageFrame(page, loc.version, loc.entry.crc, frames[page])
+            else:
+                result[page] = PageFrame(page, 0, 0, b"")
+        return result
+
+    def _interior_below(
+        self,
+        view: VolumeLog,
+        lsn: int,
+        page_count: int,
+        requested: dict[int, PageFrame],
+        budget: int,
+    ) -> list[PageFrame]:
+        """Interior B-tree pages under the requested interior pages, level by level.
+
+        A lookup that reads a B-tree's root will read one page of every interior
+        level below it; sending the levels along (up to ``budget`` pages, highest
+        levels first) turns one round trip per level into one per tree. B-trees are
+        balanced, so one probe per level tells whether that level is still interior.
+        """
+        seen = set(requested)
+        level: list[int] = []
+        for page, frame in requested.items():
+            if frame.frame:
+                level += interior_children(decompress_page(frame.frame, page), page)
+        extra: list[PageFrame] = []
+        while budget > 0:
+            level = [p for p in dict.fromkeys(level) if p < page_count and p not in seen]
+            if not level:
+                break
+            probe = self._frames(view, lsn, level[:1])[level[0]]
+            if not probe.frame or not is_interior(decompress_page(probe.frame, level[0]), level[0]):
+                break
+            batch = level[:budget]
+            frames = self._frames(view, lsn, batch)
+            budget -= len(batch)
+            seen.update(batch)
+            level = []
+            for page in batch:
+                frame = frames[page]
+                if frame.frame:
+                    extra.append(frame)
+                    level += interior_children(decompress_page(frame.frame, page), page)
+        return extra
