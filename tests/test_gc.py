@@ -100,7 +100,9 @@ def test_gc_after_churn(client, vid, own_server):
 
 
 def test_server_runs_gc_periodically(client, vid, own_server):
-    own_server.args = ["--gc-interval", "0.3", "--retain-lsns", "2", "--gc-grace", "0"]
+    # Pushes run while GC passes: a grace of 0 would let a pass delete the segment of a
+    # commit between its upload and its log record (the grace period exists for that).
+    own_server.args = ["--gc-interval", "0.3", "--retain-lsns", "2", "--gc-grace", "2"]
     own_server.start()
     writer = client(vid, remote=own_server.url, options=graft_vfs.Options(autopush=False))
     writer.execute("CREATE TABLE t(x)")
