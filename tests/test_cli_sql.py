@@ -13,23 +13,10 @@ import pytest
 
 import graft_vfs
 from graft_vfs.client.remote import Remote
+from support.auth import graft
 
 # Never ends on its own: only an interrupt stops it.
 ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
-
-
-def graft(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "graft_vfs.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"graft {args} failed: {proc.stderr}")
-    return proc
 
 
 def one_line_error(proc: subprocess.CompletedProcess, status: int = 1) -> str:

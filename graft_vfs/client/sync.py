@@ -131,13 +131,7 @@ class Sync:
             len(changed),
         )
         self.vol.refresh()
-        return {
-            "pulled": True,
-            "remote_lsn": snap.lsn,
-            "local_lsn": lsn,
-            "changed_pages": len(changed),
-            "page_count": snap.page_count,
-        }
+        return _pulled(snap, lsn, changed)
 
     def push(self) -> dict[str, Any]:
         """Push pending local commits as one remote commit; raises Diverged on conflict."""
@@ -248,13 +242,7 @@ class Sync:
             self.vol.advance(lsn, snap.page_count, changed)
             self.stats.commits_pulled += snap.lsn - row.remote_lsn
             self.vol.refresh()
-            return {
-                "pulled": True,
-                "remote_lsn": snap.lsn,
-                "local_lsn": lsn,
-                "changed_pages": len(changed),
-                "page_count": snap.page_count,
-            }
+            return _pulled(snap, lsn, changed)
 
     def reset(self, force: bool = False) -> dict[str, Any]:
         """Discard unpushed local commits and take the server's latest snapshot.
@@ -318,4 +306,15 @@ def _not_pulled(row: VolumeRow) -> dict[str, Any]:
         "local_lsn": row.local_lsn,
         "changed_pages": 0,
         "page_count": row.page_count,
+    }
+
+
+def _pulled(snap: RemoteHead, lsn: int, changed: BitMap) -> dict[str, Any]:
+    """A pull's answer when it took the server's snapshot ``snap`` as local LSN ``lsn``."""
+    return {
+        "pulled": True,
+        "remote_lsn": snap.lsn,
+        "local_lsn": lsn,
+        "changed_pages": len(changed),
+        "page_count": snap.page_count,
     }
