@@ -8,17 +8,11 @@ test sees what one request cost the process, not the test's own allocations.
 from __future__ import annotations
 
 import json
-import os
-import resource
 import select
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import msgpack
@@ -30,14 +24,13 @@ from graft_vfs.core import segment
 from graft_vfs.core.commit import commit_hash
 from graft_vfs.core.ids import PAGE_SIZE
 from graft_vfs.core.segment import encode_frames, encode_segment
-from support.servers import wait_until_listening
+from support.servers import running_server
 
 MIB = 1 << 20
 # What a refused request may add to the server's peak memory: its body and change. The
 # refusals below cost 1 GiB or more without the checks.
 REFUSAL_BUDGET = 100 * MIB
 SLOW_CONNECTIONS = 600  # more than the server's open-file limit in the test below
-STARTUP_TIMEOUT = 20.0
 CLIENT_TIMEOUT = 30.0  # graft_vfs.Options' default HTTP timeout
 
 
@@ -132,32 +125,6 @@ def test_page_numbers_beyond_range_and_bytes_after_a_frame_are_400s(own_server) 
     assert srv.objects("segments/") == [] and srv.objects("volumes/") == []
 
 
-@contextmanager
-def server_process(
-    store: Path, args: Sequence[str] = (), open_files: int | None = None
-) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """``python -m graft_server`` on a directory store, optionally with ``ulimit -n open_files``."""
-
-    def limit() -> None:
-        if open_files is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "graft_server", "--store", str(store), "--port", "0", *args],
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=limit,
-    )
-    try:
-        yield proc, wait_until_listening(proc, STARTUP_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-        assert proc.stdout is not None
-        proc.stdout.close()
-
-
 def slow_connection(url: str) -> socket.socket:
     """A connection that starts a request and never finishes its headers."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
@@ -181,7 +148,7 @@ def commit_one_page(url: str, vid: str) -> None:
 def test_slow_connections_never_lock_out_a_request(tmp_path: Path) -> None:
     """600 connections that never finish their headers, against a server allowed 384 open
     files: an ordinary request still gets its answer (it used to get a reset)."""
-    with server_process(tmp_path / "store", open_files=384) as (_, url), ExitStack() as held:
+    with running_server(tmp_path / "store", open_files=384) as (_, url), ExitStack() as held:
         commit_one_page(url, "v")
         for _ in range(SLOW_CONNECTIONS):
             held.enter_context(slow_connection(url))
@@ -234,7 +201,7 @@ def eventually(check, timeout: float = CLIENT_TIMEOUT) -> bool:
 
 def test_past_max_connections_the_longest_waiting_connection_makes_room(tmp_path) -> None:
     args = ["--max-connections", "50", "--header-timeout", "600"]
-    with server_process(tmp_path / "store", args) as (_, url), ExitStack() as held:
+    with running_server(tmp_path / "store", args=args) as (_, url), ExitStack() as held:
         slow = [held.enter_context(slow_connection(url)) for _ in range(200)]
         r = urllib3.PoolManager().request("GET", f"{url}/v1/health", retries=False, timeout=10)
         assert r.status == 200
@@ -245,7 +212,7 @@ def test_past_max_connections_the_longest_waiting_connection_makes_room(tmp_path
 
 def test_headers_must_arrive_within_the_header_timeout(tmp_path: Path) -> None:
     args = ["--header-timeout", "0.5"]
-    with server_process(tmp_path / "store", args) as (_, url), ExitStack() as held:
+    with running_server(tmp_path / "store", args=args) as (_, url), ExitStack() as held:
         first = held.enter_context(slow_connection(url))
         assert eventually(lambda: closed_by_peer(first))
         # The deadline starts again after each answer on a kept-alive connection.
@@ -259,7 +226,7 @@ def test_headers_must_arrive_within_the_header_timeout(tmp_path: Path) -> None:
 
 def test_a_body_that_does_not_arrive_in_time_is_a_408(tmp_path: Path) -> None:
     args = ["--body-timeout", "0.5"]
-    with server_process(tmp_path / "store", args) as (_, url), ExitStack() as held:
+    with running_server(tmp_path / "store", args=args) as (_, url), ExitStack() as held:
         host, port = url.removeprefix("http://").rsplit(":", 1)
         sock = held.enter_context(socket.create_connection((host, int(port)), timeout=10))
         sock.sendall(
@@ -292,7 +259,7 @@ def test_a_client_refuses_a_bomb_in_a_read_answer(own_server) -> None:
 
 
 def test_headers_over_the_limit_are_refused(tmp_path: Path) -> None:
-    with server_process(tmp_path / "store") as (proc, url), ExitStack() as held:
+    with running_server(tmp_path / "store") as (proc, url), ExitStack() as held:
         before = peak_memory(proc.pid)
         host, port = url.removeprefix("http://").rsplit(":", 1)
         sock = held.enter_context(socket.create_connection((host, int(port)), timeout=10))
@@ -305,7 +272,7 @@ def test_headers_over_the_limit_are_refused(tmp_path: Path) -> None:
 
 def test_connections_trickling_a_body_cannot_hold_every_slot(tmp_path: Path) -> None:
     args = ["--max-connections", "20", "--body-timeout", "600"]
-    with server_process(tmp_path / "store", args) as (_, url), ExitStack() as held:
+    with running_server(tmp_path / "store", args=args) as (_, url), ExitStack() as held:
         host, port = url.removeprefix("http://").rsplit(":", 1)
         trickling = []
         for _ in range(60):

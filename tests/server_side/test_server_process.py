@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,38 +16,7 @@ from graft_vfs.core.commit import commit_hash
 from graft_vfs.core.ids import PAGE_SIZE
 from graft_vfs.core.segment import encode_segment
 from support.s3 import s3_env
-from support.servers import wait_until_listening
-
-STARTUP_TIMEOUT = 20.0
-
-
-@contextmanager
-def running_server(
-    store: Path | str,
-    crash_at: str | None = None,
-    *,
-    args: Sequence[str] = (),
-    env: Mapping[str, str] | None = None,
-) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """Start ``python -m graft_server --port 0``, wait for its listening line, stop it by PID."""
-    env = {**os.environ, **(env or {})}
-    env.pop("GRAFT_CRASH_AT", None)
-    if crash_at:
-        env["GRAFT_CRASH_AT"] = crash_at
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "graft_server", "--store", str(store), "--port", "0", *args],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        yield proc, wait_until_listening(proc, STARTUP_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+from support.servers import running_server
 
 
 def call(http: urllib3.PoolManager, method: str, url: str, body: object = None) -> Any:

@@ -6,12 +6,16 @@ Used by the tests' fixtures (tests/conftest.py) and by the benchmarks.
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +132,40 @@ def wait_until_listening(proc: subprocess.Popen, timeout: float = STARTUP_TIMEOU
         if line.startswith(LISTENING):
             return line[len(LISTENING) :].strip()
     raise RuntimeError(f"graft server did not start within {timeout} s")
+
+
+@contextmanager
+def running_server(
+    store: Path | str,
+    crash_at: str | None = None,
+    *,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    open_files: int | None = None,
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``python -m graft_server --port 0`` on ``store``: wait for its listening line, stop it
+    by PID. ``open_files`` runs it under ``ulimit -n open_files``."""
+    env = {**os.environ, **(env or {})}
+    env.pop("GRAFT_CRASH_AT", None)
+    if crash_at:
+        env["GRAFT_CRASH_AT"] = crash_at
+
+    def limit() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "graft_server", "--store", str(store), "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=limit,
+    )
+    try:
+        yield proc, wait_until_listening(proc, STARTUP_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
