@@ -17,6 +17,7 @@ from graft_vfs.core.graft import decode_graft, encode_graft
 from graft_vfs.core.ids import PAGE_SIZE, new_segment_id, validate_segment_id, validate_volume_id
 from graft_vfs.core.pages import check_database_header, same_page1, with_counter
 from graft_vfs.core.segment import decode_index, decode_segment, encode_segment
+from support.frames import zstd_bomb
 
 
 @pytest.mark.parametrize("name", ["orders", "a", "A.b-c_d", "9" * 128])
@@ -149,19 +150,6 @@ def test_btree_interior_children_match_sqlite(tmp_path):
     assert all(pages[c][0] == 13 for c in children)
     assert interior_children(pages[children[0]], children[0]) == []
     assert interior_children(b"\x05" + bytes(10), 3) == []  # damaged: no children
-
-
-def zstd_bomb(declared: int) -> bytes:
-    """One zstd frame that declares ``declared`` bytes of zeros and holds them as RLE
-    blocks: 4 bytes per 128 KiB, so 64 KiB of frame decompress to 2 GiB."""
-    block = 128 * 1024
-    out = bytearray(struct.pack("<IBQ", 0xFD2FB528, 0xE0, declared))
-    left = declared
-    while left:
-        n = min(block, left)
-        left -= n
-        out += (n << 3 | 1 << 1 | (left == 0)).to_bytes(3, "little") + b"\0"
-    return bytes(out)
 
 
 def _one_page_segment(frame: bytes, page: int = 0) -> bytes:

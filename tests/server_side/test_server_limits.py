@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import select
 import socket
-import struct
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,6 +23,7 @@ from graft_vfs.core import segment
 from graft_vfs.core.commit import commit_hash
 from graft_vfs.core.ids import PAGE_SIZE
 from graft_vfs.core.segment import encode_frames, encode_segment
+from support.frames import zstd_bomb
 from support.servers import running_server
 
 MIB = 1 << 20
@@ -40,18 +40,6 @@ def peak_memory(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM in /proc status")
-
-
-def zstd_bomb(declared: int) -> bytes:
-    """One zstd frame declaring ``declared`` bytes of zeros, as RLE blocks (4 bytes each)."""
-    block = 128 * 1024
-    out = bytearray(struct.pack("<IBQ", 0xFD2FB528, 0xE0, declared))
-    left = declared
-    while left:
-        n = min(block, left)
-        left -= n
-        out += (n << 3 | 1 << 1 | (left == 0)).to_bytes(3, "little") + b"\0"
-    return bytes(out)
 
 
 def post(url: str, path: str, body: bytes, msgpack_body: bool = False) -> tuple[int, dict]:
