@@ -1,5 +1,9 @@
 """The benchmark database: graft_vfs.sample's indexed orders, scaled up, plus a wide table.
 
+``orders`` gets one more column, ``ref``: a unique integer key in an order unrelated to
+the rowid (``id * REF_MULTIPLIER mod REF_MODULUS``, a bijection), with a unique index,
+so lookups by an indexed non-rowid key descend that index, then the table.
+
 Generated once into a cache directory and reused by later runs with the same
 parameters (the file name is a hash of them and of GENERATOR_VERSION).
 """
@@ -18,10 +22,17 @@ import apsw
 
 from graft_vfs.sample import make_sample_database
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: orders.ref and its unique index orders_ref
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "graft-bench")
 WIDE_COLUMNS = 40
 ALPHABET = "abcdefghijklmnopqrstuvwxyz "
+REF_MODULUS = 2_147_483_647  # a prime: multiplying by anything below it is a bijection
+REF_MULTIPLIER = 48_271
+
+
+def order_ref(order_id: int) -> int:
+    """The ``ref`` key of order ``order_id`` (unique: a bijection of the rowid)."""
+    return order_id * REF_MULTIPLIER % REF_MODULUS
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,10 @@ def _generate(path: str, spec: DataSpec) -> None:
     cols = ", ".join(f"c{c:02d} {('INTEGER', 'REAL', 'TEXT')[c % 3]}" for c in range(WIDE_COLUMNS))
     con = apsw.Connection(path)
     try:
+        with con:
+            con.execute("ALTER TABLE orders ADD COLUMN ref INTEGER")
+            con.execute(f"UPDATE orders SET ref = id * {REF_MULTIPLIER} % {REF_MODULUS}")
+            con.execute("CREATE UNIQUE INDEX orders_ref ON orders(ref)")
         con.execute(f"CREATE TABLE wide(id INTEGER PRIMARY KEY, {cols})")
         marks = ",".join("?" * (WIDE_COLUMNS + 1))
         with con:
@@ -71,6 +86,7 @@ def _generate(path: str, spec: DataSpec) -> None:
                 f"INSERT INTO wide VALUES({marks})",
                 (_wide_row(rng, i) for i in range(1, spec.wide_rows + 1)),
             )
+        con.execute("VACUUM")  # the rows grew in place: lay every tree out afresh
         con.execute("ANALYZE")
     finally:
         con.close()

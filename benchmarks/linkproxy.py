@@ -7,7 +7,15 @@ before it is forwarded, and the first one on a new connection for twice that (th
 TCP handshake's round trip). Bytes in each direction are paced by a token bucket
 shared by all connections of the proxy, so parallel connections share the link's
 bandwidth as they would on a real one. Everything crossing the proxy is counted:
-requests (by HTTP method), bytes up, bytes down, connections.
+requests (by HTTP method), bytes up, bytes down, connections, and time:
+
+- ``delay_seconds``: the link's delay the requests were held for, summed;
+- ``pacing_seconds``: the time bytes waited for the link's bandwidth, summed;
+- ``busy_seconds``: each request's time from its first byte up to the last byte of its
+  answer, summed over requests (request-seconds: parallel requests add up);
+- ``busy_wall_seconds``: the wall time during which at least one request was in flight
+  (the union of those intervals), and ``busy_periods``: how many separate periods that
+  union has (round trips: requests in flight together count once).
 
 Run as a process, it is driven by JSON lines on stdin, one answer per line on stdout::
 
@@ -28,11 +36,13 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 
 READ_SIZE = 256 * 1024
 WINDOW = 16  # chunks read ahead of the paced writer (up to 4 MiB)
+MAX_INTERVALS = 1_000_000  # request intervals kept for busy_wall_seconds (then merged)
 METHODS = (b"GET ", b"PUT ", b"POST ", b"HEAD ", b"DELETE ", b"PATCH ", b"OPTIONS ")
 
 
@@ -71,15 +81,18 @@ class _Bucket:
     def __init__(self) -> None:
         self.free_at = 0.0
 
-    async def send(self, n: int, bandwidth: float | None) -> None:
+    async def send(self, n: int, bandwidth: float | None) -> float:
+        """Wait until ``n`` bytes are through the link; returns the seconds waited."""
         if not bandwidth:
-            return
+            return 0.0
         now = asyncio.get_running_loop().time()
         start = max(now - self.SLACK, self.free_at)
         self.free_at = start + n / bandwidth
         wait = self.free_at - now  # delivered once wholly sent
         if wait > 0.0005:
             await asyncio.sleep(wait)
+            return wait
+        return 0.0
 
 
 class Proxy:
@@ -92,6 +105,7 @@ class Proxy:
         self.server: asyncio.base_events.Server | None = None
         self._up = _Bucket()
         self._down = _Bucket()
+        self.states: dict[int, dict] = {}  # each open connection's state, by id
         self.reset()
 
     def reset(self) -> None:
@@ -101,8 +115,28 @@ class Proxy:
         self.bytes_up = 0
         self.bytes_down = 0
         self.connections = 0
+        self.delay_seconds = 0.0
+        self.pacing_seconds = 0.0
+        self.intervals: list[tuple[float, float]] = []  # (first byte up, last byte down)
+        for state in self.states.values():  # a request in flight now is not counted
+            state["req_start"] = None
+
+    def _close_request(self, state: dict) -> None:
+        """Record the request open on a connection (if any) as one interval."""
+        start, end = state.get("req_start"), state.get("last_down")
+        state["req_start"] = None
+        if start is not None and end is not None and end > start:
+            self.intervals.append((start, end))
+            if len(self.intervals) > MAX_INTERVALS:
+                self.intervals = _merge(self.intervals)
 
     def stats(self) -> dict:
+        intervals = list(self.intervals)
+        for state in self.states.values():  # requests still open: up to their last byte
+            start, end = state.get("req_start"), state.get("last_down")
+            if start is not None and end is not None and end > start:
+                intervals.append((start, end))
+        merged = _merge(intervals)
         return {
             "requests": self.requests,
             "methods": dict(self.methods),
@@ -110,6 +144,12 @@ class Proxy:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "connections": self.connections,
+            "delay_seconds": self.delay_seconds,
+            "pacing_seconds": self.pacing_seconds,
+            "busy_seconds": sum(end - start for start, end in intervals),
+            "busy_wall_seconds": sum(end - start for start, end in merged),
+            # round trips: periods with requests in flight, parallel ones counted once
+            "busy_periods": len(merged),
         }
 
     async def start(self) -> int:
@@ -123,7 +163,8 @@ class Proxy:
         except OSError:
             cwriter.close()
             return
-        state = {"new_request": True, "first": True, "method": ""}
+        state: dict = {"new_request": True, "first": True, "method": ""}
+        self.states[id(state)] = state
         up = asyncio.ensure_future(self._pipe(creader, swriter, state, self._up, upstream=True))
         down = asyncio.ensure_future(
             self._pipe(sreader, cwriter, state, self._down, upstream=False)
@@ -135,6 +176,8 @@ class Proxy:
         except asyncio.CancelledError:  # the proxy is shutting down
             pass
         finally:
+            self._close_request(state)
+            self.states.pop(id(state), None)
             for task in (up, down):
                 task.cancel()
             for w in (cwriter, swriter):
@@ -164,6 +207,9 @@ class Proxy:
                             state["method"] = method
                             self.requests += 1
                             self.methods[method] += 1
+                            self._close_request(state)
+                            state["req_start"] = time.monotonic()
+                            state["last_down"] = None
                         delay = self.link.delay * (2 if state["first"] else 1)
                         state["first"] = False
                         release = loop.time() + delay
@@ -187,11 +233,26 @@ class Proxy:
                     wait = release - loop.time()
                     if wait > 0:
                         await asyncio.sleep(wait)
-                await bucket.send(len(data), self.link.bandwidth)
+                        self.delay_seconds += wait
+                self.pacing_seconds += await bucket.send(len(data), self.link.bandwidth)
                 writer.write(data)
                 await writer.drain()
+                if not upstream:
+                    state["last_down"] = time.monotonic()
         finally:
             reading.cancel()
+
+
+def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of ``intervals`` as disjoint intervals, in order."""
+    out: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            if end > out[-1][1]:
+                out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
 
 
 async def _serve_commands() -> None:

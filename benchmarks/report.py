@@ -18,7 +18,9 @@ README = os.path.join(os.path.dirname(HERE), "README.md")
 BEGIN = "<!-- benchmarks:begin (written by python -m benchmarks.report --readme) -->"
 END = "<!-- benchmarks:end -->"
 
-# Measured elsewhere and quoted by issue 4: a reference column, not our measurement.
+# Measured elsewhere and quoted by issues 4 and 11: a reference column, not our
+# measurement. (A released build, PyPI's sqlite-graft 0.2.1, installs here but its
+# extension needs glibc 2.39 and this machine has 2.36: README, "Benchmarks".)
 REFERENCE = {
     "name": "Graft 0.2.1 (Rust, 64-page frames)",
     "lookups": {
@@ -26,6 +28,14 @@ REFERENCE = {
         "bytes_down": 5.47e6,
         "seconds": {"loopback": 0.13, "edge": 1.55, "slow": 5.98},
         "seconds_text": {"loopback": "0.13", "edge": "1.48-1.55", "slow": "5.98"},
+    },
+    # issue 11: lookups by an indexed non-rowid key (Graft reads S3 directly, so its
+    # server is never cold)
+    "keylookups": {
+        "requests": 64,
+        "bytes_down": 5.47e6,
+        "seconds": {"loopback": 0.24, "edge": 1.55, "slow": 6.03},
+        "seconds_text": {"loopback": "0.24", "edge": "1.55", "slow": "6.03"},
     },
     "warm_ratio": 0.46,
 }
@@ -38,9 +48,12 @@ SYSTEMS = {
 }
 WORKLOADS = {
     "lookups": "100 random lookups",
+    "keylookups": "100 lookups by key",
+    "index20": "20-row index query",
     "scan": "range scan",
     "aggregate": "full-table aggregate",
 }
+SERVER_COLD = "graft, server cold on S3"
 
 
 def _get(d: dict, *path, default=None):
@@ -104,6 +117,7 @@ def targets(r: dict) -> list[dict]:
             f"{100 * f:.2f}%",
             f < 0.03,
         )
+    out.extend(issue11_targets(r))
     w = r.get("warm", {}).get("history_pushes")
     if w:
         writes, ratio = w["max"]["object_writes"], w["max"]["bytes_ratio"]
@@ -136,6 +150,155 @@ def targets(r: dict) -> list[dict]:
                 p["bytes_ratio"] <= 1.5,
             )
     return out
+
+
+def issue11_targets(r: dict) -> list[dict]:
+    """Issue 11's targets (ratios within this run, or against the quoted Graft figures)."""
+    out: list[dict] = []
+
+    def add(name: str, value, text: str, met: bool | None) -> None:
+        out.append({"target": name, "value": value, "measured": text, "met": met})
+
+    cold = r.get("cold", {})
+    for kind, what in (("lookups", "by rowid"), ("keylookups", "by an indexed key")):
+        ref = REFERENCE[kind]
+        for link, per in cold.items():
+            res = per.get(kind, {})
+            dl = _get(res, "download", "seconds")
+            for row, server in (("graft", "server warm"), ("graft_server_cold", "server cold")):
+                g = res.get(row)
+                if not g or link not in ref["seconds"]:
+                    continue
+                graft = ref["seconds"][link]
+                label = f"100 cold lookups {what}, {server}, {link}"
+                if link == "edge":
+                    best = min(graft, dl) if dl else graft
+                    x = g["seconds"] / best
+                    add(
+                        f"{label}: <= 0.4x the better of Graft and a full download",
+                        x,
+                        f"{g['seconds']:.3f} s = {x:.2f}x {best:.3f} s",
+                        x <= 0.4,
+                    )
+                else:
+                    limit = 1.0 if link == "loopback" else 0.8
+                    x = g["seconds"] / graft
+                    met = x <= limit
+                    text = f"{g['seconds']:.3f} s = {x:.2f}x {graft} s"
+                    name = f"{label}: <= {limit}x Graft's time"
+                    if link != "loopback":
+                        name += " and bytes <= Graft's"
+                        met = met and g["bytes_down"] <= ref["bytes_down"]
+                        text += f", {g['bytes_down'] / 1e6:.2f} MB"
+                    add(name, x, text, met)
+    for link, per in cold.items():
+        g = _get(per, "index20", "graft")
+        if g and "round_trips" in g:
+            add(
+                f"20-row index query, cold client, {link}: <= 3 round trips",
+                g["round_trips"],
+                f"{g['round_trips']} round trips ({g['requests']} requests, "
+                f"{g['bytes_down'] / 1e3:.0f} kB, {_secs(g['seconds'])} s)",
+                g["round_trips"] <= 3,
+            )
+    tables = _get(r, "data", "tables") or {}
+    fraction = tables.get("orders", 0) / r["data"]["pages"] if tables else None
+    for link, per in cold.items():
+        g, d = _get(per, "aggregate", "graft"), _get(per, "aggregate", "download")
+        if g and d:
+            limit = 0.6 if fraction is not None and fraction <= 1 / 3 else 1.0
+            x = g["seconds"] / d["seconds"]
+            share = f" (orders is {100 * fraction:.0f}% of the file)" if fraction else ""
+            add(
+                f"cold full scan of orders, {link}: <= {limit}x full download + native{share}",
+                x,
+                f"{_secs(g['seconds'])} s = {x:.2f}x {_secs(d['seconds'])} s{_mark(d)}",
+                x <= limit,
+            )
+    return out
+
+
+def breakdown_lines(r: dict) -> list[str]:
+    """One cold lookup, where its time went, per link, server warm and cold."""
+    lines = []
+    for link, per in r.get("cold", {}).items():
+        for row, label in (("graft", "server warm"), ("graft_server_cold", "server cold")):
+            b = _get(per, "single", row, "breakdown")
+            if not b:
+                continue
+            ms = 1000
+            lines.append(
+                f"  {link:9} {label:12} {b['seconds'] * ms:7.1f} ms: client CPU "
+                f"{b['client_cpu'] * ms:5.1f}, server CPU {b['server_cpu'] * ms:6.1f}, "
+                f"object store {b['store_requests']:g} req / {b['store_wall'] * ms:6.1f} ms in "
+                f"flight (SeaweedFS CPU {b['store_cpu'] * ms:5.1f}), link wait "
+                f"{(b['link_delay'] + b['link_pacing']) * ms:6.1f}, link busy "
+                f"{b['link_requests_wall'] * ms:6.1f}"
+                + (f", direct S3 {b['direct_requests']:g} req" if b.get("direct_requests") else "")
+            )
+    return lines
+
+
+def passthrough_lines(r: dict) -> list[str]:
+    """``benchmarks/warm.py``'s section: its own ``rows`` as a table, else its keys."""
+    p = r.get("passthrough")
+    if p is None:
+        return []
+    if "skipped" in p:
+        return [f"  {p['skipped']}"]
+    rows = p.get("rows")
+    if isinstance(rows, list) and rows and all(isinstance(x, dict) for x in rows):
+        cols = list(dict.fromkeys(k for row in rows for k in row))
+        out = ["  " + " | ".join(cols)]
+        out += ["  " + " | ".join(_cell(row.get(c)) for c in cols) for row in rows]
+        return out
+    return [f"  {k}: {_cell(v)}" for k, v in _flat(p)]
+
+
+def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flat(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)
+
+
+def fragmented_lines(r: dict) -> list[str]:
+    f = r.get("fragmented")
+    if not f:
+        return []
+    lines = []
+    for link, per in f.items():
+        if not isinstance(per, dict):
+            continue
+        for kind in ("lookups", "scan"):
+            res = per.get(kind, {})
+            g = res.get("graft")
+            if not g:
+                continue
+            fresh = _get(r, "cold", link, kind, "graft", "seconds")
+            vs = f" ({g['seconds'] / fresh:.2f}x a fresh volume's)" if fresh else ""
+            line = (
+                f"  {link:9} {WORKLOADS[kind]:18} {_secs(g['seconds'])} s{vs}, "
+                f"{g['requests']} requests, {_mb(g['bytes_down'])} MB"
+            )
+            c = res.get("graft_server_cold")
+            if c:
+                line += (
+                    f"; server cold: {_secs(c['seconds'])} s, {c['store_requests']} store requests"
+                )
+            if not res.get("results_agree", True):
+                line += "  !! rows differ from native SQLite"
+            lines.append(line)
+    return lines
 
 
 # -- text -----------------------------------------------------------------------------
@@ -183,13 +346,11 @@ def text_tables(r: dict) -> str:
     lines.append("COLD READS (fresh client; medians; * extrapolated, ** modelled)")
     lines.append(head)
     lines.append("-" * len(head))
-    for link, per in r["cold"].items():
+    for link, per in r.get("cold", {}).items():
         for kind, title in WORKLOADS.items():
             res = per.get(kind, {})
             g = _get(res, "graft", "seconds")
-            rows = [("graft", res.get("graft"))]
-            if kind == "lookups":
-                rows.append(("graft, server cold too", res.get("graft_server_cold")))
+            rows = [("graft", res.get("graft")), (SERVER_COLD, res.get("graft_server_cold"))]
             rows += [(k, res.get(k)) for k in ("s3vfs", "download", "native")]
             for sysname, s in rows:
                 if not s:
@@ -201,15 +362,21 @@ def text_tables(r: dict) -> str:
                     f"{_secs(s['first_row_seconds']):>8} {s['requests']:>9} "
                     f"{_mb(s['bytes_down']):>8} {s['pages']:>7} {ratio:>9}"
                 )
-            if kind == "lookups":
-                ref = REFERENCE["lookups"]
+            if kind in REFERENCE and res:
+                ref = REFERENCE[kind]
                 lines.append(
                     f"{link:9} {title:21} {'Graft 0.2.1 (reference)':26} "
-                    f"{ref['seconds_text'][link]:>9} {'':>8} {ref['requests']:>9} "
+                    f"{ref['seconds_text'].get(link, ''):>9} {'':>8} {ref['requests']:>9} "
                     f"{_mb(ref['bytes_down']):>8}"
+                )
+            if kind == "index20" and res.get("graft"):
+                lines.append(
+                    f"{link:9} {title:21} graft: {res['graft'].get('round_trips', '?')} round trips"
                 )
             if res and not res.get("results_agree", True):
                 lines.append(f"{link:9} {title:21} !! systems returned different rows")
+            if res.get("same_rows_as_rowid_lookups") is False:
+                lines.append(f"{link:9} {title:21} !! not the rows the rowid lookups returned")
         lines.append("")
     one = _get(r, "cold", "loopback", "single", "graft")
     if one:
@@ -218,6 +385,23 @@ def text_tables(r: dict) -> str:
             f"{one['bytes_down'] / 1e3:.1f} kB, {one['pages']} pages, "
             f"{one['seconds'] * 1000:.1f} ms on loopback"
         )
+    bd = breakdown_lines(r)
+    if bd:
+        lines.append("")
+        lines.append(
+            "ONE COLD LOOKUP, WHERE THE TIME WENT (medians; CPU from /proc, store and link "
+            "from the proxies)"
+        )
+        lines += bd
+    fr = fragmented_lines(r)
+    if fr:
+        f = r["fragmented"]
+        lines.append("")
+        lines.append(
+            f"COLD READS AFTER {f['commits']} SMALL COMMITS (fresh client, server warm; "
+            f"commit + push {f['commit_and_push_per_s']:.0f}/s)"
+        )
+        lines += fr
     w = r.get("warm")
     if w:
         lines.append("")
@@ -230,7 +414,7 @@ def text_tables(r: dict) -> str:
                 f"(Graft 0.2.1: {REFERENCE['warm_ratio']}x)"
             )
     wr = r.get("writes")
-    if wr:
+    if wr and w:
         h = w["history_pushes"]
         lines.append("")
         lines.append("WRITES (loopback)")
@@ -282,6 +466,11 @@ def text_tables(r: dict) -> str:
                 + (f", {_secs(fd)} s" if fd else "")
                 + ")"
             )
+    pt = passthrough_lines(r)
+    if pt:
+        lines.append("")
+        lines.append("WARM PATH AGAINST A PASS-THROUGH VFS (benchmarks/warm.py)")
+        lines += pt
     lines.append("")
     lines.append("TARGETS")
     for t in targets(r):
@@ -309,20 +498,33 @@ def markdown(r: dict, image: str = "benchmarks/results/latest.png") -> str:
     out.append("")
     out.append(f"![benchmark plot]({image})")
     out.append("")
-    out.append("Cold reads by a fresh client (in brackets: the baseline's time / graft's):")
+    out.append(
+        "Cold reads by a fresh client (in brackets: the time / graft's with the server warm; "
+        "round trips: periods with requests in flight, parallel ones counted once):"
+    )
     out.append("")
     out.append(
-        "| workload | link | graft | sqlite-s3vfs | full download | native local "
-        "| Graft 0.2.1 (ref.) |"
+        "| workload | link | graft, server warm | graft, server cold on S3 | sqlite-s3vfs "
+        "| full download | native local | Graft 0.2.1 (ref.) |"
     )
-    out.append("|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|")
     for kind, title in WORKLOADS.items():
-        for link, per in r["cold"].items():
+        for link, per in r.get("cold", {}).items():
             res = per.get(kind, {})
             g = _get(res, "graft")
             if not g:
                 continue
-            cells = [f"{_secs(g['seconds'])} s, {g['requests']} req, {_mb(g['bytes_down'])} MB"]
+            trips = f", {g.get('round_trips', '?')} round trips" if kind == "index20" else ""
+            cells = [
+                f"{_secs(g['seconds'])} s, {g['requests']} req{trips}, {_mb(g['bytes_down'])} MB"
+            ]
+            c = res.get("graft_server_cold")
+            cells.append(
+                f"{_secs(c['seconds'])} s ({_ratio(c['seconds'] / g['seconds'])}), "
+                f"{c['store_requests']} store req"
+                if c
+                else ""
+            )
             for k in ("s3vfs", "download"):
                 s = res.get(k)
                 cells.append(
@@ -334,11 +536,43 @@ def markdown(r: dict, image: str = "benchmarks/results/latest.png") -> str:
             n = res.get("native")
             cells.append(f"{_secs(n['seconds'])} s" if n else "")
             ref = ""
-            if kind == "lookups":
-                rl = REFERENCE["lookups"]
-                ref = f"{rl['seconds_text'][link]} s, {rl['requests']} req, 5.47 MB"
-            out.append(f"| {title} | {link} | " + " | ".join(cells) + f" | {ref} |")
+            if kind in REFERENCE:
+                rl = REFERENCE[kind]
+                ref = f"{rl['seconds_text'].get(link, '')} s, {rl['requests']} req, 5.47 MB"
+            agree = "" if res.get("results_agree", True) else " **(rows differ!)**"
+            out.append(f"| {title}{agree} | {link} | " + " | ".join(cells) + f" | {ref} |")
     out.append("")
+    bd = breakdown_lines(r)
+    if bd:
+        out.append(
+            "One cold lookup (fresh client, median of "
+            f"{_get(r, 'config', 'breakdown_reps', default='several')} runs), where its time "
+            "went: client CPU is this process's `time.process_time`, server and SeaweedFS CPU "
+            "come from `/proc/PID/stat`, object-store requests and the wall time they were in "
+            "flight from the proxy between server and store, link wait is the delay and "
+            "bandwidth pacing the link proxy applied:"
+        )
+        out.append("")
+        out.append("```")
+        out += [line.strip() for line in bd]
+        out.append("```")
+        out.append("")
+    fr = fragmented_lines(r)
+    if fr:
+        f = r["fragmented"]
+        out.append(
+            f"Cold reads after {f['commits']} small commits (single-row updates of the rows "
+            "these workloads read, each pushed at once; fresh client, server warm):"
+        )
+        out.append("")
+        out += [f"- {line.strip()}" for line in fr]
+        out.append("")
+    pt = passthrough_lines(r)
+    if pt:
+        out.append("Warm path against a pass-through VFS (`benchmarks/warm.py`):")
+        out.append("")
+        out += [f"- {line.strip()}" for line in pt]
+        out.append("")
     w, wr, c = r.get("warm"), r.get("writes"), r.get("catchup")
     if w:
         out.append(
@@ -347,7 +581,7 @@ def markdown(r: dict, image: str = "benchmarks/results/latest.png") -> str:
             f"{w['after_history']['ratio']:.2f}x after 200 commits "
             f"(Graft 0.2.1: {REFERENCE['warm_ratio']}x)."
         )
-    if wr:
+    if wr and w:
         h = w["history_pushes"]
         out.append(
             f"- Writes (loopback): {wr['graft_local_commits_per_s']:.0f} single-row commits/s "
@@ -375,7 +609,7 @@ def markdown(r: dict, image: str = "benchmarks/results/latest.png") -> str:
             f"({100 * any_c['changed_fraction']:.1f}%): " + "; ".join(parts) + "."
         )
     out.append("")
-    out.append("| target (issue 4) | this run | met |")
+    out.append("| target (issues 4 and 11) | this run | met |")
     out.append("|---|---|---|")
     for t in targets(r):
         met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]

@@ -5,7 +5,13 @@ graft server on loopback, loads the database into graft, into S3 as one object a
 into sqlite-s3vfs's layout, then runs every scenario with graft and its baselines in
 the same run. Writes benchmarks/results/latest.json and latest.png and prints a table.
 ``make bench`` runs it in full, ``make bench-quick`` with fewer repetitions and a
-tighter time budget for the slowest baselines.
+tighter time budget for the slowest baselines. ``--only`` runs some sections only (and
+writes its results elsewhere unless ``--out`` says otherwise), for checking a change::
+
+    python -m benchmarks.run --quick --only cold --profiles loopback --workloads index20
+
+The pass-through VFS comparison of ``benchmarks/warm.py`` (``warm.run(quick) -> dict``)
+is an optional section: skipped, with a message saying so, while that module is absent.
 """
 
 from __future__ import annotations
@@ -93,6 +99,26 @@ def machine() -> dict:
     }
 
 
+SECTIONS = ("cold", "warm", "fragmented", "writes", "catchup", "passthrough")
+
+
+def passthrough(quick: bool) -> dict:
+    """``benchmarks/warm.py``'s comparison with a pass-through VFS, if that module is there."""
+    try:
+        from benchmarks import warm  # type: ignore[attr-defined]
+    except ModuleNotFoundError as exc:
+        if exc.name != "benchmarks.warm":
+            raise
+        why = "skipped: benchmarks/warm.py is not there (the pass-through VFS comparison)"
+        log(f"pass-through VFS: {why}")
+        return {"skipped": why}
+    log("warm path against a pass-through VFS (benchmarks/warm.py)")
+    got = warm.run(quick)
+    if not isinstance(got, dict):
+        raise TypeError(f"benchmarks.warm.run returned {type(got).__name__}, not a dict")
+    return got
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,10 +145,30 @@ def main(argv: list[str] | None = None) -> int:
         default="loopback,edge,slow",
         help=f"comma-separated link profiles, of {', '.join(PROFILES)}",
     )
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all); "
+        "results go to benchmarks/results/partial/ unless --out is given",
+    )
+    parser.add_argument(
+        "--workloads",
+        help="comma-separated cold workloads to run (default: all): "
+        "lookups (always run), scan, aggregate, keylookups, index20 (fragmented needs scan)",
+    )
+    parser.add_argument(
+        "--no-s3vfs", action="store_true", help="leave out sqlite-s3vfs (for narrow runs)"
+    )
     args = parser.parse_args(argv)
+    sections = SECTIONS if not args.only else tuple(x for x in args.only.split(",") if x)
+    for x in sections:
+        if x not in SECTIONS:
+            parser.error(f"unknown section {x!r}: choose from {', '.join(SECTIONS)}")
+    if args.only and args.out == parser.get_default("out"):
+        args.out = os.path.join(HERE, "results", "partial")
 
     cfg = scenarios.Config.make(args.quick)
     cfg.profiles = tuple(p for p in args.profiles.split(",") if p)
+    cfg.s3vfs = not args.no_s3vfs
     for p in cfg.profiles:
         if p not in PROFILES:
             parser.error(f"unknown profile {p!r}")
@@ -141,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     if ds.bytes < 100e6:
         log("data: NOTE the database is smaller than 100 MB")
     wls = workloads(spec.orders, spec.wide_rows)
+    if args.workloads:
+        kinds = set(args.workloads.split(","))
+        unknown = kinds - {w.kind for w in wls}
+        if unknown:
+            parser.error(f"unknown workloads {sorted(unknown)}")
+        wls = [w for w in wls if w.kind in kinds or w.kind == "lookups"]  # lookups: always
 
     result: dict = {
         "mode": "quick" if args.quick else "full",
@@ -161,23 +213,38 @@ def main(argv: list[str] | None = None) -> int:
         },
         "reference": report.REFERENCE,
     }
+    result["sections"] = list(sections)
     with Services(ds.path, s3vfs_db, s3vfs_block_size=S3VFS.block_size) as svc:
-        log("loading the database into graft, S3 and sqlite-s3vfs's layout")
-        svc.load()
+        log(
+            "loading the database into graft"
+            + (", S3 and sqlite-s3vfs's layout" if "cold" in sections else "")
+        )
+        svc.load(baselines="cold" in sections)
         result["setup"] = vars(svc.setup)
         log(f"setup: {svc.setup}")
-        log("cold reads")
-        result["cold"] = scenarios.cold(svc, ds, s3vfs_db, wls, cfg, log)
+        if "cold" in sections:
+            log("cold reads")
+            result["cold"] = scenarios.cold(svc, ds, s3vfs_db, wls, cfg, log)
         client = scenarios.WarmClient(svc)
         try:
-            log("warm reads")
-            result["warm"] = scenarios.warm(svc, ds, client, cfg, log)
-            log("writes")
-            result["writes"] = scenarios.writes(svc, ds, client, cfg, log)
-            log("sync catch-up")
-            result["catchup"] = scenarios.catchup(svc, ds, client, cfg, result["cold"], log)
+            if "warm" in sections:
+                log("warm reads")
+                result["warm"] = scenarios.warm(svc, ds, client, cfg, log)
+            if "fragmented" in sections:
+                log(f"cold reads after {cfg.fragment_commits} small commits")
+                result["fragmented"] = scenarios.fragmented(svc, ds, client, wls, cfg, log)
+            if "writes" in sections:
+                log("writes")
+                result["writes"] = scenarios.writes(svc, ds, client, cfg, log)
+            if "catchup" in sections:
+                log("sync catch-up")
+                result["catchup"] = scenarios.catchup(
+                    svc, ds, client, cfg, result.get("cold", {}), log
+                )
         finally:
             client.close()
+    if "passthrough" in sections:
+        result["passthrough"] = passthrough(args.quick)
     result["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result["duration_seconds"] = time.perf_counter() - started
     result["targets"] = report.targets(result)

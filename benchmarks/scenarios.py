@@ -29,6 +29,7 @@ from benchmarks.data import Dataset
 from benchmarks.linkproxy import LOOPBACK, PROFILES, Link
 from benchmarks.services import VOLUME, Services, s3_bucket
 from benchmarks.systems import (
+    BASELINE_KINDS,
     LOOKUP_SQL,
     PAGE,
     S3VFS,
@@ -55,6 +56,11 @@ class Config:
     history_commits: int
     single_commits: int
     bulk_rows: int
+    server_cold_reps: int = 1  # runs with the server restarted before each, per workload
+    breakdown_reps: int = 3  # one cold lookup, server cold and warm, per link
+    fragment_commits: int = 200  # small commits before the fragmented-history runs
+    fragment_reps: int = 1
+    s3vfs: bool = True  # run sqlite-s3vfs (the slowest baseline) at all
     profiles: tuple[str, ...] = ("loopback", "edge", "slow")
 
     @classmethod
@@ -62,7 +68,7 @@ class Config:
         if quick:
             return cls(
                 quick=True,
-                reps={"lookups": 3, "scan": 3, "aggregate": 1},
+                reps={"lookups": 3, "scan": 3, "aggregate": 1, "keylookups": 1, "index20": 3},
                 download_reps=1,
                 budget=10.0,
                 baseline_reps=1,
@@ -74,7 +80,7 @@ class Config:
             )
         return cls(
             quick=False,
-            reps={"lookups": 7, "scan": 5, "aggregate": 3},
+            reps={"lookups": 7, "scan": 5, "aggregate": 3, "keylookups": 7, "index20": 5},
             download_reps=3,
             budget=900.0,
             baseline_reps=3,
@@ -83,6 +89,9 @@ class Config:
             history_commits=200,
             single_commits=500,
             bulk_rows=100_000,
+            server_cold_reps=3,
+            breakdown_reps=5,
+            fragment_reps=3,
         )
 
 
@@ -101,9 +110,17 @@ def summarize(runs: list[Run], how: str = "measured") -> dict:
         "bytes_up": round(median([r.bytes_up for r in runs])),
         "pages": round(median([r.pages for r in runs])),
         "store_requests": round(median([r.store_requests for r in runs])),
+        "round_trips": round(median([r.round_trips for r in runs])),
         "runs": [round(r.seconds, 4) for r in runs],
         "how": how,
+        **({"breakdown": _breakdown(runs)} if any(r.breakdown for r in runs) else {}),
     }
+
+
+def _breakdown(runs: list[Run]) -> dict:
+    """The median of each breakdown figure over ``runs``."""
+    got = [r.breakdown for r in runs if r.breakdown]
+    return {k: median([b[k] for b in got]) for k in got[0]}
 
 
 def modelled(loopback: dict, link: Link) -> dict:
@@ -132,8 +149,17 @@ def predicted_seconds(loopback: dict | None, link: Link) -> float:
 # -- cold reads -------------------------------------------------------------------------
 
 
+SERVER_COLD_KINDS = ("lookups", "keylookups")
+
+
 def cold(svc: Services, ds: Dataset, s3vfs_db: str, wls: list[Workload], cfg: Config, log) -> dict:
+    """Per link: every workload on a fresh client with the server warm (it has served every
+    page since its start, as a long-running one would); the lookups also with the server
+    restarted before each run (its caches empty: every page comes from S3); one cold
+    lookup broken down by where its time went, server warm and cold; the baselines."""
     out: dict = {}
+    first_id = [(i,) for (i,) in next(w for w in wls if w.kind == "lookups").params[:1]]
+    one = Workload("single", "one cold lookup", LOOKUP_SQL, first_id)
     for name in cfg.profiles:
         link = PROFILES[name]
         svc.set_link(link)
@@ -145,24 +171,41 @@ def cold(svc: Services, ds: Dataset, s3vfs_db: str, wls: list[Workload], cfg: Co
             native = Native(svc, ds.path)
             res[w.kind]["native"] = summarize([native.run(w) for _ in range(cfg.reps[w.kind])])
 
-        if loop is None:
-            # A server that has served nothing since it started: its caches are empty too.
-            # (Afterwards the server stays warm, as a long-running one would be.)
+        for w in wls:
+            if w.kind not in SERVER_COLD_KINDS:
+                continue
+            runs = []
+            for _ in range(cfg.server_cold_reps):
+                svc.restart_server()
+                runs.append(Graft(svc, ds.path).run(w))
+            res[w.kind]["graft_server_cold"] = summarize(runs)
+            log(
+                f"  {name}: graft {w.kind}, server cold on S3: "
+                f"{res[w.kind]['graft_server_cold']['seconds']:.3f} s, "
+                f"{res[w.kind]['graft_server_cold']['store_requests']} store requests"
+            )
+        cold_one = []
+        for _ in range(cfg.breakdown_reps):
             svc.restart_server()
-            first = Graft(svc, ds.path).run(wls[0])
-            res[wls[0].kind]["graft_server_cold"] = summarize([first])
-            log(f"  {name}: graft, server also cold: {first.seconds:.3f} s")
+            cold_one.append(Graft(svc, ds.path).run(one))
+
+        took = svc.warm_server()
+        log(f"  {name}: server warmed (every page read once) in {took:.1f} s")
         for w in wls:
             runs = [Graft(svc, ds.path).run(w) for _ in range(cfg.reps[w.kind])]
             res[w.kind]["graft"] = summarize(runs)
             log(f"  {name}: graft {w.kind}: {res[w.kind]['graft']['seconds']:.3f} s")
-        if loop is None:  # what one cold lookup costs (the same bytes on every link)
-            one = Workload("single", "one cold lookup", LOOKUP_SQL, wls[0].params[:1])
-            res["single"] = {
-                "graft": summarize(
-                    [Graft(svc, ds.path).run(one) for _ in range(cfg.reps["lookups"])]
-                )
-            }
+        res["single"] = {
+            "graft": summarize([Graft(svc, ds.path).run(one) for _ in range(cfg.breakdown_reps)]),
+            "graft_server_cold": summarize(cold_one),
+        }
+        b = res["single"]["graft_server_cold"]["breakdown"]
+        log(
+            f"  {name}: one cold lookup, server cold: {b['seconds'] * 1000:.1f} ms = client CPU "
+            f"{b['client_cpu'] * 1000:.1f} ms, server CPU {b['server_cpu'] * 1000:.1f} ms, "
+            f"store {b['store_requests']} requests in {b['store_wall'] * 1000:.1f} ms, link "
+            f"{(b['link_delay'] + b['link_pacing']) * 1000:.1f} ms"
+        )
 
         dl = _download(svc, ds, wls, cfg, link, loop)
         for kind, summary in dl.items():
@@ -171,6 +214,8 @@ def cold(svc: Services, ds: Dataset, s3vfs_db: str, wls: list[Workload], cfg: Co
         log(f"  {name}: full download: {first_dl['seconds']:.3f} s ({first_dl['how']})")
 
         for w in wls:
+            if w.kind not in BASELINE_KINDS or not cfg.s3vfs:
+                continue
             res[w.kind]["s3vfs"] = _s3vfs(svc, s3vfs_db, w, cfg, link, loop)
             log(
                 f"  {name}: sqlite-s3vfs {w.kind}: {res[w.kind]['s3vfs']['seconds']:.2f} s "
@@ -178,9 +223,21 @@ def cold(svc: Services, ds: Dataset, s3vfs_db: str, wls: list[Workload], cfg: Co
             )
 
         for w in wls:
-            digests = {v["digest"] for v in res[w.kind].values() if v.get("digest")}
-            res[w.kind]["results_agree"] = len(digests) == 1
+            res[w.kind]["results_agree"] = agree(res[w.kind])
+        if "keylookups" in res and "lookups" in res:  # the same orders, by another key
+            digests = {_get_digest(res["lookups"]), _get_digest(res["keylookups"])}
+            res["keylookups"]["same_rows_as_rowid_lookups"] = len(digests) == 1
     return out
+
+
+def agree(per_system: dict) -> bool:
+    """Every system that ran all of a workload returned the same rows (and one did)."""
+    digests = {v["digest"] for v in per_system.values() if isinstance(v, dict) and v.get("digest")}
+    return len(digests) == 1
+
+
+def _get_digest(per_system: dict) -> str | None:
+    return (per_system.get("native") or {}).get("digest")
 
 
 def _digest_of(runs: list[Run]) -> str | None:
@@ -339,6 +396,90 @@ def warm(svc: Services, ds: Dataset, client: WarmClient, cfg: Config, log) -> di
     }
 
 
+# -- a fragmented history -----------------------------------------------------------------
+
+
+FRAGMENT_ORDER_SQL = "UPDATE orders SET amount = amount + 1 WHERE id = ?"
+FRAGMENT_WIDE_SQL = "UPDATE wide SET c00 = c00 + 1 WHERE id = ?"
+
+
+def fragment_statements(wls: list[Workload], n: int) -> list[tuple[str, tuple]]:
+    """``n`` single-row updates, alternately of one of the orders the lookups read and of
+    a row of the scanned range (evenly spread over it): afterwards the pages those
+    workloads read come from up to ``n`` small segments instead of one import."""
+    ids = [p[0] for p in next(w for w in wls if w.kind == "lookups").params]
+    lo, hi = next(w for w in wls if w.kind == "scan").params[0]
+    half = max(n // 2, 1)
+    out = []
+    for k in range(n):
+        if k % 2 == 0:
+            out.append((FRAGMENT_ORDER_SQL, (ids[(k // 2) % len(ids)],)))
+        else:
+            out.append((FRAGMENT_WIDE_SQL, (lo + (k // 2) * (hi - lo + 1) // half,)))
+    return out
+
+
+def native_copy(svc: Services, ds: Dataset) -> str:
+    """A copy of the database with every statement committed to the volume applied."""
+    path = os.path.join(tempfile.mkdtemp(prefix="native-copy-", dir=svc.work), "copy.db")
+    shutil.copyfile(ds.path, path)
+    con = apsw.Connection(path)
+    try:
+        with con:
+            for sql, params in svc.applied:
+                con.execute(sql, params)
+    finally:
+        con.close()
+    return path
+
+
+def fragmented(
+    svc: Services, ds: Dataset, client: WarmClient, wls: list[Workload], cfg: Config, log
+) -> dict:
+    """Cold lookups and a cold range scan after ``cfg.fragment_commits`` small commits,
+    each pushed at once, that changed the pages those workloads read (a fresh client,
+    server warm; on loopback also with the server cold, for its store requests)."""
+    svc.set_link(LOOPBACK)
+    stmts = fragment_statements(wls, cfg.fragment_commits)
+    t = time.perf_counter()
+    for sql, params in stmts:
+        client.writer.execute(sql, params)
+        client.pragma("graft_push")
+        svc.applied.append((sql, params))
+    took = time.perf_counter() - t
+    log(f"  {len(stmts)} small commits, each pushed, in {took:.1f} s")
+    out: dict = {"commits": len(stmts), "commit_and_push_per_s": len(stmts) / took}
+    copy = native_copy(svc, ds)
+    kinds = [w for w in wls if w.kind in ("lookups", "scan")]
+    try:
+        for name in cfg.profiles:
+            svc.set_link(PROFILES[name])
+            res: dict = {}
+            out[name] = res
+            if name == "loopback":
+                for w in kinds:
+                    svc.restart_server()
+                    res.setdefault(w.kind, {})["graft_server_cold"] = summarize(
+                        [Graft(svc, ds.path).run(w)]
+                    )
+            svc.warm_server()
+            for w in kinds:
+                r = res.setdefault(w.kind, {})
+                r["native"] = summarize([Native(svc, copy).run(w)])
+                r["graft"] = summarize(
+                    [Graft(svc, ds.path).run(w) for _ in range(cfg.fragment_reps)]
+                )
+                r["results_agree"] = agree(r)
+                log(
+                    f"  {name}: graft {w.kind} after {len(stmts)} commits: "
+                    f"{r['graft']['seconds']:.3f} s, {r['graft']['requests']} requests"
+                    + ("" if r["results_agree"] else " !! rows differ from native SQLite")
+                )
+    finally:
+        shutil.rmtree(os.path.dirname(copy), ignore_errors=True)
+    return out
+
+
 # -- writes -----------------------------------------------------------------------------
 
 
@@ -397,9 +538,11 @@ def history_commits(svc: Services, ds: Dataset, client: WarmClient, n: int) -> d
     busy = 0.0
     try:
         for _ in range(n):
+            row = _order_row(rng, customers)
             t = time.perf_counter()
-            client.writer.execute(INSERT_SQL, _order_row(rng, customers))
+            client.writer.execute(INSERT_SQL, row)
             busy += time.perf_counter() - t
+            svc.applied.append((INSERT_SQL, row))
             push = measured_push(svc, client, remote)
             busy += push["seconds"]
             pushes.append(push)

@@ -140,6 +140,9 @@ class Services:
         self.setup = Setup()
         self.ports: dict[str, int] = {}
         self.link: Link = LOOPBACK
+        # every SQL statement committed to the volume since it was loaded, in order, so a
+        # native copy can be brought to the same rows: [(sql, params), ...]
+        self.applied: list[tuple[str, tuple]] = []
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -202,6 +205,35 @@ class Services:
         assert self.proxies is not None
         return self.proxies.stats(name)
 
+    @property
+    def server_pid(self) -> int | None:
+        proc = self.server.proc if self.server is not None else None
+        return proc.pid if proc is not None else None
+
+    @property
+    def store_pid(self) -> int | None:
+        return self.seaweed.proc.pid if self.seaweed.proc is not None else None
+
+    def warm_server(self) -> float:
+        """Read every page of the volume once through the server (no proxy), so its
+        frame cache holds them all, as a long-running server's would; returns seconds."""
+        t = time.perf_counter()
+        remote = Remote(self.direct_graft_url, timeout=600)
+        try:
+            head = remote.snapshot(VOLUME)
+            step = 4096
+            starts = range(0, head.page_count, step)
+
+            def read(start: int) -> None:
+                end = min(start + step, head.page_count)
+                remote.read_pages(VOLUME, head.lsn, range(start, end))
+
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(read, starts))
+        finally:
+            remote.close()
+        return time.perf_counter() - t
+
     def restart_server(self) -> None:
         """A cold graft server (no cached frames or volume state), same port."""
         assert self.server is not None
@@ -209,8 +241,9 @@ class Services:
 
     # -- loading ------------------------------------------------------------------------
 
-    def load(self) -> None:
-        """The database as a graft volume, as one S3 object, and in sqlite-s3vfs's layout."""
+    def load(self, *, baselines: bool = True) -> None:
+        """The database as a graft volume, as one S3 object, and in sqlite-s3vfs's layout
+        (the last two only with ``baselines``)."""
         t = time.perf_counter()
         remote = Remote(self.direct_graft_url, timeout=600)
         try:
@@ -218,6 +251,8 @@ class Services:
         finally:
             remote.close()
         self.setup.graft_import = time.perf_counter() - t
+        if not baselines:
+            return
 
         direct = s3_client(self.seaweed.endpoint, pool=16)
         t = time.perf_counter()

@@ -9,7 +9,11 @@ A *system* opens the database cold (nothing local) and runs one workload on it:
 
 Each run reports its wall time (``time.perf_counter``), the time to its first row,
 and what crossed the link: requests, bytes down and up (counted by the proxy), and
-4 KiB pages moved.
+4 KiB pages moved. A graft run also reports where its time went, each figure taken from
+outside the product: the CPU time of this process (the client; ``time.process_time``),
+of the graft server process and of SeaweedFS (``/proc/PID/stat``), the server's
+object-store requests and the wall time they were in flight (the "store" proxy), and
+the time the simulated link held its requests and bytes (the "graft" proxy).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import apsw
 import sqlite_s3vfs
 
 import graft_vfs
+from benchmarks.data import order_ref
 from benchmarks.services import (
     BUCKET,
     FULL_KEY,
@@ -40,6 +45,8 @@ from benchmarks.services import (
 
 PAGE = 4096
 LOOKUP_SQL = "SELECT id, customer_id, created, amount, note FROM orders WHERE id = ?"
+KEY_LOOKUP_SQL = "SELECT id, customer_id, created, amount, note FROM orders WHERE ref = ?"
+INDEX20_SQL = "SELECT id, created, amount FROM orders WHERE customer_id = ? ORDER BY id"
 SCAN_SQL = "SELECT count(*), sum(c00), sum(length(c02)) FROM wide WHERE id BETWEEN ? AND ?"
 AGGREGATE_SQL = "SELECT count(*), round(sum(amount), 2), max(length(note)) FROM orders"
 
@@ -74,21 +81,59 @@ class Workload:
         return digest.hexdigest()[:16], done
 
 
+# The workloads every system runs; the others are run by graft and native SQLite only
+# (sqlite-s3vfs would add minutes to a run and is far behind on the first three).
+BASELINE_KINDS = ("lookups", "scan", "aggregate")
+SCAN_SPAN = 2000
+
+
 def workloads(orders: int, wide_rows: int, *, lookups: int = 100, seed: int = 42) -> list[Workload]:
     rng = random.Random(seed)
-    ids = [(rng.randint(1, orders),) for _ in range(lookups)]
-    span = 2000
-    start = rng.randint(1, max(1, wide_rows - span))
+    ids = [rng.randint(1, orders) for _ in range(lookups)]
+    start = rng.randint(1, max(1, wide_rows - SCAN_SPAN))
+    customer = rng.randint(1, max(orders // 20, 1))
     return [
-        Workload("lookups", f"{lookups} random lookups by primary key (orders)", LOOKUP_SQL, ids),
+        Workload(
+            "lookups",
+            f"{lookups} random lookups by primary key (orders)",
+            LOOKUP_SQL,
+            [(i,) for i in ids],
+        ),
         Workload(
             "scan",
-            f"range scan of {span} rows (wide, ~2 KB rows)",
+            f"range scan of {SCAN_SPAN} rows (wide, ~2 KB rows)",
             SCAN_SQL,
-            [(start, start + span - 1)],
+            [(start, start + SCAN_SPAN - 1)],
         ),
         Workload("aggregate", "full-table aggregate (orders)", AGGREGATE_SQL, [()]),
+        # The same orders as "lookups", found through the unique index on orders.ref:
+        # the same rows, so the same digest.
+        Workload(
+            "keylookups",
+            f"{lookups} random lookups by an indexed non-rowid key (orders.ref)",
+            KEY_LOOKUP_SQL,
+            [(order_ref(i),) for i in ids],
+        ),
+        Workload(
+            "index20",
+            "index query returning ~20 rows scattered over orders (orders_customer)",
+            INDEX20_SQL,
+            [(customer,)],
+        ),
     ]
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` so far (0.0 if it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # after the command's ")": state is field 3, utime 14 and stime 15 (1-based)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -107,6 +152,8 @@ class Run:
     first: dict | None = None  # counters after the first statement (for extrapolation)
     store_requests: int = 0  # graft: the server's object-store requests
     store_bytes_down: int = 0
+    breakdown: dict | None = None  # graft: where the time went (see the module's doc)
+    round_trips: int = 0  # periods with requests in flight on the link (parallel ones: 1)
 
     def extrapolated(self) -> Run:
         """A run cut short, scaled to all its statements: the first as measured, the
@@ -144,11 +191,14 @@ class System:
     def run(self, workload: Workload, *, budget: float | None = None) -> Run:
         """A cold run; with ``budget`` (seconds), stop after it and mark the run short."""
         svc = self.services
-        names = [self.proxy, "store"] if self.proxy == "graft" else [self.proxy]
+        # graft: its link (and S3 through the baselines' link, should a client read the
+        # store directly), and the server's store traffic
+        names = ["graft", "s3", "store"] if self.proxy == "graft" else [self.proxy]
         names = [n for n in names if n]
         self.prepare()
         svc.reset(*names)
         first: dict = {}
+        cpu = self._cpu()
         started = time.perf_counter()
         deadline = started + budget if budget is not None else None
 
@@ -167,11 +217,33 @@ class System:
         try:
             digest, done = workload.run(con, deadline=deadline, on_first=on_first)
             seconds = time.perf_counter() - started
+            cpu_after = self._cpu()
             pages = self.pages_moved(con)
         finally:
             self.close(con)
         link = svc.stats(self.proxy) if self.proxy else {}
         store = svc.stats("store") if self.proxy == "graft" else {}
+        breakdown = None
+        if self.proxy == "graft":
+            direct = svc.stats("s3")
+            breakdown = {
+                "seconds": seconds,
+                "client_cpu": cpu_after[0] - cpu[0],
+                "server_cpu": cpu_after[1] - cpu[1],
+                "store_cpu": cpu_after[2] - cpu[2],
+                "store_requests": store["requests"],
+                "store_bytes_down": store["bytes_down"],
+                "store_wall": store["busy_wall_seconds"],
+                "link_requests_wall": link["busy_wall_seconds"],
+                "link_delay": link["delay_seconds"],
+                "link_pacing": link["pacing_seconds"],
+                "direct_requests": direct["requests"],
+                "direct_bytes_down": direct["bytes_down"],
+                "direct_wall": direct["busy_wall_seconds"],
+            }
+            link = {k: link[k] + direct[k] for k in ("requests", "bytes_down", "bytes_up")} | {
+                "busy_periods": link["busy_periods"] + direct["busy_periods"]
+            }
         return Run(
             seconds=seconds,
             first_row_seconds=first["seconds"],
@@ -185,7 +257,14 @@ class System:
             first=first if "requests" in first else None,
             store_requests=store.get("requests", 0),
             store_bytes_down=store.get("bytes_down", 0),
+            breakdown=breakdown,
+            round_trips=link.get("busy_periods", 0),
         )
+
+    def _cpu(self) -> tuple[float, float, float]:
+        """CPU seconds so far of this process, the graft server and SeaweedFS."""
+        svc = self.services
+        return (time.process_time(), cpu_seconds(svc.server_pid), cpu_seconds(svc.store_pid))
 
     def prepare(self) -> None:
         """Untimed work before a run (creating clients)."""
