@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install test demo bench bench-quick soak clean
+.PHONY: install test demo bench bench-quick bench-docs soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,14 +27,22 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-# Benchmarks (issue 4; not part of `make test`): graft and its baselines on the same
-# >= 100 MB database over three simulated links. Writes benchmarks/results/latest.json
-# and latest.png and prints a table. bench-quick: fewer repetitions, under 5 minutes.
+# Benchmarks (issues 4 and 11; not part of `make test`): graft and its baselines on the
+# same >= 100 MB database over three simulated links, then the capacity run (one server,
+# 8 client processes). Writes benchmarks/results/latest.json, latest.png and
+# capacity.json and prints tables. bench-quick: fewer repetitions, about 6 minutes.
+# bench-docs: copy the latest results into README's benchmark section and docs/capacity.md.
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.capacity
 
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run --quick
+	$(PY) -m benchmarks.capacity --quick
+
+bench-docs: $(BENCH_STAMP)
+	$(PY) -m benchmarks.report --readme
+	$(PY) -m benchmarks.capacity --doc
 
 # The bank-transfer tests (3 servers, 6 clients; servers killed and restarted; store
 # faults switched on and off): a 5-minute workload each instead of 6-10 s.

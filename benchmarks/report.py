@@ -343,9 +343,10 @@ def text_tables(r: dict) -> str:
         f"{'link':9} {'workload':21} {'system':26} {'seconds':>9} {'1st row':>8} "
         f"{'requests':>9} {'MB down':>8} {'pages':>7} {'vs graft':>9}"
     )
-    lines.append("COLD READS (fresh client; medians; * extrapolated, ** modelled)")
-    lines.append(head)
-    lines.append("-" * len(head))
+    if r.get("cold"):
+        lines.append("COLD READS (fresh client; medians; * extrapolated, ** modelled)")
+        lines.append(head)
+        lines.append("-" * len(head))
     for link, per in r.get("cold", {}).items():
         for kind, title in WORKLOADS.items():
             res = per.get(kind, {})

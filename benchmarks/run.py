@@ -222,29 +222,38 @@ def main(argv: list[str] | None = None) -> int:
         svc.load(baselines="cold" in sections)
         result["setup"] = vars(svc.setup)
         log(f"setup: {svc.setup}")
+        timed = result["section_seconds"] = {"setup": time.perf_counter() - started}
+        t = time.perf_counter()
         if "cold" in sections:
             log("cold reads")
             result["cold"] = scenarios.cold(svc, ds, s3vfs_db, wls, cfg, log)
+            timed["cold"], t = time.perf_counter() - t, time.perf_counter()
         client = scenarios.WarmClient(svc)
         try:
             if "warm" in sections:
                 log("warm reads")
                 result["warm"] = scenarios.warm(svc, ds, client, cfg, log)
+                timed["warm"], t = time.perf_counter() - t, time.perf_counter()
             if "fragmented" in sections:
                 log(f"cold reads after {cfg.fragment_commits} small commits")
                 result["fragmented"] = scenarios.fragmented(svc, ds, client, wls, cfg, log)
+                timed["fragmented"], t = time.perf_counter() - t, time.perf_counter()
             if "writes" in sections:
                 log("writes")
                 result["writes"] = scenarios.writes(svc, ds, client, cfg, log)
+                timed["writes"], t = time.perf_counter() - t, time.perf_counter()
             if "catchup" in sections:
                 log("sync catch-up")
                 result["catchup"] = scenarios.catchup(
                     svc, ds, client, cfg, result.get("cold", {}), log
                 )
+                timed["catchup"], t = time.perf_counter() - t, time.perf_counter()
         finally:
             client.close()
     if "passthrough" in sections:
+        t = time.perf_counter()
         result["passthrough"] = passthrough(args.quick)
+        timed["passthrough"] = time.perf_counter() - t
     result["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result["duration_seconds"] = time.perf_counter() - started
     result["targets"] = report.targets(result)
@@ -256,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         f.write("\n")
     os.replace(path + ".tmp", path)
     png = os.path.join(args.out, "latest.png")
-    report.plot(result, png)
+    if "cold" in result:
+        report.plot(result, png)
+    else:
+        png = "no plot (no cold reads)"
     print(report.text_tables(result))
     print(f"\nwrote {path} and {png} in {result['duration_seconds']:.0f} s")
     return 0
