@@ -257,7 +257,7 @@ def measure(quick: bool, clients: int, seconds: float | None, cache_dir: str) ->
         "data": {"bytes": ds.bytes, "pages": ds.pages},
     }
     with Services(ds.path, ds.path, s3vfs_block_size=65536) as svc:
-        svc.load(baselines=False)
+        svc.load(full=False, s3vfs=False)
         log(f"capacity: {clients} client processes, {seconds:g} s per phase")
         pool = Clients(svc.direct_graft_url, VOLUME, clients)
         try:

@@ -646,6 +646,7 @@ def plot(r: dict, path: str) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
     colors = {
         "graft": "#2a7ab9",
+        "graft_server_cold": "#9ecae1",
         "s3vfs": "#d95f02",
         "download": "#7570b3",
         "native": "#66a61e",
@@ -655,7 +656,9 @@ def plot(r: dict, path: str) -> None:
     def bars(
         ax, kind: str, key: str, scale: float, ylabel: str, title: str, log: bool = True
     ) -> None:
-        systems = ["graft", "s3vfs", "download"] + (["reference"] if kind == "lookups" else [])
+        systems = ["graft", "s3vfs", "download"]
+        if kind == "lookups":
+            systems = ["graft", "graft_server_cold", "s3vfs", "download", "reference"]
         width = 0.8 / len(systems)
         for i, s in enumerate(systems):
             xs = [x + (i - (len(systems) - 1) / 2) * width for x in range(len(links))]
@@ -706,6 +709,7 @@ def plot(r: dict, path: str) -> None:
         log=False,
     )
     handles = [Patch(color=colors[s], label=SYSTEMS[s]) for s in ("graft", "s3vfs", "download")]
+    handles.insert(1, Patch(color=colors["graft_server_cold"], label=SERVER_COLD))
     handles.append(Patch(color=colors["reference"], label="Graft 0.2.1 (issue 4, reference)"))
     handles.append(
         Patch(facecolor="#cccccc", hatch="//", edgecolor="white", label="extrapolated / modelled")

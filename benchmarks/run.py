@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             "loading the database into graft"
             + (", S3 and sqlite-s3vfs's layout" if "cold" in sections else "")
         )
-        svc.load(baselines="cold" in sections)
+        svc.load(full="cold" in sections, s3vfs="cold" in sections and cfg.s3vfs)
         result["setup"] = vars(svc.setup)
         log(f"setup: {svc.setup}")
         timed = result["section_seconds"] = {"setup": time.perf_counter() - started}

@@ -196,9 +196,11 @@ def cold(svc: Services, ds: Dataset, s3vfs_db: str, wls: list[Workload], cfg: Co
             res[w.kind]["graft"] = summarize(runs)
             log(f"  {name}: graft {w.kind}: {res[w.kind]['graft']['seconds']:.3f} s")
         res["single"] = {
+            "native": summarize([Native(svc, ds.path).run(one)]),
             "graft": summarize([Graft(svc, ds.path).run(one) for _ in range(cfg.breakdown_reps)]),
             "graft_server_cold": summarize(cold_one),
         }
+        res["single"]["results_agree"] = agree(res["single"])
         b = res["single"]["graft_server_cold"]["breakdown"]
         log(
             f"  {name}: one cold lookup, server cold: {b['seconds'] * 1000:.1f} ms = client CPU "

@@ -241,9 +241,9 @@ class Services:
 
     # -- loading ------------------------------------------------------------------------
 
-    def load(self, *, baselines: bool = True) -> None:
-        """The database as a graft volume, as one S3 object, and in sqlite-s3vfs's layout
-        (the last two only with ``baselines``)."""
+    def load(self, *, full: bool = True, s3vfs: bool = True) -> None:
+        """The database as a graft volume, as one S3 object (with ``full``), and in
+        sqlite-s3vfs's layout (with ``s3vfs``)."""
         t = time.perf_counter()
         remote = Remote(self.direct_graft_url, timeout=600)
         try:
@@ -251,13 +251,14 @@ class Services:
         finally:
             remote.close()
         self.setup.graft_import = time.perf_counter() - t
-        if not baselines:
-            return
 
         direct = s3_client(self.seaweed.endpoint, pool=16)
-        t = time.perf_counter()
-        direct.upload_file(self.db_path, BUCKET, FULL_KEY)
-        self.setup.full_upload = time.perf_counter() - t
+        if full:
+            t = time.perf_counter()
+            direct.upload_file(self.db_path, BUCKET, FULL_KEY)
+            self.setup.full_upload = time.perf_counter() - t
+        if not s3vfs:
+            return
 
         # sqlite-s3vfs's layout (S3VFS.deserialize_iter): block i of the file at
         # "{prefix}/{i:010d}". Uploaded in parallel here; its own loader is sequential.
