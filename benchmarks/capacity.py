@@ -314,7 +314,9 @@ def figures(cap: dict, bench: dict | None) -> dict:
     warm, cold = loop.get("graft"), loop.get("graft_server_cold")
     n = bench.get("workloads", {}).get("lookups", {}).get("statements", 100)
     if warm:
-        f["lookup_source"] = f"benchmarks/results/latest.json, {bench['finished'][:10]}"
+        f["lookup_source"] = (
+            f"`python -m benchmarks.run` ({bench['mode']}) on {bench['finished'][:10]}"
+        )
         f["requests_per_lookup"] = warm["requests"] / n
         f["pages_per_lookup"] = warm["pages"] / n
         f["bytes_per_lookup"] = warm["bytes_down"] / n
@@ -487,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         help="do not measure: rewrite docs/capacity.md's figures from capacity.json "
         "and latest.json",
     )
+    parser.add_argument(
+        "--latest",
+        help="the python -m benchmarks.run results with the per-lookup figures "
+        "(default: latest.json next to capacity.json)",
+    )
     args = parser.parse_args(argv)
     path = os.path.join(args.out, "capacity.json")
     if not args.doc:
@@ -502,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(path) as fh:
         cap = json.load(fh)
     bench = None
-    latest = os.path.join(args.out, "latest.json")
+    latest = args.latest or os.path.join(args.out, "latest.json")
     if os.path.exists(latest):
         with open(latest) as fh:
             bench = json.load(fh)

@@ -493,7 +493,7 @@ def markdown(r: dict, image: str = "benchmarks/results/latest.png") -> str:
         f"cores, {m['memory_gb']} GB), Python {m['python']}, SQLite {m['sqlite']}; "
         f"{d['bytes'] / 1e6:.0f} MB database ({d['pages']} pages). Medians of repeated runs; "
         "`*` extrapolated from the lookups that fit the time budget, `**` computed from the "
-        "loopback run with the link model. Graft 0.2.1 figures are quoted from issue 4 "
+        "loopback run with the link model. Graft 0.2.1 figures are quoted from issues 4 and 11 "
         "(measured elsewhere), not measured here."
     )
     out.append("")
@@ -572,7 +572,13 @@ def markdown(r: dict, image: str = "benchmarks/results/latest.png") -> str:
     if pt:
         out.append("Warm path against a pass-through VFS (`benchmarks/warm.py`):")
         out.append("")
-        out += [f"- {line.strip()}" for line in pt]
+        rows = r["passthrough"].get("rows")
+        if isinstance(rows, list) and len(pt) == len(rows) + 1:  # a table
+            out.append(f"| {pt[0].strip()} |")
+            out.append("|" + "---|" * (pt[0].count("|") + 1))
+            out += [f"| {line.strip()} |" for line in pt[1:]]
+        else:
+            out += [f"- {line.strip()}" for line in pt]
         out.append("")
     w, wr, c = r.get("warm"), r.get("writes"), r.get("catchup")
     if w:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import importlib.metadata
 import json
 import os
@@ -105,7 +106,7 @@ SECTIONS = ("cold", "warm", "fragmented", "writes", "catchup", "passthrough")
 def passthrough(quick: bool) -> dict:
     """``benchmarks/warm.py``'s comparison with a pass-through VFS, if that module is there."""
     try:
-        from benchmarks import warm  # type: ignore[attr-defined]
+        warm = importlib.import_module("benchmarks.warm")
     except ModuleNotFoundError as exc:
         if exc.name != "benchmarks.warm":
             raise
@@ -117,6 +118,49 @@ def passthrough(quick: bool) -> dict:
     if not isinstance(got, dict):
         raise TypeError(f"benchmarks.warm.run returned {type(got).__name__}, not a dict")
     return got
+
+
+def services(result: dict, sections, ds, s3vfs_db: str, wls, cfg, started: float) -> None:
+    """The sections that need SeaweedFS, the proxies and a graft server, in order."""
+    with Services(ds.path, s3vfs_db, s3vfs_block_size=S3VFS.block_size) as svc:
+        full, layout = "cold" in sections, "cold" in sections and cfg.s3vfs
+        log(
+            "loading the database into graft"
+            + (", into S3 as one object" if full else "")
+            + (" and in sqlite-s3vfs's layout" if layout else "")
+        )
+        svc.load(full=full, s3vfs=layout)
+        result["setup"] = vars(svc.setup)
+        log(f"setup: {svc.setup}")
+        timed = result["section_seconds"]
+        timed["setup"] = time.perf_counter() - started
+        t = time.perf_counter()
+        if "cold" in sections:
+            log("cold reads")
+            result["cold"] = scenarios.cold(svc, ds, s3vfs_db, wls, cfg, log)
+            timed["cold"], t = time.perf_counter() - t, time.perf_counter()
+        client = scenarios.WarmClient(svc)
+        try:
+            if "warm" in sections:
+                log("warm reads")
+                result["warm"] = scenarios.warm(svc, ds, client, cfg, log)
+                timed["warm"], t = time.perf_counter() - t, time.perf_counter()
+            if "fragmented" in sections:
+                log(f"cold reads after {cfg.fragment_commits} small commits")
+                result["fragmented"] = scenarios.fragmented(svc, ds, client, wls, cfg, log)
+                timed["fragmented"], t = time.perf_counter() - t, time.perf_counter()
+            if "writes" in sections:
+                log("writes")
+                result["writes"] = scenarios.writes(svc, ds, client, cfg, log)
+                timed["writes"], t = time.perf_counter() - t, time.perf_counter()
+            if "catchup" in sections:
+                log("sync catch-up")
+                result["catchup"] = scenarios.catchup(
+                    svc, ds, client, cfg, result.get("cold", {}), log
+                )
+                timed["catchup"], t = time.perf_counter() - t, time.perf_counter()
+        finally:
+            client.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,42 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         "reference": report.REFERENCE,
     }
     result["sections"] = list(sections)
-    with Services(ds.path, s3vfs_db, s3vfs_block_size=S3VFS.block_size) as svc:
-        log(
-            "loading the database into graft"
-            + (", S3 and sqlite-s3vfs's layout" if "cold" in sections else "")
-        )
-        svc.load(full="cold" in sections, s3vfs="cold" in sections and cfg.s3vfs)
-        result["setup"] = vars(svc.setup)
-        log(f"setup: {svc.setup}")
-        timed = result["section_seconds"] = {"setup": time.perf_counter() - started}
-        t = time.perf_counter()
-        if "cold" in sections:
-            log("cold reads")
-            result["cold"] = scenarios.cold(svc, ds, s3vfs_db, wls, cfg, log)
-            timed["cold"], t = time.perf_counter() - t, time.perf_counter()
-        client = scenarios.WarmClient(svc)
-        try:
-            if "warm" in sections:
-                log("warm reads")
-                result["warm"] = scenarios.warm(svc, ds, client, cfg, log)
-                timed["warm"], t = time.perf_counter() - t, time.perf_counter()
-            if "fragmented" in sections:
-                log(f"cold reads after {cfg.fragment_commits} small commits")
-                result["fragmented"] = scenarios.fragmented(svc, ds, client, wls, cfg, log)
-                timed["fragmented"], t = time.perf_counter() - t, time.perf_counter()
-            if "writes" in sections:
-                log("writes")
-                result["writes"] = scenarios.writes(svc, ds, client, cfg, log)
-                timed["writes"], t = time.perf_counter() - t, time.perf_counter()
-            if "catchup" in sections:
-                log("sync catch-up")
-                result["catchup"] = scenarios.catchup(
-                    svc, ds, client, cfg, result.get("cold", {}), log
-                )
-                timed["catchup"], t = time.perf_counter() - t, time.perf_counter()
-        finally:
-            client.close()
+    timed = result["section_seconds"] = {}
+    if set(sections) - {"passthrough"}:
+        services(result, sections, ds, s3vfs_db, wls, cfg, started)
     if "passthrough" in sections:
         t = time.perf_counter()
         result["passthrough"] = passthrough(args.quick)
