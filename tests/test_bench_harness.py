@@ -129,6 +129,7 @@ FIGURES = {
     "bytes_per_lookup": 5000.0,
     "store_requests_per_lookup_server_warm": 0.0,
     "store_requests_per_lookup_server_cold": 2.0,
+    "store_requests_per_100_lookups_after_restart": 300.0,
 }
 
 
