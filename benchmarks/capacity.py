@@ -381,6 +381,11 @@ def model(
     }
 
 
+def _gb(b: float) -> str:
+    gb = b / 1e9
+    return f"{gb:,.0f} GB" if gb >= 10 else f"{gb:.2g} GB"
+
+
 def _n(x: float) -> str:
     if x >= 1e9:
         return f"{x / 1e9:.3g} billion"
@@ -461,11 +466,11 @@ def markdown(f: dict) -> str:
         m = model(f, clients, lps, cps)
         sw, sc = m["store_requests_per_lookup"]
         out.append(
-            f"| {clients:,} | {lps:g} cold lookups and {cps:g} commits per client per s "
+            f"| {clients:,} | per client {lps:g} cold lookups/s and {cps:g} commits/s "
             f"({_n(m['lookups_per_s'])} lookups/s, {_n(m['commits_per_s'])} commits/s) | "
             f"{m['servers_cache_warm']:,} / {m['servers_cache_cold']:,} | {sw:.2f} / {sc:.2f} | "
-            f"{_n(m['store_writes_per_day'])} ({m['store_bytes_written_per_day'] / 1e9:.3g} GB) | "
-            f"{m['client_bytes_per_day'] / 1e9:.3g} GB | "
+            f"{_n(m['store_writes_per_day'])} ({_gb(m['store_bytes_written_per_day'])}) | "
+            f"{_gb(m['client_bytes_per_day'])} | "
             f"{m['usd_per_day_store_reads_cold']:,.2f} (all cold) / "
             f"{m['usd_per_day_store_writes']:,.2f} / {m['usd_per_day_egress']:,.2f} |"
         )
