@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown workloads {sorted(unknown)}")
         wls = [w for w in wls if w.kind in kinds or w.kind == "lookups"]  # lookups: always
+        if "fragmented" in sections and "scan" not in kinds:
+            parser.error("the fragmented section runs the scan too: add scan to --workloads")
 
     result: dict = {
         "mode": "quick" if args.quick else "full",

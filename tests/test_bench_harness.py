@@ -1,6 +1,7 @@
 """The benchmark harness's own instruments (benchmarks/): what they count must be right.
 
-The link proxy's counters feed the round-trip target of the 20-row index query and the
+The benchmark data has graft_vfs.sample's rows plus a unique key; the link proxy's
+counters feed the round-trip target of the 20-row index query and the
 cold-lookup breakdown; the capacity model turns measured figures into docs/capacity.md;
 the report renders the optional pass-through VFS section, or says it was skipped. No
 timing is asserted: only what was counted and how it adds up.
@@ -14,10 +15,13 @@ import os
 import threading
 from collections.abc import Iterator
 
+import apsw
 import pytest
 
 from benchmarks import capacity, report
+from benchmarks.data import DataSpec, _sample, order_ref
 from benchmarks.linkproxy import Link, ProxyProcess
+from graft_vfs.sample import make_sample_database
 
 DELAY = 0.05
 
@@ -184,3 +188,22 @@ def test_pass_through_section_says_when_it_was_skipped():
         "  lookups.graft_per_s: 1234",
         "  lookups.ratio: 0.9",
     ]
+
+
+def test_benchmark_orders_are_the_sample_rows_with_a_unique_key(tmp_path):
+    spec = DataSpec(orders=2000, wide_rows=0)
+    sample = apsw.Connection(make_sample_database(str(tmp_path / "s.db"), orders=2000, seed=7))
+    ours = apsw.Connection(str(tmp_path / "b.db"))
+    try:
+        _sample(ours, spec)
+        cols = "id, customer_id, created, amount, note"
+        got = ours.execute(f"SELECT {cols} FROM orders ORDER BY id").fetchall()
+        assert got == sample.execute(f"SELECT {cols} FROM orders ORDER BY id").fetchall()
+        refs = [r for (r,) in ours.execute("SELECT ref FROM orders ORDER BY id")]
+        assert refs == [order_ref(i) for i in range(1, 2001)]
+        assert len(set(refs)) == len(refs)
+        plan = ours.execute("EXPLAIN QUERY PLAN SELECT id FROM orders WHERE ref = ?", (refs[7],))
+        assert "orders_ref" in " ".join(str(row) for row in plan.fetchall())
+    finally:
+        ours.close()
+        sample.close()
