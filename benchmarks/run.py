@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all); "
-        "results go to benchmarks/results/partial/ unless --out is given",
+        "with this or any other narrowing option, results go to benchmarks/results/partial/ "
+        "unless --out is given",
     )
     parser.add_argument(
         "--workloads",
@@ -207,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     for x in sections:
         if x not in SECTIONS:
             parser.error(f"unknown section {x!r}: choose from {', '.join(SECTIONS)}")
-    if args.only and args.out == parser.get_default("out"):
+    narrowed = (
+        args.only
+        or args.workloads
+        or args.no_s3vfs
+        or args.profiles != parser.get_default("profiles")
+    )
+    if narrowed and args.out == parser.get_default("out"):  # never over the full results
         args.out = os.path.join(HERE, "results", "partial")
 
     cfg = scenarios.Config.make(args.quick)
