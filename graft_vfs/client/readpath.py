@@ -25,7 +25,16 @@ from graft_vfs.client.local import USAGE_LOG, LocalStore
 from graft_vfs.client.prefetch import FrameSizer, Prefetcher
 from graft_vfs.client.remote import Remote, Traffic, required
 from graft_vfs.client.stats import Stats
-from graft_vfs.core.btree import is_interior
+from graft_vfs.core.btree import (
+    SchemaEntry,
+    is_interior,
+    overflow_next,
+    overflow_pages,
+    parse_page,
+    read_schema,
+    usable_size,
+)
+from graft_vfs.core.errors import CorruptData, InvalidRequest
 from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.core.identity import Identity
 from graft_vfs.core.pages import ZERO_PAGE
@@ -33,6 +42,9 @@ from graft_vfs.core.pages import ZERO_PAGE
 # Interior B-tree pages the server may send along with a missed interior page: a
 # lookup then costs about one round trip per B-tree (its leaf) instead of one per level.
 INTERIOR_EXPAND = 256
+# A tree prefetch splits each level over its workers, in requests of at least this many
+# pages (and at most MAX_PAGES_PER_READ).
+MIN_BATCH = 32
 
 
 class ReadPath:
@@ -71,6 +83,7 @@ class ReadPath:
         self._identity_for = identity_for
         self._used: OrderedDict[int, tuple[int, int]] = OrderedDict()  # page -> (row, ns)
         self._used_lock = threading.Lock()
+        self._schema: tuple[int, list[SchemaEntry]] | None = None  # (lsn, entries)
 
     # -- reads ----------------------------------------------------------------------
 
@@ -208,6 +221,130 @@ class ReadPath:
             "requests": len(chunks),
             "seconds": round(time.perf_counter() - started, 3),
         }
+
+    # -- whole B-trees -------------------------------------------------------------
+
+    def schema(self, lsn: int, page_count: int) -> list[SchemaEntry]:
+        """The tables and indexes of snapshot ``lsn``, read from sqlite_schema's pages."""
+        cached = self._schema
+        if cached is not None and cached[0] == lsn:
+            return cached[1]
+        entries = read_schema(lambda p: self.read_page(p, lsn), page_count)
+        self._schema = (lsn, entries)
+        return entries
+
+    def resolve_trees(self, lsn: int, page_count: int, names: Iterable[str]) -> list[SchemaEntry]:
+        """The schema entries of ``names`` (tables or indexes, case-insensitive, as SQLite)."""
+        entries = self.schema(lsn, page_count)
+        by_name = {e.name.lower(): e for e in entries}
+        out = []
+        for name in names:
+            entry = by_name.get(name.strip().lower())
+            if entry is None:
+                known = ", ".join(sorted(e.name for e in entries)) or "none"
+                raise InvalidRequest(
+                    f"volume {self.vid!r} has no table or index named {name!r}; "
+                    f"its tables and indexes: {known}"
+                )
+            if entry not in out:
+                out.append(entry)
+        return out
+
+    def prefetch_trees(
+        self,
+        lsn: int,
+        page_count: int,
+        names: list[str],
+        progress: Callable[[int, int], None] | None,
+        workers: int,
+    ) -> dict[str, Any]:
+        """Fetch every page of the B-trees ``names`` at the (pinned) snapshot ``lsn``.
+
+        The trees are walked level by level: each level's pages that are not local
+        are fetched in parallel (``workers`` requests at a time), and the pages of a
+        level name the next (children of interior pages, then overflow pages of the
+        cells, one link of each chain per level). ``progress(done, known)`` follows.
+        """
+        entries = self.resolve_trees(lsn, page_count, names)
+        remote = required(self.remote)
+        started = time.perf_counter()
+        identity = self._identity_for(lsn)
+        sync_local, sync_remote = self.local.sync_point(self.row_id, lsn)
+        missing = self.local.missing_pages(self.row_id, lsn, page_count)
+        usable = usable_size(self.read_page(0, lsn))
+        # (page, overflow pages after it in its chain; -1 for a B-tree page)
+        level = [(e.root, -1) for e in entries]
+        seen = {e.root for e in entries}
+        done = fetched = requests = 0
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            while level:
+                want = sorted(p for p, _ in level if p in missing)
+                size = min(MAX_PAGES_PER_READ, max(MIN_BATCH, -(-len(want) // max(1, workers))))
+                chunks = [want[i : i + size] for i in range(0, len(want), size)]
+
+                def fetch(chunk: list[int]) -> dict[int, bytes]:
+                    traffic = Traffic()
+                    try:
+                        got = remote.read_pages(
+                            self.vid, sync_remote, chunk, traffic, identity=identity
+                        )
+                    finally:
+                        self.stats.count(traffic)
+                    rows = []
+                    for p in chunk:
+                        marker = missing[p]
+                        rows.append((p, marker if marker is not None else sync_local, got[p][1]))
+                    self.local.store_fetched(self.row_id, rows)
+                    self.stats.add(pages_fetched=len(chunk))
+                    return {p: got[p][1] for p in chunk}
+
+                got: dict[int, bytes] = {}
+                for part in pool.map(fetch, chunks):
+                    got.update(part)
+                fetched += len(got)
+                requests += len(chunks)
+                following: list[tuple[int, int]] = []
+                for p, left in level:
+                    data = got.get(p)
+                    if data is None:
+                        data = self._held(p, lsn)
+                    if left < 0:
+                        page = parse_page(data, p, usable)
+                        following += [(c, -1) for c in page.children]
+                        following += [
+                            (first, overflow_pages(rest, usable) - 1)
+                            for first, rest in page.overflows
+                        ]
+                    elif left > 0:
+                        nxt = overflow_next(data, p, page_count)
+                        if nxt is None:
+                            raise CorruptData(f"the overflow chain through page {p + 1} ends early")
+                        following.append((nxt, left - 1))
+                for p, _ in following:
+                    # Every level brings pages never seen: the walk ends on any input.
+                    if p in seen or not 0 <= p < page_count:
+                        raise CorruptData(
+                            f"a B-tree of volume {self.vid!r} names page {p + 1} twice "
+                            "or beyond the end of the database"
+                        )
+                    seen.add(p)
+                done += len(level)
+                level = following
+                if progress is not None:
+                    progress(done, done + len(level))
+        return {
+            "trees": [e.name for e in entries],
+            "pages": done,
+            "pages_fetched": fetched,
+            "requests": requests,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+
+    def _held(self, pageno: int, lsn: int) -> bytes:
+        """A page believed local: read without touching the prefetch statistics."""
+        data = self.peek_page(pageno, lsn)
+        # Evicted from the local store meanwhile: fetch it as a read would.
+        return data if data is not None else self.read_page(pageno, lsn)
 
     # -- the memory cache (callers that change the snapshot hold the volume's lock) --
 
