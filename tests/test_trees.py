@@ -275,9 +275,14 @@ def test_core_random_bytes_parse_or_fail_as_corrupt_data():
     def check(kind: int, body: bytes) -> None:
         data = (bytes([kind]) + body).ljust(4096, b"\x00")[:4096]
         try:
+            links = btree.page_links(data, 5, 4096)
+        except CorruptData:
+            links = None
+        try:
             page = btree.parse_page(data, 5, 4096)
         except CorruptData:
             return
+        assert links == (page.children, page.overflows)
         for cell in page.cells:
             assert len(cell.payload) <= cell.size
             try:

@@ -13,6 +13,7 @@ fetched pages.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -22,22 +23,40 @@ from typing import Any
 
 from graft_vfs.client.link import Link
 from graft_vfs.client.local import USAGE_LOG, LocalStore
-from graft_vfs.client.prefetch import FrameSizer, Prefetcher
+from graft_vfs.client.prefetch import (
+    FOLLOW_MAX,
+    FOLLOW_START,
+    TREE_JOBS,
+    TREE_MISSES,
+    TREE_WINDOW,
+    TREE_WORKERS,
+    FrameSizer,
+    IndexFollow,
+    Prefetcher,
+    TreeMap,
+    TreeWatch,
+    index_rowids,
+    tree_batch,
+    tree_budget,
+)
 from graft_vfs.client.remote import Remote, Traffic, required
 from graft_vfs.client.stats import Stats
 from graft_vfs.core.btree import (
+    LEAF_INDEX,
     SchemaEntry,
     is_interior,
     overflow_next,
     overflow_pages,
-    parse_page,
+    page_links,
     read_schema,
     usable_size,
 )
-from graft_vfs.core.errors import CorruptData, InvalidRequest
+from graft_vfs.core.errors import CorruptData, GraftError, InvalidRequest
 from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.core.identity import Identity
 from graft_vfs.core.pages import ZERO_PAGE
+
+log = logging.getLogger("graft_vfs")
 
 # Interior B-tree pages the server may send along with a missed interior page: a
 # lookup then costs about one round trip per B-tree (its leaf) instead of one per level.
@@ -84,6 +103,19 @@ class ReadPath:
         self._used: OrderedDict[int, tuple[int, int]] = OrderedDict()  # page -> (row, ns)
         self._used_lock = threading.Lock()
         self._schema: tuple[int, list[SchemaEntry]] | None = None  # (lsn, entries)
+        # B-tree awareness: which tree a page is in, index -> table follow-ups, and the
+        # background fetch of the tree being read (``background``: on or off).
+        self.follow = IndexFollow()
+        self.watch = TreeWatch()
+        self.background = True
+        self.hints = True  # index -> table follow-ups (they ride along demand requests)
+        self._trees: TreeMap | None = None
+        self._trees_at = 0.0
+        self._stamp = 0  # interior pages stored so far (in batches): a TreeMap's age
+        self._jobs: dict[int, _TreeJob] = {}  # root -> its background fetch
+        self._job_lock = threading.Lock()
+        self._inflight: set[int] = set()  # pages in background batches now
+        self._tree_rate: float | None = None  # bytes/s background rounds measured
 
     # -- reads ----------------------------------------------------------------------
 
@@ -96,6 +128,7 @@ class ReadPath:
             self.stats.cache_hits += 1
             return entry[1]
         self.prefetcher.record(pageno)
+        self.follow.read(pageno)
         row = self.local.read_page(self.row_id, pageno, lsn)
         if row is not None and row[1] is not None:
             self.stats.add(local_hits=1)
@@ -106,6 +139,8 @@ class ReadPath:
             data = self._fetch(pageno, lsn, row[0] if row else None)
         if not is_interior(data, pageno):  # interior pages travel by expansion instead
             self.frames.record(pageno)
+            if pageno and data[0] == LEAF_INDEX:
+                self.follow.index_leaf(lsn, pageno)
         return data
 
     def peek_page(self, pageno: int, lsn: int) -> bytes | None:
@@ -138,7 +173,17 @@ class ReadPath:
         wanted = {pageno: marker if marker is not None else sync_local}
         page_count = local.page_count_at(row_id, lsn)
         ahead = self.prefetcher.predict(pageno) or self._frame(pageno, remote.link)
-        self._want_missing(wanted, (p for p in ahead if 0 <= p < page_count), lsn, sync_local)
+        trees = self._tree_map(lsn, page_count) if self.hints or self.background else None
+        along = []
+        if trees is not None and self.hints:
+            along = self._tree_pages(trees, pageno, lsn, remote.link)
+        busy = self._inflight  # a background batch brings these: no need to ask twice
+        self._want_missing(
+            wanted,
+            (p for p in (*ahead, *along) if 0 <= p < page_count and p not in busy),
+            lsn,
+            sync_local,
+        )
         traffic = Traffic()
         try:
             got = remote.read_pages(
@@ -152,10 +197,181 @@ class ReadPath:
         prefetched = [p for p in wanted if p != pageno]
         if prefetched:
             self.prefetcher.fetched(prefetched)
+        if any(is_interior(d, p) for p, (_, d) in got.items()):
+            self._stamp += 1
         self.stats.add(pages_fetched=len(got), pages_prefetched=len(prefetched))
         data = got[pageno][1]
         self._remember(pageno, wanted[pageno], data, lsn)
+        if trees is not None and self.background and not is_interior(data, pageno):
+            self._watch_tree(trees, pageno, lsn, page_count, remote.link)
         return data
+
+    # -- B-tree awareness on the demand path ---------------------------------------
+
+    def _tree_map(self, lsn: int, page_count: int) -> TreeMap | None:
+        """The map of B-trees for hints; rebuilt when interior pages arrived or, at most
+        once a second, when the snapshot moved (a stale map only makes a hint wrong:
+        every page is still fetched at the right snapshot)."""
+        trees = self._trees
+        now = time.monotonic()
+        if trees is not None and trees.stamp == self._stamp:
+            if trees.lsn == lsn or now - self._trees_at < 1.0:
+                return trees
+        try:
+            trees = TreeMap(lsn, self._stamp, page_count, lambda p: self.peek_page(p, lsn))
+        except GraftError:  # a damaged local page: SQLite says so when it reads it
+            return None
+        self._trees, self._trees_at = trees, now
+        return trees
+
+    def _tree_pages(self, trees: TreeMap, pageno: int, lsn: int, link: Link) -> list[int]:
+        """Pages of other B-trees that SQLite is about to read after ``pageno``.
+
+        A miss in an index brings its table's root along (and with it, by expansion,
+        the table's interior pages). A table leaf missed after an index leaf of that
+        table brings the leaves of the rowids that follow in the index leaf.
+        """
+        out: list[int] = []
+        root = trees.owner.get(pageno)
+        if root is not None:
+            table = trees.table_of(root)
+            if table is not None:
+                out.append(table.entry.root)
+        cap = int(min(FOLLOW_MAX, max(FOLLOW_START, link.rtt * link.bandwidth / link.page_bytes)))
+        follow = self.follow.plan(lsn, pageno, lambda leaf: self._leaves_of(trees, leaf, lsn), cap)
+        if follow:
+            self.follow.fetched(follow)
+        return out + follow
+
+    def _leaves_of(self, trees: TreeMap, leaf: int, lsn: int) -> tuple[int, list[int]] | None:
+        """The table of the index leaf ``leaf`` and the table leaf of each of its rowids."""
+        root = trees.owner.get(leaf)
+        table = trees.table_of(root) if root is not None else None
+        data = self.peek_page(leaf, lsn)
+        if table is None or data is None:
+            return None
+        try:
+            rowids = index_rowids(data, leaf, trees.usable)
+        except CorruptData:
+            return None
+        leaves = [trees.table_leaf(table.entry.root, r) for r in rowids]
+        return table.entry.root, [p if p is not None else -1 for p in leaves]
+
+    def _watch_tree(
+        self, trees: TreeMap, pageno: int, lsn: int, page_count: int, link: Link
+    ) -> None:
+        """A leaf of a tree missed: start, feed or stop the background fetch."""
+        root = trees.owner.get(pageno)
+        if root is None:
+            return
+        now = time.monotonic()
+        grant = tree_budget(link.rtt)
+        with self._job_lock:
+            jobs = self._jobs
+            for r, other in list(jobs.items()):
+                if other.finished.is_set():
+                    del jobs[r]
+                elif r != root and now - other.last_miss >= TREE_WINDOW:
+                    other.cancel()  # the workload left that tree
+                    del jobs[r]
+            job = jobs.get(root)
+            if job is not None:
+                if job.lsn == lsn:
+                    job.grant(grant, now)
+                    return
+                job.cancel()  # a commit, pull or reset moved the snapshot on
+                del jobs[root]
+            misses = self.watch.miss(root, now)
+            tree = trees.trees.get(root)
+            if misses < TREE_MISSES or tree is None or grant <= 0 or len(jobs) >= TREE_JOBS:
+                return
+            pages = [p for p in (*tree.interior, *tree.leaves) if p != pageno]
+            job = _TreeJob(root, lsn, page_count, pages, misses * grant, now)
+            jobs[root] = job
+        threading.Thread(
+            target=self._run_job, args=(job,), name="graft-tree-fetch", daemon=True
+        ).start()
+
+    def _measure(self, nbytes: int, seconds: float, rtt: float) -> None:
+        """The bandwidth one round of parallel background requests saw.
+
+        Link.bandwidth is measured per request, so it reads a link shared by parallel
+        requests as a fraction of what it is: a round measures it whole.
+        """
+        if nbytes < 64 * 1024:
+            return
+        rate = nbytes / max(seconds - rtt, seconds / 4)
+        old = self._tree_rate
+        self._tree_rate = rate if old is None else old + 0.5 * (rate - old)
+
+    def _absent(self, pageno: int, lsn: int) -> bool:
+        row = self.local.read_page(self.row_id, pageno, lsn)
+        return row is None or row[1] is None
+
+    def _run_job(self, job: _TreeJob) -> None:
+        """Fetch a tree's pages in small batches while the budget and the workload last.
+
+        Pages go to the local store only, with the same rows as a demand read at the
+        job's snapshot; never to the memory cache, so a batch that lands after a
+        commit, pull or reset cannot put an old page where a newer reader looks.
+        """
+        try:
+            remote = required(self.remote)
+            identity = self._identity_for(job.lsn)
+            sync_local, sync_remote = self.local.sync_point(self.row_id, job.lsn)
+            missing = self.local.missing_pages(self.row_id, job.lsn, job.page_count)
+            # From the far end: a scan reading the tree forward meets it in the middle.
+            todo = [p for p in reversed(job.pages) if p in missing]
+
+            def fetch(chunk: list[int]) -> int:
+                # Demand reads may have fetched some meanwhile.
+                chunk = [p for p in chunk if self._absent(p, job.lsn)]
+                if not chunk:
+                    return 0
+                self._inflight.update(chunk)
+                try:
+                    return fetch_now(chunk)
+                finally:
+                    self._inflight.difference_update(chunk)
+
+            def fetch_now(chunk: list[int]) -> int:
+                traffic = Traffic()
+                try:
+                    got = remote.read_pages(
+                        self.vid, sync_remote, chunk, traffic, identity=identity
+                    )
+                finally:
+                    self.stats.count(traffic)
+                rows = []
+                for p in chunk:
+                    marker = missing[p]
+                    rows.append((p, marker if marker is not None else sync_local, got[p][1]))
+                self.local.store_fetched(self.row_id, rows)
+                self.prefetcher.fetched(chunk)
+                self.stats.add(pages_fetched=len(chunk), pages_prefetched=len(chunk))
+                return traffic.bytes_received
+
+            link = remote.link
+            with ThreadPoolExecutor(max_workers=TREE_WORKERS) as pool:
+                i = 0
+                while i < len(todo) and self._latest() == job.lsn:
+                    rate = self._tree_rate
+                    if not job.wait_for_budget(rate):
+                        break
+                    size = tree_batch(link.rtt, rate, link.page_bytes)
+                    chunks = []
+                    for _ in range(TREE_WORKERS):
+                        if i < len(todo):
+                            chunks.append(todo[i : i + size])
+                            i += size
+                    started = time.monotonic()
+                    nbytes = sum(pool.map(fetch, chunks))
+                    job.spend(nbytes)
+                    self._measure(nbytes, time.monotonic() - started, link.rtt)
+        except GraftError as exc:  # a background fetch only ever saves reads
+            log.debug("background fetch of the tree at page %d stopped: %s", job.root + 1, exc)
+        finally:
+            job.finished.set()
 
     def _want_missing(
         self, wanted: dict[int, int], pages: Iterable[int], lsn: int, sync_local: int
@@ -309,11 +525,10 @@ class ReadPath:
                     if data is None:
                         data = self._held(p, lsn)
                     if left < 0:
-                        page = parse_page(data, p, usable)
-                        following += [(c, -1) for c in page.children]
+                        children, overflows = page_links(data, p, usable)
+                        following += [(c, -1) for c in children]
                         following += [
-                            (first, overflow_pages(rest, usable) - 1)
-                            for first, rest in page.overflows
+                            (first, overflow_pages(rest, usable) - 1) for first, rest in overflows
                         ]
                     elif left > 0:
                         nxt = overflow_next(data, p, page_count)
@@ -332,6 +547,7 @@ class ReadPath:
                 level = following
                 if progress is not None:
                     progress(done, done + len(level))
+        self._stamp += 1  # interior pages arrived
         return {
             "trees": [e.name for e in entries],
             "pages": done,
@@ -385,3 +601,45 @@ class ReadPath:
             self._used.move_to_end(pageno)
             if len(self._used) > USAGE_LOG:
                 self._used.popitem(last=False)
+
+
+class _TreeJob:
+    """One background fetch of a B-tree: its pages, its byte budget, its end.
+
+    ``waited`` is the time the workload has waited on misses in the tree (a round trip
+    per miss); the job may move ``waited x bandwidth`` bytes. Until a round has
+    measured the bandwidth, one round of the smallest batches may go.
+    """
+
+    def __init__(
+        self, root: int, lsn: int, page_count: int, pages: list[int], waited: float, now: float
+    ) -> None:
+        self.root, self.lsn, self.page_count, self.pages = root, lsn, page_count, pages
+        self.waited, self.bytes = waited, 0
+        self.last_miss = now
+        self.finished = threading.Event()
+        self._cancelled = False
+        self._cond = threading.Condition()
+
+    def grant(self, seconds: float, now: float) -> None:
+        with self._cond:
+            self.waited += seconds
+            self.last_miss = now
+            self._cond.notify_all()
+
+    def spend(self, nbytes: int) -> None:
+        with self._cond:
+            self.bytes += nbytes
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    def wait_for_budget(self, rate: float | None) -> bool:
+        """True when the next round may go; False when cancelled or no budget came."""
+        with self._cond:
+            while not self._cancelled and rate is not None and self.bytes >= self.waited * rate:
+                if not self._cond.wait(TREE_WINDOW):
+                    return False
+            return not self._cancelled

@@ -368,3 +368,55 @@ def read_schema(read: PageReader, page_count: int) -> list[SchemaEntry]:
             text = sql if isinstance(sql, str) else None
             out.append(SchemaEntry(str(kind), name, table, root - 1, text))
     return out
+
+
+def page_links(data: bytes, pageno: int, usable: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """A B-tree page's children and its cells' overflow chains, as ``parse_page`` finds
+    them (``Page.children``, ``Page.overflows``) but without decoding the cells that keep
+    their payload on the page: what walking a whole tree needs, fast."""
+    off = header_offset(pageno)
+    if len(data) < off + 8 or data[off] not in KINDS:
+        raise _corrupt(pageno, "not a B-tree page (a free, overflow or damaged page?)")
+    kind = data[off]
+    ncells = int.from_bytes(data[off + 3 : off + 5], "big")
+    interior = kind in INTERIOR
+    ptrs = off + (12 if interior else 8)
+    if ptrs + 2 * ncells > usable:
+        raise _corrupt(pageno, f"{ncells} cells do not fit")
+    cells = struct.unpack_from(f">{ncells}H", data, ptrs)
+    lowest = ptrs + 2 * ncells
+    if cells and (min(cells) < lowest or max(cells) >= usable - (4 if interior else 1)):
+        raise _corrupt(pageno, "a cell starts outside the page")
+    children: list[int] = []
+    if interior:
+        children = [int.from_bytes(data[p : p + 4], "big") - 1 for p in cells]
+        children.append(int.from_bytes(data[off + 8 : off + 12], "big") - 1)
+        if min(children) < 0:
+            raise _corrupt(pageno, "a child pointer names page 0")
+        if kind == INTERIOR_TABLE:
+            return children, []
+    most = usable - 35 if kind == LEAF_TABLE else (usable - 12) * 64 // 255 - 23
+    skip = 4 if interior else 0
+    overflows: list[tuple[int, int]] = []
+    for pos in cells:
+        pos += skip
+        if data[pos] < 0x80:
+            continue  # a payload under 128 bytes stays on the page
+        try:
+            size, pos = read_varint(data, pos, usable)
+            if size <= most:
+                continue
+            if kind == LEAF_TABLE:
+                _, pos = read_varint(data, pos, usable)
+        except ValueError as exc:
+            raise _corrupt(pageno, str(exc)) from None
+        if size > MAX_PAYLOAD:
+            raise _corrupt(pageno, f"a payload of {size} bytes")
+        end = pos + local_size(kind, size, usable)
+        if end + 4 > usable:
+            raise _corrupt(pageno, "an overflow pointer runs past the page")
+        first = int.from_bytes(data[end : end + 4], "big") - 1
+        if first < 0:
+            raise _corrupt(pageno, "an overflowing cell without an overflow page")
+        overflows.append((first, size - (end - pos)))
+    return children, overflows
