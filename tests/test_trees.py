@@ -12,11 +12,15 @@ import os
 import random
 import subprocess
 import sys
+import threading
+import time
 
 import apsw
 import pytest
 
+import graft_vfs
 from graft_vfs.client.dbfile import import_database
+from graft_vfs.client.link import Link
 from graft_vfs.client.remote import Remote
 
 ITEMS = 20_000
@@ -291,3 +295,151 @@ def test_core_random_bytes_parse_or_fail_as_corrupt_data():
                 pass
 
     check()
+
+
+# -- index queries: the table leaves ride along ------------------------------------------
+
+
+def one_leaf_of_keys(path: str, count: int) -> list[int]:
+    """``count`` consecutive keys of items_k that sit in one index leaf (from the file)."""
+    from graft_vfs.core import btree
+
+    pages = file_pages(path)
+    usable = btree.usable_size(pages[0])
+    schema = btree.read_schema(pages.__getitem__, len(pages))
+    index = next(e for e in schema if e.name == "items_k")
+    leaves = [
+        page
+        for _, page in btree.walk(index.root, pages.__getitem__, usable, len(pages))
+        if not page.interior
+    ]
+    cells = leaves[len(leaves) // 2].cells
+    assert len(cells) > count + 20
+    keys = [btree.decode_record(c.payload)[0] for c in cells]
+    return keys[10 : 10 + count]
+
+
+def test_an_index_query_of_20_scattered_rows_takes_3_round_trips(client, tree_volume, tree_db):
+    keys = one_leaf_of_keys(tree_db, 20)
+    sql = "SELECT id, note FROM items WHERE k BETWEEN ? AND ? ORDER BY k"
+    native = apsw.Connection(tree_db, flags=apsw.SQLITE_OPEN_READONLY)
+    expected = native.execute(sql, (keys[0], keys[-1])).fetchall()
+    native.close()
+    ids = sorted(row[0] for row in expected)
+    assert len(expected) == 20 and ids[-1] - ids[0] > ITEMS // 2  # scattered over the table
+    con = client(tree_volume, options=graft_vfs.Options(background_fetch=False))
+    con.execute("SELECT count(*) FROM sqlite_schema").fetchall()  # SQLite reads its schema
+    rows, moved = requests_for(con, sql, (keys[0], keys[-1]))
+    assert rows == expected
+    # The index's root (its table's root along), the index leaf, then one table leaf
+    # with the leaves of the 19 rowids that follow in the index leaf.
+    assert moved == 3
+    again = client(tree_volume, options=graft_vfs.Options(background_fetch=False))
+    vol = graft_vfs.runtime_of(again.open_vfs).volume(tree_volume, create=False)
+    vol.reads.hints = False  # demand reads alone: one request per B-tree and per row
+    again.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+    rows, moved = requests_for(again, sql, (keys[0], keys[-1]))
+    assert rows == expected and moved >= 22
+
+
+# -- the background fetch of the tree being read -----------------------------------------
+
+
+def wait_for_background(vol, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(not job.finished.is_set() for job in list(vol.reads._jobs.values())):
+        assert time.monotonic() < deadline, "the background fetch did not end"
+        time.sleep(0.05)
+
+
+def edge_client(client, volume, **options):
+    """A client whose link is measured as an edge's (20 ms round trips): background
+    fetches start on such a link, never on a loopback's."""
+    con = client(volume, options=graft_vfs.Options(**options))
+    runtime = graft_vfs.runtime_of(con.open_vfs)
+    runtime.remote.link = FixedLink(rtt=0.020, bandwidth=100e6, page_bytes=1500)
+    return con, runtime.volume(volume, create=False)
+
+
+class FixedLink(Link):
+    def observe(self, seconds: float, nbytes: int) -> None:
+        pass
+
+    def observe_pages(self, nbytes: int, pages: int) -> None:
+        pass
+
+
+def test_lookups_in_one_table_fetch_the_rest_of_it_in_the_background(client, tree_volume):
+    con, vol = edge_client(client, tree_volume)
+    rng = random.Random(8)
+    for i in rng.sample(range(ITEMS), 20):
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    stats = pragma(con, "graft_stats")
+    assert stats["pages_prefetched"] > 100
+    # The whole table came: a scan moves nothing.
+    rows, moved = requests_for(con, "SELECT count(*), sum(length(note)) FROM items NOT INDEXED")
+    assert rows[0][0] == ITEMS and moved == 0
+    # ...and nothing of the trees the workload did not read.
+    rows, moved = requests_for(con, "SELECT count(*) FROM other")
+    assert rows == [(3000,)] and moved > 0
+    rows, moved = requests_for(con, "SELECT count(*) FROM items INDEXED BY items_k WHERE k > 5")
+    assert moved > 0
+
+
+def test_background_fetch_can_be_turned_off(client, tree_volume):
+    con, vol = edge_client(client, tree_volume, background_fetch=False)
+    assert pragma(con, "graft_background_fetch") == {"background_fetch": False}
+    for i in random.Random(8).sample(range(ITEMS), 20):
+        con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall()
+    stats = pragma(con, "graft_stats")
+    assert not vol.reads._jobs
+    assert stats["pages_prefetched"] <= stats["pages_fetched"] - stats["cache_misses"]
+    rows, moved = requests_for(con, "SELECT count(*) FROM items NOT INDEXED")
+    assert moved > 0
+    assert json.loads(con.execute("PRAGMA graft_background_fetch=on").fetchone()[0]) == {
+        "background_fetch": True
+    }
+    with pytest.raises(apsw.SQLError, match="give on or off"):
+        con.execute("PRAGMA graft_background_fetch=maybe").fetchall()
+
+
+def test_a_background_batch_landing_after_a_pull_never_shows_old_pages(
+    client, server, vid, tree_db
+):
+    import_database(Remote(server.url), tree_db, vid)
+    reader, vol = edge_client(client, vid, autopush=False)
+    writer = client(vid, options=graft_vfs.Options(autopush=False))
+    remote = graft_vfs.runtime_of(reader.open_vfs).remote
+    read_pages = remote.read_pages
+    gate = threading.Event()
+    held = threading.Event()
+
+    def late(*args, **kwargs):
+        got = read_pages(*args, **kwargs)
+        if threading.current_thread() is not threading.main_thread():
+            held.set()
+            gate.wait(30)  # a background batch read before the pull lands after it
+        return got
+
+    remote.read_pages = late
+    for i in random.Random(1).sample(range(ITEMS), 12):
+        reader.execute("SELECT note FROM items WHERE id=?", (i,)).fetchall()
+    assert held.wait(30)
+    with writer:  # the same lengths: every row stays on its page
+        writer.execute("UPDATE items SET note = upper(note)")
+    assert pragma(writer, "graft_push")["pushed"] is True
+    assert pragma(reader, "graft_pull")["pulled"] is True
+    gate.set()
+    wait_for_background(vol)
+    vol.reads.background = False  # nothing else lands from now on
+    # Every page the read path returns is the server's at that snapshot...
+    lsn, page_count = vol.snapshot
+    pages = list(range(1, page_count))
+    server_pages = Remote(server.url).read_pages(vid, vol.remote_lsn_at(lsn), pages)
+    assert all(vol.read_page(p, lsn) == server_pages[p][1] for p in pages)
+    # ...and so is every row.
+    got = reader.execute("SELECT id, note FROM items ORDER BY id").fetchall()
+    native = apsw.Connection(tree_db, flags=apsw.SQLITE_OPEN_READONLY)
+    assert got == native.execute("SELECT id, upper(note) FROM items ORDER BY id").fetchall()
+    native.close()

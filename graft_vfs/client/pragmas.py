@@ -77,6 +77,21 @@ def _prefetch(c: Connection, value: str | None) -> dict[str, Any]:
     return prefetch(c.vol, [value])
 
 
+SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+
+
+def _background_fetch(c: Connection, value: str | None) -> dict[str, Any]:
+    reads = c.vol.reads
+    if value is not None:
+        setting = SWITCH.get(value.strip().strip("'\"").lower())
+        if setting is None:
+            raise InvalidRequest(
+                f"PRAGMA graft_background_fetch={value}: give on or off (1/0, true/false)"
+            )
+        reads.background = setting
+    return {"background_fetch": reads.background}
+
+
 def _sync(c: Connection, value: str | None) -> dict[str, Any]:
     return {"push": c.vol.sync.push(), "pull": c.vol.sync.pull()}
 
@@ -93,4 +108,5 @@ PRAGMAS: dict[str, Callable[[Connection, str | None], dict[str, Any]]] = {
     "graft_version": _version,
     "graft_hydrate": lambda c, v: c.vol.hydrate(),
     "graft_prefetch": _prefetch,
+    "graft_background_fetch": _background_fetch,
 }
