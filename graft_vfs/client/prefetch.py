@@ -381,6 +381,7 @@ TREE_BATCH_MAX = 512
 TREE_WORKERS = 4
 TREE_JOBS = 2  # trees fetched at once (an index and its table)
 TREE_MIN_RTT = 0.010  # on a faster link the CPU a background fetch takes costs more
+TREE_CHEAP_RTTS = 32  # what is left of a tree comes at once if it takes under 32 round trips
 
 
 class TreeWatch:
@@ -423,3 +424,10 @@ def tree_batch(rtt: float, bandwidth: float | None, page_bytes: float) -> int:
     if bandwidth is None:
         return TREE_BATCH
     return int(min(TREE_BATCH_MAX, max(TREE_BATCH, rtt * bandwidth / 2 / page_bytes)))
+
+
+def tree_is_cheap(nbytes: float, rtt: float, bandwidth: float) -> bool:
+    """Whether fetching ``nbytes`` costs less link time than TREE_CHEAP_RTTS round trips:
+    the rest of a tree that small is fetched at once, without waiting for more misses
+    (a workload that has missed 3 times in a tree usually misses many more times)."""
+    return nbytes <= TREE_CHEAP_RTTS * rtt * bandwidth

@@ -38,6 +38,7 @@ from graft_vfs.client.prefetch import (
     index_rowids,
     tree_batch,
     tree_budget,
+    tree_is_cheap,
 )
 from graft_vfs.client.remote import Remote, Traffic, required
 from graft_vfs.client.stats import Stats
@@ -113,6 +114,7 @@ class ReadPath:
         self._trees_at = 0.0
         self._stamp = 0  # interior pages stored so far (in batches): a TreeMap's age
         self._jobs: dict[int, _TreeJob] = {}  # root -> its background fetch
+        self._fetched_trees: set[tuple[int, int]] = set()  # (root, lsn) fetched whole
         self._job_lock = threading.Lock()
         self._inflight: set[int] = set()  # pages in background batches now
         self._tree_rate: float | None = None  # bytes/s background rounds measured
@@ -270,6 +272,10 @@ class ReadPath:
             jobs = self._jobs
             for r, other in list(jobs.items()):
                 if other.finished.is_set():
+                    if other.complete:
+                        if any(lsn_ != other.lsn for _, lsn_ in self._fetched_trees):
+                            self._fetched_trees.clear()  # only the latest snapshot's
+                        self._fetched_trees.add((r, other.lsn))
                     del jobs[r]
                 elif r != root and now - other.last_miss >= TREE_WINDOW:
                     other.cancel()  # the workload left that tree
@@ -281,6 +287,8 @@ class ReadPath:
                     return
                 job.cancel()  # a commit, pull or reset moved the snapshot on
                 del jobs[root]
+            if (root, lsn) in self._fetched_trees:
+                return  # fetched whole at this snapshot already
             misses = self.watch.miss(root, now)
             tree = trees.trees.get(root)
             if misses < TREE_MISSES or tree is None or grant <= 0 or len(jobs) >= TREE_JOBS:
@@ -356,6 +364,10 @@ class ReadPath:
                 i = 0
                 while i < len(todo) and self._latest() == job.lsn:
                     rate = self._tree_rate
+                    if rate is not None and tree_is_cheap(
+                        (len(todo) - i) * link.page_bytes, link.rtt, rate
+                    ):
+                        rate = float("inf")  # the rest costs little: all of it now
                     if not job.wait_for_budget(rate):
                         break
                     size = tree_batch(link.rtt, rate, link.page_bytes)
@@ -368,6 +380,7 @@ class ReadPath:
                     nbytes = sum(pool.map(fetch, chunks))
                     job.spend(nbytes)
                     self._measure(nbytes, time.monotonic() - started, link.rtt)
+                job.complete = i >= len(todo)
         except GraftError as exc:  # a background fetch only ever saves reads
             log.debug("background fetch of the tree at page %d stopped: %s", job.root + 1, exc)
         finally:
@@ -616,6 +629,7 @@ class _TreeJob:
     ) -> None:
         self.root, self.lsn, self.page_count, self.pages = root, lsn, page_count, pages
         self.waited, self.bytes = waited, 0
+        self.complete = False  # every page was fetched
         self.last_miss = now
         self.finished = threading.Event()
         self._cancelled = False
