@@ -20,7 +20,6 @@ from graft_vfs.core.btree import (
     INTERIOR_TABLE,
     MAX_DEPTH,
     SchemaEntry,
-    decode_record,
     is_interior,
     parse_page,
     read_schema,
@@ -267,18 +266,6 @@ def _no_peek(pageno: int) -> bytes | None:
     return None
 
 
-def index_rowids(data: bytes, pageno: int, usable: int, encoding: str = "utf-8") -> list[int]:
-    """The rowids an index leaf's records end with, in key order (cells cut short skipped)."""
-    out = []
-    for cell in parse_page(data, pageno, usable).cells:
-        if cell.overflow is not None:
-            continue
-        values = decode_record(cell.payload, encoding)
-        if values and isinstance(values[-1], int):
-            out.append(values[-1])
-    return out
-
-
 FOLLOW_START = 32  # table leaves fetched ahead of an index walk at first
 FOLLOW_MAX = 256
 
@@ -295,8 +282,9 @@ class IndexFollow:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.leaf: tuple[int, int] | None = None  # (lsn, index leaf page)
-        self._leaves: list[int] | None = None  # table leaf of each rowid of that leaf
-        self._table: int | None = None
+        self._rowids: list[int] | None = None  # the rowids of that leaf, in key order
+        self._leaf_of: Callable[[int], int | None] | None = None
+        self._leaves: list[int | None] = []  # table leaf of each rowid, as far as known
         self._cursor = 0
         self.ahead = FOLLOW_START
         self._batch: set[int] = set()
@@ -306,7 +294,7 @@ class IndexFollow:
         """An index leaf was read below the memory cache."""
         with self._lock:
             if self.leaf != (lsn, pageno):
-                self.leaf, self._leaves, self._table, self._cursor = (lsn, pageno), None, None, 0
+                self.leaf, self._rowids, self._leaves, self._cursor = (lsn, pageno), None, [], 0
 
     def read(self, pageno: int) -> None:
         """A page was read below the memory cache."""
@@ -319,40 +307,54 @@ class IndexFollow:
         self,
         lsn: int,
         pageno: int,
-        leaves_of: Callable[[int], tuple[int, list[int]] | None],
+        rowids_of: Callable[[int], tuple[list[int], Callable[[int], int | None]] | None],
         cap: int,
     ) -> list[int]:
         """Table leaves to fetch along with the missed ``pageno``.
 
-        ``leaves_of(index_leaf)`` answers the index's table root and the table leaf of
-        each rowid of that index leaf (None if unknown without the network).
+        ``rowids_of(index_leaf)`` answers the rowids of that index leaf and a function
+        giving the table leaf of a rowid (None if not known without the network), or
+        None if the leaf is no index of a rowid table known locally.
         """
         with self._lock:
             if self.leaf is None or self.leaf[0] != lsn:
                 return []
-            if self._leaves is None:
-                found = leaves_of(self.leaf[1])
+            if self._rowids is None:
+                found = rowids_of(self.leaf[1])
                 if found is None:
                     self.leaf = None
                     return []
-                self._table, self._leaves = found
-            leaves = self._leaves
-            try:
-                i = leaves.index(pageno, self._cursor)
-            except ValueError:
-                try:
-                    i = leaves.index(pageno)
-                except ValueError:
-                    return []
+                self._rowids, self._leaf_of = found
+            i = self._find(pageno, self._cursor, len(self._rowids))
+            if i is None:
+                i = self._find(pageno, 0, self._cursor)
+            if i is None:
+                return []
             self._adapt()
             self._cursor = i
+            want = min(self.ahead, cap)
             out: list[int] = []
-            for p in leaves[i + 1 :]:
-                if len(out) >= min(self.ahead, cap):
+            for j in range(i + 1, len(self._rowids)):
+                if len(out) >= want:
                     break
-                if p != pageno and p not in out:
+                p = self._leaf(j)
+                if p is not None and p != pageno and p not in out:
                     out.append(p)
             return out
+
+    def _find(self, pageno: int, start: int, stop: int) -> int | None:
+        for j in range(start, stop):
+            if self._leaf(j) == pageno:
+                return j
+        return None
+
+    def _leaf(self, j: int) -> int | None:
+        """The table leaf of the ``j``-th rowid, worked out once (the lock is held)."""
+        leaves = self._leaves
+        assert self._rowids is not None and self._leaf_of is not None
+        while len(leaves) <= j:
+            leaves.append(self._leaf_of(self._rowids[len(leaves)]))
+        return leaves[j]
 
     def fetched(self, pages: list[int]) -> None:
         with self._lock:

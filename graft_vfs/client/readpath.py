@@ -35,7 +35,6 @@ from graft_vfs.client.prefetch import (
     Prefetcher,
     TreeMap,
     TreeWatch,
-    index_rowids,
     tree_batch,
     tree_budget,
     tree_is_cheap,
@@ -45,6 +44,7 @@ from graft_vfs.client.stats import Stats
 from graft_vfs.core.btree import (
     LEAF_INDEX,
     SchemaEntry,
+    index_leaf_rowids,
     is_interior,
     overflow_next,
     overflow_pages,
@@ -240,24 +240,26 @@ class ReadPath:
             if table is not None:
                 out.append(table.entry.root)
         cap = int(min(FOLLOW_MAX, max(FOLLOW_START, link.rtt * link.bandwidth / link.page_bytes)))
-        follow = self.follow.plan(lsn, pageno, lambda leaf: self._leaves_of(trees, leaf, lsn), cap)
+        follow = self.follow.plan(lsn, pageno, lambda leaf: self._rowids_of(trees, leaf, lsn), cap)
         if follow:
             self.follow.fetched(follow)
         return out + follow
 
-    def _leaves_of(self, trees: TreeMap, leaf: int, lsn: int) -> tuple[int, list[int]] | None:
-        """The table of the index leaf ``leaf`` and the table leaf of each of its rowids."""
+    def _rowids_of(
+        self, trees: TreeMap, leaf: int, lsn: int
+    ) -> tuple[list[int], Callable[[int], int | None]] | None:
+        """The rowids of the index leaf ``leaf``, and where its table keeps each."""
         root = trees.owner.get(leaf)
         table = trees.table_of(root) if root is not None else None
         data = self.peek_page(leaf, lsn)
         if table is None or data is None:
             return None
         try:
-            rowids = index_rowids(data, leaf, trees.usable)
+            rowids = index_leaf_rowids(data, leaf, trees.usable)
         except CorruptData:
             return None
-        leaves = [trees.table_leaf(table.entry.root, r) for r in rowids]
-        return table.entry.root, [p if p is not None else -1 for p in leaves]
+        table_root = table.entry.root
+        return rowids, lambda rowid: trees.table_leaf(table_root, rowid)
 
     def _watch_tree(
         self, trees: TreeMap, pageno: int, lsn: int, page_count: int, link: Link
