@@ -150,7 +150,6 @@ class Tree:
     interior: list[int] = field(default_factory=list)
     leaves: list[int] = field(default_factory=list)  # in key order
     leafset: set[int] = field(default_factory=set)
-    complete: bool = True  # every interior page was local
 
 
 class TreeMap:
@@ -206,8 +205,7 @@ class TreeMap:
                 self.owner[p] = entry.root
                 data = self._peek(p)
                 if data is None:
-                    tree.complete = False
-                    continue
+                    continue  # its subtree is unknown until it is local
                 page = parse_page(data, p, self.usable)
                 if not page.interior:
                     tree.leaves.append(p)  # a one-page tree
