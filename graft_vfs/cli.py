@@ -676,6 +676,43 @@ def hydrate(volume: str, remote: str, cache_dir: str, token: str | None) -> None
         runtime.close()
 
 
+@main.command()
+@click.argument("volume")
+@click.option(
+    "--table",
+    "tables",
+    multiple=True,
+    required=True,
+    help="A table or index whose B-tree to fetch (repeat for several).",
+)
+@REMOTE
+@CACHE
+@TOKEN
+@_fail_cleanly
+def prefetch(
+    volume: str, tables: tuple[str, ...], remote: str, cache_dir: str, token: str | None
+) -> None:
+    """Fetch every page of some tables and indexes of VOLUME's latest snapshot."""
+    from graft_vfs.client.pragmas import prefetch as prefetch_trees
+
+    runtime, vol = _open_volume(volume, remote, cache_dir, token)
+    try:
+        with _progress(vol.snapshot[1], "prefetching") as update:
+            walked = 0
+
+            def progress(done: int, known: int) -> None:
+                nonlocal walked
+                bar = getattr(update, "__self__", None)  # click's bar: its length grows
+                if bar is not None:
+                    bar.length = max(known, 1)
+                update(done - walked)
+                walked = done
+
+            _echo_json(prefetch_trees(vol, list(tables), progress))
+    finally:
+        runtime.close()
+
+
 _sync_command("pull", "Pull VOLUME's latest snapshot from the server (changed-page bitmap only).")
 _sync_command("push", "Push VOLUME's local commits to the server as one commit.")
 _sync_command(

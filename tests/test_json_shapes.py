@@ -9,6 +9,7 @@ import apsw
 import pytest
 
 import graft_vfs
+from graft_vfs.client.pragmas import PRAGMAS
 from test_docs import readme
 
 PULL_FIELDS = "graft_pull"
@@ -36,7 +37,7 @@ def check(con: apsw.Connection, name: str, fields: dict[str, set[str]]) -> dict:
 
 def test_every_pragma_answers_its_documented_fields(client, vid):
     fields = documented_fields()
-    assert set(fields) == set(graft_vfs.client.pragmas.PRAGMAS)
+    assert set(fields) == set(PRAGMAS)
     a = client(vid, options=graft_vfs.Options(autopush=False))
     b = client(vid, options=graft_vfs.Options(autopush=False))
     a.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
@@ -51,6 +52,8 @@ def test_every_pragma_answers_its_documented_fields(client, vid):
     for name in ("graft_status", "graft_stats", "graft_snapshot", "graft_version"):
         check(a, name, fields)
     check(b, "graft_hydrate", fields)
+    prefetched = json.loads(b.execute("PRAGMA graft_prefetch('t')").fetchone()[0])
+    assert set(prefetched) == fields["graft_prefetch"]
 
 
 def test_reset_without_a_server_answers_the_pull_fields(tmp_path, connect):

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import apsw
 
 from graft_vfs.client.volume import Volume
+from graft_vfs.core.errors import InvalidRequest
 from graft_vfs.core.version import VERSION
 
 PRAGMA_PREFIX = "graft_"
@@ -48,6 +49,49 @@ def _version(c: Connection, value: str | None) -> dict[str, Any]:
     }
 
 
+class _Prefetch:
+    """The pin owner of a tree prefetch (the volume's latest snapshot, while it runs)."""
+
+
+def prefetch(
+    vol: Volume,
+    names: list[str],
+    progress: Callable[[int, int], None] | None = None,
+    workers: int = 4,
+) -> dict[str, Any]:
+    """Fetch every page of the tables and indexes ``names`` at the latest snapshot.
+
+    ``progress(done, known)``: pages walked so far, and pages known to be in the trees.
+    """
+    token = _Prefetch()
+    lsn, page_count = vol.pin(token)
+    try:
+        return vol.reads.prefetch_trees(lsn, page_count, names, progress, workers)
+    finally:
+        vol.unpin(token)
+
+
+def _prefetch(c: Connection, value: str | None) -> dict[str, Any]:
+    if not value or not value.strip():
+        raise InvalidRequest("PRAGMA graft_prefetch needs a table or index: graft_prefetch('NAME')")
+    return prefetch(c.vol, [value])
+
+
+SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+
+
+def _background_fetch(c: Connection, value: str | None) -> dict[str, Any]:
+    reads = c.vol.reads
+    if value is not None:
+        setting = SWITCH.get(value.strip().strip("'\"").lower())
+        if setting is None:
+            raise InvalidRequest(
+                f"PRAGMA graft_background_fetch={value}: give on or off (1/0, true/false)"
+            )
+        reads.background = setting
+    return {"background_fetch": reads.background}
+
+
 def _sync(c: Connection, value: str | None) -> dict[str, Any]:
     return {"push": c.vol.sync.push(), "pull": c.vol.sync.pull()}
 
@@ -63,4 +107,6 @@ PRAGMAS: dict[str, Callable[[Connection, str | None], dict[str, Any]]] = {
     "graft_snapshot": _snapshot,
     "graft_version": _version,
     "graft_hydrate": lambda c, v: c.vol.hydrate(),
+    "graft_prefetch": _prefetch,
+    "graft_background_fetch": _background_fetch,
 }

@@ -11,7 +11,21 @@ and a random lookup never drags extra pages along.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from graft_vfs.core.btree import (
+    INTERIOR_TABLE,
+    MAX_DEPTH,
+    SchemaEntry,
+    is_interior,
+    parse_page,
+    read_schema,
+    usable_size,
+)
+from graft_vfs.core.errors import CorruptData
 
 WINDOW = 8  # recent accesses the vote looks at
 MIN_VOTES = 3  # a stride must repeat this often before anything is prefetched
@@ -119,3 +133,301 @@ class FrameSizer:
                 if cost < best_cost * WIDER_MARGIN:
                     best, best_cost = w, cost
             return best
+
+
+# -- B-trees: which tree a page is in, index -> table follow-ups, background fetch -------
+
+
+class _NotLocal(Exception):
+    pass
+
+
+@dataclass
+class Tree:
+    """One B-tree of a snapshot as far as its local interior pages tell."""
+
+    entry: SchemaEntry
+    interior: list[int] = field(default_factory=list)
+    leaves: list[int] = field(default_factory=list)  # in key order
+    leafset: set[int] = field(default_factory=set)
+
+
+class TreeMap:
+    """Which B-tree each page of one snapshot is in, from the pages held locally.
+
+    Built without the network: sqlite_schema's pages and each tree's interior pages
+    are read only if local (the server sends a tree's interior levels along with its
+    root, so after the first read of a tree they usually are); a subtree below a page
+    that is not local is unknown. ``stamp`` is the read path's count of interior pages
+    stored when the map was built: a map is rebuilt when the snapshot or it changes.
+    """
+
+    def __init__(
+        self,
+        lsn: int,
+        stamp: int,
+        page_count: int,
+        peek: Callable[[int], bytes | None],
+    ) -> None:
+        self.lsn, self.stamp = lsn, stamp
+        self.trees: dict[int, Tree] = {}
+        self.owner: dict[int, int] = {}  # page -> root of its tree
+        # interior table page -> (keys, children): a rowid k is under the first key >= k
+        self._keys: dict[int, tuple[list[int], list[int]]] = {}
+        self.usable = 0
+        self._peek = peek
+        self._page_count = page_count
+        try:
+            page1 = self._read(0)
+            self.usable = usable_size(page1)
+            entries = read_schema(self._read, page_count)
+        except (_NotLocal, CorruptData):
+            return  # SQLite reads the schema first: a later map will have it
+        for entry in entries:
+            try:
+                self.trees[entry.root] = self._tree(entry)
+            except CorruptData:
+                continue  # SQLite will say so when it reads the page
+        self._peek = _no_peek  # built: hold no reference to the read path
+
+    def _read(self, pageno: int) -> bytes:
+        data = self._peek(pageno)
+        if data is None:
+            raise _NotLocal
+        return data
+
+    def _tree(self, entry: SchemaEntry) -> Tree:
+        tree = Tree(entry)
+        level, seen = [entry.root], {entry.root}
+        for _ in range(MAX_DEPTH):
+            children: list[int] = []
+            for p in level:
+                self.owner[p] = entry.root
+                data = self._peek(p)
+                if data is None:
+                    continue  # its subtree is unknown until it is local
+                page = parse_page(data, p, self.usable)
+                if not page.interior:
+                    tree.leaves.append(p)  # a one-page tree
+                    tree.leafset.add(p)
+                    continue
+                tree.interior.append(p)
+                children += page.children
+                if page.kind == INTERIOR_TABLE:
+                    keys = [c.key if c.key is not None else 0 for c in page.cells]
+                    self._keys[p] = (keys, page.children)
+            if not children:
+                return tree
+            if any(c in seen or not 0 <= c < self._page_count for c in children):
+                raise CorruptData(f"the B-tree at page {entry.root + 1} loops")
+            seen.update(children)
+            probe = self._peek(children[0])
+            # Balanced: one child tells the level. A child not held is taken for a leaf:
+            # the interior levels come along with the root.
+            if probe is None or not is_interior(probe, children[0]):
+                for c in children:
+                    self.owner[c] = entry.root
+                tree.leaves += children
+                tree.leafset.update(tree.leaves)
+                return tree
+            level = children
+        raise CorruptData(f"the B-tree at page {entry.root + 1} is too deep")
+
+    def table_leaf(self, root: int, rowid: int) -> int | None:
+        """The leaf of the rowid table at ``root`` holding ``rowid``; None if not known."""
+        tree = self.trees.get(root)
+        if tree is None:
+            return None
+        page = root
+        for _ in range(MAX_DEPTH):
+            if page in tree.leafset:
+                return page
+            node = self._keys.get(page)
+            if node is None:
+                return None
+            keys, children = node
+            page = children[bisect_left(keys, rowid)]
+        return None
+
+    def table_of(self, index_root: int) -> Tree | None:
+        """The rowid table an index tree belongs to (None for a WITHOUT ROWID table's)."""
+        tree = self.trees.get(index_root)
+        if tree is None or tree.entry.type != "index":
+            return None
+        for t in self.trees.values():
+            if t.entry.type == "table" and t.entry.name.lower() == tree.entry.table.lower():
+                return t
+        return None
+
+
+def _no_peek(pageno: int) -> bytes | None:
+    return None
+
+
+FOLLOW_START = 32  # table leaves fetched ahead of an index walk at first
+FOLLOW_MAX = 256
+
+
+class IndexFollow:
+    """SQLite reads an index leaf, then the table leaf of each rowid in it, in key order.
+
+    When a table leaf misses right after an index leaf of that table was read, the
+    leaves of the rowids that follow in the index leaf are fetched in the same
+    request. How many follows the outcome: the count doubles while most of those
+    leaves are read, and halves while most are not (point lookups by an index key).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.leaf: tuple[int, int] | None = None  # (lsn, index leaf page)
+        self._rowids: list[int] | None = None  # the rowids of that leaf, in key order
+        self._leaf_of: Callable[[int], int | None] | None = None
+        self._leaves: list[int | None] = []  # table leaf of each rowid, as far as known
+        self._cursor = 0
+        self.ahead = FOLLOW_START
+        self._batch: set[int] = set()
+        self._batch_used = 0
+
+    def index_leaf(self, lsn: int, pageno: int) -> None:
+        """An index leaf was read below the memory cache."""
+        with self._lock:
+            if self.leaf != (lsn, pageno):
+                self.leaf, self._rowids, self._leaves, self._cursor = (lsn, pageno), None, [], 0
+
+    def read(self, pageno: int) -> None:
+        """A page was read below the memory cache."""
+        if pageno in self._batch:
+            with self._lock:
+                self._batch.discard(pageno)
+                self._batch_used += 1
+
+    def plan(
+        self,
+        lsn: int,
+        pageno: int,
+        rowids_of: Callable[[int], tuple[list[int], Callable[[int], int | None]] | None],
+        cap: int,
+    ) -> list[int]:
+        """Table leaves to fetch along with the missed ``pageno``.
+
+        ``rowids_of(index_leaf)`` answers the rowids of that index leaf and a function
+        giving the table leaf of a rowid (None if not known without the network), or
+        None if the leaf is no index of a rowid table known locally.
+        """
+        with self._lock:
+            if self.leaf is None or self.leaf[0] != lsn:
+                return []
+            if self._rowids is None:
+                found = rowids_of(self.leaf[1])
+                if found is None:
+                    self.leaf = None
+                    return []
+                self._rowids, self._leaf_of = found
+            i = self._find(pageno, self._cursor, len(self._rowids))
+            if i is None:
+                i = self._find(pageno, 0, self._cursor)
+            if i is None:
+                return []
+            self._adapt()
+            self._cursor = i
+            want = min(self.ahead, cap)
+            out: list[int] = []
+            for j in range(i + 1, len(self._rowids)):
+                if len(out) >= want:
+                    break
+                p = self._leaf(j)
+                if p is not None and p != pageno and p not in out:
+                    out.append(p)
+            return out
+
+    def _find(self, pageno: int, start: int, stop: int) -> int | None:
+        for j in range(start, stop):
+            if self._leaf(j) == pageno:
+                return j
+        return None
+
+    def _leaf(self, j: int) -> int | None:
+        """The table leaf of the ``j``-th rowid, worked out once (the lock is held)."""
+        leaves = self._leaves
+        assert self._rowids is not None and self._leaf_of is not None
+        while len(leaves) <= j:
+            leaves.append(self._leaf_of(self._rowids[len(leaves)]))
+        return leaves[j]
+
+    def fetched(self, pages: list[int]) -> None:
+        with self._lock:
+            self._batch = set(pages)
+            self._batch_used = 0
+
+    def _adapt(self) -> None:
+        sent = len(self._batch) + self._batch_used
+        if not sent:
+            return
+        if self._batch_used * 2 >= sent:
+            self.ahead = min(self.ahead * 2, FOLLOW_MAX)
+        elif self._batch_used * 4 < sent:
+            self.ahead = max(self.ahead // 2, 1)
+
+
+# A background fetch of the B-tree being read starts after this many leaf misses in one
+# tree within TREE_WINDOW seconds, and stops when no miss has come from that tree for
+# TREE_WINDOW seconds while reads go elsewhere, or its budget runs out and stays out.
+TREE_MISSES = 3
+TREE_WINDOW = 2.0
+# Pages per background request: what the link moves in half a round trip, so a demand
+# read sharing the link never waits long behind one.
+TREE_BATCH = 16
+TREE_BATCH_MAX = 512
+TREE_WORKERS = 4
+TREE_JOBS = 2  # trees fetched at once (an index and its table)
+TREE_MIN_RTT = 0.010  # on a faster link the CPU a background fetch takes costs more
+TREE_CHEAP_RTTS = 32  # what is left of a tree comes at once if it takes under 32 round trips
+
+
+class TreeWatch:
+    """Leaf misses per B-tree in the last TREE_WINDOW seconds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._misses: dict[int, deque[float]] = {}
+
+    def miss(self, root: int, now: float) -> int:
+        """Record a leaf miss in the tree at ``root``; the misses there within the window."""
+        with self._lock:
+            times = self._misses.setdefault(root, deque())
+            times.append(now)
+            while times and times[0] < now - TREE_WINDOW:
+                times.popleft()
+            if len(self._misses) > 64:  # forget trees read long ago
+                for r in [r for r, t in self._misses.items() if not t or t[-1] < now - TREE_WINDOW]:
+                    del self._misses[r]
+            return len(times)
+
+
+def tree_budget(rtt: float) -> float:
+    """Seconds of link time a background tree fetch may take per demand miss in that tree.
+
+    One round trip: the fetch keeps the link busy at most as long as the workload has
+    already waited on misses in the tree (a ski-rental bound), which at the measured
+    bandwidth is a byte budget of misses x rtt x bandwidth; so the whole tree comes as
+    soon as the workload has waited as long as fetching it takes. None on a link whose
+    round trip is under TREE_MIN_RTT (a loopback, a LAN): there the client's CPU per
+    fetched page, which a background fetch takes from the reads it would speed up,
+    costs more than the round trips it saves.
+    """
+    return rtt if rtt >= TREE_MIN_RTT else 0.0
+
+
+def tree_batch(rtt: float, bandwidth: float | None, page_bytes: float) -> int:
+    """Pages per background request: what the link moves in half a round trip
+    (the fewest until a round has measured the bandwidth)."""
+    if bandwidth is None:
+        return TREE_BATCH
+    return int(min(TREE_BATCH_MAX, max(TREE_BATCH, rtt * bandwidth / 2 / page_bytes)))
+
+
+def tree_is_cheap(nbytes: float, rtt: float, bandwidth: float) -> bool:
+    """Whether fetching ``nbytes`` costs less link time than TREE_CHEAP_RTTS round trips:
+    the rest of a tree that small is fetched at once, without waiting for more misses
+    (a workload that has missed 3 times in a tree usually misses many more times)."""
+    return nbytes <= TREE_CHEAP_RTTS * rtt * bandwidth

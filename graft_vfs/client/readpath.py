@@ -13,6 +13,7 @@ fetched pages.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -22,17 +23,48 @@ from typing import Any
 
 from graft_vfs.client.link import Link
 from graft_vfs.client.local import USAGE_LOG, LocalStore
-from graft_vfs.client.prefetch import FrameSizer, Prefetcher
+from graft_vfs.client.prefetch import (
+    FOLLOW_MAX,
+    FOLLOW_START,
+    TREE_JOBS,
+    TREE_MISSES,
+    TREE_WINDOW,
+    TREE_WORKERS,
+    FrameSizer,
+    IndexFollow,
+    Prefetcher,
+    TreeMap,
+    TreeWatch,
+    tree_batch,
+    tree_budget,
+    tree_is_cheap,
+)
 from graft_vfs.client.remote import Remote, Traffic, required
 from graft_vfs.client.stats import Stats
-from graft_vfs.core.btree import is_interior
+from graft_vfs.core.btree import (
+    LEAF_INDEX,
+    SchemaEntry,
+    index_leaf_rowids,
+    is_interior,
+    overflow_next,
+    overflow_pages,
+    page_links,
+    read_schema,
+    usable_size,
+)
+from graft_vfs.core.errors import CorruptData, GraftError, InvalidRequest
 from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.core.identity import Identity
 from graft_vfs.core.pages import ZERO_PAGE
 
+log = logging.getLogger("graft_vfs")
+
 # Interior B-tree pages the server may send along with a missed interior page: a
 # lookup then costs about one round trip per B-tree (its leaf) instead of one per level.
 INTERIOR_EXPAND = 256
+# A tree prefetch splits each level over its workers, in requests of at least this many
+# pages (and at most MAX_PAGES_PER_READ).
+MIN_BATCH = 32
 
 
 class ReadPath:
@@ -71,6 +103,21 @@ class ReadPath:
         self._identity_for = identity_for
         self._used: OrderedDict[int, tuple[int, int]] = OrderedDict()  # page -> (row, ns)
         self._used_lock = threading.Lock()
+        self._schema: tuple[int, list[SchemaEntry]] | None = None  # (lsn, entries)
+        # B-tree awareness: which tree a page is in, index -> table follow-ups, and the
+        # background fetch of the tree being read (``background``: on or off).
+        self.follow = IndexFollow()
+        self.watch = TreeWatch()
+        self.background = True
+        self.hints = True  # index -> table follow-ups (they ride along demand requests)
+        self._trees: TreeMap | None = None
+        self._trees_at = 0.0
+        self._stamp = 0  # interior pages stored so far (in batches): a TreeMap's age
+        self._jobs: dict[int, _TreeJob] = {}  # root -> its background fetch
+        self._fetched_trees: set[tuple[int, int]] = set()  # (root, lsn) fetched whole
+        self._job_lock = threading.Lock()
+        self._inflight: set[int] = set()  # pages in background batches now
+        self._tree_rate: float | None = None  # bytes/s background rounds measured
 
     # -- reads ----------------------------------------------------------------------
 
@@ -83,6 +130,7 @@ class ReadPath:
             self.stats.cache_hits += 1
             return entry[1]
         self.prefetcher.record(pageno)
+        self.follow.read(pageno)
         row = self.local.read_page(self.row_id, pageno, lsn)
         if row is not None and row[1] is not None:
             self.stats.add(local_hits=1)
@@ -93,6 +141,8 @@ class ReadPath:
             data = self._fetch(pageno, lsn, row[0] if row else None)
         if not is_interior(data, pageno):  # interior pages travel by expansion instead
             self.frames.record(pageno)
+            if pageno and data[0] == LEAF_INDEX:
+                self.follow.index_leaf(lsn, pageno)
         return data
 
     def peek_page(self, pageno: int, lsn: int) -> bytes | None:
@@ -125,7 +175,17 @@ class ReadPath:
         wanted = {pageno: marker if marker is not None else sync_local}
         page_count = local.page_count_at(row_id, lsn)
         ahead = self.prefetcher.predict(pageno) or self._frame(pageno, remote.link)
-        self._want_missing(wanted, (p for p in ahead if 0 <= p < page_count), lsn, sync_local)
+        trees = self._tree_map(lsn, page_count) if self.hints or self.background else None
+        along = []
+        if trees is not None and self.hints:
+            along = self._tree_pages(trees, pageno, lsn, remote.link)
+        busy = self._inflight  # a background batch brings these: no need to ask twice
+        self._want_missing(
+            wanted,
+            (p for p in (*ahead, *along) if 0 <= p < page_count and p not in busy),
+            lsn,
+            sync_local,
+        )
         traffic = Traffic()
         try:
             got = remote.read_pages(
@@ -139,10 +199,194 @@ class ReadPath:
         prefetched = [p for p in wanted if p != pageno]
         if prefetched:
             self.prefetcher.fetched(prefetched)
+        if any(is_interior(d, p) for p, (_, d) in got.items()):
+            self._stamp += 1
         self.stats.add(pages_fetched=len(got), pages_prefetched=len(prefetched))
         data = got[pageno][1]
         self._remember(pageno, wanted[pageno], data, lsn)
+        if trees is not None and self.background and not is_interior(data, pageno):
+            self._watch_tree(trees, pageno, lsn, page_count, remote.link)
         return data
+
+    # -- B-tree awareness on the demand path ---------------------------------------
+
+    def _tree_map(self, lsn: int, page_count: int) -> TreeMap | None:
+        """The map of B-trees for hints; rebuilt when interior pages arrived or, at most
+        once a second, when the snapshot moved (a stale map only makes a hint wrong:
+        every page is still fetched at the right snapshot)."""
+        trees = self._trees
+        now = time.monotonic()
+        if trees is not None and trees.stamp == self._stamp:
+            if trees.lsn == lsn or now - self._trees_at < 1.0:
+                return trees
+        try:
+            trees = TreeMap(lsn, self._stamp, page_count, lambda p: self.peek_page(p, lsn))
+        except GraftError:  # a damaged local page: SQLite says so when it reads it
+            return None
+        self._trees, self._trees_at = trees, now
+        return trees
+
+    def _tree_pages(self, trees: TreeMap, pageno: int, lsn: int, link: Link) -> list[int]:
+        """Pages of other B-trees that SQLite is about to read after ``pageno``.
+
+        A miss in an index brings its table's root along (and with it, by expansion,
+        the table's interior pages). A table leaf missed after an index leaf of that
+        table brings the leaves of the rowids that follow in the index leaf.
+        """
+        out: list[int] = []
+        root = trees.owner.get(pageno)
+        if root is not None:
+            table = trees.table_of(root)
+            if table is not None:
+                out.append(table.entry.root)
+        cap = int(min(FOLLOW_MAX, max(FOLLOW_START, link.rtt * link.bandwidth / link.page_bytes)))
+        follow = self.follow.plan(lsn, pageno, lambda leaf: self._rowids_of(trees, leaf, lsn), cap)
+        if follow:
+            self.follow.fetched(follow)
+        return out + follow
+
+    def _rowids_of(
+        self, trees: TreeMap, leaf: int, lsn: int
+    ) -> tuple[list[int], Callable[[int], int | None]] | None:
+        """The rowids of the index leaf ``leaf``, and where its table keeps each."""
+        root = trees.owner.get(leaf)
+        table = trees.table_of(root) if root is not None else None
+        data = self.peek_page(leaf, lsn)
+        if table is None or data is None:
+            return None
+        try:
+            rowids = index_leaf_rowids(data, leaf, trees.usable)
+        except CorruptData:
+            return None
+        table_root = table.entry.root
+        return rowids, lambda rowid: trees.table_leaf(table_root, rowid)
+
+    def _watch_tree(
+        self, trees: TreeMap, pageno: int, lsn: int, page_count: int, link: Link
+    ) -> None:
+        """A leaf of a tree missed: start, feed or stop the background fetch."""
+        root = trees.owner.get(pageno)
+        if root is None:
+            return
+        now = time.monotonic()
+        grant = tree_budget(link.rtt)
+        with self._job_lock:
+            jobs = self._jobs
+            for r, other in list(jobs.items()):
+                if other.finished.is_set():
+                    if other.complete:
+                        if any(lsn_ != other.lsn for _, lsn_ in self._fetched_trees):
+                            self._fetched_trees.clear()  # only the latest snapshot's
+                        self._fetched_trees.add((r, other.lsn))
+                    del jobs[r]
+                elif r != root and now - other.last_miss >= TREE_WINDOW:
+                    other.cancel()  # the workload left that tree
+                    del jobs[r]
+            job = jobs.get(root)
+            if job is not None:
+                if job.lsn == lsn:
+                    job.grant(grant, now)
+                    return
+                job.cancel()  # a commit, pull or reset moved the snapshot on
+                del jobs[root]
+            if (root, lsn) in self._fetched_trees:
+                return  # fetched whole at this snapshot already
+            misses = self.watch.miss(root, now)
+            tree = trees.trees.get(root)
+            if misses < TREE_MISSES or tree is None or grant <= 0 or len(jobs) >= TREE_JOBS:
+                return
+            pages = [p for p in (*tree.interior, *tree.leaves) if p != pageno]
+            job = _TreeJob(root, lsn, page_count, pages, misses * grant, now)
+            jobs[root] = job
+        threading.Thread(
+            target=self._run_job, args=(job,), name="graft-tree-fetch", daemon=True
+        ).start()
+
+    def _measure(self, nbytes: int, seconds: float, rtt: float) -> None:
+        """The bandwidth one round of parallel background requests saw.
+
+        Link.bandwidth is measured per request, so it reads a link shared by parallel
+        requests as a fraction of what it is: a round measures it whole.
+        """
+        if nbytes < 64 * 1024:
+            return
+        rate = nbytes / max(seconds - rtt, seconds / 4)
+        old = self._tree_rate
+        self._tree_rate = rate if old is None else old + 0.5 * (rate - old)
+
+    def _absent(self, pageno: int, lsn: int) -> bool:
+        row = self.local.read_page(self.row_id, pageno, lsn)
+        return row is None or row[1] is None
+
+    def _run_job(self, job: _TreeJob) -> None:
+        """Fetch a tree's pages in small batches while the budget and the workload last.
+
+        Pages go to the local store only, with the same rows as a demand read at the
+        job's snapshot; never to the memory cache, so a batch that lands after a
+        commit, pull or reset cannot put an old page where a newer reader looks.
+        """
+        try:
+            remote = required(self.remote)
+            identity = self._identity_for(job.lsn)
+            sync_local, sync_remote = self.local.sync_point(self.row_id, job.lsn)
+            missing = self.local.missing_pages(self.row_id, job.lsn, job.page_count)
+            # From the far end: a scan reading the tree forward meets it in the middle.
+            todo = [p for p in reversed(job.pages) if p in missing]
+
+            def fetch(chunk: list[int]) -> int:
+                # Demand reads may have fetched some meanwhile.
+                chunk = [p for p in chunk if self._absent(p, job.lsn)]
+                if not chunk:
+                    return 0
+                self._inflight.update(chunk)
+                try:
+                    return fetch_now(chunk)
+                finally:
+                    self._inflight.difference_update(chunk)
+
+            def fetch_now(chunk: list[int]) -> int:
+                traffic = Traffic()
+                try:
+                    got = remote.read_pages(
+                        self.vid, sync_remote, chunk, traffic, identity=identity
+                    )
+                finally:
+                    self.stats.count(traffic)
+                rows = []
+                for p in chunk:
+                    marker = missing[p]
+                    rows.append((p, marker if marker is not None else sync_local, got[p][1]))
+                self.local.store_fetched(self.row_id, rows)
+                self.prefetcher.fetched(chunk)
+                self.stats.add(pages_fetched=len(chunk), pages_prefetched=len(chunk))
+                return traffic.bytes_received
+
+            link = remote.link
+            with ThreadPoolExecutor(max_workers=TREE_WORKERS) as pool:
+                i = 0
+                while i < len(todo) and self._latest() == job.lsn:
+                    rate = self._tree_rate
+                    if rate is not None and tree_is_cheap(
+                        (len(todo) - i) * link.page_bytes, link.rtt, rate
+                    ):
+                        rate = float("inf")  # the rest costs little: all of it now
+                    if not job.wait_for_budget(rate):
+                        break
+                    size = tree_batch(link.rtt, rate, link.page_bytes)
+                    chunks = []
+                    for _ in range(TREE_WORKERS):
+                        if i < len(todo):
+                            chunks.append(todo[i : i + size])
+                            i += size
+                    started = time.monotonic()
+                    nbytes = sum(pool.map(fetch, chunks))
+                    job.spend(nbytes)
+                    self._measure(nbytes, time.monotonic() - started, link.rtt)
+                job.complete = i >= len(todo)
+        except GraftError as exc:  # a background fetch only ever saves reads
+            log.debug("background fetch of the tree at page %d stopped: %s", job.root + 1, exc)
+        finally:
+            job.finished.set()
 
     def _want_missing(
         self, wanted: dict[int, int], pages: Iterable[int], lsn: int, sync_local: int
@@ -209,6 +453,130 @@ class ReadPath:
             "seconds": round(time.perf_counter() - started, 3),
         }
 
+    # -- whole B-trees -------------------------------------------------------------
+
+    def schema(self, lsn: int, page_count: int) -> list[SchemaEntry]:
+        """The tables and indexes of snapshot ``lsn``, read from sqlite_schema's pages."""
+        cached = self._schema
+        if cached is not None and cached[0] == lsn:
+            return cached[1]
+        entries = read_schema(lambda p: self.read_page(p, lsn), page_count)
+        self._schema = (lsn, entries)
+        return entries
+
+    def resolve_trees(self, lsn: int, page_count: int, names: Iterable[str]) -> list[SchemaEntry]:
+        """The schema entries of ``names`` (tables or indexes, case-insensitive, as SQLite)."""
+        entries = self.schema(lsn, page_count)
+        by_name = {e.name.lower(): e for e in entries}
+        out = []
+        for name in names:
+            entry = by_name.get(name.strip().lower())
+            if entry is None:
+                known = ", ".join(sorted(e.name for e in entries)) or "none"
+                raise InvalidRequest(
+                    f"volume {self.vid!r} has no table or index named {name!r}; "
+                    f"its tables and indexes: {known}"
+                )
+            if entry not in out:
+                out.append(entry)
+        return out
+
+    def prefetch_trees(
+        self,
+        lsn: int,
+        page_count: int,
+        names: list[str],
+        progress: Callable[[int, int], None] | None,
+        workers: int,
+    ) -> dict[str, Any]:
+        """Fetch every page of the B-trees ``names`` at the (pinned) snapshot ``lsn``.
+
+        The trees are walked level by level: each level's pages that are not local
+        are fetched in parallel (``workers`` requests at a time), and the pages of a
+        level name the next (children of interior pages, then overflow pages of the
+        cells, one link of each chain per level). ``progress(done, known)`` follows.
+        """
+        entries = self.resolve_trees(lsn, page_count, names)
+        remote = required(self.remote)
+        started = time.perf_counter()
+        identity = self._identity_for(lsn)
+        sync_local, sync_remote = self.local.sync_point(self.row_id, lsn)
+        missing = self.local.missing_pages(self.row_id, lsn, page_count)
+        usable = usable_size(self.read_page(0, lsn))
+        # (page, overflow pages after it in its chain; -1 for a B-tree page)
+        level = [(e.root, -1) for e in entries]
+        seen = {e.root for e in entries}
+        done = fetched = requests = 0
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            while level:
+                want = sorted(p for p, _ in level if p in missing)
+                size = min(MAX_PAGES_PER_READ, max(MIN_BATCH, -(-len(want) // max(1, workers))))
+                chunks = [want[i : i + size] for i in range(0, len(want), size)]
+
+                def fetch(chunk: list[int]) -> dict[int, bytes]:
+                    traffic = Traffic()
+                    try:
+                        got = remote.read_pages(
+                            self.vid, sync_remote, chunk, traffic, identity=identity
+                        )
+                    finally:
+                        self.stats.count(traffic)
+                    rows = []
+                    for p in chunk:
+                        marker = missing[p]
+                        rows.append((p, marker if marker is not None else sync_local, got[p][1]))
+                    self.local.store_fetched(self.row_id, rows)
+                    self.stats.add(pages_fetched=len(chunk))
+                    return {p: got[p][1] for p in chunk}
+
+                got: dict[int, bytes] = {}
+                for part in pool.map(fetch, chunks):
+                    got.update(part)
+                fetched += len(got)
+                requests += len(chunks)
+                following: list[tuple[int, int]] = []
+                for p, left in level:
+                    data = got.get(p)
+                    if data is None:
+                        data = self._held(p, lsn)
+                    if left < 0:
+                        children, overflows = page_links(data, p, usable)
+                        following += [(c, -1) for c in children]
+                        following += [
+                            (first, overflow_pages(rest, usable) - 1) for first, rest in overflows
+                        ]
+                    elif left > 0:
+                        nxt = overflow_next(data, p, page_count)
+                        if nxt is None:
+                            raise CorruptData(f"the overflow chain through page {p + 1} ends early")
+                        following.append((nxt, left - 1))
+                for p, _ in following:
+                    # Every level brings pages never seen: the walk ends on any input.
+                    if p in seen or not 0 <= p < page_count:
+                        raise CorruptData(
+                            f"a B-tree of volume {self.vid!r} names page {p + 1} twice "
+                            "or beyond the end of the database"
+                        )
+                    seen.add(p)
+                done += len(level)
+                level = following
+                if progress is not None:
+                    progress(done, done + len(level))
+        self._stamp += 1  # interior pages arrived
+        return {
+            "trees": [e.name for e in entries],
+            "pages": done,
+            "pages_fetched": fetched,
+            "requests": requests,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+
+    def _held(self, pageno: int, lsn: int) -> bytes:
+        """A page believed local: read without touching the prefetch statistics."""
+        data = self.peek_page(pageno, lsn)
+        # Evicted from the local store meanwhile: fetch it as a read would.
+        return data if data is not None else self.read_page(pageno, lsn)
+
     # -- the memory cache (callers that change the snapshot hold the volume's lock) --
 
     def _remember(self, pageno: int, row_lsn: int, data: bytes, lsn: int) -> None:
@@ -248,3 +616,46 @@ class ReadPath:
             self._used.move_to_end(pageno)
             if len(self._used) > USAGE_LOG:
                 self._used.popitem(last=False)
+
+
+class _TreeJob:
+    """One background fetch of a B-tree: its pages, its byte budget, its end.
+
+    ``waited`` is the time the workload has waited on misses in the tree (a round trip
+    per miss); the job may move ``waited x bandwidth`` bytes. Until a round has
+    measured the bandwidth, one round of the smallest batches may go.
+    """
+
+    def __init__(
+        self, root: int, lsn: int, page_count: int, pages: list[int], waited: float, now: float
+    ) -> None:
+        self.root, self.lsn, self.page_count, self.pages = root, lsn, page_count, pages
+        self.waited, self.bytes = waited, 0
+        self.complete = False  # every page was fetched
+        self.last_miss = now
+        self.finished = threading.Event()
+        self._cancelled = False
+        self._cond = threading.Condition()
+
+    def grant(self, seconds: float, now: float) -> None:
+        with self._cond:
+            self.waited += seconds
+            self.last_miss = now
+            self._cond.notify_all()
+
+    def spend(self, nbytes: int) -> None:
+        with self._cond:
+            self.bytes += nbytes
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    def wait_for_budget(self, rate: float | None) -> bool:
+        """True when the next round may go; False when cancelled or no budget came."""
+        with self._cond:
+            while not self._cancelled and rate is not None and self.bytes >= self.waited * rate:
+                if not self._cond.wait(TREE_WINDOW):
+                    return False
+            return not self._cancelled

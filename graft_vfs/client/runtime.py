@@ -38,6 +38,7 @@ class Options:
     timeout: float = 30.0
     token: str | None = field(default=None, repr=False)  # bearer token; never printed
     cache_max_bytes: int | None = None  # page data the cache directory keeps; None: no limit
+    background_fetch: bool = True  # fetch the B-tree being read in the background
 
     def __post_init__(self) -> None:
         limit = self.cache_max_bytes
@@ -84,6 +85,7 @@ class Runtime:
                 snap = self._remote_snapshot(vid, create)
                 row = self.local.create_volume(vid, snap.lsn, snap.page_count, snap.identity)
             vol = Volume(row, self.local, self.remote, self.schedule_push, self.options.cache_pages)
+            vol.reads.background = self.options.background_fetch
             if known:
                 self._check_identity(vol)
             row = vol.row

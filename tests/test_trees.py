@@ -1,0 +1,504 @@
+"""B-tree aware fetching: graft_prefetch / graft prefetch, against a real server (fs and S3).
+
+The database is generated: a rowid table with an index, a second table that must stay
+cold, a table whose rows overflow their pages, and a WITHOUT ROWID table. Every
+expectation on requests is exact and read off ``PRAGMA graft_stats``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import apsw
+import pytest
+
+import graft_vfs
+from graft_vfs.client.dbfile import import_database
+from graft_vfs.client.link import Link
+from graft_vfs.client.remote import Remote
+
+ITEMS = 20_000
+BLOBS = 60
+
+
+def pragma(con, name, value=None):
+    sql = f"PRAGMA {name}" + (f"('{value}')" if value is not None else "")
+    return json.loads(con.execute(sql).fetchone()[0])
+
+
+def make_tree_database(path: str) -> str:
+    rng = random.Random(11)
+    con = apsw.Connection(path)
+    con.execute("PRAGMA page_size=4096")
+    con.execute("PRAGMA journal_mode=DELETE").fetchall()
+    con.execute(
+        "CREATE TABLE items(id INTEGER PRIMARY KEY, k INTEGER NOT NULL, note TEXT NOT NULL);"
+        "CREATE INDEX items_k ON items(k);"
+        "CREATE TABLE other(id INTEGER PRIMARY KEY, note TEXT);"
+        "CREATE TABLE blobs(id INTEGER PRIMARY KEY, data BLOB NOT NULL);"
+        "CREATE TABLE kv(key TEXT PRIMARY KEY, value INTEGER) WITHOUT ROWID;"
+    )
+    keys = list(range(ITEMS))
+    rng.shuffle(keys)
+    with con:
+        con.executemany(
+            "INSERT INTO items VALUES(?,?,?)",
+            ((i, keys[i] * 10, "n" * rng.randrange(20, 120)) for i in range(ITEMS)),
+        )
+        con.executemany("INSERT INTO other VALUES(?,?)", ((i, "o" * 200) for i in range(3000)))
+        con.executemany(
+            "INSERT INTO blobs VALUES(?,?)",
+            ((i, rng.randbytes(rng.randrange(4_200, 20_000))) for i in range(BLOBS)),
+        )
+        con.executemany(
+            "INSERT INTO kv VALUES(?,?)", ((f"key-{i:07d}-" + "k" * 40, i) for i in range(8000))
+        )
+    con.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tree_db(tmp_path_factory):
+    return make_tree_database(str(tmp_path_factory.mktemp("trees") / "trees.db"))
+
+
+@pytest.fixture(scope="module")
+def tree_volume(tree_db, server):
+    import_database(Remote(server.url), tree_db, "trees", replace=True)
+    return "trees"
+
+
+def tree_pages(path: str, name: str) -> int:
+    """Pages of a table or index, overflow pages included, as SQLite counts them."""
+    con = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return con.execute("SELECT count(*) FROM dbstat WHERE name=?", (name,)).fetchone()[0]
+    finally:
+        con.close()
+
+
+def requests_for(con, sql, args=()):
+    before = pragma(con, "graft_stats")["requests"]
+    rows = con.execute(sql, args).fetchall()
+    return rows, pragma(con, "graft_stats")["requests"] - before
+
+
+def test_prefetch_a_table_then_scans_and_lookups_are_local(client, tree_volume, tree_db):
+    con = client(tree_volume)
+    got = pragma(con, "graft_prefetch", "items")
+    pages = tree_pages(tree_db, "items")
+    assert got["trees"] == ["items"]
+    assert got["pages"] == got["pages_fetched"] == pages  # a cold client: all of it
+    assert 2 <= got["requests"] <= pages // 32 + 3  # level by level, parallel batches
+    assert set(got) == {"trees", "pages", "pages_fetched", "requests", "seconds"}
+    rows, moved = requests_for(con, "SELECT count(*), sum(length(note)) FROM items")
+    assert rows[0][0] == ITEMS and moved == 0
+    for i in random.Random(3).sample(range(ITEMS), 50):
+        rows, moved = requests_for(con, "SELECT note FROM items WHERE id=?", (i,))
+        assert rows and moved == 0
+    again = pragma(con, "graft_prefetch", "ITEMS")  # names as SQLite reads them
+    assert (again["pages_fetched"], again["requests"]) == (0, 0)
+    # Another table's pages were not fetched along.
+    rows, moved = requests_for(con, "SELECT count(*) FROM other")
+    assert rows == [(3000,)] and moved > 0
+
+
+def test_prefetch_an_index(client, tree_volume, tree_db):
+    con = client(tree_volume)
+    got = pragma(con, "graft_prefetch", "items_k")
+    assert got["pages"] == got["pages_fetched"] == tree_pages(tree_db, "items_k")
+    rows, moved = requests_for(con, "SELECT k FROM items WHERE k BETWEEN 500 AND 90000")
+    assert len(rows) == 8951 and moved == 0  # the index covers the query
+    rows, moved = requests_for(con, "SELECT max(k), count(*) FROM items INDEXED BY items_k")
+    assert rows == [((ITEMS - 1) * 10, ITEMS)] and moved == 0
+
+
+def test_prefetch_follows_overflow_pages(client, tree_volume, tree_db):
+    con = client(tree_volume)
+    got = pragma(con, "graft_prefetch", "blobs")
+    pages = tree_pages(tree_db, "blobs")
+    assert pages > 3 * BLOBS  # mostly overflow pages
+    assert got["pages"] == got["pages_fetched"] == pages
+    native = apsw.Connection(tree_db, flags=apsw.SQLITE_OPEN_READONLY)
+    sql = "SELECT id, length(data), hex(substr(data, -16)) FROM blobs ORDER BY id"
+    rows, moved = requests_for(con, sql)
+    assert rows == native.execute(sql).fetchall() and moved == 0
+    native.close()
+
+
+def test_prefetch_a_without_rowid_table(client, tree_volume, tree_db):
+    con = client(tree_volume)
+    got = pragma(con, "graft_prefetch", "kv")
+    assert got["pages"] == got["pages_fetched"] == tree_pages(tree_db, "kv")
+    rows, moved = requests_for(con, "SELECT count(*), sum(value) FROM kv")
+    assert rows == [(8000, sum(range(8000)))] and moved == 0
+    for i in (0, 77, 4321, 7999):
+        key = f"key-{i:07d}-" + "k" * 40
+        rows, moved = requests_for(con, "SELECT value FROM kv WHERE key=?", (key,))
+        assert rows == [(i,)] and moved == 0
+
+
+def test_prefetch_of_an_unknown_name_names_the_trees_there_are(client, tree_volume):
+    con = client(tree_volume)
+    known = "blobs, items, items_k, kv, other"
+    with pytest.raises(apsw.SQLError, match=f"no table or index named 'nope'.*{known}"):
+        con.execute("PRAGMA graft_prefetch('nope')").fetchall()
+    with pytest.raises(apsw.SQLError, match="needs a table or index"):
+        con.execute("PRAGMA graft_prefetch").fetchall()
+
+
+def graft(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "graft_vfs.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def test_cli_prefetch_several_tables(client, server, tree_volume, tree_db, tmp_path):
+    cache = str(tmp_path / "cli-cache")
+    common = ("--remote", server.url, "--cache", cache)
+    done = graft("prefetch", tree_volume, "--table", "items", "--table", "kv", *common)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    pages = tree_pages(tree_db, "items") + tree_pages(tree_db, "kv")
+    assert got["trees"] == ["items", "kv"]
+    assert got["pages"] == got["pages_fetched"] == pages
+    con = client(tree_volume, cache=cache)
+    rows, moved = requests_for(con, "SELECT count(*) FROM items NOT INDEXED WHERE note LIKE 'nn%'")
+    assert rows == [(ITEMS,)] and moved == 0
+    bad = graft("prefetch", tree_volume, "--table", "nope", *common)
+    assert bad.returncode != 0 and bad.stdout == ""
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no table or index named 'nope'" in lines[0]
+    assert "items_k" in lines[0]
+
+
+# -- the core's reading of SQLite's format: bounded on any input -------------------------
+
+
+def file_pages(path: str) -> list[bytes]:
+    with open(path, "rb") as f:
+        data = f.read()
+    return [data[i : i + 4096] for i in range(0, len(data), 4096)]
+
+
+def test_core_schema_and_walk_match_sqlite(tree_db):
+    from graft_vfs.core import btree
+
+    pages = file_pages(tree_db)
+    schema = btree.read_schema(pages.__getitem__, len(pages))
+    assert [(e.type, e.name, e.table) for e in schema] == [
+        ("table", "items", "items"),
+        ("index", "items_k", "items"),
+        ("table", "other", "other"),
+        ("table", "blobs", "blobs"),
+        ("table", "kv", "kv"),
+    ]
+    usable = btree.usable_size(pages[0])
+    for entry in schema:
+        walked = list(btree.walk(entry.root, pages.__getitem__, usable, len(pages)))
+        overflow = sum(
+            btree.overflow_pages(rest, usable) for _, page in walked for _, rest in page.overflows
+        )
+        assert len(walked) + overflow == tree_pages(tree_db, entry.name), entry.name
+    blob = next(e for e in schema if e.name == "blobs")
+    leaf = next(
+        page
+        for _, page in btree.walk(blob.root, pages.__getitem__, usable, len(pages))
+        if not page.interior
+    )
+    cell = leaf.cells[0]
+    payload = btree.full_payload(cell, usable, len(pages), pages.__getitem__)
+    values = btree.decode_record(payload)
+    native = apsw.Connection(tree_db, flags=apsw.SQLITE_OPEN_READONLY)
+    assert (
+        values[1] == native.execute("SELECT data FROM blobs WHERE id=?", (cell.key,)).fetchone()[0]
+    )
+    native.close()
+
+
+def test_core_damaged_pages_are_corrupt_data_never_a_loop(tree_db):
+    from graft_vfs.core import btree
+    from graft_vfs.core.errors import CorruptData
+
+    pages = file_pages(tree_db)
+    usable = btree.usable_size(pages[0])
+    schema = btree.read_schema(pages.__getitem__, len(pages))
+    items = next(e for e in schema if e.name == "items")
+    root = bytearray(pages[items.root])
+    assert root[0] == btree.INTERIOR_TABLE
+    # The right-most child pointing back at the root: a cycle.
+    looped = list(pages)
+    looped[items.root] = bytes(root[:8]) + (items.root + 1).to_bytes(4, "big") + bytes(root[12:])
+    with pytest.raises(CorruptData):
+        list(btree.walk(items.root, looped.__getitem__, usable, len(pages)))
+    # A cell pointer beyond the page, a cell count that cannot fit.
+    for damage in ((12, b"\xff\xff"), (3, b"\x0f\xff")):
+        bad = bytearray(root)
+        bad[damage[0] : damage[0] + 2] = damage[1]
+        with pytest.raises(CorruptData):
+            btree.parse_page(bytes(bad), items.root, usable)
+    # An overflow chain that loops on itself ends at its size, as corrupt.
+    blob = next(e for e in schema if e.name == "blobs")
+    leaf = next(
+        page
+        for _, page in btree.walk(blob.root, pages.__getitem__, usable, len(pages))
+        if not page.interior
+    )
+    cell = next(c for c in leaf.cells if c.size - len(c.payload) > usable)
+    looping = list(pages)
+    assert cell.overflow is not None
+    looping[cell.overflow] = (cell.overflow + 1).to_bytes(4, "big") + pages[cell.overflow][4:]
+    with pytest.raises(CorruptData):
+        btree.full_payload(cell, usable, len(pages), looping.__getitem__)
+    with pytest.raises(CorruptData):
+        btree.decode_record(b"\x05\x0a\x01\x01\x01")  # a reserved serial type
+
+
+def test_core_random_bytes_parse_or_fail_as_corrupt_data():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from graft_vfs.core import btree
+    from graft_vfs.core.errors import CorruptData
+
+    kinds = st.sampled_from([2, 5, 10, 13])
+
+    @settings(max_examples=300, deadline=None)
+    @given(kind=kinds, body=st.binary(min_size=0, max_size=4095))
+    def check(kind: int, body: bytes) -> None:
+        data = (bytes([kind]) + body).ljust(4096, b"\x00")[:4096]
+        try:
+            links = btree.page_links(data, 5, 4096)
+        except CorruptData:
+            links = None
+        try:
+            page = btree.parse_page(data, 5, 4096)
+        except CorruptData:
+            return
+        assert links == (page.children, page.overflows)
+        if kind == btree.LEAF_INDEX:
+            try:
+                fast = btree.index_leaf_rowids(data, 5, 4096)
+            except CorruptData:
+                return
+            slow = []
+            for cell in page.cells:
+                values = btree.decode_record(cell.payload) if cell.overflow is None else []
+                if values and type(values[-1]) is int:
+                    slow.append(values[-1])
+            assert fast == slow
+        for cell in page.cells:
+            assert len(cell.payload) <= cell.size
+            try:
+                btree.decode_record(cell.payload)
+            except CorruptData:
+                pass
+
+    check()
+
+
+# -- index queries: the table leaves ride along ------------------------------------------
+
+
+def one_leaf_of_keys(path: str, count: int) -> list[int]:
+    """``count`` consecutive keys of items_k that sit in one index leaf (from the file)."""
+    from graft_vfs.core import btree
+
+    pages = file_pages(path)
+    usable = btree.usable_size(pages[0])
+    schema = btree.read_schema(pages.__getitem__, len(pages))
+    index = next(e for e in schema if e.name == "items_k")
+    leaves = [
+        page
+        for _, page in btree.walk(index.root, pages.__getitem__, usable, len(pages))
+        if not page.interior
+    ]
+    cells = leaves[len(leaves) // 2].cells
+    assert len(cells) > count + 20
+    keys = [btree.decode_record(c.payload)[0] for c in cells]
+    return keys[10 : 10 + count]
+
+
+def test_an_index_query_of_20_scattered_rows_takes_3_round_trips(client, tree_volume, tree_db):
+    keys = one_leaf_of_keys(tree_db, 20)
+    sql = "SELECT id, note FROM items WHERE k BETWEEN ? AND ? ORDER BY k"
+    native = apsw.Connection(tree_db, flags=apsw.SQLITE_OPEN_READONLY)
+    expected = native.execute(sql, (keys[0], keys[-1])).fetchall()
+    native.close()
+    ids = sorted(row[0] for row in expected)
+    assert len(expected) == 20 and ids[-1] - ids[0] > ITEMS // 2  # scattered over the table
+    con = client(tree_volume, options=graft_vfs.Options(background_fetch=False))
+    con.execute("SELECT count(*) FROM sqlite_schema").fetchall()  # SQLite reads its schema
+    rows, moved = requests_for(con, sql, (keys[0], keys[-1]))
+    assert rows == expected
+    # The index's root (its table's root along), the index leaf, then one table leaf
+    # with the leaves of the 19 rowids that follow in the index leaf.
+    assert moved == 3
+    again = client(tree_volume, options=graft_vfs.Options(background_fetch=False))
+    vol = graft_vfs.runtime_of(again.open_vfs).volume(tree_volume, create=False)
+    vol.reads.hints = False  # demand reads alone: one request per B-tree and per row
+    again.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+    rows, moved = requests_for(again, sql, (keys[0], keys[-1]))
+    assert rows == expected and moved >= 22
+
+
+# -- the background fetch of the tree being read -----------------------------------------
+
+
+def wait_for_background(vol, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(not job.finished.is_set() for job in list(vol.reads._jobs.values())):
+        assert time.monotonic() < deadline, "the background fetch did not end"
+        time.sleep(0.05)
+
+
+def edge_client(client, volume, **options):
+    """A client whose link is measured as an edge's (20 ms round trips): background
+    fetches start on such a link, never on a loopback's."""
+    con = client(volume, options=graft_vfs.Options(**options))
+    runtime = graft_vfs.runtime_of(con.open_vfs)
+    runtime.remote.link = FixedLink(rtt=0.020, bandwidth=100e6, page_bytes=1500)
+    return con, runtime.volume(volume, create=False)
+
+
+class FixedLink(Link):
+    def observe(self, seconds: float, nbytes: int) -> None:
+        pass
+
+    def observe_pages(self, nbytes: int, pages: int) -> None:
+        pass
+
+
+def test_lookups_in_one_table_fetch_the_rest_of_it_in_the_background(client, tree_volume):
+    con, vol = edge_client(client, tree_volume)
+    rng = random.Random(8)
+    for i in rng.sample(range(ITEMS), 20):
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    stats = pragma(con, "graft_stats")
+    assert stats["pages_prefetched"] > 100
+    # The whole table came: a scan moves nothing.
+    rows, moved = requests_for(con, "SELECT count(*), sum(length(note)) FROM items NOT INDEXED")
+    assert rows[0][0] == ITEMS and moved == 0
+    # ...and nothing of the trees the workload did not read.
+    rows, moved = requests_for(con, "SELECT count(*) FROM other")
+    assert rows == [(3000,)] and moved > 0
+    rows, moved = requests_for(con, "SELECT count(*) FROM items INDEXED BY items_k WHERE k > 5")
+    assert moved > 0
+
+
+def test_background_fetch_can_be_turned_off(client, tree_volume):
+    con, vol = edge_client(client, tree_volume, background_fetch=False)
+    assert pragma(con, "graft_background_fetch") == {"background_fetch": False}
+    for i in random.Random(8).sample(range(ITEMS), 20):
+        con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall()
+    stats = pragma(con, "graft_stats")
+    assert not vol.reads._jobs
+    assert stats["pages_prefetched"] <= stats["pages_fetched"] - stats["cache_misses"]
+    rows, moved = requests_for(con, "SELECT count(*) FROM items NOT INDEXED")
+    assert moved > 0
+    assert json.loads(con.execute("PRAGMA graft_background_fetch=on").fetchone()[0]) == {
+        "background_fetch": True
+    }
+    with pytest.raises(apsw.SQLError, match="give on or off"):
+        con.execute("PRAGMA graft_background_fetch=maybe").fetchall()
+
+
+def test_a_background_batch_landing_after_a_pull_never_shows_old_pages(
+    client, server, vid, tree_db
+):
+    import_database(Remote(server.url), tree_db, vid)
+    reader, vol = edge_client(client, vid, autopush=False)
+    writer = client(vid, options=graft_vfs.Options(autopush=False))
+    remote = graft_vfs.runtime_of(reader.open_vfs).remote
+    read_pages = remote.read_pages
+    gate = threading.Event()
+    held = threading.Event()
+
+    def late(*args, **kwargs):
+        got = read_pages(*args, **kwargs)
+        if threading.current_thread() is not threading.main_thread():
+            held.set()
+            gate.wait(30)  # a background batch read before the pull lands after it
+        return got
+
+    remote.read_pages = late
+    for i in random.Random(1).sample(range(ITEMS), 12):
+        reader.execute("SELECT note FROM items WHERE id=?", (i,)).fetchall()
+    assert held.wait(30)
+    with writer:  # the same lengths: every row stays on its page
+        writer.execute("UPDATE items SET note = upper(note)")
+    assert pragma(writer, "graft_push")["pushed"] is True
+    assert pragma(reader, "graft_pull")["pulled"] is True
+    gate.set()
+    wait_for_background(vol)
+    vol.reads.background = False  # nothing else lands from now on
+    # Every page the read path returns is the server's at that snapshot...
+    lsn, page_count = vol.snapshot
+    pages = list(range(1, page_count))
+    server_pages = Remote(server.url).read_pages(vid, vol.remote_lsn_at(lsn), pages)
+    assert all(vol.read_page(p, lsn) == server_pages[p][1] for p in pages)
+    # ...and so is every row.
+    got = reader.execute("SELECT id, note FROM items ORDER BY id").fetchall()
+    native = apsw.Connection(tree_db, flags=apsw.SQLITE_OPEN_READONLY)
+    assert got == native.execute("SELECT id, upper(note) FROM items ORDER BY id").fetchall()
+    native.close()
+
+
+def test_core_damaged_real_pages_fail_only_as_corrupt_data(tree_db):
+    """Real leaves and interior pages with bytes changed: the fast readers agree with the
+    full ones, and anything they cannot read is CorruptData."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from graft_vfs.core import btree
+    from graft_vfs.core.errors import CorruptData
+
+    pages = file_pages(tree_db)
+    usable = btree.usable_size(pages[0])
+    samples = [i for i, page in enumerate(pages) if i and page[0] in btree.KINDS][::7]
+    changes = st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), max_size=6)
+
+    @settings(max_examples=400, deadline=None)
+    @given(which=st.sampled_from(samples), edits=changes)
+    def check(which: int, edits: list[tuple[int, int]]) -> None:
+        data = bytearray(pages[which])
+        for at, value in edits:
+            data[at] = value
+        data = bytes(data)
+        try:
+            links = btree.page_links(data, which, usable)
+        except CorruptData:
+            links = None
+        try:
+            page = btree.parse_page(data, which, usable)
+        except CorruptData:
+            return
+        assert links == (page.children, page.overflows)
+        if page.kind != btree.LEAF_INDEX:
+            return
+        slow = []
+        for cell in page.cells:
+            try:
+                values = btree.decode_record(cell.payload) if cell.overflow is None else []
+            except CorruptData:
+                return
+            if values and type(values[-1]) is int:
+                slow.append(values[-1])
+        try:
+            assert btree.index_leaf_rowids(data, which, usable) == slow
+        except CorruptData:
+            pass
+
+    check()
