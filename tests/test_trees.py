@@ -339,6 +339,11 @@ def test_an_index_query_of_20_scattered_rows_takes_3_round_trips(client, tree_vo
     ids = sorted(row[0] for row in expected)
     assert len(expected) == 20 and ids[-1] - ids[0] > ITEMS // 2  # scattered over the table
     con = client(tree_volume, options=graft_vfs.Options(background_fetch=False))
+    # Loopback figures, injected: a link measured slow under load would widen the
+    # frames a random miss fetches and change the count.
+    graft_vfs.runtime_of(con.open_vfs).remote.link = FixedLink(
+        rtt=0.0005, bandwidth=1e9, page_bytes=1500
+    )
     con.execute("SELECT count(*) FROM sqlite_schema").fetchall()  # SQLite reads its schema
     rows, moved = requests_for(con, sql, (keys[0], keys[-1]))
     assert rows == expected
@@ -346,11 +351,14 @@ def test_an_index_query_of_20_scattered_rows_takes_3_round_trips(client, tree_vo
     # with the leaves of the 19 rowids that follow in the index leaf.
     assert moved == 3
     again = client(tree_volume, options=graft_vfs.Options(background_fetch=False))
+    graft_vfs.runtime_of(again.open_vfs).remote.link = FixedLink(
+        rtt=0.0005, bandwidth=1e9, page_bytes=1500
+    )
     vol = graft_vfs.runtime_of(again.open_vfs).volume(tree_volume, create=False)
-    vol.reads.hints = False  # demand reads alone: one request per B-tree and per row
+    vol.reads.hints = False  # demand reads alone: a request per B-tree and per table leaf
     again.execute("SELECT count(*) FROM sqlite_schema").fetchall()
     rows, moved = requests_for(again, sql, (keys[0], keys[-1]))
-    assert rows == expected and moved >= 22
+    assert rows == expected and moved >= 20  # about one request per row
 
 
 # -- the background fetch of the tree being read -----------------------------------------
