@@ -18,6 +18,7 @@ from pyroaring import BitMap
 from urllib3.util.retry import Retry
 
 from graft_vfs.client.link import Link
+from graft_vfs.core.commit import MAX_CRC
 from graft_vfs.core.envelope import check_int
 from graft_vfs.core.errors import (
     CommitConflict,
@@ -273,16 +274,47 @@ class Remote:
             if expand:
                 body["expand"] = expand
             d = self._call("POST", path, body, traffic)
-            self.link.observe_pages(sum(len(p[3]) for p in d["pages"]), len(d["pages"]))
-            for page, version, crc, frame in d["pages"]:
-                if frame:
-                    data = decode_page(Entry(page, 0, len(frame), crc), frame)
-                else:
-                    data = ZERO_PAGE
-                out[page] = (version, data)
-        missing = wanted - BitMap(out.keys())
-        if missing:
-            raise RemoteError(f"graft server did not return pages {list(missing)[:10]}")
+            out.update(self._frames_of(d, vid, lsn, chunk, expand))
+        return out
+
+    def _frames_of(
+        self, d: dict[str, Any], vid: str, lsn: int, chunk: list[int], expand: int
+    ) -> dict[int, tuple[int, bytes]]:
+        """The verified pages of one read answer: nothing of it is kept unless all is good.
+
+        Each frame must match its crc, which binds the page number (a frame or crc
+        of another page fails); the answer must hold exactly the pages asked for, in
+        order, then at most ``expand`` others, each once; a version is at most ``lsn``.
+        """
+        what = f"a read of {vid!r} at LSN {lsn}"
+        rows = d.get("pages") if isinstance(d, dict) else None
+        if not isinstance(rows, list) or len(rows) > len(chunk) + expand:
+            raise self._invalid(what, "its page list is missing or too long")
+        out: dict[int, tuple[int, bytes]] = {}
+        size = 0
+        for n, row in enumerate(rows):
+            if not (isinstance(row, list) and len(row) == 4 and isinstance(row[3], bytes)):
+                raise self._invalid(what, "a page row is not [page, version, crc, frame]")
+            page, version, crc, frame = row
+            for name, value, high in (("page", page, MAX_PAGES - 1), ("version", version, lsn)):
+                check_int(value, 0, high, lambda why: self._invalid(what, f"a {name} {why}"))
+            check_int(crc, 0, MAX_CRC, lambda why: self._invalid(what, f"a crc {why}"))
+            if page in out or (n < len(chunk) and page != chunk[n]):
+                raise CorruptData(
+                    f"graft server {self.url} answered a read of {vid!r} with page {page} "
+                    "where another page was asked for"
+                )
+            if frame:
+                data = decode_page(Entry(page, 0, len(frame), crc), frame)
+            elif version or crc:
+                raise self._invalid(what, f"page {page} has a version but no frame")
+            else:
+                data = ZERO_PAGE
+            size += len(frame)
+            out[page] = (version, data)
+        if len(rows) < len(chunk):
+            raise self._invalid(what, f"pages {chunk[len(rows) :][:10]} are missing")
+        self.link.observe_pages(size, len(rows))
         return out
 
     def log_entry(self, vid: str, lsn: int) -> dict[str, Any] | None:
