@@ -17,6 +17,7 @@ import urllib3
 from pyroaring import BitMap
 from urllib3.util.retry import Retry
 
+from graft_vfs.client.direct import DirectReader, Missing, direct_enabled
 from graft_vfs.client.link import Link
 from graft_vfs.core.commit import MAX_CRC
 from graft_vfs.core.envelope import check_int
@@ -95,7 +96,13 @@ class Remote:
     """A client of one graft server URL; safe to share between threads."""
 
     def __init__(
-        self, url: str, *, timeout: float = 30.0, retries: int = 4, token: str | None = None
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        retries: int = 4,
+        token: str | None = None,
+        direct: bool | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise InvalidRequest(f"remote URL must start with http:// or https://, got {url!r}")
@@ -120,9 +127,26 @@ class Remote:
         )
         self._headers = {"Authorization": f"Bearer {_check_token(token)}"} if token else {}
         self.link = Link()
+        # Direct reads (client/direct.py): used once the server says it offers them,
+        # unless turned off here (direct=False, or GRAFT_DIRECT=0).
+        self.direct: DirectReader | None = None
+        if direct_enabled() if direct is None else direct:
+            self.direct = DirectReader(
+                self._locate, self.url, timeout=timeout, observe=self.link.observe
+            )
+        self.direct_offered = False
 
     def close(self) -> None:
         self._pool.clear()
+        if self.direct is not None:
+            self.direct.close()
+
+    def _locate(self, vid: str, body: dict[str, Any], traffic: Traffic | None) -> dict[str, Any]:
+        return self._call("POST", f"/v1/volumes/{vid}/locate", body, traffic)
+
+    def _offers_direct(self, d: Any) -> None:
+        """Note whether the server offers direct reads (its snapshot and pull answers say)."""
+        self.direct_offered = isinstance(d, dict) and d.get("direct") is True
 
     # -- transport ------------------------------------------------------------------
 
@@ -223,6 +247,7 @@ class Remote:
 
     def snapshot(self, vid: str, traffic: Traffic | None = None) -> RemoteHead:
         d = self._call("GET", f"/v1/volumes/{validate_volume_id(vid)}", traffic=traffic)
+        self._offers_direct(d)
         return self._snapshot_of(vid, d, f"the snapshot of {vid!r}")
 
     def pull(
@@ -246,6 +271,9 @@ class Remote:
             raise self._invalid(
                 what, f"its graft names page {graft.max()}, beyond its page count {snap.page_count}"
             )
+        self._offers_direct(d)
+        if self.direct is not None:
+            self.direct.advanced(vid, snap.identity, since, snap.lsn, snap.page_count, graft)
         return snap, graft
 
     def read_pages(
@@ -265,6 +293,14 @@ class Remote:
         the server refuses (IdentityMismatch) if the volume is another one.
         """
         wanted = BitMap(pages)
+        if self.direct is not None and self.direct_offered and wanted:
+            try:
+                return self.direct.read(
+                    validate_volume_id(vid), lsn, wanted, traffic, expand=expand, identity=identity
+                )
+            except Missing:
+                # A segment is gone (GC compacted it): the server knows the new map.
+                self.direct.forget(vid)
         out: dict[int, tuple[int, bytes]] = {}
         path = f"/v1/volumes/{validate_volume_id(vid)}/read"
         ordered = list(wanted)
@@ -361,4 +397,8 @@ class Remote:
             body["segments"] = sids
         d = self._call("POST", f"/v1/volumes/{vid}/commit", body, traffic)
         what = f"a commit to {vid!r}"
-        return Committed(self._answer_int(d, "lsn", MAX_LSN, what), self._identity_of(d, what))
+        done = Committed(self._answer_int(d, "lsn", MAX_LSN, what), self._identity_of(d, what))
+        if self.direct is not None and done.lsn == base + 1:
+            changed = BitMap(pages)
+            self.direct.advanced(vid, done.identity, base, done.lsn, page_count, changed)
+        return done

@@ -30,6 +30,7 @@ class TamperingProxy:
         self.upstream = upstream.rstrip("/")
         self.rewrite = rewrite
         self.rewritten = 0
+        self.paths: list[str] = []  # every request's method and path, in order
         self._http = urllib3.PoolManager(maxsize=8)
         proxy = self
 
@@ -40,12 +41,13 @@ class TamperingProxy:
                 pass
 
             def _forward(self) -> None:
+                proxy.paths.append(f"{self.command} {self.path}")
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 headers = {
                     k: v
                     for k, v in self.headers.items()
-                    if k.lower() in ("authorization", "content-type")
+                    if k.lower() in ("authorization", "content-type", "range")
                 }
                 resp = proxy._http.request(
                     self.command, proxy.upstream + self.path, body=body, headers=headers
@@ -64,7 +66,7 @@ class TamperingProxy:
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = _forward
+            do_GET = do_POST = do_PUT = do_DELETE = _forward
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
