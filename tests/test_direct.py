@@ -119,9 +119,13 @@ def test_direct_reads_return_what_the_server_path_returns(start_server, tmp_path
         assert len(proxy.paths) == 2  # the map is kept: no server hop at all
     server_path = Remote(srv.url, direct=False)
     assert server_path.read_pages(vid, head.lsn, pages) == got
-    # Client-side expansion sends the interior pages the server would.
+    # Client-side expansion sends the interior pages the server would, whatever the budget.
     assert server_path.read_pages(vid, head.lsn, [0, root], expand=64) == again
     assert len(again) > 3  # the root's children and theirs: two levels below it
+    for budget in (1, 2, 5, 1024):
+        assert remote.read_pages(vid, head.lsn, [root], expand=budget) == (
+            server_path.read_pages(vid, head.lsn, [root], expand=budget)
+        ), budget
 
 
 def test_sql_through_the_vfs_with_direct_reads(start_server, tmp_path) -> None:

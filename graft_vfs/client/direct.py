@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import urllib3
 from pyroaring import BitMap
@@ -67,14 +67,9 @@ def direct_enabled() -> bool:
     return os.environ.get("GRAFT_DIRECT", "1").strip().lower() not in ("0", "off", "no", "false")
 
 
-class Location(NamedTuple):
-    """Where one page of a snapshot lives: segment index (-1: never written) and frame."""
-
-    segment: int
-    version: int
-    offset: int
-    length: int
-    crc: int
+# Where one page of a snapshot lives: (segment index or -1 if never written, version,
+# offset, length, crc). A plain tuple: a map may hold one per page of a large volume.
+Location = tuple[int, int, int, int, int]
 
 
 @dataclass
@@ -238,15 +233,22 @@ class DirectReader:
             sids[item[0]] = len(urls)
             urls.append(item[1])
         m = LocationMap(lsn, page_count, asked + expires * EXPIRY_MARGIN, urls, sids)
-        for page, seg, version, offset, length, crc in zip(located, *cols):
-            check_int(seg, NEVER_WRITTEN, len(urls) - 1, bad)
-            check_int(version, 0, lsn, bad)
-            check_int(offset, 0, _MAX_OFFSET, bad)
-            check_int(length, 0, _MAX_OFFSET, bad)
-            check_int(crc, 0, _U32, bad)
-            if (seg == NEVER_WRITTEN) != (length == 0) or (seg == NEVER_WRITTEN) != (version == 0):
-                raise bad(f"page {page} has a segment without a frame or a version")
-            m.pages[page] = Location(seg, version, offset, length, crc)
+        # Checked a column at a time: an answer may hold a row per page of the volume.
+        for col, name, low, high in zip(
+            cols,
+            ("segment", "version", "offset", "length", "crc"),
+            (NEVER_WRITTEN, 0, 0, 0, 0),
+            (len(urls) - 1, lsn, _MAX_OFFSET, _MAX_OFFSET, _U32),
+        ):
+            if not set(map(type, col)) <= {int} or (col and (min(col) < low or max(col) > high)):
+                raise bad(f"a {name} is not an integer in [{low}, {high}]")
+        segs, versions, lengths = cols[0], cols[1], cols[3]
+        if any(
+            (seg == NEVER_WRITTEN) != (n == 0) or (seg == NEVER_WRITTEN) != (v == 0)
+            for seg, v, n in zip(segs, versions, lengths)
+        ):
+            raise bad("a page has a segment without a frame or a version")
+        m.pages = dict(zip(located, zip(*cols)))
         m.covered = located
         return m
 
@@ -349,27 +351,38 @@ class DirectReader:
     ) -> None:
         """Interior pages below the interior pages in ``out``, a level per round trip.
 
-        B-trees are balanced: one probe per level tells whether it is still interior
-        (a leaf level is never fetched whole).
+        The same pages as the server's expansion (server/reads.py): B-trees are
+        balanced, so one probe per level tells whether it is still interior (a leaf
+        level is never fetched whole); the probe of a level travels with the level above.
         """
         level: list[int] = []
         for page, (_, data) in sorted(out.items()):
             level += interior_children(data, page)
+        probe: dict[int, tuple[int, bytes]] = {}
         while budget > 0:
             level = [p for p in dict.fromkeys(level) if p < m.page_count and p not in out]
             if not level:
                 return
-            m = self._locations(vid, lsn, BitMap(level[:budget]), identity, traffic)
-            probe = self._fetch(m, BitMap(level[:1]), traffic)
-            if not is_interior(probe[level[0]][1], level[0]):
+            first = level[0]
+            if first not in probe:  # not fetched along with the level above
+                m = self._locations(vid, lsn, BitMap([first]), identity, traffic)
+                probe = self._fetch(m, BitMap([first]), traffic)
+            if not is_interior(probe[first][1], first):
                 return
             batch = level[:budget]
-            got = {**probe, **self._fetch(m, BitMap(batch[1:]), traffic)}
             budget -= len(batch)
+            # The next level starts with the first child of ``first``: it comes in the
+            # same round as this level, so a level costs one round trip, not two.
+            ahead = interior_children(probe[first][1], first)[:1] if budget > 0 else []
+            ahead = [p for p in ahead if p < m.page_count and p not in out and p not in batch]
+            want = BitMap(batch[1:]) | BitMap(ahead)
+            m = self._locations(vid, lsn, want, identity, traffic)
+            got = {**probe, **self._fetch(m, want, traffic)}
             level = []
             for page in batch:
                 out[page] = got[page]
                 level += interior_children(got[page][1], page)
+            probe = {p: got[p] for p in ahead}
 
     def _fetch(self, m: LocationMap, pages: BitMap, traffic: Any) -> dict[int, tuple[int, bytes]]:
         """The frames of ``pages`` (all located in ``m``), verified, with parallel GETs."""
@@ -377,13 +390,12 @@ class DirectReader:
         by_segment: dict[int, list[Entry]] = {}
         versions: dict[int, int] = {}
         for page in pages:
-            loc = m.pages[page]
-            if loc.segment == NEVER_WRITTEN:
+            seg, version, offset, length, crc = m.pages[page]
+            if seg == NEVER_WRITTEN:
                 out[page] = (0, ZERO_PAGE)
                 continue
-            versions[page] = loc.version
-            entry = Entry(page, loc.offset, loc.length, loc.crc)
-            by_segment.setdefault(loc.segment, []).append(entry)
+            versions[page] = version
+            by_segment.setdefault(seg, []).append(Entry(page, offset, length, crc))
         runs = [
             (m.urls[seg], run)
             for seg, entries in by_segment.items()
@@ -447,7 +459,7 @@ def _merged(a: LocationMap, b: LocationMap) -> LocationMap:
         renumber[i] = sids[sid]
     pages = dict(a.pages)
     for page, loc in b.pages.items():
-        seg = loc.segment if loc.segment == NEVER_WRITTEN else renumber[loc.segment]
-        pages[page] = loc._replace(segment=seg)
+        seg = loc[0] if loc[0] == NEVER_WRITTEN else renumber[loc[0]]
+        pages[page] = (seg, *loc[1:])
     deadline = min(a.deadline, b.deadline)
     return LocationMap(a.lsn, a.page_count, deadline, urls, sids, pages, a.covered | b.covered)
