@@ -8,9 +8,11 @@ parallel over pooled keep-alive connections. The server reads nothing from the s
 for it, so a cold server costs a cold read one request to the server per snapshot
 (often none) instead of one per page and a store read behind each.
 
-Locations are kept in memory per (volume, identity, LSN). One locate covers a whole
-small snapshot (``LOCATE_ALL`` pages) or the aligned ``LOCATE_CHUNK``-page blocks around
-the pages missing, so most reads need no server hop at all. A location is valid for a
+Locations are kept in memory per (volume, identity, LSN). The first locate of a
+snapshot covers its first ``LOCATE_FIRST`` pages (opening a volume reads page 0 and the
+schema: a few KB of locations); the next covers the rest of a small snapshot
+(``LOCATE_ALL`` pages, about 15 bytes a page) or the aligned ``LOCATE_CHUNK``-page
+blocks around the pages missing, so most reads need no server hop at all. A location is valid for a
 later snapshot exactly when its page did not change in between: a pull from the map's
 LSN (whose graft names every page changed) or a commit on top of it carries the map
 forward without the changed pages; any other LSN starts a map of its own.
@@ -47,7 +49,9 @@ from graft_vfs.core.pages import ZERO_PAGE
 from graft_vfs.core.protocol import MAX_LOCATE_PAGES
 from graft_vfs.core.segment import Entry, coalesce_runs, decode_page
 
-# A snapshot of at most this many pages is located whole by its first read.
+# The first locate of a snapshot asks for its first pages (and what it misses)...
+LOCATE_FIRST = 256
+# ... the next one, for the whole snapshot if it has at most this many pages.
 LOCATE_ALL = MAX_LOCATE_PAGES
 # Past it, a read locates the aligned blocks of this many pages around what it misses.
 LOCATE_CHUNK = 4096
@@ -220,7 +224,8 @@ class DirectReader:
             raise bad("no segments or columns")
         if not all(isinstance(c, list) and len(c) == len(located) for c in cols):
             raise bad("columns of the wrong length")
-        urls, sids = [], {}
+        urls: list[str] = []
+        sids: dict[str, int] = {}
         for item in segments:
             if not (
                 isinstance(item, list)
@@ -266,17 +271,20 @@ class DirectReader:
         if not need:
             assert m is not None
             return m
+        ask = BitMap()
         if m is None:
-            ask = BitMap()
-            ask.add_range(0, LOCATE_ALL)  # a small snapshot whole; past it, its start
+            # The first read of a snapshot (opening it: page 0 and the schema) moves a
+            # few KB of locations, not a map of the whole volume.
+            ask.add_range(0, LOCATE_FIRST)
+        elif m.page_count <= LOCATE_ALL:
+            ask.add_range(0, m.page_count)  # the rest of a small snapshot, at once
         else:
-            ask = BitMap()
-        for page in need:
-            start = page - page % LOCATE_CHUNK
-            if start not in ask:
-                ask.add_range(start, start + LOCATE_CHUNK)
-            if len(ask) >= MAX_LOCATE_PAGES:
-                break
+            for page in need:
+                start = page - page % LOCATE_CHUNK
+                if start not in ask:
+                    ask.add_range(start, start + LOCATE_CHUNK)
+                if len(ask) >= MAX_LOCATE_PAGES:
+                    break
         if m is not None:
             ask -= m.covered
         ask |= need  # always what is missing, whatever the blocks
