@@ -20,7 +20,7 @@ import urllib3
 import graft_vfs
 from graft_vfs.client import direct as direct_module
 from graft_vfs.client.remote import Remote, Traffic
-from graft_vfs.core.errors import Forbidden, RemoteError
+from graft_vfs.core.errors import CorruptData, Forbidden, RemoteError
 from graft_vfs.core.graft import encode_graft
 from support.auth import create_tokens
 from support.s3 import SeaweedFS, s3_env
@@ -238,3 +238,20 @@ def test_the_server_signs_only_for_volumes_the_token_reads(start_server, tmp_pat
     with pytest.raises(Forbidden):
         remote.read_pages(theirs, 1, [0])
     assert len(remote.read_pages(mine, remote.snapshot(mine).lsn, [0, 1])) == 2
+
+
+def test_a_segment_gone_from_the_store_is_read_through_the_server(start_server, tmp_path) -> None:
+    """A 404 (GC deleted a compacted segment) sends the read to the server, which knows
+    the volume's current map; here the segment is simply gone, so the server says so."""
+    srv = start_server()
+    vid = f"v-{uuid.uuid4().hex[:12]}"
+    fill(srv.url, vid, str(tmp_path / "w"))
+    with TamperingProxy(srv.url) as proxy:
+        remote = Remote(proxy.url)
+        head = remote.snapshot(vid)
+        remote.read_pages(vid, head.lsn, [0])
+        sid = locate(srv.url, vid, head.lsn, [1])[1]["segments"][0][0]
+        srv.backing.delete(f"segments/{sid}")  # type: ignore[union-attr]
+        with pytest.raises(CorruptData, match=f"segment {sid} is missing"):
+            remote.read_pages(vid, head.lsn, [1])
+        assert proxy.paths[-1] == f"POST /v1/volumes/{vid}/read"

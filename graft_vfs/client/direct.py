@@ -58,7 +58,7 @@ LOCATE_CHUNK = 4096
 # Frames closer than this in one segment come in one ranged GET: a request costs far
 # more than 64 KiB of transfer on any link the object store is reached over.
 COALESCE_GAP = 64 * 1024
-PARALLEL_GETS = 8
+PARALLEL_GETS = 16  # an expanded B-tree level can be 30+ scattered pages: one wave
 MAPS_PER_VOLUME = 4  # snapshots whose locations are kept (open readers may pin old ones)
 EXPIRY_MARGIN = 0.8  # a map is dropped at this fraction of its URLs' validity
 NEVER_WRITTEN = -1
