@@ -255,3 +255,22 @@ def test_a_segment_gone_from_the_store_is_read_through_the_server(start_server, 
         with pytest.raises(CorruptData, match=f"segment {sid} is missing"):
             remote.read_pages(vid, head.lsn, [1])
         assert proxy.paths[-1] == f"POST /v1/volumes/{vid}/read"
+
+
+def test_a_damaged_frame_in_the_store_never_leaves_the_client(start_server, tmp_path) -> None:
+    """Direct reads check every frame themselves: the server never sees these bytes."""
+    srv = start_server()
+    vid = f"v-{uuid.uuid4().hex[:12]}"
+    fill(srv.url, vid, str(tmp_path / "w"))
+    answer = locate(srv.url, vid, 1, [3])[1]
+    sid, offset, length = answer["segments"][0][0], answer["cols"][2][0], answer["cols"][3][0]
+    key = f"segments/{sid}"
+    data = bytearray(srv.read_object(key) or b"")
+    data[offset + length // 2] ^= 0x20
+    srv.write_object(key, bytes(data))
+    with TamperingProxy(srv.url) as proxy:
+        remote = Remote(proxy.url)
+        head = remote.snapshot(vid)
+        with pytest.raises(CorruptData, match="checksum mismatch for page 3$"):
+            remote.read_pages(vid, head.lsn, [3])
+        assert not any(p.endswith("/read") for p in proxy.paths)

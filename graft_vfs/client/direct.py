@@ -59,6 +59,9 @@ LOCATE_CHUNK = 4096
 # more than 64 KiB of transfer on any link the object store is reached over.
 COALESCE_GAP = 64 * 1024
 PARALLEL_GETS = 16  # an expanded B-tree level can be 30+ scattered pages: one wave
+# Interior pages below requested ones (``expand``) are found by the client, level by
+# level, from frames it GETs; True asks the server for them instead (measured slower).
+EXPAND_ON_SERVER = False
 MAPS_PER_VOLUME = 4  # snapshots whose locations are kept (open readers may pin old ones)
 EXPIRY_MARGIN = 0.8  # a map is dropped at this fraction of its URLs' validity
 NEVER_WRITTEN = -1
