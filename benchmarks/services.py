@@ -79,9 +79,11 @@ def s3_bucket(endpoint: str):
 class GraftServer:
     """A ``graft server`` child process on an S3 store, stopped by PID."""
 
-    def __init__(self, store: str, s3_endpoint: str) -> None:
+    def __init__(self, store: str, s3_endpoint: str, direct_endpoint: str | None = None) -> None:
         self.store = store
         self.s3_endpoint = s3_endpoint
+        # Where clients reach S3 for direct reads (the presigned URLs name it).
+        self.direct_endpoint = direct_endpoint
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -92,6 +94,8 @@ class GraftServer:
     def start(self) -> GraftServer:
         cmd = [sys.executable, "-m", "graft_vfs.cli", "server", "--store", self.store]
         cmd += ["--s3-endpoint", self.s3_endpoint, "--port", str(self.port)]
+        if self.direct_endpoint:
+            cmd += ["--direct-endpoint", self.direct_endpoint]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **s3_env()}
         )
@@ -166,7 +170,9 @@ class Services:
         self.ports["s3"] = self.proxies.add("s3", s3_port)
         self.ports["store"] = self.proxies.add("store", s3_port)
         store = f"s3://{BUCKET}/graft-{uuid.uuid4().hex[:8]}"
-        self.server = GraftServer(store, self.url("store")).start()
+        # The server reads S3 through "store" (never delayed); clients' direct reads go
+        # through "s3", the link every client-side system crosses.
+        self.server = GraftServer(store, self.url("store"), self.url("s3")).start()
         self.ports["graft"] = self.proxies.add("graft", self.server.port)
 
     def stop(self) -> None:

@@ -318,6 +318,24 @@ _LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
     show_default=True,
     help="Volumes whose page maps stay in memory (least recently used dropped first).",
 )
+@click.option(
+    "--direct/--no-direct",
+    default=True,
+    show_default=True,
+    help="On an S3 store, let clients GET page frames from S3 with presigned URLs.",
+)
+@click.option(
+    "--direct-endpoint",
+    default=None,
+    help="The S3 endpoint URL clients reach for direct reads (default: the store's).",
+)
+@click.option(
+    "--direct-expiry",
+    type=click.IntRange(min=1, max=limits.MAX_DIRECT_EXPIRY),
+    default=limits.DEFAULT_DIRECT_EXPIRY,
+    show_default=True,
+    help="Seconds a presigned URL of a direct read stays valid.",
+)
 @_fail_cleanly
 @_needs_server_extra
 def server(
@@ -337,6 +355,9 @@ def server(
     body_timeout: float,
     max_connections: int,
     max_volumes: int,
+    direct: bool,
+    direct_endpoint: str | None,
+    direct_expiry: int,
 ) -> None:
     """Run the graft server (stateless: everything is in the store)."""
     from graft_server.gc import Retention
@@ -358,6 +379,9 @@ def server(
         body_timeout=body_timeout,
         max_connections=max_connections,
         max_volumes=max_volumes,
+        direct=direct,
+        direct_endpoint=direct_endpoint,
+        direct_expiry=direct_expiry,
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 
 import pytest
 from hypothesis import given
@@ -171,11 +170,11 @@ def test_a_frame_is_refused_unless_it_declares_exactly_one_page():
         with pytest.raises(CorruptData, match="declares"):
             decode_segment(_one_page_segment(zstd_bomb(declared)))
     # A client checks read answers with decode_page: a bomb with a valid crc is refused.
-    from graft_vfs.core.segment import Entry, decode_page
+    from graft_vfs.core.segment import Entry, decode_page, frame_crc
 
     bomb = zstd_bomb(1 << 30)
     with pytest.raises(CorruptData, match="declares 1073741824 bytes"):
-        decode_page(Entry(3, 0, len(bomb), zlib.crc32(bomb)), bomb)
+        decode_page(Entry(3, 0, len(bomb), frame_crc(3, bomb)), bomb)
     unsized = zstandard.ZstdCompressor(write_content_size=False).compress(_page(1))
     with pytest.raises(CorruptData, match="declares no size"):
         decompress_page(unsized, 3)
@@ -218,3 +217,20 @@ def test_segments_hold_at_most_what_a_client_sends_at_once(monkeypatch):
     with pytest.raises(CorruptData, match="out of range"):
         decode_segment(data)
     assert len(decode_segment(segment.encode_frames(frames[:-1])[0])) == 2048
+
+
+def test_stores_of_the_first_segment_format_are_refused_with_the_fix() -> None:
+    """Format 1 frame crcs did not cover the page number: refused, never half-trusted."""
+    from graft_vfs.core import envelope
+    from graft_vfs.core.checkpoint import Checkpoint
+    from graft_vfs.core.commit import CommitRecord
+    from graft_vfs.core.segment import OLD_MAGIC, frame_crc
+
+    data, entries = encode_segment([(5, _page(5))])
+    assert entries[0].crc == frame_crc(5, data[entries[0].offset :])
+    assert entries[0].crc != frame_crc(6, data[entries[0].offset :])
+    with pytest.raises(CorruptData, match="format 1 .* import it anew"):
+        decode_index(OLD_MAGIC + data[len(OLD_MAGIC) :])
+    for kind, decode in ((b"LOG2", CommitRecord.decode), (b"CKP2", Checkpoint.decode)):
+        with pytest.raises(CorruptData, match="before frame checksums bound their page"):
+            decode(envelope.seal(kind, b"\x80"))

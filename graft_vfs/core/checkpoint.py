@@ -20,7 +20,9 @@ from graft_vfs.core.graft import MAX_PAGES
 from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_segment_id, validate_volume_id
 from graft_vfs.core.segment import Entry
 
-CHECKPOINT_KIND = b"CKP2"  # CKP1 was the unchecksummed zstd msgpack checkpoint
+# CKP1 was the unchecksummed zstd msgpack checkpoint; CKP2 held frame crcs of segment
+# format 1 (not bound to their page).
+CHECKPOINT_KIND = b"CKP3"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from graft_vfs.core.graft import MAX_PAGES, decode_graft, encode_graft
 from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_segment_id, validate_volume_id
 from graft_vfs.core.segment import Entry
 
-RECORD_KIND = b"LOG2"  # LOG1 was the unchecksummed msgpack record
+# LOG1 was the unchecksummed msgpack record; LOG2 held frame crcs of segment format 1.
+RECORD_KIND = b"LOG3"
 HASH_SIZE = 32  # sha256
 MAX_OFFSET = (1 << 63) - 1
 MAX_CRC = (1 << 32) - 1

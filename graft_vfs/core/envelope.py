@@ -25,6 +25,9 @@ import zstandard
 from graft_vfs.core.errors import CorruptData
 
 MAGIC = b"GRFM"
+# Kinds an older format wrote, and the kind that replaced each: refused with a message
+# that says how to move the data, not as damage.
+RETIRED_KINDS = {b"LOG2": b"LOG3", b"CKP2": b"CKP3"}
 _HEADER = struct.Struct(">4s4sI")
 _CRC = struct.Struct(">I")
 ZSTD_LEVEL = 3
@@ -56,6 +59,12 @@ def unseal(kind: bytes, data: bytes, what: str) -> bytes:
     if len(data) < _HEADER.size + _CRC.size:
         raise CorruptData(f"{what} is truncated")
     _, found, length = _HEADER.unpack_from(data)
+    if found in RETIRED_KINDS and kind == RETIRED_KINDS[found]:
+        raise CorruptData(
+            f"{what} was written by a graft server from before frame checksums bound their "
+            "page (segment format 1): export the volume with the server that wrote it and "
+            "import it into an empty store"
+        )
     if found != kind:
         raise CorruptData(f"{what} is a {found!r} object, expected {kind!r}")
     if length != len(data) - _HEADER.size - _CRC.size:

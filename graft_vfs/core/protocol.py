@@ -41,6 +41,9 @@ MAX_INLINE_PAGES = MAX_SEGMENT_PAGES
 MIN_MAX_BODY = MAX_INLINE_PAGES * PAGE_SIZE + (1 << 20)
 # Interior B-tree pages one read may ask the server to add below the pages it names.
 MAX_EXPAND = 1024
+# Pages one locate request (direct reads) may ask for: 128 MiB of database, an answer
+# of about 15 bytes a page.
+MAX_LOCATE_PAGES = 32768
 
 __all__ = ["MAX_PAGES_PER_READ"]  # also part of the protocol (defined with grafts)
 

@@ -2,11 +2,18 @@
 
 Layout (all integers big-endian)::
 
-    b"GRFTSEG1" | u32 count | u32 index_len | index | u32 crc32(everything before) | blobs
+    b"GRFTSEG2" | u32 count | u32 index_len | index | u32 crc32(everything before) | blobs
 
-``index`` is msgpack: a list of ``[page, offset, length, crc32]`` with absolute byte
+``index`` is msgpack: a list of ``[page, offset, length, crc]`` with absolute byte
 offsets of each page's zstd frame, sorted by page. Each page is compressed on its own,
 so a reader can fetch one page, or a run of adjacent pages, with one ranged read.
+
+A frame's ``crc`` (``frame_crc``) is the CRC-32 of the page number (u64) followed by the
+frame: it binds the frame to its page, so a frame served for another page (a server's
+mix-up, a wrong offset) fails the check like a flipped byte. The LSN that wrote a page
+cannot be bound here: a segment is written (and may be uploaded) before its commit has
+an LSN, and compaction moves frames between segments without changing their version.
+Format 1 (``GRFTSEG1``, crc of the frame alone) is refused with a clear error.
 
 Every frame is exactly one zstd frame that declares a content size of PAGE_SIZE, with
 nothing after it. A decoder checks that declaration before it decompresses anything:
@@ -27,7 +34,8 @@ from graft_vfs.core.errors import CorruptData, InvalidRequest
 from graft_vfs.core.graft import MAX_PAGES
 from graft_vfs.core.ids import PAGE_SIZE
 
-MAGIC = b"GRFTSEG1"
+MAGIC = b"GRFTSEG2"
+OLD_MAGIC = b"GRFTSEG1"  # frame crcs that did not cover the page number
 _HEADER = struct.Struct(">8sII")
 HEADER_SIZE = _HEADER.size
 ZSTD_LEVEL = 3
@@ -35,6 +43,7 @@ ZSTD_LEVEL = 3
 # into segments of this size) and what compaction writes. A bigger one is refused.
 MAX_SEGMENT_PAGES = 2048
 _U32 = 1 << 32
+_PAGE_NO = struct.Struct(">Q")
 
 
 class Entry(NamedTuple):
@@ -44,6 +53,11 @@ class Entry(NamedTuple):
     offset: int
     length: int
     crc: int
+
+
+def frame_crc(page: int, frame: bytes) -> int:
+    """The checksum of ``page``'s frame: CRC-32 of the u64 page number, then the frame."""
+    return zlib.crc32(frame, zlib.crc32(_PAGE_NO.pack(page)))
 
 
 def encode_segment(pages: Iterable[tuple[int, bytes]]) -> tuple[bytes, list[Entry]]:
@@ -69,7 +83,7 @@ def encode_frames(frames: Iterable[tuple[int, bytes]]) -> tuple[bytes, list[Entr
         off = HEADER_SIZE + index_len + 4
         entries = []
         for page, blob in items:
-            entries.append(Entry(page, off, len(blob), zlib.crc32(blob)))
+            entries.append(Entry(page, off, len(blob), frame_crc(page, blob)))
             off += len(blob)
         packed: bytes = msgpack.packb([list(e) for e in entries])
         if len(packed) == index_len:
@@ -90,6 +104,11 @@ def _parse_header(prefix: bytes) -> tuple[bytes, int, int]:
     if len(prefix) < HEADER_SIZE:
         raise CorruptData("segment is truncated (no header)")
     magic, count, index_len = _HEADER.unpack_from(prefix)
+    if magic == OLD_MAGIC:
+        raise CorruptData(
+            "segment of format 1 (written by a graft-vfs before frame checksums bound their "
+            "page): export the volume with the version that wrote it and import it anew"
+        )
     if magic != MAGIC:
         raise CorruptData("not a graft segment (bad magic)")
     if count > MAX_SEGMENT_PAGES or index_len > count * 32 + 16:
@@ -144,10 +163,25 @@ def decompress_page(frame: bytes, page: int) -> bytes:
 
 
 def decode_page(entry: Entry, blob: bytes) -> bytes:
-    """Verify and decompress one page's frame; never returns wrong data."""
-    if len(blob) != entry.length or zlib.crc32(blob) != entry.crc:
+    """Verify (length, crc bound to ``entry.page``) and decompress one page's frame."""
+    if len(blob) != entry.length or frame_crc(entry.page, blob) != entry.crc:
         raise CorruptData(f"checksum mismatch for page {entry.page}")
     return decompress_page(blob, entry.page)
+
+
+def coalesce_runs(entries: Iterable[Entry], gap: int) -> list[list[Entry]]:
+    """Group entries (by offset) into runs whose neighbours are at most ``gap`` bytes apart:
+    each run is one ranged read of one segment."""
+    runs: list[list[Entry]] = []
+    end = 0  # where the current run's bytes end
+    for e in sorted(entries, key=lambda e: e.offset):
+        if runs and e.offset - end <= gap:
+            runs[-1].append(e)
+            end = max(end, e.offset + e.length)
+        else:
+            runs.append([e])
+            end = e.offset + e.length
+    return runs
 
 
 def iter_segment(data: bytes) -> Iterator[tuple[int, bytes]]:

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from graft_server.auth import READ, WRITE, TokenFile, authorize
+from graft_server.direct import DirectReads
 from graft_server.limits import (
     DEFAULT_BODY_TIMEOUT,
     MAX_LOADED_VOLUMES,
@@ -48,7 +49,7 @@ from graft_vfs.core.errors import (
 from graft_vfs.core.graft import MAX_PAGES, MAX_PAGES_PER_READ, decode_graft
 from graft_vfs.core.identity import Identity
 from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_segment_id
-from graft_vfs.core.protocol import MAX_EXPAND, MSGPACK, wire_error
+from graft_vfs.core.protocol import MAX_EXPAND, MAX_LOCATE_PAGES, MSGPACK, wire_error
 from graft_vfs.core.version import VERSION
 
 try:
@@ -98,9 +99,7 @@ def msgpack_response(body: Mapping[str, Any]) -> Response:
     return Response(msgpack.packb(body), media_type=MSGPACK)
 
 
-async def read_body(
-    request: Request, limit: int, timeout: float = DEFAULT_BODY_TIMEOUT
-) -> bytes:
+async def read_body(request: Request, limit: int, timeout: float = DEFAULT_BODY_TIMEOUT) -> bytes:
     """The request body, refusing more than ``limit`` bytes before buffering them.
 
     A body that has not arrived in full within ``timeout`` seconds is RequestTimeout
@@ -191,6 +190,16 @@ def parse_pages(value: object) -> BitMap:
     return pages
 
 
+def parse_locate_pages(value: object) -> BitMap:
+    """The pages a locate asks for: a graft of at most MAX_LOCATE_PAGES pages."""
+    pages = decode_graft(value)
+    if len(pages) > MAX_LOCATE_PAGES:
+        raise InvalidRequest(
+            f"{len(pages)} pages to locate, at most {MAX_LOCATE_PAGES} per request"
+        )
+    return pages
+
+
 def parse_segment(value: object) -> bytes | None:
     """A commit's inline segment, if any; its contents are verified by the commit."""
     if value is not None and not isinstance(value, bytes):
@@ -252,6 +261,7 @@ def create_app(
     tokens: TokenFile | None = None,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     max_volumes: int = MAX_LOADED_VOLUMES,
+    direct: DirectReads | None = None,
 ) -> Starlette:
     """The ASGI app serving the volumes in ``store``; bodies over ``max_body`` get 413.
 
@@ -259,7 +269,9 @@ def create_app(
     ``tokens``, every route but health needs a bearer token whose scope covers it
     (401 without a valid one, 403 outside its scope); without, the server is open.
     A body that takes longer than ``body_timeout`` seconds to arrive gets 408; the
-    page maps of at most ``max_volumes`` volumes stay in memory.
+    page maps of at most ``max_volumes`` volumes stay in memory. With ``direct``, the
+    server offers direct reads (``/locate``: see server/direct.py) and says so in
+    health, snapshot and pull answers (``"direct": true``).
     """
     volumes = Volumes(
         store,
@@ -284,7 +296,7 @@ def create_app(
         return decode_body(await read_body(request, max_body, body_timeout))
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"ok": True, "version": VERSION})
+        return JSONResponse({"ok": True, "version": VERSION, "direct": direct is not None})
 
     async def list_volumes(request: Request) -> Response:
         token = getattr(request.state, "token", None)
@@ -297,7 +309,10 @@ def create_app(
     def identified(vid: str, answer: dict[str, Any]) -> dict[str, Any]:
         """``answer`` with the volume's and the store's identity, for the client to check."""
         identity = volumes.index.identity(vid)
-        return {**answer, "volume_id": identity.volume_id, "store_id": identity.store_id}
+        answer = {**answer, "volume_id": identity.volume_id, "store_id": identity.store_id}
+        if direct is not None:
+            answer["direct"] = True
+        return answer
 
     async def snapshot(request: Request) -> Response:
         vid = request.path_params["vid"]
@@ -335,6 +350,21 @@ def create_app(
         )
         return msgpack_response({"lsn": lsn, "pages": [list(f) for f in frames]})
 
+    async def locate(request: Request) -> Response:
+        if direct is None:
+            raise InvalidRequest(
+                "this server does not offer direct reads (a directory store, or --no-direct): "
+                "read pages with /read"
+            )
+        body = await read_map(request)
+        lsn = parse_int(field(body, "lsn"), "lsn", MAX_LSN)
+        pages = parse_locate_pages(field(body, "pages"))
+        expected = parse_identity(body)
+        answer = await run_in_threadpool(
+            direct.locate, volumes.reads, request.path_params["vid"], lsn, pages, expected
+        )
+        return msgpack_response(answer)
+
     async def upload(request: Request) -> Response:
         data = await read_body(request, max_body, body_timeout)
         sid = await run_in_threadpool(upload_segment, store, data)
@@ -370,6 +400,7 @@ def create_app(
         Route("/v1/volumes/{vid}", guarded(READ, snapshot), methods=["GET"]),
         Route("/v1/volumes/{vid}/pull", guarded(READ, pull), methods=["POST"]),
         Route("/v1/volumes/{vid}/read", guarded(READ, read), methods=["POST"]),
+        Route("/v1/volumes/{vid}/locate", guarded(READ, locate), methods=["POST"]),
         Route("/v1/volumes/{vid}/commit", guarded(WRITE, commit), methods=["POST"]),
         Route("/v1/volumes/{vid}/log/{lsn}", guarded(READ, log_entry), methods=["GET"]),
         # A segment names no volume: the commit that uses it is checked against its own.

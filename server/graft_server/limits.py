@@ -19,3 +19,7 @@ DEFAULT_MAX_CONNECTIONS = 1000
 # Page maps kept in memory at once (least recently used dropped first): each costs
 # memory in proportion to its volume's page count; reloading one is a checkpoint read.
 MAX_LOADED_VOLUMES = 1000
+# Seconds a presigned URL of a direct read stays valid (a client asks for fresh ones
+# when they expire), and SigV4's own limit.
+DEFAULT_DIRECT_EXPIRY = 15 * 60
+MAX_DIRECT_EXPIRY = 7 * 24 * 3600

@@ -163,6 +163,27 @@ class Reads:
             self.index.unload(vol)
             return self._read(vol, lsn, pages, expand, expected)
 
+    def locate(
+        self, vid: str, lsn: int, pages: BitMap, expected: Identity | None = None
+    ) -> tuple[int, list[tuple[int, Located | None]]]:
+        """Where each page as of ``lsn`` lives (None: never written), for direct reads.
+
+        Pages at or beyond the page count at ``lsn`` are left out (a client may ask for
+        a whole range); returns that page count too. Raises as ``read`` does, but reads
+        no segment: it answers from the page map alone.
+        """
+        vol = self.index.volume(vid)
+        with vol.lock:
+            self.index.ensure_lsn(vol, lsn)
+            self.index.check_identity(vol, expected)
+            self.index.check_retained(vol, lsn)
+            view = vol if lsn >= vol.base else self.index.history(vol, lsn)
+        page_count = view.page_count_at(lsn)
+        pages = BitMap(pages)
+        pages.remove_range(page_count, MAX_PAGES)
+        with view.lock:
+            return page_count, [(page, view.locate(page, lsn)) for page in pages]
+
     def log_entry(self, vid: str, lsn: int) -> LogEntry:
         """The record of commit ``lsn``: lets a client that crashed mid-push check it landed."""
         vol = self.index.volume(vid)

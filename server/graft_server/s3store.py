@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -128,17 +128,54 @@ class S3Store:
             # several S3-compatible services reject; segments carry their own checksums.
             options["request_checksum_calculation"] = "when_required"
             options["response_checksum_validation"] = "when_required"
+        self._credentials = (access_key_id, secret_access_key)
         with self._s3_errors("connection setup", bucket), _SESSION_LOCK:
             session = _shared_session()
+            self.region = region or session.region_name or DEFAULT_REGION
             self._client = session.client(
                 "s3",
                 endpoint_url=self.endpoint_url,
-                region_name=region or session.region_name or DEFAULT_REGION,
+                region_name=self.region,
                 aws_access_key_id=access_key_id,
                 aws_secret_access_key=secret_access_key,
                 config=Config(**options),
             )
         self._client.meta.events.register("request-created.s3", self._count_request)
+
+    def presigner(self, endpoint_url: str | None = None) -> Callable[[str, int], str]:
+        """A function ``(key, seconds) -> URL``: a presigned GET of one object, SigV4.
+
+        The URL lets whoever holds it GET (any byte range of) that one object until it
+        expires, and nothing else: no other key, no other method. It is signed for
+        ``endpoint_url`` (default: the store's own endpoint), since the signature covers
+        the Host header: give the address clients reach the store at. Signing is local
+        (HMACs over the request): it costs no request to the store.
+        """
+        endpoint = endpoint_url or self.endpoint_url
+        options: dict[str, Any] = {"signature_version": "s3v4"}
+        if endpoint:
+            options["s3"] = {"addressing_style": "path"}
+        access_key_id, secret_access_key = self._credentials
+        with self._s3_errors("signer setup", self.bucket), _SESSION_LOCK:
+            client = _shared_session().client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=self.region,
+                aws_access_key_id=access_key_id,
+                aws_secret_access_key=secret_access_key,
+                config=Config(**options),
+            )
+
+        def sign(key: str, seconds: int) -> str:
+            with self._s3_errors("presign", key):
+                url: str = client.generate_presigned_url(
+                    "get_object",
+                    Params={"Bucket": self.bucket, "Key": self._key(key)},
+                    ExpiresIn=seconds,
+                )
+            return url
+
+        return sign
 
     def __repr__(self) -> str:
         where = f", endpoint_url={self.endpoint_url!r}" if self.endpoint_url else ""

@@ -2,20 +2,27 @@
 
 The byte layout is ``graft_vfs.core.segment``'s; this module adds the I/O. Frames are
 served still compressed (the client decompresses), but never without checking
-their crc32: a corrupt or missing segment raises CorruptData, never wrong data.
+their crc (bound to the page number): a corrupt or missing segment raises
+CorruptData, never wrong data.
 """
 
 from __future__ import annotations
 
 import threading
-import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 
 from graft_server.objstore import ObjectStore
 from graft_vfs.core.errors import CorruptData, InvalidRequest, StorageError
 from graft_vfs.core.ids import new_segment_id, validate_segment_id
-from graft_vfs.core.segment import HEADER_SIZE, Entry, decode_index, segment_head_size
+from graft_vfs.core.segment import (
+    HEADER_SIZE,
+    Entry,
+    decode_index,
+    frame_crc,
+    segment_head_size,
+)
+from graft_vfs.core.segment import coalesce_runs as core_coalesce_runs
 from graft_vfs.core.segment import verify_segment as verify_segment_bytes
 
 # Frames closer than this are fetched in one ranged read: one request costs far more
@@ -123,16 +130,7 @@ def read_segment_index(store: ObjectStore, sid: str) -> list[Entry] | None:
 
 def coalesce_runs(entries: Iterable[Entry], gap: int = COALESCE_GAP) -> list[list[Entry]]:
     """Group entries (by offset) into runs whose neighbours are at most ``gap`` bytes apart."""
-    runs: list[list[Entry]] = []
-    end = 0  # where the current run's bytes end
-    for e in sorted(entries, key=lambda e: e.offset):
-        if runs and e.offset - end <= gap:
-            runs[-1].append(e)
-            end = max(end, e.offset + e.length)
-        else:
-            runs.append([e])
-            end = e.offset + e.length
-    return runs
+    return core_coalesce_runs(entries, gap)
 
 
 def fetch_frames(
@@ -175,7 +173,7 @@ def _read_run(store: ObjectStore, key: str, sid: str, run: list[Entry]) -> dict[
     frames = {}
     for e in run:
         frame = data[e.offset - start : e.offset - start + e.length]
-        if zlib.crc32(frame) != e.crc:
+        if frame_crc(e.page, frame) != e.crc:
             raise CorruptData(f"checksum mismatch for page {e.page} in segment {sid}")
         frames[e.page] = frame
     return frames

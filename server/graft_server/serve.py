@@ -22,14 +22,17 @@ from uvicorn.config import LOG_LEVELS
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from graft_server.auth import TokenFile
+from graft_server.direct import DirectReads
 from graft_server.gc import DEFAULT_GRACE, Retention, collect
 from graft_server.limits import (
     DEFAULT_BODY_TIMEOUT,
+    DEFAULT_DIRECT_EXPIRY,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     MAX_LOADED_VOLUMES,
 )
 from graft_server.objstore import TEMPORARY_GRACE, FsStore, ObjectStore, open_store
+from graft_server.s3store import S3Store
 from graft_server.volumes import Volumes
 from graft_vfs.core.errors import (
     GraftError,
@@ -299,6 +302,9 @@ def serve(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_volumes: int = MAX_LOADED_VOLUMES,
     store: ObjectStore | None = None,
+    direct: bool = True,
+    direct_endpoint: str | None = None,
+    direct_expiry: int = DEFAULT_DIRECT_EXPIRY,
 ) -> None:
     """Serve the store named by ``store_spec`` over HTTP until interrupted.
 
@@ -306,8 +312,10 @@ def serve(
     With ``gc_interval``, a GC pass (see server/gc.py) runs every that many seconds.
     With ``tokens_file`` (see server/auth.py), requests need a bearer token. See
     ``guarded_protocol`` for ``header_timeout`` and ``max_connections``, ``create_app``
-    for the rest. Raises StartupError (before printing the listening line) if the store
-    cannot be reached or the address cannot be bound.
+    for the rest. With ``direct`` and an S3 store, clients may read frames from S3 with
+    presigned URLs signed for ``direct_endpoint`` (default the store's endpoint), valid
+    ``direct_expiry`` seconds (server/direct.py). Raises StartupError (before printing
+    the listening line) if the store cannot be reached or the address cannot be bound.
     """
     configure_logging(log_level)
     if max_body < MIN_MAX_BODY:
@@ -325,6 +333,11 @@ def serve(
     except StorageError as exc:
         raise StartupError(f"cannot use the store: {exc}") from None
     sweep_temporaries(store)
+    offered = None
+    if direct and isinstance(store, S3Store):
+        offered = DirectReads(store.presigner(direct_endpoint), direct_expiry)
+    elif direct_endpoint:
+        log.warning("--direct-endpoint ignored: direct reads need an S3 store (s3://...)")
     app = create_app(
         store,
         cache_bytes=cache_bytes,
@@ -332,6 +345,7 @@ def serve(
         max_body=max_body,
         body_timeout=body_timeout,
         max_volumes=max_volumes,
+        direct=offered,
     )
     if gc_interval:
         run_gc_periodically(app.state.volumes, gc_interval, retention or Retention(), gc_grace)

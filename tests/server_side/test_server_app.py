@@ -107,7 +107,7 @@ def test_segment_upload_then_commit_by_id(client: TestClient) -> None:
     del body["segment"]
     body["segments"] = [sid]
     assert msgpack.unpackb(post(client, "/v1/volumes/v/commit", body).content)["lsn"] == 1
-    r = client.post("/v1/segments", content=b"GRFTSEG1 but not really")
+    r = client.post("/v1/segments", content=b"GRFTSEG2 but not really")
     assert r.status_code == 400 and r.json()["error"] == "invalid_request"
 
 

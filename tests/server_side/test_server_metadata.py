@@ -8,7 +8,6 @@ not the hash of its pages is a 400, never mistaken for a commit that landed.
 from __future__ import annotations
 
 import random
-import zlib
 from collections.abc import Callable
 
 import msgpack
@@ -28,7 +27,7 @@ from graft_vfs.core.errors import CorruptData
 from graft_vfs.core.identity import STORE_KEY, decode_store, encode_store
 from graft_vfs.core.ids import PAGE_SIZE
 from graft_vfs.core.retention import decode_floor, decode_pending, encode_floor, encode_pending
-from graft_vfs.core.segment import encode_segment
+from graft_vfs.core.segment import encode_segment, frame_crc
 
 PAGES = 6
 
@@ -80,11 +79,11 @@ def test_every_single_bit_flip_is_refused(kind: str) -> None:
 
 def edit_checkpoint(data: bytes, edit: Callable[[dict], None]) -> bytes:
     """The checkpoint with its map edited and recompressed, its original checksum kept."""
-    body = envelope.unseal(b"CKP2", data, "checkpoint")
+    body = envelope.unseal(b"CKP3", data, "checkpoint")
     fields = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body))
     edit(fields)
     new_body = zstandard.ZstdCompressor(level=3).compress(msgpack.packb(fields))
-    resealed = envelope.seal(b"CKP2", new_body)
+    resealed = envelope.seal(b"CKP3", new_body)
     return resealed[:-4] + data[-4:]  # an edit cannot know the checksum of its result
 
 
@@ -111,10 +110,10 @@ def test_resealed_edits_are_range_checked() -> None:
     data = store.get(checkpoint_key("v", 3))
 
     def resealed(edit: Callable[[dict], None]) -> bytes:
-        body = envelope.unseal(b"CKP2", data, "checkpoint")
+        body = envelope.unseal(b"CKP3", data, "checkpoint")
         fields = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body))
         edit(fields)
-        return envelope.pack(b"CKP2", fields, compress=True)
+        return envelope.pack(b"CKP3", fields, compress=True)
 
     def beyond_page_count(f: dict) -> None:
         f["cols"][0][-1] = f["page_count"]
@@ -150,10 +149,10 @@ def test_log_record_page_count_edit_is_refused() -> None:
     store = MemoryStore()
     volume_with_checkpoint(store)
     data = store.get(log_key("v", 2))
-    body = envelope.unseal(b"LOG2", data, "commit record")
+    body = envelope.unseal(b"LOG3", data, "commit record")
     fields = msgpack.unpackb(body)
     fields["page_count"] += 1
-    edited = envelope.seal(b"LOG2", msgpack.packb(fields))
+    edited = envelope.seal(b"LOG3", msgpack.packb(fields))
     with pytest.raises(CorruptData, match="checksum"):
         CommitRecord.decode(edited[:-4] + data[-4:])
 
@@ -270,7 +269,7 @@ def test_commit_with_a_landed_hash_but_other_pages_is_400(server) -> None:
     frames = call(server.url, "POST", f"/v1/volumes/{vid}/read", read_body(1))[1]["pages"]
     dctx = zstandard.ZstdDecompressor()
     assert [dctx.decompress(f[3]) for f in frames] == [page(p) for p in range(PAGES)]
-    assert all(zlib.crc32(f[3]) == f[2] for f in frames)
+    assert all(frame_crc(f[0], f[3]) == f[2] for f in frames)
 
 
 def test_commit_hash_covers_uploaded_segments(server) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import zlib
 from collections.abc import Iterable
 
 import pytest
@@ -28,7 +27,7 @@ from graft_vfs.core.errors import (
 )
 from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.core.ids import PAGE_SIZE
-from graft_vfs.core.segment import MAX_SEGMENT_PAGES, encode_segment
+from graft_vfs.core.segment import MAX_SEGMENT_PAGES, encode_segment, frame_crc
 
 
 def page(fill: int) -> bytes:
@@ -100,7 +99,7 @@ def test_commit_then_read_at_past_lsns(vols: Volumes, store: MemoryStore) -> Non
 def test_read_crc_matches_frame_and_limits(vols: Volumes) -> None:
     commit(vols, "v", 0, 2, {0: page(7), 1: page(8)})
     frames = vols.reads.read("v", 1, BitMap([0, 1]))
-    assert all(f.crc == zlib.crc32(f.frame) for f in frames)
+    assert all(f.crc == frame_crc(f.page, f.frame) for f in frames)
     with pytest.raises(InvalidRequest, match="beyond the page count"):
         vols.reads.read("v", 1, BitMap([2]))
     with pytest.raises(InvalidRequest, match="at most"):  # refused at the HTTP edge

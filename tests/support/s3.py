@@ -9,6 +9,7 @@ its data directory is deleted when it stops.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -88,11 +89,34 @@ def s3_env() -> dict[str, str]:
     }
 
 
-class SeaweedFS:
-    """One ``weed mini`` process with one bucket; ``start()``, then ``stop()``."""
+def s3_identities() -> dict:
+    """An S3 config for ``weed -s3.config``: one identity (the tests' key), no anonymous one.
 
-    def __init__(self, bucket: str = BUCKET) -> None:
+    With it, SeaweedFS checks the signature of every request (headers or presigned
+    query), so a request without a valid one gets 403.
+    """
+    return {
+        "identities": [
+            {
+                "name": "graft-test",
+                "credentials": [{"accessKey": ACCESS_KEY_ID, "secretKey": SECRET_ACCESS_KEY}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+
+
+class SeaweedFS:
+    """One ``weed mini`` process with one bucket; ``start()``, then ``stop()``.
+
+    ``signed=True`` runs it with S3 identities (``s3_identities``): it then refuses
+    unsigned requests and checks every signature. Without, it accepts anonymous
+    requests and verifies no signature at all.
+    """
+
+    def __init__(self, bucket: str = BUCKET, *, signed: bool = False) -> None:
         self.bucket = bucket
+        self.signed = signed
         self.ports: dict[str, int] = {}
         self.dir: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -112,6 +136,10 @@ class SeaweedFS:
         cmd += [f"-s3.localSocket={self.dir / 's3.sock'}"]
         for service, port in self.ports.items():
             cmd += [f"-{service}.port={port}", f"-{service}.port.grpc={port + GRPC_OFFSET}"]
+        if self.signed:
+            config = self.dir / "s3.json"
+            config.write_text(json.dumps(s3_identities()))
+            cmd += [f"-s3.config={config}"]
         return cmd
 
     def start(self) -> SeaweedFS:
