@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from graft_vfs.client.link import Link
-from graft_vfs.client.local import USAGE_LOG, LocalStore
+from graft_vfs.client.local import LocalStore
+from graft_vfs.client.maintenance import USAGE_LOG
 from graft_vfs.client.prefetch import FrameSizer, Prefetcher
 from graft_vfs.client.remote import Remote, Traffic, required
 from graft_vfs.client.stats import Stats
