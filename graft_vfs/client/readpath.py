@@ -34,6 +34,13 @@ from graft_vfs.core.pages import ZERO_PAGE
 # Interior B-tree pages the server may send along with a missed interior page: a
 # lookup then costs about one round trip per B-tree (its leaf) instead of one per level.
 INTERIOR_EXPAND = 256
+# A sequential reader's misses in the memory cache read runs of pages from the local
+# store in one query, doubling from 1 up to this many pages (512 KiB), and at most a
+# quarter of the memory cache.
+READ_AHEAD_MAX = 128
+# A miss this close after the end of the last run still counts as sequential (a table
+# scan reads a few interior pages between runs of leaves).
+READ_AHEAD_SLACK = 8
 
 
 class ReadPath:
@@ -72,6 +79,11 @@ class ReadPath:
         self._identity_for = identity_for
         self._used: OrderedDict[int, tuple[int, int]] = OrderedDict()  # page -> (row, ns)
         self._used_lock = threading.Lock()
+        # Read-ahead from the local store (heuristics only: races between threads cost
+        # a run of the wrong length, never a wrong page).
+        self._run_end = -1  # the page after the last run read from the local store
+        self._run_pages = 1
+        self._count_at: tuple[int, int] = (-1, 0)  # (local LSN, its page count)
 
     # -- reads ----------------------------------------------------------------------
 
@@ -84,7 +96,7 @@ class ReadPath:
             self.stats.cache_hits += 1
             return entry[1]
         self.prefetcher.record(pageno)
-        row = self.local.read_page(self.row_id, pageno, lsn)
+        row = self._read_local(pageno, lsn)
         if row is not None and row[1] is not None:
             self.stats.add(local_hits=1)
             data = row[1]
@@ -95,6 +107,44 @@ class ReadPath:
         if not is_interior(data, pageno):  # interior pages travel by expansion instead
             self.frames.record(pageno)
         return data
+
+    def _read_local(self, pageno: int, lsn: int) -> tuple[int, bytes | None] | None:
+        """The latest local row of ``pageno`` at ``lsn``; a sequential reader's next pages
+        come along into the memory cache (read-ahead, for a reader of the latest snapshot).
+        """
+        run = 1
+        if 0 <= pageno - self._run_end < READ_AHEAD_SLACK:
+            run = min(self._run_pages * 2, READ_AHEAD_MAX, max(self.cache_pages // 4, 1))
+        if run > 1 and lsn == self._latest():
+            run = min(run, self._page_count(lsn) - pageno)
+        else:
+            run = 1
+        self._run_pages = run
+        self._run_end = pageno + run
+        if run <= 1:
+            return self.local.read_page(self.row_id, pageno, lsn)
+        found = None
+        ahead = []
+        for p, row_lsn, data in self.local.read_run(self.row_id, pageno, run, lsn):
+            if p == pageno:
+                found = (row_lsn, data)
+            elif data is not None:
+                ahead.append((p, row_lsn, data))
+        if ahead:
+            with self._lock:
+                if lsn == self._latest():
+                    for p, row_lsn, data in ahead:
+                        self.cache_put(p, row_lsn, data)
+            self._note_uses((p, row_lsn) for p, row_lsn, _ in ahead)
+        return found
+
+    def _page_count(self, lsn: int) -> int:
+        """The page count of local snapshot ``lsn`` (fixed once the snapshot exists)."""
+        at, count = self._count_at
+        if at != lsn:
+            count = self.local.page_count_at(self.row_id, lsn)
+            self._count_at = (lsn, count)
+        return count
 
     def peek_page(self, pageno: int, lsn: int) -> bytes | None:
         """The page at ``lsn`` if it is available without the network, else None."""
@@ -249,3 +299,14 @@ class ReadPath:
             self._used.move_to_end(pageno)
             if len(self._used) > USAGE_LOG:
                 self._used.popitem(last=False)
+
+    def _note_uses(self, pages: Iterable[tuple[int, int]]) -> None:
+        """``_note_use`` for a run of ``(page, row_lsn)`` read together."""
+        now = time.time_ns()
+        with self._used_lock:
+            used = self._used
+            for pageno, row_lsn in pages:
+                used[pageno] = (row_lsn, now)
+                used.move_to_end(pageno)
+            while len(used) > USAGE_LOG:
+                used.popitem(last=False)
