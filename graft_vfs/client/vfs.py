@@ -342,6 +342,13 @@ class GraftFile:
                 snap = self.snap or self.current()
                 if 0 < pageno < snap[1]:
                     return self._read(pageno, snap[0])
+            if offset == CHANGE_CHECK and amount == CHANGE_CHECK_SIZE:
+                # Where SQLite looks, at the start of each transaction, whether its
+                # page cache is still valid: page 1 of this LSN is kept ready.
+                page1 = self._page1
+                if page1 is not None and not self._page1_rewritten and not self.writing:
+                    if page1[0] == (self.snap or self.current())[0]:
+                        return page1[1][CHANGE_CHECK : CHANGE_CHECK + CHANGE_CHECK_SIZE]
             return self._read_any(amount, offset)
         except GraftError as exc:
             raise to_sqlite(exc) from exc
@@ -413,8 +420,19 @@ class GraftFile:
 
     # -- writes -----------------------------------------------------------------------
 
-    @sqlite_errors
     def xWrite(self, data: Any, offset: int) -> None:
+        if self.writing and len(data) == PAGE_SIZE and not offset & _PAGE_MASK:
+            # The fast path: a whole page (SQLite writes nothing else to a database).
+            self.dirty[offset >> _PAGE_SHIFT] = bytes(data)
+            if offset + PAGE_SIZE > self.size:
+                self.size = offset + PAGE_SIZE
+            return
+        try:
+            self._write_any(data, offset)
+        except GraftError as exc:
+            raise to_sqlite(exc) from exc
+
+    def _write_any(self, data: Any, offset: int) -> None:
         if not self.writing:
             raise StorageError("write outside a write transaction")
         data = bytes(data)
