@@ -40,7 +40,7 @@ import apsw
 import msgpack
 from pyroaring import BitMap
 
-from graft_vfs.client.maintenance import Maintenance
+from graft_vfs.client.maintenance import Checkpointer, Maintenance
 from graft_vfs.client.rows import (
     _CHECK_ERRORS,
     BUSY_TIMEOUT_MS,
@@ -61,6 +61,7 @@ STORE_FILE = "graft-cache.db"
 SIGNAL_FILE = "graft-cache.signal"
 PINS_FILE = "graft-cache.pins"
 LOCK_DIR = "locks"
+STORE_CACHE_KIB = 16384  # SQLite's page cache of the store file (SQLite's default: 2000)
 
 WAL_KEEP_BYTES = 1 << 20  # the -wal file is cut back to this after a checkpoint
 
@@ -183,11 +184,17 @@ class LocalStore(Maintenance):
             self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL").fetchall()
             self._db.execute("PRAGMA synchronous=FULL")
+            # A local commit of thousands of pages (a VACUUM) fits without spilling.
+            self._db.execute(f"PRAGMA cache_size=-{STORE_CACHE_KIB}")
             self._db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}").fetchall()
             self._prepare()
             self._prepare_maintenance()
             self._identity = self._file_identity()
+            self._checkpoints = Checkpointer(self.path)
+            self._db.set_wal_hook(self._checkpoints.hook)
         except BaseException as exc:
+            if self._checkpoints is not None:
+                self._checkpoints.close()
             self._db.close()
             self.signal.close()
             self.pins.close()
@@ -231,6 +238,8 @@ class LocalStore(Maintenance):
 
     @_boundary
     def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.close()
         with self._lock:
             self._db.close()
         self.signal.close()
@@ -383,9 +392,11 @@ class LocalStore(Maintenance):
     ) -> list[tuple[int, int, bytes | None]]:
         """The latest row at or before ``lsn`` of each page in ``[first, first + count)``.
 
-        ``(pageno, row_lsn, data|None)`` for the pages that have a row, in page order,
-        each verified as ``read_page`` verifies one: one query for a run of pages, so a
-        sequential reader pays for SQL once per run instead of once per page.
+        ``(pageno, row_lsn, data|None)`` for the pages that have a row, in page order:
+        one query for a run of pages, so a sequential reader pays for SQL once per run
+        instead of once per page. Each row is verified as ``read_page`` verifies one:
+        ``first`` failing its checksum raises CorruptData; any other page that fails is
+        left out (it raises when it is read, and is never served).
         """
         latest: dict[int, tuple[int, bytes | None, object]] = {}
         try:
@@ -404,18 +415,20 @@ class LocalStore(Maintenance):
                 ok = _page_crc(v, pageno, row_lsn, data) == crc
             except _CHECK_ERRORS:
                 ok = False
-            if not ok:
+            if ok:
+                out.append((pageno, row_lsn, data))
+            elif pageno == first:
                 raise self._corrupt(f"page {pageno} of volume {v} fails its checksum")
-            out.append((pageno, row_lsn, data))
         return out
 
     @_boundary
     def store_fetched(self, v: int, rows: Iterable[tuple[int, int, bytes]]) -> None:
         """Record fetched pages ``(pageno, row_lsn, data)``; fills markers, never overwrites."""
-        # Not signalled: a fetched page changes no snapshot, only what is cached.
+        # Not signalled: a fetched page changes no snapshot, only what is cached. Not
+        # synced either: a crash that loses them costs fetching them again.
         rows = list(rows)
         now = time.time_ns()
-        with self._lock, self._write():
+        with self._lock, self._write(durable=False):
             self._db.executemany(
                 "INSERT INTO pages(v, pageno, lsn, data, crc, used) VALUES(?,?,?,?,?,?) "
                 "ON CONFLICT DO UPDATE SET data=excluded.data, crc=excluded.crc, "

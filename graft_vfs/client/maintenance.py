@@ -8,10 +8,16 @@ its latest row and the log keeps nothing. Over the size limit, clean pages (rows
 before the floor, which the server can give back) become markers again, least recently
 used first; unpushed rows are never touched. Freed file pages go back to the file system
 with ``PRAGMA incremental_vacuum``. Each pass does a bounded amount of work.
+
+Checkpoints. Copying the WAL back into the file is off the commit path: SQLite's
+automatic checkpoint would run in the committing thread after each commit past 1000
+WAL frames, so a local commit paid for writing its pages twice, and syncing the file,
+before SQLite heard of its success. A ``Checkpointer`` thread does it instead (see there).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from contextlib import suppress
 from typing import cast
@@ -30,10 +36,72 @@ EVICT_BATCH_PAGES = 4096  # pages one maintenance pass evicts
 VACUUM_BATCH_PAGES = 4096  # free file pages one maintenance pass returns to the file system
 USAGE_LOG = 4096  # page reads from the cache file remembered for eviction order
 EVICT_CHECKS = 16  # eviction passes while fetches fill a cache of the limit's size
+CHECKPOINT_PAGES = 1000  # WAL frames that wake the checkpoint thread (SQLite's default)
+CHECKPOINT_INLINE_PAGES = 16384  # WAL frames past which a commit checkpoints itself (64 MiB)
 
 # Added to stores of any format when missing: eviction order (ns since the epoch of the
 # last read or write of the row; a damaged value only changes what is evicted first).
 _ADD_USED = "ALTER TABLE pages ADD COLUMN used INTEGER NOT NULL DEFAULT 0"
+
+
+class Checkpointer:
+    """Copies the store's WAL back into its file on a thread of its own.
+
+    The store's WAL hook (``hook``, which replaces SQLite's automatic checkpoint) only
+    counts frames; past CHECKPOINT_PAGES it wakes a daemon thread that runs a PASSIVE
+    checkpoint on a connection of its own to the same file (it waits for no reader or
+    writer; another process's checkpoint in progress makes it skip one). Past
+    CHECKPOINT_INLINE_PAGES, a thread that cannot keep up, the committing thread does
+    it (``Maintenance._committed``), as SQLite would have, so the WAL stays bounded.
+    Durability does not change: a commit is durable once its WAL frames are synced.
+    """
+
+    def __init__(self, path: str) -> None:
+        # Read-write, never create: a file deleted under the client is not made again.
+        self._con = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE)
+        self._con.set_busy_timeout(0)
+        # A connection checkpoints only once it has read the file and found it in WAL mode.
+        self._con.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+        self._wake = threading.Condition()
+        self._due = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.frames = 0  # WAL frames after the store's last commit
+
+    def hook(self, con: apsw.Connection, name: str, frames: int) -> int:
+        """The store connection's WAL hook: called after each commit with the WAL's frames."""
+        self.frames = frames
+        if frames >= CHECKPOINT_PAGES:
+            with self._wake:
+                if not self._closed:
+                    self._due = True
+                    if self._thread is None:
+                        self._thread = threading.Thread(
+                            target=self._run, name="graft-checkpoint", daemon=True
+                        )
+                        self._thread.start()
+                    self._wake.notify()
+        return apsw.SQLITE_OK
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._due and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                self._due = False
+            # Errors are the store connection's to report: it reads the same file.
+            with suppress(apsw.Error):
+                self._con.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._con.close()
 
 
 class Maintenance(StoreFile):
@@ -43,6 +111,14 @@ class Maintenance(StoreFile):
     max_bytes: int | None  # page data kept at most (None: no limit)
     _usage: dict[int, Callable[[], list[tuple[int, int, int]]]]
     _fetched: int  # pages fetched since the last eviction pass
+    _checkpoints: Checkpointer | None = None  # None until the store is open
+
+    def _committed(self) -> None:
+        checkpoints = self._checkpoints
+        if checkpoints is not None and checkpoints.frames >= CHECKPOINT_INLINE_PAGES:
+            checkpoints.frames = 0
+            with suppress(apsw.BusyError):  # another one is under way
+                self._db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
 
     def _prepare_maintenance(self) -> None:
         """Give a store made before maintenance existed its eviction column and vacuum mode.

@@ -121,6 +121,7 @@ class ReadPath:
             run = 1
         self._run_pages = run
         self._run_end = pageno + run
+        self.stats.local_reads += 1  # unlocked, as cache_hits
         if run <= 1:
             return self.local.read_page(self.row_id, pageno, lsn)
         found = None

@@ -135,22 +135,36 @@ class StoreFile:
             )
 
     @contextmanager
-    def _write(self) -> Iterator[None]:
+    def _write(self, *, durable: bool = True) -> Iterator[None]:
         """A write transaction, taking SQLite's write lock first (waiting for other processes).
 
         Taken up front, a read-modify-write never fails to upgrade its read lock because
-        another process wrote in between (SQLITE_BUSY_SNAPSHOT in WAL mode).
+        another process wrote in between (SQLITE_BUSY_SNAPSHOT in WAL mode). It is on
+        disk when this returns (``synchronous=FULL``), unless not ``durable``: then the
+        WAL is not synced for it (``synchronous=NORMAL``), for what can be fetched again.
+        A crash may lose such a transaction, never a durable one after it (syncing the
+        WAL syncs everything before), and never half of one (WAL frames are checksummed).
         """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    with suppress(apsw.Error):
-                        self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        with suppress(apsw.Error):
+                            self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
+            self._committed()
+
+    def _committed(self) -> None:
+        """Called after each write transaction of ``_write`` commits (holding the lock)."""
 
     @contextmanager
     def _change(self) -> Iterator[None]:
