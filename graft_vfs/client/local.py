@@ -486,7 +486,8 @@ class LocalStore(Maintenance):
                     "or reset moved it on during the transaction): roll back and retry it"
                 )
             lsn = head + 1
-            self._insert_pages(v, lsn, pages.items())
+            # In key order: each leaf of the page index is filled once, then left alone.
+            self._insert_pages(v, lsn, sorted(pages.items()))
             self._insert_log(v, lsn, page_count, None, encode_graft(pages.keys()))
             self._update_volume(v, local_lsn=lsn)
         return lsn

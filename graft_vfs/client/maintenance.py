@@ -37,7 +37,8 @@ VACUUM_BATCH_PAGES = 4096  # free file pages one maintenance pass returns to the
 USAGE_LOG = 4096  # page reads from the cache file remembered for eviction order
 EVICT_CHECKS = 16  # eviction passes while fetches fill a cache of the limit's size
 CHECKPOINT_PAGES = 1000  # WAL frames that wake the checkpoint thread (SQLite's default)
-CHECKPOINT_INLINE_PAGES = 16384  # WAL frames past which a commit checkpoints itself (64 MiB)
+CHECKPOINT_WAIT_PAGES = 65536  # WAL frames past which a commit waits for a checkpoint (256 MiB)
+CHECKPOINT_WAIT_SECONDS = 60.0  # the longest such a wait lasts
 
 # Added to stores of any format when missing: eviction order (ns since the epoch of the
 # last read or write of the row; a damaged value only changes what is evicted first).
@@ -50,10 +51,11 @@ class Checkpointer:
     The store's WAL hook (``hook``, which replaces SQLite's automatic checkpoint) only
     counts frames; past CHECKPOINT_PAGES it wakes a daemon thread that runs a PASSIVE
     checkpoint on a connection of its own to the same file (it waits for no reader or
-    writer; another process's checkpoint in progress makes it skip one). Past
-    CHECKPOINT_INLINE_PAGES, a thread that cannot keep up, the committing thread does
-    it (``Maintenance._committed``), as SQLite would have, so the WAL stays bounded.
-    Durability does not change: a commit is durable once its WAL frames are synced.
+    writer; another process's checkpoint in progress makes it skip one). A commit that
+    leaves more than CHECKPOINT_WAIT_PAGES frames (commits faster than the thread copies
+    them) waits for the thread's pass to end (``wait``, from ``Maintenance._committed``),
+    so the WAL stays bounded. Durability does not change: a commit is durable once its
+    WAL frames are synced.
     """
 
     def __init__(self, path: str) -> None:
@@ -64,6 +66,7 @@ class Checkpointer:
         self._con.execute("SELECT count(*) FROM sqlite_schema").fetchall()
         self._wake = threading.Condition()
         self._due = False
+        self._running = False
         self._closed = False
         self._thread: threading.Thread | None = None
         self.frames = 0  # WAL frames after the store's last commit
@@ -91,14 +94,27 @@ class Checkpointer:
                 if self._closed:
                     return
                 self._due = False
-            # Errors are the store connection's to report: it reads the same file.
-            with suppress(apsw.Error):
-                self._con.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+                self._running = True
+            try:
+                # Errors are the store connection's to report: it reads the same file.
+                with suppress(apsw.Error):
+                    self._con.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            finally:
+                with self._wake:
+                    self._running = False
+                    self._wake.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until no checkpoint is due or running."""
+        with self._wake:
+            self._wake.wait_for(
+                lambda: self._closed or not (self._due or self._running), timeout=timeout
+            )
 
     def close(self) -> None:
         with self._wake:
             self._closed = True
-            self._wake.notify()
+            self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._con.close()
@@ -115,10 +131,8 @@ class Maintenance(StoreFile):
 
     def _committed(self) -> None:
         checkpoints = self._checkpoints
-        if checkpoints is not None and checkpoints.frames >= CHECKPOINT_INLINE_PAGES:
-            checkpoints.frames = 0
-            with suppress(apsw.BusyError):  # another one is under way
-                self._db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        if checkpoints is not None and checkpoints.frames >= CHECKPOINT_WAIT_PAGES:
+            checkpoints.wait(CHECKPOINT_WAIT_SECONDS)
 
     def _prepare_maintenance(self) -> None:
         """Give a store made before maintenance existed its eviction column and vacuum mode.

@@ -137,6 +137,12 @@ class ReadPath:
                     for p, row_lsn, data in ahead:
                         self.cache_put(p, row_lsn, data)
             self._note_uses((p, row_lsn) for p, row_lsn, _ in ahead)
+            # Read from below the memory cache, for the fetch policies too: a scan that
+            # reaches pages not local yet keeps its stride.
+            for p, _, data in ahead:
+                self.prefetcher.record(p)
+                if not is_interior(data, p):
+                    self.frames.record(p)
         return found
 
     def _page_count(self, lsn: int) -> int:
