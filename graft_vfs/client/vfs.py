@@ -336,9 +336,16 @@ class GraftFile:
 
     def xRead(self, amount: int, offset: int) -> bytes:
         try:
-            if amount == PAGE_SIZE and not offset & _PAGE_MASK and not self.writing:
-                # The fast path: a whole page, not page 1, read outside a write.
+            if amount == PAGE_SIZE and not offset & _PAGE_MASK:
+                # The fast path: a whole page but page 1, written by this transaction or
+                # in its snapshot.
                 pageno = offset >> _PAGE_SHIFT
+                if self.writing:
+                    data = self.dirty.get(pageno)
+                    if data is not None and pageno:
+                        return data
+                    if not pageno or pageno >= self.size >> _PAGE_SHIFT:
+                        return self._read_any(amount, offset)
                 snap = self.snap or self.current()
                 if 0 < pageno < snap[1]:
                     return self._read(pageno, snap[0])
