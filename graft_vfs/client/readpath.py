@@ -2,13 +2,14 @@
 
 A page is looked up in the memory cache, an LRU of ``page -> (row_lsn, data)`` valid for
 every snapshot at or after ``row_lsn`` (every commit, pull and reset replaces or evicts
-the entries of the pages it changed), then in the local store, then fetched from the
-server. A fetch takes along what the prefetch policy predicts (``prefetch.Prefetcher``
-for strides, ``prefetch.FrameSizer`` for clustered random reads, sized with the link
-measured by ``link.Link``) and the interior B-tree pages the server adds below a missed
-interior page. Reads are remembered in memory (page, row, time) for the local store's
-eviction, which takes them in one batch: the read path writes nothing to disk but
-fetched pages.
+the entries of the pages it changed), then in the local store (a sequential reader's
+misses read runs of pages in one query, which fill the memory cache: read-ahead), then
+fetched from the server. A fetch takes along what the prefetch policy predicts
+(``prefetch.Prefetcher`` for strides, ``prefetch.FrameSizer`` for clustered random
+reads, sized with the link measured by ``link.Link``) and the interior B-tree pages the
+server adds below a missed interior page. Reads are remembered in memory (page, row,
+time) for the local store's eviction, which takes them in one batch: the read path
+writes nothing to disk but fetched pages.
 """
 
 from __future__ import annotations
