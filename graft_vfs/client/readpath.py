@@ -99,7 +99,7 @@ class ReadPath:
         self.prefetcher.record(pageno)
         row = self._read_local(pageno, lsn)
         if row is not None and row[1] is not None:
-            self.stats.add(local_hits=1)
+            self.stats.local_hits += 1  # unlocked, as cache_hits
             data = row[1]
             self._note_use(pageno, row[0])
             self._remember(pageno, row[0], data, lsn)
