@@ -2,13 +2,14 @@
 
 A page is looked up in the memory cache, an LRU of ``page -> (row_lsn, data)`` valid for
 every snapshot at or after ``row_lsn`` (every commit, pull and reset replaces or evicts
-the entries of the pages it changed), then in the local store, then fetched from the
-server. A fetch takes along what the prefetch policy predicts (``prefetch.Prefetcher``
-for strides, ``prefetch.FrameSizer`` for clustered random reads, sized with the link
-measured by ``link.Link``) and the interior B-tree pages the server adds below a missed
-interior page. Reads are remembered in memory (page, row, time) for the local store's
-eviction, which takes them in one batch: the read path writes nothing to disk but
-fetched pages.
+the entries of the pages it changed), then in the local store (a sequential reader's
+misses read runs of pages in one query, which fill the memory cache: read-ahead), then
+fetched from the server. A fetch takes along what the prefetch policy predicts
+(``prefetch.Prefetcher`` for strides, ``prefetch.FrameSizer`` for clustered random
+reads, sized with the link measured by ``link.Link``) and the interior B-tree pages the
+server adds below a missed interior page. Reads are remembered in memory (page, row,
+time) for the local store's eviction, which takes them in one batch: the read path
+writes nothing to disk but fetched pages.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from graft_vfs.client.link import Link
-from graft_vfs.client.local import USAGE_LOG, LocalStore
+from graft_vfs.client.local import LocalStore
+from graft_vfs.client.maintenance import USAGE_LOG
 from graft_vfs.client.prefetch import (
     FOLLOW_MAX,
     FOLLOW_START,
@@ -65,6 +67,13 @@ INTERIOR_EXPAND = 256
 # A tree prefetch splits each level over its workers, in requests of at least this many
 # pages (and at most MAX_PAGES_PER_READ).
 MIN_BATCH = 32
+# A sequential reader's misses in the memory cache read runs of pages from the local
+# store in one query, doubling from 1 up to this many pages (512 KiB), and at most a
+# quarter of the memory cache.
+READ_AHEAD_MAX = 128
+# A miss this close after the end of the last run still counts as sequential (a table
+# scan reads a few interior pages between runs of leaves).
+READ_AHEAD_SLACK = 8
 
 
 class ReadPath:
@@ -118,6 +127,11 @@ class ReadPath:
         self._job_lock = threading.Lock()
         self._inflight: set[int] = set()  # pages in background batches now
         self._tree_rate: float | None = None  # bytes/s background rounds measured
+        # Read-ahead from the local store (heuristics only: races between threads cost
+        # a run of the wrong length, never a wrong page).
+        self._run_end = -1  # the page after the last run read from the local store
+        self._run_pages = 1
+        self._count_at: tuple[int, int] = (-1, 0)  # (local LSN, its page count)
 
     # -- reads ----------------------------------------------------------------------
 
@@ -131,9 +145,9 @@ class ReadPath:
             return entry[1]
         self.prefetcher.record(pageno)
         self.follow.read(pageno)
-        row = self.local.read_page(self.row_id, pageno, lsn)
+        row = self._read_local(pageno, lsn)
         if row is not None and row[1] is not None:
-            self.stats.add(local_hits=1)
+            self.stats.local_hits += 1  # unlocked, as cache_hits
             data = row[1]
             self._note_use(pageno, row[0])
             self._remember(pageno, row[0], data, lsn)
@@ -144,6 +158,51 @@ class ReadPath:
             if pageno and data[0] == LEAF_INDEX:
                 self.follow.index_leaf(lsn, pageno)
         return data
+
+    def _read_local(self, pageno: int, lsn: int) -> tuple[int, bytes | None] | None:
+        """The latest local row of ``pageno`` at ``lsn``; a sequential reader's next pages
+        come along into the memory cache (read-ahead, for a reader of the latest snapshot).
+        """
+        run = 1
+        if 0 <= pageno - self._run_end < READ_AHEAD_SLACK:
+            run = min(self._run_pages * 2, READ_AHEAD_MAX, max(self.cache_pages // 4, 1))
+        if run > 1 and lsn == self._latest():
+            run = min(run, self._page_count(lsn) - pageno)
+        else:
+            run = 1
+        self._run_pages = run
+        self._run_end = pageno + run
+        self.stats.local_reads += 1  # unlocked, as cache_hits
+        if run <= 1:
+            return self.local.read_page(self.row_id, pageno, lsn)
+        found = None
+        ahead = []
+        for p, row_lsn, data in self.local.read_run(self.row_id, pageno, run, lsn):
+            if p == pageno:
+                found = (row_lsn, data)
+            elif data is not None:
+                ahead.append((p, row_lsn, data))
+        if ahead:
+            with self._lock:
+                if lsn == self._latest():
+                    for p, row_lsn, data in ahead:
+                        self.cache_put(p, row_lsn, data)
+            self._note_uses((p, row_lsn) for p, row_lsn, _ in ahead)
+            # Read from below the memory cache, for the fetch policies too: a scan that
+            # reaches pages not local yet keeps its stride.
+            for p, _, data in ahead:
+                self.prefetcher.record(p)
+                if not is_interior(data, p):
+                    self.frames.record(p)
+        return found
+
+    def _page_count(self, lsn: int) -> int:
+        """The page count of local snapshot ``lsn`` (fixed once the snapshot exists)."""
+        at, count = self._count_at
+        if at != lsn:
+            count = self.local.page_count_at(self.row_id, lsn)
+            self._count_at = (lsn, count)
+        return count
 
     def peek_page(self, pageno: int, lsn: int) -> bytes | None:
         """The page at ``lsn`` if it is available without the network, else None."""
@@ -616,6 +675,17 @@ class ReadPath:
             self._used.move_to_end(pageno)
             if len(self._used) > USAGE_LOG:
                 self._used.popitem(last=False)
+
+    def _note_uses(self, pages: Iterable[tuple[int, int]]) -> None:
+        """``_note_use`` for a run of ``(page, row_lsn)`` read together."""
+        now = time.time_ns()
+        with self._used_lock:
+            used = self._used
+            for pageno, row_lsn in pages:
+                used[pageno] = (row_lsn, now)
+                used.move_to_end(pageno)
+            while len(used) > USAGE_LOG:
+                used.popitem(last=False)
 
 
 class _TreeJob:

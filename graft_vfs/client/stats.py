@@ -17,6 +17,7 @@ class Stats:
     requests: int = 0
     cache_hits: int = 0  # pages served from memory
     local_hits: int = 0  # pages served from the local store on disk
+    local_reads: int = 0  # queries of the local store for pages (a run of pages is one)
     cache_misses: int = 0  # pages that had to come from the server
     pages_prefetched: int = 0  # fetched ahead of a read, along with a missed page
     prefetch_unused: int = 0  # prefetched pages not read (yet)

@@ -13,7 +13,8 @@ are real temporary files of the default VFS, as natively. In
 
 Errors: code below the VFS methods raises graft errors only; ``sqlite_errors``, wrapped
 around every method that can fail, turns them into SQLite result codes with the one
-table ``SQLITE_CODES``.
+table ``SQLITE_CODES`` (xRead, xLock and xUnlock, called on every page and transaction,
+do the same inline, which costs nothing until something raises).
 """
 
 from __future__ import annotations
@@ -228,6 +229,12 @@ class GraftFile:
             # SQLite takes no lock on an immutable file and never re-checks its page
             # cache, so the connection must read one snapshot: the latest at the open.
             self.fixed = self.vol.snapshot
+        # Bound once: the read path's page read (or a past snapshot's) and the pins.
+        self._read: Callable[[int, int], bytes] = (
+            self.vol.reads.read_page if self.remote_lsn is None else self._read_past
+        )
+        self._pin = self.vol.pin
+        self._unpin = self.vol.unpin
         self.level = LOCK_NONE
         self.writing = False
         self.exclusive = False  # PRAGMA locking_mode=EXCLUSIVE
@@ -262,22 +269,27 @@ class GraftFile:
 
     # -- locks ------------------------------------------------------------------------
 
-    @sqlite_errors
     def xLock(self, level: int) -> None:
-        if level == LOCK_SHARED:
-            runtime = self.runtime
-            if runtime.signal.value() != runtime.seen_signal:
-                runtime.catch_up()  # another process changed the cache directory
-            self.snap = self.vol.pin(self, self.fixed) if self.remote_lsn is None else self.fixed
-            if self.exclusive and not self.readonly and not self.writing:
-                # In locking_mode=EXCLUSIVE SQLite keeps its lock and its page cache
-                # until the mode is NORMAL again and never looks for other writers'
-                # changes: the connection holds the writer lock from its first read, so
-                # it keeps seeing its own latest state and others get BUSY, as natively.
-                self.snap = None
+        # The error boundary inline (as in xRead and xUnlock): these run on every
+        # transaction, and a try block costs nothing until something raises.
+        try:
+            if level == LOCK_SHARED:
+                runtime = self.runtime
+                if runtime.signal.value() != runtime.seen_signal:
+                    runtime.catch_up()  # another process changed the cache directory
+                self.snap = self._pin(self, self.fixed) if self.remote_lsn is None else self.fixed
+                if self.exclusive and not self.readonly and not self.writing:
+                    # In locking_mode=EXCLUSIVE SQLite keeps its lock and its page cache
+                    # until the mode is NORMAL again and never looks for other writers'
+                    # changes: the connection holds the writer lock from its first read,
+                    # so it keeps seeing its own latest state and others get BUSY, as
+                    # natively.
+                    self.snap = None
+                    self._begin_write()
+            elif level >= LOCK_RESERVED and not self.writing:
                 self._begin_write()
-        elif level >= LOCK_RESERVED and not self.writing:
-            self._begin_write()
+        except GraftError as exc:
+            raise to_sqlite(exc) from exc
         self.level = level
 
     def _begin_write(self) -> None:
@@ -301,13 +313,15 @@ class GraftFile:
         self.dirty = {}
         self.size = snap[1] * PAGE_SIZE
 
-    @sqlite_errors
     def xUnlock(self, level: int) -> None:
-        if level < LOCK_RESERVED and self.writing:
-            self._end_write()
-        if level == LOCK_NONE:
-            self.vol.unpin(self)
-            self.snap = None
+        try:
+            if level < LOCK_RESERVED and self.writing:
+                self._end_write()
+            if level == LOCK_NONE:
+                self._unpin(self)
+                self.snap = None
+        except GraftError as exc:
+            raise to_sqlite(exc) from exc
         self.level = level
 
     def _end_write(self) -> None:
@@ -320,14 +334,39 @@ class GraftFile:
 
     # -- reads ------------------------------------------------------------------------
 
-    @sqlite_errors
     def xRead(self, amount: int, offset: int) -> bytes:
+        try:
+            if amount == PAGE_SIZE and not offset & _PAGE_MASK:
+                # The fast path: a whole page but page 1, written by this transaction or
+                # in its snapshot.
+                pageno = offset >> _PAGE_SHIFT
+                if self.writing:
+                    data = self.dirty.get(pageno)
+                    if data is not None and pageno:
+                        return data
+                    if not pageno or pageno >= self.size >> _PAGE_SHIFT:
+                        return self._read_any(amount, offset)
+                snap = self.snap or self.current()
+                if 0 < pageno < snap[1]:
+                    return self._read(pageno, snap[0])
+            if offset == CHANGE_CHECK and amount == CHANGE_CHECK_SIZE:
+                # Where SQLite looks, at the start of each transaction, whether its
+                # page cache is still valid: page 1 of this LSN is kept ready.
+                page1 = self._page1
+                if page1 is not None and not self._page1_rewritten and not self.writing:
+                    if page1[0] == (self.snap or self.current())[0]:
+                        return page1[1][CHANGE_CHECK : CHANGE_CHECK + CHANGE_CHECK_SIZE]
+            return self._read_any(amount, offset)
+        except GraftError as exc:
+            raise to_sqlite(exc) from exc
+
+    def _read_any(self, amount: int, offset: int) -> bytes:
         if self._page1_rewritten and offset <= CHANGE_CHECK < offset + amount:
             self._page1_rewritten = False
             if (offset, amount) == (CHANGE_CHECK, CHANGE_CHECK_SIZE):
                 # SQLite's cache still holds the page 1 it wrote; a change counter other
                 # than the one it expects makes it drop the cache and read page 1 again.
-                header = self.xRead(amount, offset)
+                header = self._read_any(amount, offset)
                 return bytes(b ^ 0xFF for b in header[:4]) + header[4:]
         within = offset & _PAGE_MASK
         if within + amount <= PAGE_SIZE:
@@ -368,9 +407,9 @@ class GraftFile:
             return data
         return self._read(pageno, lsn)
 
-    def _read(self, pageno: int, lsn: int) -> bytes:
-        if self.remote_lsn is None:
-            return self.vol.read_page(pageno, lsn)
+    def _read_past(self, pageno: int, lsn: int) -> bytes:
+        """A page of a past snapshot the local log no longer holds (``lsn=N``)."""
+        assert self.remote_lsn is not None
         data = self._remote_pages.get(pageno)
         if data is None:
             data = self.vol.read_remote_page(pageno, self.remote_lsn)
@@ -388,8 +427,19 @@ class GraftFile:
 
     # -- writes -----------------------------------------------------------------------
 
-    @sqlite_errors
     def xWrite(self, data: Any, offset: int) -> None:
+        if self.writing and len(data) == PAGE_SIZE and not offset & _PAGE_MASK:
+            # The fast path: a whole page (SQLite writes nothing else to a database).
+            self.dirty[offset >> _PAGE_SHIFT] = bytes(data)
+            if offset + PAGE_SIZE > self.size:
+                self.size = offset + PAGE_SIZE
+            return
+        try:
+            self._write_any(data, offset)
+        except GraftError as exc:
+            raise to_sqlite(exc) from exc
+
+    def _write_any(self, data: Any, offset: int) -> None:
         if not self.writing:
             raise StorageError("write outside a write transaction")
         data = bytes(data)

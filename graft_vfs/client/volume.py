@@ -22,9 +22,10 @@ from typing import Any
 
 from pyroaring import BitMap
 
-from graft_vfs.client.local import LocalStore, PinSlot, VolumeRow
+from graft_vfs.client.local import LocalStore, VolumeRow
 from graft_vfs.client.readpath import ReadPath
 from graft_vfs.client.remote import Remote
+from graft_vfs.client.sharing import PinSlot
 from graft_vfs.client.stats import Stats
 from graft_vfs.client.sync import Sync
 from graft_vfs.core.errors import Busy, SnapshotExpired
@@ -94,7 +95,7 @@ class Volume:
 
         It is the latest snapshot, or ``fixed``, a past local snapshot, which stays
         pinned as long as ``owner`` exists. Maintenance in any process keeps every
-        version a pinned snapshot reads (see local.PinTable).
+        version a pinned snapshot reads (see sharing.PinTable).
         """
         key = id(owner)
         slot = self._slots.get(key) or self._slot_for(owner, key, fixed is not None)

@@ -1,0 +1,152 @@
+"""The warm path: every page local, no avoidable work per page.
+
+- A sequential reader's misses in the memory cache read runs of pages from the local
+  store in one query each (read-ahead), every page verified: a page of a run that fails
+  its checksum is never served, and raises only when it is read.
+- Random reads read one page per query (no read-ahead).
+- Copying the local store's WAL back into its file runs on a thread of its own, off the
+  commit path, and still happens.
+
+The server's store kind plays no part here, so these run on the directory store only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import apsw
+import pytest
+
+import graft_vfs
+from graft_vfs.client.local import STORE_FILE, LocalStore
+from graft_vfs.client.maintenance import CHECKPOINT_PAGES
+from graft_vfs.core.errors import CorruptData
+
+pytestmark = pytest.mark.stores("fs")
+
+ROWS = 3000  # of about 300 bytes: a table of about 250 pages
+NO_PUSH = graft_vfs.Options(autopush=False)
+SMALL = graft_vfs.Options(autopush=False, cache_pages=64)  # a 256 KiB memory cache
+
+
+def pragma(con: apsw.Connection, name: str) -> dict:
+    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
+
+
+def fill(con: apsw.Connection) -> list[tuple]:
+    rng = random.Random(3)
+    con.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+    with con:
+        con.executemany(
+            "INSERT INTO t VALUES(?, ?)", ((k, rng.randbytes(300)) for k in range(ROWS))
+        )
+    pragma(con, "graft_push")
+    return con.execute("SELECT k, v FROM t ORDER BY k").fetchall()
+
+
+@pytest.fixture
+def hydrated(tmp_path, server, vid, connect):
+    """A volume of ROWS rows pushed, and a closed cache holding every page of it.
+
+    Returns ``(cache_dir, rows)``.
+    """
+    writer = connect(vid, remote=server.url, cache_dir=str(tmp_path / "writer"), options=NO_PUSH)
+    rows = fill(writer)
+    cache = str(tmp_path / "cache")
+    graft_vfs.register(server.url, cache, name="warm-hydrate", options=NO_PUSH)
+    try:
+        con = apsw.Connection(
+            f"file:{vid}",
+            flags=apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READONLY,
+            vfs="warm-hydrate",
+        )
+        assert pragma(con, "graft_hydrate")["pages_fetched"] > ROWS * 300 // 4096
+        con.close()
+    finally:
+        graft_vfs.unregister("warm-hydrate")
+    return cache, rows
+
+
+def test_a_scan_reads_the_local_store_in_runs_with_every_row_right(hydrated, server, vid, connect):
+    cache, rows = hydrated
+    con = connect(vid, remote=server.url, cache_dir=cache, options=SMALL)
+    assert con.execute("SELECT k, v FROM t ORDER BY k").fetchall() == rows
+    stats = pragma(con, "graft_stats")
+    assert stats["cache_misses"] == 0 and stats["requests"] == 0  # every page was local
+    pages = stats["local_hits"] + stats["cache_hits"]
+    assert pages > 200
+    # Runs double up to a quarter of the memory cache (16 pages): about 20 queries.
+    assert stats["local_reads"] * 5 < pages, stats
+    # And again, the memory cache being too small to hold the table: same rows.
+    assert con.execute("SELECT k, v FROM t ORDER BY k").fetchall() == rows
+
+
+def test_random_reads_read_one_page_per_query(hydrated, server, vid, connect):
+    cache, rows = hydrated
+    con = connect(vid, remote=server.url, cache_dir=cache, options=SMALL)
+    con.execute("PRAGMA cache_size=0")  # every read crosses the VFS
+    rng = random.Random(8)
+    for k in rng.sample(range(0, ROWS, 37), 40):
+        assert con.execute("SELECT k, v FROM t WHERE k=?", (k,)).fetchall() == [rows[k]]
+    stats = pragma(con, "graft_stats")
+    # Lookups far apart read no runs: each local read brought the one page it needed.
+    assert stats["local_reads"] == stats["local_hits"] > 0
+
+
+def test_a_damaged_page_in_a_run_is_never_served_and_raises_when_read(hydrated, server, vid):
+    cache, rows = hydrated
+    store = LocalStore(cache)
+    try:
+        row = store.load_volume(vid)
+        assert row is not None
+        v, lsn = row.row_id, row.local_lsn
+        run = store.read_run(v, 10, 8, lsn)
+        assert [p for p, _, _ in run] == list(range(10, 18))
+        assert all(store.read_page(v, p, lsn) == (row_lsn, data) for p, row_lsn, data in run)
+        store._db.execute("UPDATE pages SET crc = crc + 1 WHERE v=? AND pageno=13", (v,))
+        # Inside a run: left out, so never cached nor served...
+        assert [p for p, _, _ in store.read_run(v, 10, 8, lsn)] == [10, 11, 12, 14, 15, 16, 17]
+        # ...and the page a run starts with, the one asked for, raises.
+        with pytest.raises(CorruptData, match="page 13 of volume .* fails its checksum"):
+            store.read_run(v, 13, 8, lsn)
+    finally:
+        store.close()
+    graft_vfs.register(server.url, cache, name="warm-damaged", options=SMALL)
+    try:
+        con = apsw.Connection(
+            f"file:{vid}",
+            flags=apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READONLY,
+            vfs="warm-damaged",
+        )
+        with pytest.raises(apsw.CorruptError) as info:
+            con.execute("SELECT k, v FROM t ORDER BY k").fetchall()
+        assert os.path.join(cache, STORE_FILE) in str(info.value)
+        with pytest.raises(apsw.CorruptError):  # and again: nothing was cached from it
+            con.execute("SELECT k, v FROM t ORDER BY k").fetchall()
+        con.close()
+    finally:
+        graft_vfs.unregister("warm-damaged")
+
+
+def test_the_wal_is_copied_back_off_the_commit_path(tmp_path, vid, connect):
+    cache = str(tmp_path / "cache")
+    con = connect(vid, cache_dir=cache)
+    store_file = os.path.join(cache, STORE_FILE)
+    before = os.path.getsize(store_file)
+    con.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+    with con:  # one local commit of more WAL frames than wake the checkpoint thread
+        con.executemany(
+            "INSERT INTO t VALUES(?, randomblob(3000))", ((k,) for k in range(CHECKPOINT_PAGES))
+        )
+    grown = before + CHECKPOINT_PAGES * 3000
+    deadline = time.monotonic() + 60
+    while os.path.getsize(store_file) < grown and time.monotonic() < deadline:
+        time.sleep(0.05)  # copied by the thread, not by the commit
+    assert os.path.getsize(store_file) >= grown
+    assert con.execute("SELECT count(*), sum(length(v)) FROM t").fetchone() == (
+        CHECKPOINT_PAGES,
+        CHECKPOINT_PAGES * 3000,
+    )
