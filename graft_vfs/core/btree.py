@@ -266,11 +266,14 @@ def full_payload(cell: Cell, usable: int, page_count: int, read: PageReader) -> 
 Value = Union[None, int, float, bytes, str]
 
 
-def decode_record(payload: bytes, encoding: str = "utf-8", limit: int | None = None) -> list[Value]:
+def decode_record(
+    payload: bytes, encoding: str = "utf-8", limit: int | None = None, *, whole: bool = False
+) -> list[Value]:
     """The values of a record (SQLite's record format); the first ``limit`` if given.
 
     A record cut short (a payload whose rest is on overflow pages) yields the values
-    that are whole; raises CorruptData for a header that is not a record's.
+    that are whole, or, with ``whole`` (a payload with no overflow), is CorruptData;
+    raises CorruptData for a header that is not a record's.
     """
     try:
         header, pos = read_varint(payload, 0, len(payload))
@@ -289,6 +292,8 @@ def decode_record(payload: bytes, encoding: str = "utf-8", limit: int | None = N
     for t in types:
         n = _serial_size(t)
         if pos + n > len(payload):
+            if whole:
+                raise CorruptData("not a valid SQLite record: its values run past its payload")
             break  # the rest is on overflow pages
         raw = payload[pos : pos + n]
         pos += n
