@@ -156,8 +156,7 @@ class Commits:
                     hasher.add(e.page, decode_page(e, data[e.offset : e.offset + e.length]))
                 except ValueError:
                     raise InvalidRequest(
-                        "the segments of a commit must hold ascending, non-interleaved page "
-                        "ranges"
+                        "the segments of a commit must hold ascending, non-interleaved page ranges"
                     ) from None
         if hasher.digest() != digest:
             raise InvalidRequest(

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from pyroaring import BitMap
 
 from graft_server.index import Index, VolumeLog, read_floor, read_record
-from graft_server.segments import MissingSegment, SegmentCache, fetch_frames
+from graft_server.segments import MissingSegment, SegmentCache, fetch_segments_frames
 from graft_vfs.core.btree import interior_children, is_interior
 from graft_vfs.core.checkpoint import Located
 from graft_vfs.core.errors import (
@@ -231,9 +231,7 @@ class Reads:
         by_segment: dict[str, list[Entry]] = defaultdict(list)
         for loc in located.values():
             by_segment[loc.sid].append(loc.entry)
-        frames: dict[int, bytes] = {}
-        for sid, entries in by_segment.items():
-            frames.update(fetch_frames(self.store, sid, entries, self.cache))
+        frames = fetch_segments_frames(self.store, by_segment, self.cache)
         result = {}
         for page in pages:
             loc = located.get(page)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from graft_server.objstore import ObjectStore
 from graft_vfs.core.errors import CorruptData, InvalidRequest, StorageError
@@ -28,6 +29,11 @@ from graft_vfs.core.segment import verify_segment as verify_segment_bytes
 # Frames closer than this are fetched in one ranged read: one request costs far more
 # than 16 KiB of extra transfer, on S3 as on a disk.
 COALESCE_GAP = 16 * 1024
+# Ranged reads of one answer run this many at a time: a cold lookup's interior levels
+# are scattered over many segments, and read one after another they cost one store
+# round trip each (about 5-15 ms on S3).
+PARALLEL_READS = 8
+_pool = ThreadPoolExecutor(PARALLEL_READS, thread_name_prefix="graft-frames")
 
 
 class MissingSegment(CorruptData):
@@ -137,29 +143,52 @@ def fetch_frames(
     store: ObjectStore, sid: str, entries: Iterable[Entry], cache: SegmentCache | None = None
 ) -> dict[int, bytes]:
     """Each entry's compressed frame, crc-checked, by page; one ranged read per run."""
-    key = segment_key(sid)
+    return fetch_segments_frames(store, {sid: list(entries)}, cache)
+
+
+def fetch_segments_frames(
+    store: ObjectStore,
+    wanted: Mapping[str, Iterable[Entry]],
+    cache: SegmentCache | None = None,
+) -> dict[int, bytes]:
+    """Each entry's frame of several segments (``sid -> entries``), crc-checked, by page.
+
+    Frames in the cache are not read again; the others are read one ranged read per
+    run, up to PARALLEL_READS runs at a time.
+    """
     frames: dict[int, bytes] = {}
-    wanted = []
-    for e in entries:
-        frame = cache.get(sid, e) if cache is not None else None
-        if frame is None:
-            wanted.append(e)
-        else:
-            frames[e.page] = frame
-    for run in coalesce_runs(wanted):
-        try:
-            got = _read_run(store, key, sid, run)
-        except MissingSegment:
-            raise
-        except CorruptData:
-            # A read can come back short or damaged in transit (a dropped connection,
-            # a flaky disk): read once more before calling the object corrupt.
-            got = _read_run(store, key, sid, run)
+    runs: list[tuple[str, list[Entry]]] = []
+    for sid, entries in wanted.items():
+        missing = []
+        for e in entries:
+            frame = cache.get(sid, e) if cache is not None else None
+            if frame is None:
+                missing.append(e)
+            else:
+                frames[e.page] = frame
+        runs += [(sid, run) for run in coalesce_runs(missing)]
+    if len(runs) == 1:
+        answers = [_read_run_retried(store, *runs[0])]
+    else:
+        answers = list(_pool.map(lambda r: _read_run_retried(store, *r), runs))
+    for (sid, run), got in zip(runs, answers):
         for e in run:
             frames[e.page] = got[e.page]
             if cache is not None:
                 cache.put(sid, e, got[e.page])
     return frames
+
+
+def _read_run_retried(store: ObjectStore, sid: str, run: list[Entry]) -> dict[int, bytes]:
+    key = segment_key(sid)
+    try:
+        return _read_run(store, key, sid, run)
+    except MissingSegment:
+        raise
+    except CorruptData:
+        # A read can come back short or damaged in transit (a dropped connection,
+        # a flaky disk): read once more before calling the object corrupt.
+        return _read_run(store, key, sid, run)
 
 
 def _read_run(store: ObjectStore, key: str, sid: str, run: list[Entry]) -> dict[int, bytes]:

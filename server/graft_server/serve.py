@@ -66,6 +66,7 @@ log = logging.getLogger("graft.server")
 class StartupError(GraftError):
     """The server cannot start (the address cannot be bound, the store is unusable)."""
 
+
 def run_gc_periodically(
     volumes: Volumes, interval: float, retention: Retention, grace: float
 ) -> threading.Thread:
