@@ -274,3 +274,13 @@ def test_a_damaged_frame_in_the_store_never_leaves_the_client(start_server, tmp_
         with pytest.raises(CorruptData, match="checksum mismatch for page 3$"):
             remote.read_pages(vid, head.lsn, [3])
         assert not any(p.endswith("/read") for p in proxy.paths)
+
+
+def test_the_coalescing_gap_is_what_half_a_round_trip_moves():
+    from graft_vfs.client.direct import COALESCE_GAP, MAX_GAP, gap_for
+    from graft_vfs.client.link import Link
+
+    assert gap_for(None) == COALESCE_GAP
+    assert gap_for(Link(rtt=0.020, bandwidth=100e6)) == 1_000_000  # edge
+    assert gap_for(Link(rtt=0.050, bandwidth=2e6)) == COALESCE_GAP  # slow: 50 KB < 64 KiB
+    assert gap_for(Link(rtt=0.1, bandwidth=1e9)) == MAX_GAP

@@ -39,6 +39,7 @@ import urllib3
 from pyroaring import BitMap
 from urllib3.util.retry import Retry
 
+from graft_vfs.client.link import Link
 from graft_vfs.core.btree import interior_children, is_interior
 from graft_vfs.core.envelope import check_int
 from graft_vfs.core.errors import CorruptData, GraftError, InvalidRequest, RemoteError
@@ -56,8 +57,10 @@ LOCATE_ALL = MAX_LOCATE_PAGES
 # Past it, a read locates the aligned blocks of this many pages around what it misses.
 LOCATE_CHUNK = 4096
 # Frames closer than this in one segment come in one ranged GET: a request costs far
-# more than 64 KiB of transfer on any link the object store is reached over.
+# more than 64 KiB of transfer on any link the object store is reached over. On a link
+# whose round trip carries more (``gap_for``), the gap grows with it, up to MAX_GAP.
 COALESCE_GAP = 64 * 1024
+MAX_GAP = 2 * 1024 * 1024
 PARALLEL_GETS = 16  # an expanded B-tree level can be 30+ scattered pages: one wave
 # Interior pages below requested ones (``expand``) are found by the client, level by
 # level, from frames it GETs; True asks the server for them instead (measured slower).
@@ -124,10 +127,12 @@ class DirectReader:
         *,
         timeout: float = 30.0,
         observe: Count | None = None,
+        link: Link | None = None,
     ) -> None:
         self._locate_call = locate
         self.server = server
         self._observe = observe  # (seconds, bytes) of each GET, for the link estimates
+        self._link = link  # its round trip and bandwidth size the coalescing gap
         self._maps: dict[tuple[str, Identity | None], OrderedDict[int, LocationMap]] = {}
         self._lock = threading.Lock()
         self._http = urllib3.PoolManager(
@@ -407,10 +412,11 @@ class DirectReader:
                 continue
             versions[page] = version
             by_segment.setdefault(seg, []).append(Entry(page, offset, length, crc))
+        gap = gap_for(self._link)
         runs = [
             (m.urls[seg], run)
             for seg, entries in by_segment.items()
-            for run in coalesce_runs(entries, COALESCE_GAP)
+            for run in coalesce_runs(entries, gap)
         ]
         if len(runs) == 1:
             results = [self._get(*runs[0])]
@@ -455,6 +461,15 @@ class DirectReader:
                 f"a direct read got {len(data)} bytes of a segment, expected {end - start}"
             )
         return data, time.perf_counter() - began
+
+
+def gap_for(link: Link | None) -> int:
+    """The largest gap between two frames of one segment still read in one GET: the bytes
+    half a round trip moves (a second GET costs a round trip; the gap's bytes, their
+    transfer), at least COALESCE_GAP and at most MAX_GAP."""
+    if link is None:
+        return COALESCE_GAP
+    return int(min(MAX_GAP, max(COALESCE_GAP, link.rtt * link.bandwidth / 2)))
 
 
 def _merged(a: LocationMap, b: LocationMap) -> LocationMap:

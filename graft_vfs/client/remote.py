@@ -134,7 +134,7 @@ class Remote:
         self.direct: DirectReader | None = None
         if direct_enabled() if direct is None else direct:
             self.direct = DirectReader(
-                self._locate, self.url, timeout=timeout, observe=self.link.observe
+                self._locate, self.url, timeout=timeout, observe=self.link.observe, link=self.link
             )
         self.direct_offered = False
 
