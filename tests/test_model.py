@@ -4,7 +4,6 @@ step against a simple model of the committed history."""
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import apsw
@@ -14,13 +13,10 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import graft_vfs
+from support.clients import pragma
 
 CLIENTS = 3
 OPTIONS = graft_vfs.Options(autopush=False)
-
-
-def pragma(con, name):
-    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
 
 
 class Client:

@@ -36,6 +36,7 @@ import pytest
 
 import graft_vfs
 from graft_vfs.client.remote import Remote
+from support.clients import pragma
 from support.servers import ServerProcess
 
 SERVERS = 3
@@ -67,10 +68,6 @@ def servers(own_server):
     finally:
         for srv in procs:
             srv.stop()
-
-
-def pragma(con, name):
-    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
 
 
 def worker_log(tmp_path, i: int) -> str:
