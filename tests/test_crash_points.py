@@ -58,6 +58,8 @@ BANK = textwrap.dedent(
                 break
             except apsw.Error as exc:
                 say(event="retry", error=f"{type(exc).__name__}: {exc}")
+                if "diverged" in str(exc):  # the server took it for another commit
+                    sys.exit(3)
                 time.sleep(0.05)
         say(event="acked", tid=tid, remote_lsn=answer["remote_lsn"])
     say(event="done")
