@@ -82,6 +82,7 @@ class Cache:
         self.synced = 0  # the local LSN of its last sync
         self.diverged = False
         self.in_flight: int | None = None  # a killed push: 0 unsent, else the LSN it landed at
+        self.intent: tuple[int, Kv] = (0, {})  # the killed push's local LSN and content
 
     @property
     def url(self) -> str:
@@ -230,11 +231,14 @@ class Replication(RuleBasedStateMachine):
     @rule(i=st.integers(0, CLIENTS - 1))
     def push(self, i: int) -> None:
         c = self.clients[i]
-        if c.in_flight:  # landed before the kill: its retry is recognised
+        if c.in_flight is not None:  # a push killed half way is sent again, alone
+            if not self.finish_killed_push(c):
+                with pytest.raises(apsw.SQLError, match="diverged"):
+                    c.cons[0].execute("PRAGMA graft_push")
+                return
             result = pragma(c.cons[0], "graft_push")
-            assert (result["pushed"], result["remote_lsn"]) == (True, c.in_flight)
-            event("push retried after a kill: recognised")
-            c.took(c.in_flight, c.view)
+            assert (result["pushed"], result["remote_lsn"]) == (True, c.base)
+            assert result["local_lsn"] == c.synced
             return
         if c.pending and not self.lands(c):
             with pytest.raises(apsw.SQLError, match="diverged"):
@@ -264,21 +268,37 @@ class Replication(RuleBasedStateMachine):
             env=child_env(f"client.push.{point}"),
         )
         assert child.returncode == -9, child.stdout + child.stderr
+        c.intent = (c.local, dict(c.view))
         if point == "after_ack":
             self.history.append(dict(c.view))
             c.in_flight = self.latest
         else:
             c.in_flight = 0
 
+    def finish_killed_push(self, c: Cache) -> bool:
+        """The model of sending a killed push again: True if it lands (or had landed)."""
+        target, content = c.intent
+        if c.in_flight:
+            event("push retried after a kill: recognised by its hash")
+            base = c.in_flight
+        elif self.lands(c):
+            self.history.append(content)
+            base = self.latest
+        else:
+            c.diverged, c.in_flight = True, None
+            return False
+        c.base, c.synced, c.in_flight = base, target, None
+        return True
+
     @precondition(lambda self: not self.background)
     @rule(i=st.integers(0, CLIENTS - 1))
     def pull(self, i: int) -> None:
         c = self.clients[i]
-        if c.in_flight:  # a pull finishes the push in flight first
-            c.took(c.in_flight, c.view)
-        elif c.in_flight == 0 and self.lands(c):
-            self.history.append(dict(c.view))
-            c.took(self.latest, c.view)
+        # A pull finishes a push in flight first.
+        if c.in_flight is not None and not self.finish_killed_push(c):
+            with pytest.raises(apsw.SQLError, match="diverged"):
+                c.cons[0].execute("PRAGMA graft_pull")
+            return
         if c.pending and not self.lands(c):
             with pytest.raises(apsw.SQLError, match="diverged"):
                 c.cons[0].execute("PRAGMA graft_pull")
