@@ -93,9 +93,12 @@ class Cache:
         return self.local - self.synced
 
     def open(self) -> apsw.Connection:
-        return graft_vfs.connect(
+        con = graft_vfs.connect(
             self.machine.vid, remote=self.url, cache_dir=self.cache, options=self.machine.options
         )
+        # SQLite's smallest page cache: a held transaction re-reads its pages from graft
+        con.execute("PRAGMA cache_size=1")
+        return con
 
     def close(self) -> None:
         names = {con.open_vfs for con in self.cons}
