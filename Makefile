@@ -45,9 +45,11 @@ bench-docs: $(BENCH_STAMP)
 	$(PY) -m benchmarks.capacity --doc
 
 # The bank-transfer tests (3 servers, 6 clients; servers killed and restarted; store
-# faults switched on and off): a 5-minute workload each instead of 6-10 s.
+# faults switched on and off; background push and pull): a 5-minute workload each
+# instead of 6-10 s; and the model tests with 400 examples each instead of 25.
 soak: $(STAMP)
 	GRAFT_SOAK_SECONDS=300 $(PY) -m pytest -q tests/test_scale_out.py tests/test_bank_faults.py
+	GRAFT_MODEL_EXAMPLES=400 $(PY) -m pytest -q tests/test_model.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -19,7 +19,8 @@ from graft_vfs.core.commit import commit_hash
 from graft_vfs.core.errors import Forbidden, Unauthorized
 from graft_vfs.core.protocol import MAX_INLINE_PAGES
 from graft_vfs.sample import make_sample_database
-from support.auth import SCOPES, WRONG, Secured, create_tokens, graft
+from support.auth import SCOPES, WRONG, Secured, create_tokens
+from support.clients import graft
 from support.servers import ServerProcess
 
 

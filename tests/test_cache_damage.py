@@ -20,23 +20,18 @@ import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 
 import apsw
 import pytest
 
 import graft_vfs
 from graft_vfs.client.local import FORMAT, STORE_FILE
+from support.clients import SqlChild, pragma
 
 pytestmark = pytest.mark.stores("fs")
 
 ROWS = 120
 NO_PUSH = graft_vfs.Options(autopush=False)
-
-
-def pragma(con, name):
-    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
 
 
 def body(k: int) -> bytes:
@@ -79,55 +74,10 @@ def filled_cache(tmp_path, server, vid, connect):
 
 # -- deleted under a running client ------------------------------------------------------
 
-CHILD = """
-import json, sys, graft_vfs
-vid, url, cache = sys.argv[1:4]
-con = graft_vfs.connect(vid, remote=url, cache_dir=cache,
-                        options=graft_vfs.Options(autopush=False))
-for line in sys.stdin:
-    try:
-        rows = con.execute(line).fetchall()
-        print(json.dumps({"rows": rows}), flush=True)
-    except Exception as exc:
-        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}), flush=True)
-"""
-
-
-class Child:
-    """A client process that runs one SQL statement per line and answers in JSON."""
-
-    def __init__(self, vid: str, url: str, cache: str) -> None:
-        env = {**os.environ, "GRAFT_EXIT_FLUSH_SECONDS": "0"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, vid, url, cache],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-
-    def run(self, sql: str) -> dict:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(sql + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, f"the client exited with {self.proc.wait()}"
-        return json.loads(line)
-
-    def rows(self, sql: str) -> list:
-        answer = self.run(sql)
-        assert "rows" in answer, answer
-        return [tuple(r) for r in answer["rows"]]
-
-    def close(self) -> int:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        return self.proc.wait(timeout=30)
-
 
 def test_cache_deleted_under_a_running_client(tmp_path, server, vid, connect):
     cache = str(tmp_path / "cache")
-    child = Child(vid, server.url, cache)
+    child = SqlChild(vid, server.url, cache)
     try:
         child.rows("CREATE TABLE t(x TEXT)")
         child.rows("INSERT INTO t VALUES('pushed')")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import apsw
 import pytest
@@ -14,6 +11,7 @@ import pytest
 import graft_vfs
 from graft_vfs.client.local import STORE_FILE
 from graft_vfs.core.ids import PAGE_SIZE
+from support.clients import SqlChild, graft
 
 ROWS = 40  # of about 1 KB: a database of a dozen pages
 COMMITS = 60  # each rewrites every leaf page, and is pushed
@@ -200,21 +198,6 @@ def test_cache_max_bytes_evicts_clean_pages_least_recently_used_first(server, vi
     close_clients(reader, writer)
 
 
-READER = textwrap.dedent(
-    """
-    import json, sys, graft_vfs
-    con = graft_vfs.connect(sys.argv[1], remote=sys.argv[2], cache_dir=sys.argv[3],
-                            options=graft_vfs.Options(autopush=False))
-    print("ready", flush=True)
-    for line in sys.stdin:
-        try:
-            print(json.dumps(con.execute(line).fetchall()), flush=True)
-        except Exception as exc:
-            print(json.dumps(f"{type(exc).__name__}: {exc}"), flush=True)
-    """
-)
-
-
 def test_pruning_keeps_what_readers_in_other_processes_and_past_snapshots_read(
     server, vid, tmp_path
 ):
@@ -227,41 +210,27 @@ def test_pruning_keeps_what_readers_in_other_processes_and_past_snapshots_read(
     with con:
         con.executemany("INSERT INTO u(n, body) VALUES (0, ?)", [("u" * 1000,)] * ROWS)
     base = push(con)["remote_lsn"]
-    reader = subprocess.Popen(
-        [sys.executable, "-c", READER, vid, server.url, cache],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-    def ask(sql: str):
-        assert reader.stdin is not None and reader.stdout is not None
-        reader.stdin.write(sql + "\n")
-        reader.stdin.flush()
-        return json.loads(reader.stdout.readline())
-
+    reader = SqlChild(vid, server.url, cache)
     try:
-        assert reader.stdout is not None and reader.stdout.readline() == "ready\n"
-        assert ask("BEGIN") == []
-        assert ask("SELECT count(*) FROM t") == [[ROWS]]  # pins the snapshot at `base`
+        assert reader.rows("BEGIN") == []
+        assert reader.rows("SELECT count(*) FROM t") == [(ROWS,)]  # pins the snapshot at `base`
         past = graft_vfs.connect(vid, remote=server.url, cache_dir=cache, lsn=base)
         for _ in range(5):
             con.execute("UPDATE u SET n = n + 1")
             assert push(con)["pushed"]
         # Table u was read by neither at their snapshot: its old versions were kept.
-        assert ask("SELECT sum(n) FROM u") == [[0]]
+        assert reader.rows("SELECT sum(n) FROM u") == [(0,)]
         assert past.execute("SELECT sum(n) FROM u").fetchone() == (0,)
-        assert ask("COMMIT") == []
-        assert ask("SELECT sum(n) FROM u") == [[5 * ROWS]]
+        assert reader.rows("COMMIT") == []
+        assert reader.rows("SELECT sum(n) FROM u") == [(5 * ROWS,)]
         past.close()
         con.execute("UPDATE u SET n = n + 1")
         assert push(con)["pushed"]
         pages = con.execute("PRAGMA page_count").fetchone()[0]
         assert cache_rows(cache) == (pages, 1)
-        assert ask("SELECT sum(n) FROM u") == [[6 * ROWS]]
+        assert reader.rows("SELECT sum(n) FROM u") == [(6 * ROWS,)]
     finally:
         reader.kill()
-        reader.wait()
         close_clients(con)
 
 
@@ -304,12 +273,6 @@ def test_a_cache_made_before_pruning_is_upgraded_and_shrinks(server, vid, tmp_pa
     close_clients(con)
 
 
-def graft(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "graft_vfs.cli", *args], capture_output=True, text=True, timeout=120
-    )
-
-
 def test_cache_max_flag_limits_what_the_cache_keeps(server, vid, tmp_path):
     writer = graft_vfs.connect(vid, remote=server.url, cache_dir=str(tmp_path / "w"))
     make_table(writer, rows=80)
@@ -317,7 +280,7 @@ def test_cache_max_flag_limits_what_the_cache_keeps(server, vid, tmp_path):
     close_clients(writer)
     cache = str(tmp_path / "cache")
     common = ("--remote", server.url, "--cache", cache)
-    bad = graft("hydrate", vid, *common, "--cache-max", "lots")
+    bad = graft("hydrate", vid, *common, "--cache-max", "lots", check=False)
     assert bad.returncode != 0 and "--cache-max" in bad.stderr and "is not a size" in bad.stderr
     assert not os.path.exists(cache)  # refused before anything was opened
     done = graft("hydrate", vid, *common, "--cache-max", "32KiB")

@@ -13,18 +13,7 @@ import pytest
 from graft_vfs.client.remote import Remote
 from graft_vfs.core.errors import VolumeNotFound
 from graft_vfs.sample import make_sample_database
-
-
-def graft(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "graft_vfs.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"graft {args} failed: {proc.stderr}")
-    return proc
+from support.clients import graft
 
 
 def pages_of(path: str) -> list[bytes]:

@@ -13,7 +13,7 @@ import pytest
 
 import graft_vfs
 from graft_vfs.client.remote import Remote
-from support.auth import graft
+from support.clients import graft
 
 # Never ends on its own: only an interrupt stops it.
 ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"

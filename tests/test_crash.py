@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import apsw
@@ -15,48 +11,7 @@ import pytest
 
 import graft_vfs
 from graft_vfs.client.remote import Remote
-
-CHILD = textwrap.dedent(
-    """
-    import sys, time, graft_vfs
-    vid, url, cache, action = sys.argv[1:5]
-    con = graft_vfs.connect(vid, remote=url, cache_dir=cache,
-                            options=graft_vfs.Options(autopush=False))
-    with con:  # one transaction, one local commit
-        con.execute("CREATE TABLE t(x)")
-        con.execute("INSERT INTO t VALUES('survives')")
-    print("committed", flush=True)
-    if action == "push":
-        con.execute("PRAGMA graft_push").fetchall()
-        print("pushed", flush=True)
-    time.sleep(60)
-    """
-)
-
-
-def run_child(vid: str, url: str, cache: str, action: str, crash_at: str | None = None):
-    env = {**os.environ, "GRAFT_EXIT_FLUSH_SECONDS": "0"}
-    env.pop("GRAFT_CRASH_AT", None)
-    if crash_at:
-        env["GRAFT_CRASH_AT"] = crash_at
-    return subprocess.Popen(
-        [sys.executable, "-c", CHILD, vid, url, cache, action],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
-def wait_for(proc: subprocess.Popen, word: str) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.strip() == word:
-            return
-    raise AssertionError(f"child exited ({proc.wait()}) before printing {word!r}")
-
-
-def pragma(con, name):
-    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
+from support.clients import pragma, run_child, wait_for
 
 
 def wait_pushed(con, timeout=20.0):

@@ -15,10 +15,7 @@ import graft_vfs
 from graft_server.index import FLOOR_RECHECK
 from graft_vfs.client.remote import Remote
 from graft_vfs.core.errors import SnapshotExpired
-
-
-def pragma(con, name):
-    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
+from support.clients import pragma
 
 
 def stored_bytes(srv) -> int:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,14 +30,11 @@ from graft_vfs.core.commit import commit_hash
 from graft_vfs.core.errors import CorruptData, IdentityMismatch, RemoteError
 from graft_vfs.core.graft import MAX_PAGES
 from graft_vfs.core.identity import Identity
+from support.clients import graft, pragma
 from support.servers import new_server_process
 
 NO_AUTOPUSH = graft_vfs.Options(autopush=False)
 ROWS = 200
-
-
-def pragma(con: apsw.Connection, name: str) -> dict:
-    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
 
 
 def rows(con: apsw.Connection) -> list[tuple]:
@@ -137,16 +132,6 @@ def test_one_cache_dir_pointed_at_two_servers(own_server, other_server, vid, tmp
     close(con)
 
 
-def graft_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "graft_vfs.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_a_dirty_cache_of_another_volume_is_refused_with_the_fix(own_server, vid, tmp_path):
     srv = own_server.start()
     cache = str(tmp_path / "cache")
@@ -176,9 +161,9 @@ def test_a_dirty_cache_of_another_volume_is_refused_with_the_fix(own_server, vid
     assert rows(server) == expected("b") and Remote(srv.url).snapshot(vid).lsn == 1
     close(server)
 
-    plain = graft_cli("reset", vid, "--remote", srv.url, "--cache", cache)
+    plain = graft("reset", vid, "--remote", srv.url, "--cache", cache, check=False)
     assert plain.returncode == 1 and "graft reset --force" in plain.stderr
-    forced = graft_cli("reset", vid, "--remote", srv.url, "--cache", cache, "--force")
+    forced = graft("reset", vid, "--remote", srv.url, "--cache", cache, "--force", check=False)
     assert forced.returncode == 0, forced.stderr
     assert json.loads(forced.stdout)["discarded_commits"] == 1
     con = graft_vfs.connect(vid, remote=srv.url, cache_dir=cache)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import apsw
@@ -10,6 +9,7 @@ import pytest
 
 import graft_vfs
 from graft_vfs.client.pragmas import PRAGMAS
+from support.clients import pragma
 from test_docs import readme
 
 PULL_FIELDS = "graft_pull"
@@ -23,10 +23,6 @@ def documented_fields() -> dict[str, set[str]]:
     fields["graft_sync"] = {"push", "pull"}
     fields["graft_reset"] |= fields[PULL_FIELDS]  # "discarded_commits and the pull's fields"
     return fields
-
-
-def pragma(con: apsw.Connection, name: str) -> dict:
-    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
 
 
 def check(con: apsw.Connection, name: str, fields: dict[str, set[str]]) -> dict:

@@ -11,42 +11,7 @@ import apsw
 import pytest
 
 import graft_vfs
-
-SQL_SHELL = textwrap.dedent(
-    """
-    import json, sys, apsw, graft_vfs
-    con = graft_vfs.connect(sys.argv[1], remote="", cache_dir=sys.argv[2])
-    con.set_busy_timeout(int(sys.argv[3]))
-    for line in sys.stdin:
-        try:
-            rows = con.execute(line).fetchall()
-            print(json.dumps({"rows": rows}), flush=True)
-        except apsw.Error as exc:
-            print(json.dumps({"error": type(exc).__name__, "message": str(exc)}), flush=True)
-    """
-)
-
-
-class Shell:
-    """Another process running SQL on the same volume and cache directory."""
-
-    def __init__(self, vid: str, cache: str, busy_ms: int = 0) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SQL_SHELL, vid, cache, str(busy_ms)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
-    def run(self, sql: str) -> dict:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(sql.replace("\n", " ") + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+from support.clients import SqlChild
 
 
 @pytest.fixture
@@ -59,8 +24,8 @@ def shared(tmp_path):
         opened.append(con)
         return con
 
-    def shell(vid: str = "db", busy_ms: int = 0) -> Shell:
-        s = Shell(vid, cache, busy_ms)
+    def shell(vid: str = "db", busy_ms: int = 0) -> SqlChild:
+        s = SqlChild(vid, "", cache, busy_ms=busy_ms)
         opened.append(s)
         return s
 

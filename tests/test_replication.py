@@ -15,10 +15,7 @@ from graft_vfs.client.dbfile import import_database
 from graft_vfs.client.link import Link
 from graft_vfs.client.remote import Remote
 from graft_vfs.sample import make_sample_database
-
-
-def pragma(con, name):
-    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
+from support.clients import pragma
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ import pytest
 
 import graft_vfs
 from graft_vfs.client.remote import Remote
+from support.clients import pragma
 from support.servers import ServerProcess
 
 SERVERS = 3
@@ -43,6 +44,7 @@ WORKERS = 6
 ACCOUNTS = 20
 INITIAL_BALANCE = 1000
 WORKLOAD_SECONDS = float(os.environ.get("GRAFT_SOAK_SECONDS", "5"))
+BACKGROUND_SOAK_SECONDS = float(os.environ.get("GRAFT_SOAK_SECONDS", "0"))
 # The restart test ends on its workers' progress; a soak goes on killing servers this long.
 RESTART_SOAK_SECONDS = float(os.environ.get("GRAFT_SOAK_SECONDS", "0"))
 PROGRESS_BOUND = 90.0  # seconds the workers may take to show the progress a step waits for
@@ -67,10 +69,6 @@ def servers(own_server):
     finally:
         for srv in procs:
             srv.stop()
-
-
-def pragma(con, name):
-    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
 
 
 def worker_log(tmp_path, i: int) -> str:
@@ -199,6 +197,7 @@ def bank_run(
         "pulls_in_transaction": sum(e["event"] == "pull" and e.get("in_tx", False) for e in every),
         "busy_retried": sum(e["event"] == "busy" for e in every),
         "unavailable": sum(e["event"] == "unavailable" for e in every),
+        "acks_background": sum(e["event"] == "ack" and e["by"] == "background" for e in every),
         "unavailable_corrupt": sum(
             e["event"] == "unavailable" and e.get("error") == "CorruptError" for e in every
         ),
@@ -217,12 +216,16 @@ def bank_run(
     for n in range(1, latest + 1):
         assert remotes[n % SERVERS].log_entry(vid, n) is not None, f"LSN {n} is missing"
     assert remotes[0].log_entry(vid, latest + 1) is None
-    # Every commit after the setup is exactly one acknowledged transfer.
-    acked_lsns = Counter(e["remote_lsn"] for e in acks)
+    # Every commit after the setup is exactly one acknowledged transfer. (A transfer
+    # pushed in the background, --background, was acknowledged to the client's
+    # background push: the worker knows that it landed, not at which LSN.)
+    assert latest - base_lsn == len(acks), "a commit that is no acknowledged transfer"
+    acked_lsns = Counter(e["remote_lsn"] for e in acks if e["remote_lsn"] is not None)
     twice = [lsn for lsn, count in acked_lsns.items() if count > 1]
     assert not twice, f"LSNs acknowledged to more than one push: {twice}"
-    assert sorted(acked_lsns) == list(range(base_lsn + 1, latest + 1))
-    by_lsn = {e["remote_lsn"]: e for e in acks}
+    assert set(acked_lsns) <= set(range(base_lsn + 1, latest + 1))
+    by_lsn = {e["remote_lsn"]: e for e in acks if e["remote_lsn"] is not None}
+    acked_tids = {e["tid"] for e in acks}
 
     # The final state, read by a fresh replica (empty cache) through another server.
     replica = connect(vid, remote=servers[1].url, cache_dir=str(tmp_path / "fresh"))
@@ -241,14 +244,18 @@ def bank_run(
     assert sum(balances.values()) == ACCOUNTS * INITIAL_BALANCE
     assert min(balances.values()) >= 0
 
-    # Past LSNs: the state at LSN n holds exactly the transfers acknowledged at 2..n.
+    # Past LSNs: the state at LSN n holds exactly the transfers acknowledged at 2..n
+    # (those acknowledged in the background: n - 1 acknowledged transfers, one per LSN,
+    # and every one whose LSN is known where it belongs).
     rng = random.Random(latest)
     sample = sorted(rng.sample(range(base_lsn, latest + 1), min(PAST_LSN_SAMPLES, latest)))
     for n in sample:
         k = n % SERVERS  # one client (cache dir) per server, reused across LSNs
         past = connect(vid, remote=servers[k].url, cache_dir=str(tmp_path / f"past{k}"), lsn=n)
         tids = {tid for (tid,) in past.execute("SELECT tid FROM transfers")}
-        assert tids == {by_lsn[m]["tid"] for m in range(base_lsn + 1, n + 1)}, f"at LSN {n}"
+        assert len(tids) == n - base_lsn and tids <= acked_tids, f"at LSN {n}"
+        for m, e in by_lsn.items():
+            assert (e["tid"] in tids) == (m <= n), f"{e['tid']} (LSN {m}) at LSN {n}"
         total = past.execute("SELECT sum(balance), min(balance) FROM accounts").fetchone()
         assert total[0] == ACCOUNTS * INITIAL_BALANCE and total[1] >= 0, f"at LSN {n}"
     return counts
@@ -257,6 +264,37 @@ def bank_run(
 @pytest.mark.timeout(WORKLOAD_SECONDS + WORKER_GRACE + 240)
 def test_three_servers_six_clients_bank_transfers(servers, tmp_path, vid, connect):
     bank_run(servers, tmp_path, vid, connect, WORKLOAD_SECONDS)
+
+
+@pytest.mark.timeout(BACKGROUND_SOAK_SECONDS + PROGRESS_BOUND + WORKER_GRACE + 240)
+def test_bank_transfers_with_background_push_and_pull(servers, tmp_path, vid, connect):
+    """The same workload with every client also pushing and pulling in the background
+    (``autopush``, ``pull_interval``): pulls land under open transactions and pending
+    transfers at any moment, pushes race the worker's own. The workers stop once each
+    of those has happened (a soak: after GRAFT_SOAK_SECONDS as well)."""
+    stop = tmp_path / "stop"
+
+    def seen(event: str, **fields) -> int:
+        every = [e for i in range(WORKERS) for e in read_log(worker_log(tmp_path, i))]
+        return sum(e["event"] == event and fields.items() <= e.items() for e in every)
+
+    def enough(servers: list[ServerProcess]) -> None:
+        soak_end = time.monotonic() + BACKGROUND_SOAK_SECONDS
+        await_progress(
+            "the background did not push, pull under a transaction and race",
+            lambda: seen("ack", by="background") > 0
+            and seen("busy") > 0
+            and seen("rejected", via="push") >= 3
+            and seen("ack") >= WORKERS,
+        )
+        while time.monotonic() < soak_end:
+            time.sleep(0.2)
+        stop.touch()
+
+    seconds = BACKGROUND_SOAK_SECONDS + PROGRESS_BOUND  # a bound: the stop file ends it
+    args = ("--background", "--stop-file", str(stop))
+    counts = bank_run(servers, tmp_path, vid, connect, seconds, enough, worker_args=args)
+    assert counts["acks_background"] > 0 and counts["busy_retried"] > 0
 
 
 def events_through(tmp_path, k: int) -> list[dict]:

@@ -10,7 +10,6 @@ modes, threads, crashes across a volume and a plain file).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 
 import graft_vfs
 from graft_vfs.client.vfs import GraftVFS
+from support.clients import pragma
 
 URI_RW = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
 NATIVE_VFS = "unix"
@@ -44,10 +44,6 @@ def plain_uri(path: Path) -> str:
 
 def native(path: Path) -> apsw.Connection:
     return apsw.Connection(str(path), flags=URI_RW)
-
-
-def pragma(con: apsw.Connection, name: str) -> dict:
-    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
 
 
 def dump(con: apsw.Connection) -> dict:

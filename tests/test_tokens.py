@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import subprocess
-import sys
 
 import apsw
 import pytest
@@ -15,8 +12,7 @@ import pytest
 import graft_vfs
 from graft_server.auth import create_token, describe_entries, load_entries, revoke_token
 from graft_vfs.client.remote import Remote
-from support.auth import graft as graft_with
-from test_crash import pragma, run_child
+from support.clients import graft, pragma, run_child
 
 ROUNDS = 20
 EDITORS = 4  # processes editing the file at the same moment in each round
@@ -55,21 +51,11 @@ def test_concurrent_creates_and_revokes_lose_no_update(tmp_path) -> None:
     assert lost == []
 
 
-def graft(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
-    return subprocess.run(
-        [sys.executable, "-m", "graft_vfs.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-
-
 def test_token_create_into_a_missing_folder_is_a_one_line_error(tmp_path) -> None:
     path = str(tmp_path / "missing" / "tokens.json")
     proc = graft(
-        "token", "create", "--name", "a", "--volumes", "x", "--access", "read", "--file", path
+        "token", "create", "--name", "a", "--volumes", "x", "--access", "read", "--file", path,
+        check=False,
     )
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
@@ -81,7 +67,10 @@ def test_token_list_shows_volumes_as_a_list_and_keeps_non_ascii(tmp_path) -> Non
     path = str(tmp_path / "tokens.json")
     for name, globs in (("one", ["café*"]), ("two", ["a*", "b*"])):
         args = [a for g in globs for a in ("--volumes", g)]
-        proc = graft("token", "create", "--name", name, *args, "--access", "read", "--file", path)
+        proc = graft(
+            "token", "create", "--name", name, *args, "--access", "read", "--file", path,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stderr
     # A file written by hand (or by an older graft) may hold one glob as a string.
     with open(path) as f:
@@ -89,7 +78,7 @@ def test_token_list_shows_volumes_as_a_list_and_keeps_non_ascii(tmp_path) -> Non
     data["tokens"].append({**data["tokens"][0], "name": "three", "volumes": "c*"})
     with open(path, "w") as f:
         json.dump(data, f)
-    proc = graft("token", "list", "--file", path)
+    proc = graft("token", "list", "--file", path, check=False)
     assert proc.returncode == 0, proc.stderr
     assert '"café*"' in proc.stdout
     listed = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -108,7 +97,7 @@ def seed(secured, vid: str, tmp_path) -> None:
     """Create ``vid`` on the secured server: an empty SQLite database at LSN 1."""
     path = str(tmp_path / f"{vid}.db")
     apsw.Connection(path).execute("PRAGMA user_version = 1")
-    graft_with("import", path, vid, "--remote", secured.url, token=secured.tokens["rw"])
+    graft("import", path, vid, "--remote", secured.url, token=secured.tokens["rw"])
 
 
 def test_a_push_refused_403_clears_its_intent_and_says_why(secured, tmp_path) -> None:
@@ -177,7 +166,7 @@ def test_an_earlier_intent_survives_a_403(secured, tmp_path, monkeypatch) -> Non
         con.close()
         graft_vfs.unregister(name)
     reader = ["--remote", url, "--cache", str(tmp_path / "fresh")]
-    fresh = graft_with("sql", "app-intent", "SELECT x FROM t ORDER BY rowid", *reader, token=ro)
+    fresh = graft("sql", "app-intent", "SELECT x FROM t ORDER BY rowid", *reader, token=ro)
     assert fresh.stdout.splitlines() == ["survives", "later"]
 
 
@@ -196,9 +185,9 @@ def test_a_select_succeeds_with_commits_that_cannot_be_pushed(secured, tmp_path)
     con.close()
     graft_vfs.unregister(name)
     args = ["--remote", url, "--cache", cache]
-    read = graft_with("sql", "app-select", "SELECT count(*) FROM t", *args, token=ro, check=False)
+    read = graft("sql", "app-select", "SELECT count(*) FROM t", *args, token=ro, check=False)
     assert (read.returncode, read.stdout, read.stderr) == (0, "0\n", "")
-    write = graft_with(
+    write = graft(
         "sql", "app-select", "INSERT INTO t VALUES (1)", *args, token=ro, check=False
     )
     assert write.returncode == 1 and write.stderr.count("\n") == 1

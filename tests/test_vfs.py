@@ -8,6 +8,7 @@ import apsw
 import pytest
 
 import graft_vfs
+from support.clients import pragma
 
 
 @pytest.fixture
@@ -33,10 +34,6 @@ def rows(n: int) -> str:
     return f"(WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {n}) " + (
         "SELECT i FROM c)"
     )
-
-
-def pragma(con, name):
-    return json.loads(con.execute(f"PRAGMA {name}").fetchone()[0])
 
 
 def lsn(con):

@@ -54,6 +54,7 @@ from graft_vfs.client.rows import (
 )
 from graft_vfs.client.sharing import ChangeSignal, PinTable, WriterLock
 from graft_vfs.core.errors import Busy, Diverged, SnapshotExpired, StorageError
+from graft_vfs.core.faults import crash_point
 from graft_vfs.core.graft import decode_graft, encode_graft
 from graft_vfs.core.identity import Identity
 
@@ -490,6 +491,7 @@ class LocalStore(Maintenance):
             self._insert_pages(v, lsn, sorted(pages.items()))
             self._insert_log(v, lsn, page_count, None, encode_graft(pages.keys()))
             self._update_volume(v, local_lsn=lsn)
+            crash_point("client.commit.before_durable")
         return lsn
 
     @_boundary
@@ -528,6 +530,7 @@ class LocalStore(Maintenance):
                 raise Diverged("local commits are pending push; refusing to pull over them")
             lsn = head + 1
             self._insert_pages(v, lsn, ((p, None) for p in changed))
+            crash_point("client.pull.mid_apply")
             self._insert_log(v, lsn, page_count, remote_lsn, encode_graft(changed))
             self._update_volume(v, local_lsn=lsn, sync_lsn=lsn, remote_lsn=remote_lsn, diverged=0)
         self._maintain_quietly(v)

@@ -35,6 +35,7 @@ from graft_vfs.core.errors import (
     Unauthorized,
     VolumeNotFound,
 )
+from graft_vfs.core.faults import crash_point
 from graft_vfs.core.graft import MAX_PAGES, MAX_PAGES_PER_READ, decode_graft, encode_graft
 from graft_vfs.core.identity import Identity
 from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_volume_id
@@ -428,6 +429,7 @@ class Remote:
                 seg, _ = encode_segment(items[i : i + MAX_INLINE_PAGES])
                 d = self._call("POST", "/v1/segments", seg, traffic, content_type=SEGMENT_BODY)
                 sids.append(d["sid"])
+                crash_point("client.push.after_segment")
             body["segments"] = sids
         d = self._call("POST", f"/v1/volumes/{vid}/commit", body, traffic)
         what = f"a commit to {vid!r}"

@@ -15,11 +15,16 @@ CRASH_POINTS = frozenset(
         # server commit path
         "server.commit.after_segment",  # segment written, log record not yet created
         "server.commit.after_log",  # log record created, response not yet sent
+        "server.checkpoint.before_write",  # a checkpoint is due (commit or GC), not written
         # client push path
         "client.push.before_send",  # push intent recorded locally, request not sent
+        "client.push.after_segment",  # a push of many pages: one segment uploaded, not all
         "client.push.after_ack",  # server acknowledged, local store not yet updated
         # client local commit path
+        "client.commit.before_durable",  # local commit written, its transaction not ended
         "client.commit.after_local",  # local commit durable, SQLite not yet told
+        # client pull path
+        "client.pull.mid_apply",  # server answered, changed pages marked, not recorded
     }
 )
 

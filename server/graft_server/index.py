@@ -49,6 +49,7 @@ from graft_vfs.core.errors import (
     StorageError,
     VolumeNotFound,
 )
+from graft_vfs.core.faults import crash_point
 from graft_vfs.core.identity import Identity, decode_store, encode_store
 from graft_vfs.core.ids import validate_volume_id
 from graft_vfs.core.retention import decode_floor
@@ -81,6 +82,7 @@ def read_floor(store: ObjectStore, vid: str) -> int:
 def put_checkpoint(store: ObjectStore, checkpoint: Checkpoint) -> None:
     # Any process may write the checkpoint of an LSN, and every one of them
     # describes the same snapshot, so a plain (overwriting) put is safe.
+    crash_point("server.checkpoint.before_write")
     store.put(checkpoint_key(checkpoint.vid, checkpoint.lsn), checkpoint.encode())
 
 

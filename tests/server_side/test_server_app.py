@@ -17,25 +17,12 @@ from graft_server.app import create_app
 from graft_server.objstore import MemoryStore
 from graft_vfs.core.commit import commit_hash
 from graft_vfs.core.errors import StorageError
-from graft_vfs.core.ids import PAGE_SIZE
 from graft_vfs.core.segment import encode_segment
+from support.commits import commit_body, page
 
 MSGPACK = {"content-type": "application/x-msgpack"}
 GRAFT_1 = BitMap([1]).serialize()  # page 1: beyond a 1-page volume
 GRAFT_4097 = BitMap(range(4097)).serialize()  # over MAX_PAGES_PER_READ
-
-
-def page(fill: int) -> bytes:
-    return bytes([fill]) * PAGE_SIZE
-
-
-def commit_body(vid: str, base: int, page_count: int, pages: dict[int, bytes]) -> dict[str, Any]:
-    return {
-        "base": base,
-        "page_count": page_count,
-        "hash": commit_hash(vid, base, page_count, pages.items()),
-        "segment": encode_segment(pages.items())[0],
-    }
 
 
 def post(client: TestClient, path: str, body: object) -> Any:

@@ -25,27 +25,12 @@ from graft_server import auth
 from graft_server.app import create_app
 from graft_server.auth import TokenFile, create_token, hash_token, parse_tokens, revoke_token
 from graft_server.objstore import MemoryStore
-from graft_vfs.core.commit import commit_hash
 from graft_vfs.core.errors import InvalidRequest, Unauthorized
-from graft_vfs.core.ids import PAGE_SIZE
 from graft_vfs.core.segment import encode_segment
+from support.commits import commit_body, page
 
 MSGPACK = {"content-type": "application/x-msgpack"}
 MAX_BODY = 256 * 1024
-
-
-def page(fill: int) -> bytes:
-    return bytes([fill]) * PAGE_SIZE
-
-
-def commit_body(vid: str, base: int, fill: int) -> dict[str, Any]:
-    pages = {0: page(fill)}
-    return {
-        "base": base,
-        "page_count": 1,
-        "hash": commit_hash(vid, base, 1, pages.items()),
-        "segment": encode_segment(pages.items())[0],
-    }
 
 
 # Every route but health, with the access it needs; vid is filled in per test.
@@ -88,7 +73,7 @@ def store() -> MemoryStore:
         for vid in ("orders", "logs"):
             r = open_client.post(
                 f"/v1/volumes/{vid}/commit",
-                content=msgpack.packb(commit_body(vid, 0, 1)),
+                content=msgpack.packb(commit_body(vid, 0, 1, {0: page(1)})),
                 headers=MSGPACK,
             )
             assert r.status_code == 200
@@ -109,7 +94,7 @@ def request(
     if token is not None:
         headers["authorization"] = f"Bearer {token}"
     if body == "commit":
-        content = msgpack.packb(commit_body(vid, 1, 2))
+        content = msgpack.packb(commit_body(vid, 1, 1, {0: page(2)}))
     elif body == "segment":
         content = encode_segment([(0, page(3))])[0]
         headers["content-type"] = "application/octet-stream"
@@ -185,7 +170,7 @@ def test_outside_the_scope_403_and_nothing_touched(
 def test_in_scope_requests_work(client, tokens, name, reader, vid) -> None:
     if vid not in ("orders", "logs"):  # a volume the glob matches, created now
         headers = {**MSGPACK, "authorization": f"Bearer {tokens[name]}"}
-        body = msgpack.packb(commit_body(vid, 0, 1))
+        body = msgpack.packb(commit_body(vid, 0, 1, {0: page(1)}))
         assert client.post(f"/v1/volumes/{vid}/commit", content=body, headers=headers).is_success
     for method, path, body, _ in ROUTES:
         r = request(client, method, path, body, vid, tokens[name])
@@ -200,7 +185,7 @@ def test_commit_checks_its_own_volume_not_the_segments(client, store, tokens) ->
     seg = encode_segment([(0, page(9))])[0]
     r = client.post("/v1/segments", content=seg, headers=headers)
     assert r.status_code == 200
-    body = commit_body("orders", 1, 9)
+    body = commit_body("orders", 1, 1, {0: page(9)})
     del body["segment"]
     body["segments"] = [msgpack.unpackb(r.content)["sid"]]
     r = client.post("/v1/volumes/orders/commit", content=msgpack.packb(body), headers=headers)

@@ -13,20 +13,9 @@ from graft_server.gc import Retention, collect
 from graft_server.objstore import MemoryStore
 from graft_server.segments import SegmentCache
 from graft_server.volumes import Volumes
-from graft_vfs.core.commit import commit_hash
 from graft_vfs.core.errors import SnapshotExpired
 from graft_vfs.core.ids import PAGE_SIZE
-from graft_vfs.core.segment import encode_segment
-
-
-def page(seed: int) -> bytes:
-    return random.Random(seed).randbytes(64) * (PAGE_SIZE // 64)
-
-
-def commit(vols: Volumes, vid: str, base: int, page_count: int, pages: dict[int, bytes]) -> int:
-    segment = encode_segment(pages.items())[0] if pages else None
-    digest = commit_hash(vid, base, page_count, pages.items())
-    return vols.commits.commit(vid, base, page_count, digest, segment=segment)
+from support.commits import commit, random_page
 
 
 def contents(vols: Volumes, vid: str, lsn: int, count: int | None = None) -> list[bytes]:
@@ -40,9 +29,9 @@ def contents(vols: Volumes, vid: str, lsn: int, count: int | None = None) -> lis
 def churn(vols: Volumes, vid: str, commits: int, pages: int = 8, seed: int = 0) -> None:
     """A volume of ``pages`` pages, then ``commits`` commits rewriting one or two pages."""
     rng = random.Random(seed)
-    lsn = commit(vols, vid, 0, pages, {p: page(p) for p in range(pages)})
+    lsn = commit(vols, vid, 0, pages, {p: random_page(p) for p in range(pages)})
     for i in range(commits - 1):
-        changed = {rng.randrange(pages): page(1000 + i)}
+        changed = {rng.randrange(pages): random_page(1000 + i)}
         lsn = commit(vols, vid, lsn, pages, changed)
 
 

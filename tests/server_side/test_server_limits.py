@@ -20,9 +20,9 @@ import urllib3
 import zstandard
 
 from graft_vfs.core import segment
-from graft_vfs.core.commit import commit_hash
 from graft_vfs.core.ids import PAGE_SIZE
-from graft_vfs.core.segment import encode_frames, encode_segment
+from graft_vfs.core.segment import encode_frames
+from support.commits import call, commit_body, page
 from support.frames import zstd_bomb
 from support.servers import running_server
 
@@ -122,14 +122,8 @@ def slow_connection(url: str) -> socket.socket:
 
 
 def commit_one_page(url: str, vid: str) -> None:
-    pages = [(0, bytes([7]) * PAGE_SIZE)]
-    body = {
-        "base": 0,
-        "page_count": 1,
-        "hash": commit_hash(vid, 0, 1, pages),
-        "segment": encode_segment(pages)[0],
-    }
-    status, answer = post(url, f"/v1/volumes/{vid}/commit", msgpack.packb(body), True)
+    body = commit_body(vid, 0, 1, {0: page(7)})
+    status, answer = call("POST", f"{url}/v1/volumes/{vid}/commit", body)
     assert (status, answer["lsn"]) == (200, 1)
 
 

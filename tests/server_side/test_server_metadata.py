@@ -25,28 +25,19 @@ from graft_vfs.core.checkpoint import Checkpoint
 from graft_vfs.core.commit import CommitRecord, commit_hash
 from graft_vfs.core.errors import CorruptData
 from graft_vfs.core.identity import STORE_KEY, decode_store, encode_store
-from graft_vfs.core.ids import PAGE_SIZE
 from graft_vfs.core.retention import decode_floor, decode_pending, encode_floor, encode_pending
 from graft_vfs.core.segment import encode_segment, frame_crc
+from support.commits import call, commit, commit_body, random_page
 
 PAGES = 6
-
-
-def page(seed: int) -> bytes:
-    return random.Random(seed).randbytes(64) * (PAGE_SIZE // 64)
-
-
-def commit(vols: Volumes, vid: str, base: int, pages: dict[int, bytes]) -> int:
-    digest = commit_hash(vid, base, PAGES, pages.items())
-    return vols.commits.commit(vid, base, PAGES, digest, segment=encode_segment(pages.items())[0])
 
 
 def volume_with_checkpoint(store, vid: str = "v") -> Volumes:
     """A volume of PAGES distinct pages over 3 LSNs, with a checkpoint at LSN 3."""
     vols = Volumes(store)
-    commit(vols, vid, 0, {p: page(p) for p in range(PAGES)})
-    commit(vols, vid, 1, {0: page(100)})
-    commit(vols, vid, 2, {1: page(101)})
+    commit(vols, vid, 0, PAGES, {p: random_page(p) for p in range(PAGES)})
+    commit(vols, vid, 1, PAGES, {0: random_page(100)})
+    commit(vols, vid, 2, PAGES, {1: random_page(101)})
     write_checkpoint(vols.index, vid, 3)
     return vols
 
@@ -168,28 +159,6 @@ def test_unchecksummed_objects_of_older_servers_are_refused_with_the_fix() -> No
 # -- through a real server process, on a directory store and on S3 --------------------
 
 
-def call(url: str, method: str, path: str, body: object = None) -> tuple[int, dict]:
-    r = urllib3.request(
-        method,
-        url + path,
-        body=None if body is None else msgpack.packb(body),
-        headers={"content-type": "application/x-msgpack"},
-        retries=False,
-    )
-    if r.headers.get("content-type", "").startswith("application/json"):
-        return r.status, r.json()
-    return r.status, msgpack.unpackb(r.data)
-
-
-def commit_body(vid: str, base: int, pages: dict[int, bytes]) -> dict:
-    return {
-        "base": base,
-        "page_count": PAGES,
-        "hash": commit_hash(vid, base, PAGES, pages.items()),
-        "segment": encode_segment(pages.items())[0],
-    }
-
-
 def read_body(lsn: int) -> dict:
     return {"lsn": lsn, "pages": BitMap(range(PAGES)).serialize()}
 
@@ -201,12 +170,10 @@ def flip(data: bytes, position: int) -> bytes:
 
 
 def fill_volume(url: str, vid: str) -> None:
-    assert call(url, "POST", f"/v1/volumes/{vid}/commit", commit_body(vid, 0, {
-        p: page(p) for p in range(PAGES)
-    }))[0] == 200
-    assert call(url, "POST", f"/v1/volumes/{vid}/commit", commit_body(vid, 1, {
-        0: page(100)
-    }))[0] == 200
+    first = commit_body(vid, 0, PAGES, {p: random_page(p) for p in range(PAGES)})
+    assert call("POST", f"{url}/v1/volumes/{vid}/commit", first)[0] == 200
+    second = commit_body(vid, 1, PAGES, {0: random_page(100)})
+    assert call("POST", f"{url}/v1/volumes/{vid}/commit", second)[0] == 200
 
 
 @pytest.mark.parametrize("target", ["log record", "checkpoint", "floor", "store"])
@@ -228,9 +195,9 @@ def test_damaged_metadata_is_500_corrupt_data(own_server, target: str) -> None:
     for position in (0, 9, len(original) // 2, len(original) - 1):
         srv.write_object(key, flip(original, position))
         srv.start()  # a cold server: nothing of the object is cached
-        answers = [call(srv.url, "GET", f"/v1/volumes/{vid}")]
-        answers.append(call(srv.url, "POST", f"/v1/volumes/{vid}/read", read_body(1)))
-        answers.append(call(srv.url, "GET", f"/v1/volumes/{vid}/log/1"))
+        answers = [call("GET", f"{srv.url}/v1/volumes/{vid}")]
+        answers.append(call("POST", f"{srv.url}/v1/volumes/{vid}/read", read_body(1)))
+        answers.append(call("GET", f"{srv.url}/v1/volumes/{vid}/log/1"))
         srv.stop()
         failed = [(status, body.get("error")) for status, body in answers if status != 200]
         assert failed, f"a damaged {target} was served"
@@ -247,34 +214,35 @@ def test_swapped_checkpoint_never_reaches_a_fresh_replica(own_server, client) ->
     srv.stop()
     srv.write_object(key, edit_checkpoint(srv.read_object(key), swap_pages_0_and_1))
     srv.start()
-    status, body = call(srv.url, "POST", f"/v1/volumes/{vid}/read", read_body(2))
+    status, body = call("POST", f"{srv.url}/v1/volumes/{vid}/read", read_body(2))
     assert (status, body["error"]) == (500, "corrupt_data")
 
 
 def test_commit_with_a_landed_hash_but_other_pages_is_400(server) -> None:
     vid = f"hash-{random.randrange(1 << 30)}"
-    first = commit_body(vid, 0, {p: page(p) for p in range(PAGES)})
-    assert call(server.url, "POST", f"/v1/volumes/{vid}/commit", first)[0] == 200
-    forged = {**commit_body(vid, 0, {p: page(50 + p) for p in range(PAGES)}), "hash": first["hash"]}
-    status, body = call(server.url, "POST", f"/v1/volumes/{vid}/commit", forged)
+    first = commit_body(vid, 0, PAGES, {p: random_page(p) for p in range(PAGES)})
+    assert call("POST", f"{server.url}/v1/volumes/{vid}/commit", first)[0] == 200
+    other = commit_body(vid, 0, PAGES, {p: random_page(50 + p) for p in range(PAGES)})
+    forged = {**other, "hash": first["hash"]}
+    status, body = call("POST", f"{server.url}/v1/volumes/{vid}/commit", forged)
     assert (status, body["error"]) == (400, "invalid_request")
     assert "is not the hash of the commit's pages" in body["message"]
     # A new LSN with a wrong hash is refused too, and nothing is written.
-    wrong = {**commit_body(vid, 1, {0: page(7)}), "hash": bytes(32)}
-    status, body = call(server.url, "POST", f"/v1/volumes/{vid}/commit", wrong)
+    wrong = {**commit_body(vid, 1, PAGES, {0: random_page(7)}), "hash": bytes(32)}
+    status, body = call("POST", f"{server.url}/v1/volumes/{vid}/commit", wrong)
     assert (status, body["error"]) == (400, "invalid_request")
-    assert call(server.url, "GET", f"/v1/volumes/{vid}")[1]["lsn"] == 1
+    assert call("GET", f"{server.url}/v1/volumes/{vid}")[1]["lsn"] == 1
     # The genuine retry is still recognised.
-    assert call(server.url, "POST", f"/v1/volumes/{vid}/commit", first)[1]["lsn"] == 1
-    frames = call(server.url, "POST", f"/v1/volumes/{vid}/read", read_body(1))[1]["pages"]
+    assert call("POST", f"{server.url}/v1/volumes/{vid}/commit", first)[1]["lsn"] == 1
+    frames = call("POST", f"{server.url}/v1/volumes/{vid}/read", read_body(1))[1]["pages"]
     dctx = zstandard.ZstdDecompressor()
-    assert [dctx.decompress(f[3]) for f in frames] == [page(p) for p in range(PAGES)]
+    assert [dctx.decompress(f[3]) for f in frames] == [random_page(p) for p in range(PAGES)]
     assert all(frame_crc(f[0], f[3]) == f[2] for f in frames)
 
 
 def test_commit_hash_covers_uploaded_segments(server) -> None:
     vid = f"hash-up-{random.randrange(1 << 30)}"
-    pages = {p: page(p) for p in range(PAGES)}
+    pages = {p: random_page(p) for p in range(PAGES)}
     sids = []
     for chunk in ((0, 1, 2), (3, 4, 5)):
         seg = encode_segment([(p, pages[p]) for p in chunk])[0]
@@ -286,8 +254,8 @@ def test_commit_hash_covers_uploaded_segments(server) -> None:
         )
         sids.append(msgpack.unpackb(r.data)["sid"])
     body = {"base": 0, "page_count": PAGES, "segments": sids}
-    wrong = {**body, "hash": commit_hash(vid, 0, PAGES, {**pages, 5: page(99)}.items())}
-    status, answer = call(server.url, "POST", f"/v1/volumes/{vid}/commit", wrong)
+    wrong = {**body, "hash": commit_hash(vid, 0, PAGES, {**pages, 5: random_page(99)}.items())}
+    status, answer = call("POST", f"{server.url}/v1/volumes/{vid}/commit", wrong)
     assert (status, answer["error"]) == (400, "invalid_request")
     right = {**body, "hash": commit_hash(vid, 0, PAGES, pages.items())}
-    assert call(server.url, "POST", f"/v1/volumes/{vid}/commit", right)[1]["lsn"] == 1
+    assert call("POST", f"{server.url}/v1/volumes/{vid}/commit", right)[1]["lsn"] == 1

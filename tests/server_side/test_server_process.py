@@ -6,30 +6,16 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 import urllib3
 import zstandard
 from pyroaring import BitMap
 
 from graft_vfs.core.commit import commit_hash
-from graft_vfs.core.ids import PAGE_SIZE
 from graft_vfs.core.segment import encode_segment
+from support.commits import call, page
 from support.s3 import s3_env
 from support.servers import running_server
-
-
-def call(http: urllib3.PoolManager, method: str, url: str, body: object = None) -> Any:
-    r = http.request(
-        method,
-        url,
-        body=None if body is None else msgpack.packb(body),
-        headers={"content-type": "application/x-msgpack"},
-        retries=False,
-    )
-    if r.headers.get("content-type", "").startswith("application/json"):
-        return r.status, r.json()
-    return r.status, msgpack.unpackb(r.data)
 
 
 def identity_of(answer: dict[str, Any]) -> dict[str, bytes]:
@@ -42,10 +28,6 @@ def committed_lsn(answer: tuple[int, Any]) -> int | None:
     return body["lsn"] if status == 200 else None
 
 
-def page(fill: int) -> bytes:
-    return bytes([fill]) * PAGE_SIZE
-
-
 COMMIT = {
     "base": 0,
     "page_count": 2,
@@ -55,27 +37,22 @@ COMMIT = {
 
 
 def test_real_server_commit_and_read(tmp_path: Path) -> None:
-    http = urllib3.PoolManager()
     with running_server(tmp_path / "store") as (proc, url):
-        assert call(http, "GET", f"{url}/v1/health")[0] == 200
-        assert committed_lsn(call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT)) == 1
-        status, answer = call(
-            http,
-            "POST",
-            f"{url}/v1/volumes/v/read",
-            {"lsn": 1, "pages": BitMap([0, 1]).serialize()},
-        )
+        assert call("GET", f"{url}/v1/health")[0] == 200
+        assert committed_lsn(call("POST", f"{url}/v1/volumes/v/commit", COMMIT)) == 1
+        read = {"lsn": 1, "pages": BitMap([0, 1]).serialize()}
+        status, answer = call("POST", f"{url}/v1/volumes/v/read", read)
         assert status == 200
         dctx = zstandard.ZstdDecompressor()
         assert [dctx.decompress(frame) for _, _, _, frame in answer["pages"]] == [page(1), page(2)]
-        status, error = call(http, "POST", f"{url}/v1/volumes/v/pull", b"not a map")
+        status, error = call("POST", f"{url}/v1/volumes/v/pull", b"not a map")
         assert (status, error["error"]) == (400, "invalid_request")
-        status, before = call(http, "GET", f"{url}/v1/volumes/v")
+        status, before = call("GET", f"{url}/v1/volumes/v")
         assert status == 200 and before["lsn"] == 1
     assert proc.returncode is not None
     with running_server(tmp_path / "store") as (_, url):  # the store outlives the process
         # The same volume, identity included: a restart is not a new incarnation.
-        assert call(http, "GET", f"{url}/v1/volumes/v") == (
+        assert call("GET", f"{url}/v1/volumes/v") == (
             200,
             {"vid": "v", "lsn": 1, "page_count": 2, **identity_of(before)},
         )
@@ -83,28 +60,26 @@ def test_real_server_commit_and_read(tmp_path: Path) -> None:
 
 @pytest.mark.stores("s3")
 def test_real_server_on_s3(seaweed) -> None:
-    http = urllib3.PoolManager()
     prefix = seaweed.new_prefix()
     options = {"args": ["--s3-endpoint", seaweed.endpoint], "env": s3_env()}
     with running_server(seaweed.spec(prefix), **options) as (_, url):
-        assert committed_lsn(call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT)) == 1
+        assert committed_lsn(call("POST", f"{url}/v1/volumes/v/commit", COMMIT)) == 1
     with running_server(seaweed.spec(prefix), **options) as (_, url):  # outlives the process
-        assert call(http, "GET", f"{url}/v1/volumes/v")[1]["lsn"] == 1
-        assert call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT)[0] == 200  # a retry
+        assert call("GET", f"{url}/v1/volumes/v")[1]["lsn"] == 1
+        assert call("POST", f"{url}/v1/volumes/v/commit", COMMIT)[0] == 200  # a retry
     assert seaweed.store(prefix).list("volumes/v/log/") == ["volumes/v/log/" + "1".zfill(20)]
 
 
 @pytest.mark.parametrize("point", ["server.commit.after_segment", "server.commit.after_log"])
 def test_crash_mid_commit_then_retry(tmp_path: Path, point: str) -> None:
-    http = urllib3.PoolManager()
     with running_server(tmp_path, crash_at=point) as (proc, url):
         with pytest.raises(urllib3.exceptions.HTTPError):
-            call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT)
+            call("POST", f"{url}/v1/volumes/v/commit", COMMIT)
         assert proc.wait(timeout=10) == -signal.SIGKILL
     with running_server(tmp_path) as (_, url):
-        status, _ = call(http, "GET", f"{url}/v1/volumes/v")
+        status, _ = call("GET", f"{url}/v1/volumes/v")
         assert status == (404 if point == "server.commit.after_segment" else 200)
         # The client retries with the same hash: applied exactly once either way.
-        assert committed_lsn(call(http, "POST", f"{url}/v1/volumes/v/commit", COMMIT)) == 1
-        assert call(http, "GET", f"{url}/v1/volumes/v/log/1")[1]["hash"] == COMMIT["hash"]
-        assert call(http, "GET", f"{url}/v1/volumes/v/log/2")[0] == 404
+        assert committed_lsn(call("POST", f"{url}/v1/volumes/v/commit", COMMIT)) == 1
+        assert call("GET", f"{url}/v1/volumes/v/log/1")[1]["hash"] == COMMIT["hash"]
+        assert call("GET", f"{url}/v1/volumes/v/log/2")[0] == 404

@@ -27,25 +27,8 @@ from graft_vfs.core.errors import (
 )
 from graft_vfs.core.graft import MAX_PAGES_PER_READ
 from graft_vfs.core.ids import PAGE_SIZE
-from graft_vfs.core.segment import MAX_SEGMENT_PAGES, encode_segment, frame_crc
-
-
-def page(fill: int) -> bytes:
-    return bytes([fill]) * PAGE_SIZE
-
-
-def commit(vols: Volumes, vid: str, base: int, page_count: int, pages: dict[int, bytes]) -> int:
-    """Commit ``pages`` as a client does: inline, or as uploaded segments when too many."""
-    digest = commit_hash(vid, base, page_count, pages.items())
-    items = sorted(pages.items())
-    if len(items) <= MAX_SEGMENT_PAGES:
-        segment = encode_segment(items)[0] if items else None
-        return vols.commits.commit(vid, base, page_count, digest, segment=segment)
-    sids = [
-        upload_segment(vols.store, encode_segment(items[i : i + MAX_SEGMENT_PAGES])[0])
-        for i in range(0, len(items), MAX_SEGMENT_PAGES)
-    ]
-    return vols.commits.commit(vid, base, page_count, digest, sids=sids)
+from graft_vfs.core.segment import encode_segment, frame_crc
+from support.commits import commit, page
 
 
 def read(vols: Volumes, vid: str, lsn: int, pages: Iterable[int]) -> dict[int, tuple[int, bytes]]:

@@ -1,35 +1,17 @@
-"""A server with a token file, and the `graft` command run as a user would run it."""
+"""A server with a token file and the tokens it accepts."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 from graft_server.auth import hash_token
 from graft_server.objstore import FsStore
 
+from .clients import graft
 from .servers import ServerProcess
 
 WRONG = "graft_" + "W" * 43  # looks like a token, is none
 SCOPES = [("rw", "app-*", "write"), ("ro", "app-*", "read"), ("other", "else-*", "write")]
-
-
-def graft(*args: str, token: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
-    if token is not None:
-        env["GRAFT_TOKEN"] = token
-    proc = subprocess.run(
-        [sys.executable, "-m", "graft_vfs.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"graft {args} failed: {proc.stderr}")
-    return proc
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """A bank-transfer client for tests/test_scale_out.py, run as its own process.
 
     python tests/support/bank_worker.py VOLUME URL CACHE_DIR LOG_PATH SECONDS SEED NAME
-        [--pull-in-tx P] [--faults] [--stop-file PATH]
+        [--pull-in-tx P] [--faults] [--stop-file PATH] [--background]
 
 Until SECONDS have passed (with ``--stop-file``, until PATH exists, SECONDS being only
 a bound) it repeats: a random short pause, sometimes a pull, one
@@ -19,6 +19,12 @@ its first write or its COMMIT gets SQLITE_BUSY (a retried COMMIT must get it aga
 and the worker rolls back, checks that nothing of the transfer is left, and runs the
 same transfer again. ``--faults``: the server's store injects faults, so an
 SQLITE_CORRUPT (the server refused a read that came back truncated) is transient too.
+``--background``: the client also pushes and pulls in the background (``autopush`` and
+``pull_interval``): a background pull may move the volume on under an open transaction
+at any moment (BUSY: run again), and may find a pending transfer diverged; a
+background push may push the transfer before the worker does, and then the worker's
+``PRAGMA graft_push`` has nothing to push: its ack has no ``remote_lsn`` (null) and
+``"by": "background"``.
 
 LOG_PATH receives one JSON object per line (each also has "t", its time.time()),
 flushed as it happens, so that a worker killed by a timeout still leaves what it saw:
@@ -62,6 +68,7 @@ MAX_PAUSE = 0.03  # seconds; short enough that six workers often race for one LS
 MAX_AMOUNT = 200
 UNAVAILABLE_LIMIT = 30.0  # seconds a server may stay unreachable before the worker gives up
 RETRY_PAUSE = 0.2
+BACKGROUND_PULL_INTERVAL = 0.05  # seconds, with --background
 
 
 class Diverged(Exception):
@@ -81,9 +88,11 @@ class Worker:
         name: str,
         pull_in_tx: float = 0.0,
         faults: bool = False,
+        background: bool = False,
     ) -> None:
         self.con, self.log, self.rng, self.name = con, log, rng, name
         self.pull_in_tx = pull_in_tx
+        self.background = background
         # What a server may answer while it is unreachable or its store fails.
         self.transient: tuple[type[apsw.Error], ...] = (
             (apsw.IOError, apsw.CorruptError) if faults else (apsw.IOError,)
@@ -96,6 +105,7 @@ class Worker:
             "pulls": 0,
             "busy": 0,
             "unavailable": 0,
+            "acks_background": 0,
         }
         self.seq = 0
 
@@ -202,7 +212,7 @@ class Worker:
                 stage = "commit"
                 con.execute("COMMIT")  # local only: never needs the server
             except apsw.BusyError as exc:
-                if not moved:
+                if not moved and not self.background:
                     raise  # nothing else writes to this cache: BUSY has no other cause
                 if stage == "commit":
                     # SQLite keeps the transaction open after a BUSY commit; a retried
@@ -238,7 +248,9 @@ class Worker:
         if transfer is None:
             return
         try:
-            if self.rng.random() < PENDING_PULL_PROBABILITY:
+            # (In the background, pulls happen anyway, and the transfer may be pushed
+            # already, so that a pull may rightly move the volume on.)
+            if not self.background and self.rng.random() < PENDING_PULL_PROBABILITY:
                 # With the transfer pending, a pull that finds a newer remote LSN
                 # reports the volume diverged: the transfer is rejected, not merged.
                 via = "pull"
@@ -252,9 +264,15 @@ class Worker:
             self.reset(transfer["tid"])
             return
         if not result["pushed"]:
-            raise AssertionError(f"push of {transfer} pushed nothing: {result}")
+            status = pragma(self.con, "graft_status")
+            if not self.background or status["pending_push"] or status["diverged"]:
+                raise AssertionError(f"push of {transfer} pushed nothing: {result}, {status}")
+            self.counts["acks"] += 1
+            self.counts["acks_background"] += 1
+            self.record(event="ack", remote_lsn=None, by="background", **transfer)
+            return
         self.counts["acks"] += 1
-        self.record(event="ack", remote_lsn=result["remote_lsn"], **transfer)
+        self.record(event="ack", remote_lsn=result["remote_lsn"], by="push", **transfer)
 
 
 def main(argv: list[str]) -> int:
@@ -264,14 +282,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pull-in-tx", type=float, default=0.0)
     parser.add_argument("--faults", action="store_true")
     parser.add_argument("--stop-file")
+    parser.add_argument("--background", action="store_true")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + float(args.seconds)
-    con = graft_vfs.connect(
-        args.vid, remote=args.url, cache_dir=args.cache, options=graft_vfs.Options(autopush=False)
+    options = (
+        graft_vfs.Options(autopush=True, pull_interval=BACKGROUND_PULL_INTERVAL)
+        if args.background
+        else graft_vfs.Options(autopush=False)
     )
+    con = graft_vfs.connect(args.vid, remote=args.url, cache_dir=args.cache, options=options)
     with open(args.log_path, "a", buffering=1) as log:
         rng = random.Random(int(args.seed))
-        worker = Worker(con, log, rng, args.name, args.pull_in_tx, args.faults)
+        worker = Worker(con, log, rng, args.name, args.pull_in_tx, args.faults, args.background)
         worker.record(event="start")
         try:
             while time.monotonic() < deadline:
