@@ -401,6 +401,8 @@ LOADS = [  # (clients, cold lookups per client per second, commits per client pe
 
 
 def markdown(f: dict) -> str:
+    # A figure not measured (no server CPU seen in a short phase) prints as nan.
+    f = {k: float("nan") if v is None else v for k, v in f.items()}
     out = [
         f"Measured on {f['measured']} ({f['machine']}, commit {f['git_commit']}) by "
         "`python -m benchmarks.capacity`; per-lookup figures from "

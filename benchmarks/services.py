@@ -94,8 +94,9 @@ class GraftServer:
     def start(self) -> GraftServer:
         cmd = [sys.executable, "-m", "graft_vfs.cli", "server", "--store", self.store]
         cmd += ["--s3-endpoint", self.s3_endpoint, "--port", str(self.port)]
-        if self.direct_endpoint:
-            cmd += ["--direct-endpoint", self.direct_endpoint]
+        if self.direct_endpoint and os.environ.get("GRAFT_BENCH_DIRECT") == "1":
+            # Direct reads are opt-in (graft server --direct): measured when asked for.
+            cmd += ["--direct", "--direct-endpoint", self.direct_endpoint]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **s3_env()}
         )

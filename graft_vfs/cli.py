@@ -320,7 +320,7 @@ _LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
 )
 @click.option(
     "--direct/--no-direct",
-    default=True,
+    default=False,
     show_default=True,
     help="On an S3 store, let clients GET page frames from S3 with presigned URLs.",
 )

@@ -50,7 +50,7 @@ def start_server(signed_seaweed: SeaweedFS) -> Iterator[Any]:
             kind="s3",
             s3_endpoint=signed_seaweed.endpoint,
             backing=signed_seaweed.store(prefix),
-            args=list(args),
+            args=list(args) if "--no-direct" in args else ["--direct", *args],
         )
         started.append(srv.start())
         return srv

@@ -396,7 +396,7 @@ class FixedLink(Link):
 
 
 def test_lookups_in_one_table_fetch_the_rest_of_it_in_the_background(client, tree_volume):
-    con, vol = edge_client(client, tree_volume)
+    con, vol = edge_client(client, tree_volume, background_fetch=True)
     rng = random.Random(8)
     for i in rng.sample(range(ITEMS), 20):
         assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
@@ -434,7 +434,7 @@ def test_a_background_batch_landing_after_a_pull_never_shows_old_pages(
     client, server, vid, tree_db
 ):
     import_database(Remote(server.url), tree_db, vid)
-    reader, vol = edge_client(client, vid, autopush=False)
+    reader, vol = edge_client(client, vid, autopush=False, background_fetch=True)
     writer = client(vid, options=graft_vfs.Options(autopush=False))
     remote = graft_vfs.runtime_of(reader.open_vfs).remote
     read_pages = remote.read_pages

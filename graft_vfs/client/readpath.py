@@ -117,7 +117,7 @@ class ReadPath:
         # background fetch of the tree being read (``background``: on or off).
         self.follow = IndexFollow()
         self.watch = TreeWatch()
-        self.background = True
+        self.background = False
         self.hints = True  # index -> table follow-ups (they ride along demand requests)
         self._trees: TreeMap | None = None
         self._trees_at = 0.0

@@ -38,7 +38,7 @@ class Options:
     timeout: float = 30.0
     token: str | None = field(default=None, repr=False)  # bearer token; never printed
     cache_max_bytes: int | None = None  # page data the cache directory keeps; None: no limit
-    background_fetch: bool = True  # fetch the B-tree being read in the background
+    background_fetch: bool = False  # fetch the B-tree being read in the background
 
     def __post_init__(self) -> None:
         limit = self.cache_max_bytes

@@ -303,7 +303,7 @@ def serve(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_volumes: int = MAX_LOADED_VOLUMES,
     store: ObjectStore | None = None,
-    direct: bool = True,
+    direct: bool = False,
     direct_endpoint: str | None = None,
     direct_expiry: int = DEFAULT_DIRECT_EXPIRY,
 ) -> None:
