@@ -247,6 +247,10 @@ def passthrough_lines(r: dict) -> list[str]:
     if "skipped" in p:
         return [f"  {p['skipped']}"]
     rows = p.get("rows")
+    if isinstance(rows, list) and rows and all("seconds" in x for x in rows):
+        from benchmarks import warm  # its own table: medians in ms and the ratios
+
+        return ["  " + line for line in warm.table(p).splitlines()]
     if isinstance(rows, list) and rows and all(isinstance(x, dict) for x in rows):
         cols = list(dict.fromkeys(k for row in rows for k in row))
         out = ["  " + " | ".join(cols)]
@@ -573,7 +577,22 @@ def markdown(r: dict, image: str = "benchmarks/results/latest.png") -> str:
         out.append("Warm path against a pass-through VFS (`benchmarks/warm.py`):")
         out.append("")
         rows = r["passthrough"].get("rows")
-        if isinstance(rows, list) and len(pt) == len(rows) + 1:  # a table
+        if isinstance(rows, list) and rows and all("seconds" in x for x in rows):
+            systems = ("native", "pass", "graft", "graft-small")
+            out.append(
+                "| workload | native | pass-through | graft | graft, 1 MB memory cache "
+                "| graft / native (speed) | graft / pass-through (time) |"
+            )
+            out.append("|---|---|---|---|---|---|---|")
+            for row in rows:
+                sec = row["seconds"]
+                cells = [f"{sec[k] * 1000:,.1f} ms" if k in sec else "" for k in systems]
+                out.append(
+                    f"| {row['title']} | "
+                    + " | ".join(cells)
+                    + f" | {row['graft_speed_vs_native']:.2f}x | {row['graft_time_vs_pass']:.2f}x |"
+                )
+        elif isinstance(rows, list) and len(pt) == len(rows) + 1:  # a table
             out.append(f"| {pt[0].strip()} |")
             out.append("|" + "---|" * (pt[0].count("|") + 1))
             out += [f"| {line.strip()} |" for line in pt[1:]]
