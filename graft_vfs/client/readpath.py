@@ -405,19 +405,11 @@ class ReadPath:
 
             def fetch_now(chunk: list[int]) -> int:
                 traffic = Traffic()
-                try:
-                    got = remote.read_pages(
-                        self.vid, sync_remote, chunk, traffic, identity=identity
-                    )
-                finally:
-                    self.stats.count(traffic)
-                rows = []
-                for p in chunk:
-                    marker = missing[p]
-                    rows.append((p, marker if marker is not None else sync_local, got[p][1]))
-                self.local.store_fetched(self.row_id, rows)
+                self._store_chunk(
+                    remote, chunk, missing, (sync_local, sync_remote), identity, traffic
+                )
                 self.prefetcher.fetched(chunk)
-                self.stats.add(pages_fetched=len(chunk), pages_prefetched=len(chunk))
+                self.stats.add(pages_prefetched=len(chunk))
                 return traffic.bytes_received
 
             link = remote.link
@@ -466,6 +458,31 @@ class ReadPath:
         start = pageno - pageno % width
         return range(start, start + width)
 
+    def _store_chunk(
+        self,
+        remote: Remote,
+        chunk: list[int],
+        missing: dict[int, int | None],
+        sync: tuple[int, int],
+        identity: Identity | None,
+        traffic: Traffic | None = None,
+    ) -> dict[int, bytes]:
+        """Fetch ``chunk`` at the remote LSN of ``sync`` (local, remote) and store each page
+        with the row its content is from (its marker in ``missing``, else the sync point's)."""
+        sync_local, sync_remote = sync
+        traffic = traffic if traffic is not None else Traffic()
+        try:
+            got = remote.read_pages(self.vid, sync_remote, chunk, traffic, identity=identity)
+        finally:
+            self.stats.count(traffic)
+        rows = []
+        for p in chunk:
+            marker = missing[p]
+            rows.append((p, marker if marker is not None else sync_local, got[p][1]))
+        self.local.store_fetched(self.row_id, rows)
+        self.stats.add(pages_fetched=len(chunk))
+        return {p: got[p][1] for p in chunk}
+
     def hydrate(
         self,
         lsn: int,
@@ -488,17 +505,7 @@ class ReadPath:
         started = time.perf_counter()
 
         def fetch(chunk: list[int]) -> int:
-            traffic = Traffic()
-            try:
-                got = remote.read_pages(self.vid, sync_remote, chunk, traffic, identity=identity)
-            finally:
-                self.stats.count(traffic)
-            rows = []
-            for p in chunk:
-                marker = missing[p]
-                rows.append((p, marker if marker is not None else sync_local, got[p][1]))
-            self.local.store_fetched(self.row_id, rows)
-            self.stats.add(pages_fetched=len(chunk))
+            self._store_chunk(remote, chunk, missing, (sync_local, sync_remote), identity)
             if progress is not None:
                 progress(len(chunk))
             return len(chunk)
@@ -573,20 +580,9 @@ class ReadPath:
                 chunks = [want[i : i + size] for i in range(0, len(want), size)]
 
                 def fetch(chunk: list[int]) -> dict[int, bytes]:
-                    traffic = Traffic()
-                    try:
-                        got = remote.read_pages(
-                            self.vid, sync_remote, chunk, traffic, identity=identity
-                        )
-                    finally:
-                        self.stats.count(traffic)
-                    rows = []
-                    for p in chunk:
-                        marker = missing[p]
-                        rows.append((p, marker if marker is not None else sync_local, got[p][1]))
-                    self.local.store_fetched(self.row_id, rows)
-                    self.stats.add(pages_fetched=len(chunk))
-                    return {p: got[p][1] for p in chunk}
+                    return self._store_chunk(
+                        remote, chunk, missing, (sync_local, sync_remote), identity
+                    )
 
                 got: dict[int, bytes] = {}
                 for part in pool.map(fetch, chunks):

@@ -173,16 +173,21 @@ class Reads:
         no segment: it answers from the page map alone.
         """
         vol = self.index.volume(vid)
-        with vol.lock:
-            self.index.ensure_lsn(vol, lsn)
-            self.index.check_identity(vol, expected)
-            self.index.check_retained(vol, lsn)
-            view = vol if lsn >= vol.base else self.index.history(vol, lsn)
+        view = self._view(vol, lsn, expected)
         page_count = view.page_count_at(lsn)
         pages = BitMap(pages)
         pages.remove_range(page_count, MAX_PAGES)
         with view.lock:
             return page_count, [(page, view.locate(page, lsn)) for page in pages]
+
+    def _view(self, vol: VolumeLog, lsn: int, expected: Identity | None) -> VolumeLog:
+        """The page map that answers for ``lsn`` (the volume's, or a history view), after
+        checking that ``lsn`` exists and is retained and the volume is ``expected``."""
+        with vol.lock:
+            self.index.ensure_lsn(vol, lsn)
+            self.index.check_identity(vol, expected)
+            self.index.check_retained(vol, lsn)
+            return vol if lsn >= vol.base else self.index.history(vol, lsn)
 
     def log_entry(self, vid: str, lsn: int) -> LogEntry:
         """The record of commit ``lsn``: lets a client that crashed mid-push check it landed."""
@@ -203,11 +208,7 @@ class Reads:
     def _read(
         self, vol: VolumeLog, lsn: int, pages: BitMap, expand: int, expected: Identity | None
     ) -> list[PageFrame]:
-        with vol.lock:
-            self.index.ensure_lsn(vol, lsn)
-            self.index.check_identity(vol, expected)
-            self.index.check_retained(vol, lsn)
-            view = vol if lsn >= vol.base else self.index.history(vol, lsn)
+        view = self._view(vol, lsn, expected)
         page_count = view.page_count_at(lsn)
         if pages and pages.max() >= page_count:
             raise InvalidRequest(
