@@ -63,8 +63,7 @@ COALESCE_GAP = 64 * 1024
 MAX_GAP = 2 * 1024 * 1024
 PARALLEL_GETS = 16  # an expanded B-tree level can be 30+ scattered pages: one wave
 # Interior pages below requested ones (``expand``) are found by the client, level by
-# level, from frames it GETs; True asks the server for them instead (measured slower).
-EXPAND_ON_SERVER = False
+# level, from frames it GETs (measured faster than asking the server for them).
 MAPS_PER_VOLUME = 4  # snapshots whose locations are kept (open readers may pin old ones)
 EXPIRY_MARGIN = 0.8  # a map is dropped at this fraction of its URLs' validity
 NEVER_WRITTEN = -1

@@ -17,10 +17,8 @@ import urllib3
 from pyroaring import BitMap
 from urllib3.util.retry import Retry
 
-from graft_vfs.client import direct as direct_reads
 from graft_vfs.client.direct import DirectReader, Missing, direct_enabled
 from graft_vfs.client.link import Link
-from graft_vfs.core.btree import is_interior
 from graft_vfs.core.commit import MAX_CRC
 from graft_vfs.core.envelope import check_int
 from graft_vfs.core.errors import (
@@ -315,17 +313,7 @@ class Remote:
         identity: Identity | None,
     ) -> dict[int, tuple[int, bytes]]:
         vid = validate_volume_id(vid)
-        if not (expand and direct_reads.EXPAND_ON_SERVER):
-            return direct.read(vid, lsn, wanted, traffic, expand=expand, identity=identity)
-        # The variant measured against client-side expansion: the frames asked for
-        # from the store, the interior pages below the interior ones from the server.
-        got = direct.read(vid, lsn, wanted, traffic, identity=identity)
-        interior = [p for p in wanted if is_interior(got[p][1], p)]
-        if interior:
-            below = self._read_server(vid, lsn, BitMap(interior), traffic, expand, identity)
-            for page, value in below.items():
-                got.setdefault(page, value)
-        return got
+        return direct.read(vid, lsn, wanted, traffic, expand=expand, identity=identity)
 
     def _read_server(
         self,

@@ -161,17 +161,24 @@ def local_size(kind: int, size: int, usable: int) -> int:
     return k if k <= most else least
 
 
-def parse_page(data: bytes, pageno: int, usable: int) -> Page:
-    """The B-tree page ``pageno`` (0-based), every cell bounded by the page."""
+def _page_header(data: bytes, pageno: int, usable: int) -> tuple[int, int, int, int]:
+    """A B-tree page's header offset, kind, cell count and cell pointer array offset,
+    the pointer array bounded by the page."""
     off = header_offset(pageno)
     if len(data) < off + 8 or data[off] not in KINDS:
         raise _corrupt(pageno, "not a B-tree page (a free, overflow or damaged page?)")
     kind = data[off]
     ncells = int.from_bytes(data[off + 3 : off + 5], "big")
-    interior = kind in INTERIOR
-    ptrs = off + (12 if interior else 8)
+    ptrs = off + (12 if kind in INTERIOR else 8)
     if ptrs + 2 * ncells > usable:
         raise _corrupt(pageno, f"{ncells} cells do not fit")
+    return off, kind, ncells, ptrs
+
+
+def parse_page(data: bytes, pageno: int, usable: int) -> Page:
+    """The B-tree page ``pageno`` (0-based), every cell bounded by the page."""
+    off, kind, ncells, ptrs = _page_header(data, pageno, usable)
+    interior = kind in INTERIOR
     right = None
     if interior:
         right = int.from_bytes(data[off + 8 : off + 12], "big") - 1
@@ -382,15 +389,8 @@ def page_links(data: bytes, pageno: int, usable: int) -> tuple[list[int], list[t
     """A B-tree page's children and its cells' overflow chains, as ``parse_page`` finds
     them (``Page.children``, ``Page.overflows``) but without decoding the cells that keep
     their payload on the page: what walking a whole tree needs, fast."""
-    off = header_offset(pageno)
-    if len(data) < off + 8 or data[off] not in KINDS:
-        raise _corrupt(pageno, "not a B-tree page (a free, overflow or damaged page?)")
-    kind = data[off]
-    ncells = int.from_bytes(data[off + 3 : off + 5], "big")
+    off, kind, ncells, ptrs = _page_header(data, pageno, usable)
     interior = kind in INTERIOR
-    ptrs = off + (12 if interior else 8)
-    if ptrs + 2 * ncells > usable:
-        raise _corrupt(pageno, f"{ncells} cells do not fit")
     cells = struct.unpack_from(f">{ncells}H", data, ptrs)
     lowest = ptrs + 2 * ncells
     if cells and (min(cells) < lowest or max(cells) >= usable - (4 if interior else 1)):
