@@ -87,7 +87,7 @@ def test_graft_roundtrip(pages):
     assert decode_graft(encode_graft(pages)) == BitMap(pages)
 
 
-@pytest.mark.parametrize("junk", [b"\x00\x01garbage", os.urandom(37), "text", 5])
+@pytest.mark.parametrize("junk", [b"\x00\x01garbage", bytes(range(7, 250, 7)), "text", 5])
 def test_malformed_graft_is_invalid_request(junk):
     with pytest.raises(InvalidRequest):
         decode_graft(junk)
