@@ -37,6 +37,7 @@ from hypothesis.stateful import (
 import graft_vfs
 from graft_server.gc import Retention, collect
 from graft_server.volumes import Volumes
+from graft_vfs.core.errors import SnapshotExpired
 from support.clients import child_env, pragma
 from support.servers import ServerProcess
 
@@ -257,6 +258,17 @@ class Replication(RuleBasedStateMachine):
             c.took(self.latest, c.view)
 
     @precondition(lambda self: not self.background)
+    @rule(i=st.integers(0, CLIENTS - 1), n=st.integers(1, 4), v=st.text(max_size=50))
+    def commit_and_push(self, i: int, n: int, v: str) -> None:
+        """``n`` commits, each pushed at once: a history long enough for GC and the past."""
+        c = self.clients[i]
+        if not self.lands(c) or c.in_flight is not None or 0 in c.held:
+            return
+        for step in range(n):
+            self.write(i, 0, step, f"{v}{self.latest}")
+            self.push(i)
+
+    @precondition(lambda self: not self.background)
     @rule(i=st.integers(0, CLIENTS - 1), point=st.sampled_from(["before_send", "after_ack"]))
     def push_killed(self, i: int, point: str) -> None:
         """Another process on this cache pushes and is killed at ``point``: a restart mid-push."""
@@ -339,29 +351,39 @@ class Replication(RuleBasedStateMachine):
     @precondition(lambda self: not self.background)
     @rule(keep=st.integers(1, 4))
     def gc(self, keep: int) -> None:
-        """``graft gc`` keeping the last ``keep`` LSNs (objects deleted at once: no grace)."""
+        """``graft gc`` keeping the last ``keep`` LSNs (objects deleted at once: no grace),
+        then a read from an empty cache on each side of the floor."""
         report = collect(Volumes(self.store), Retention(lsns=keep), grace=0)
         floor = report.floors.get(self.vid, 0)
         assert self.floor <= floor <= max(self.floor, self.latest - keep + 1)
         if floor > self.floor:
             event("gc raised the floor")
         self.floor = floor
+        for lsn in {max(floor - 1, 1), max(floor, 1)} if self.latest else ():
+            self.check_past(self.clients[0], lsn, fresh=True)
 
     @precondition(lambda self: self.latest >= 1)
-    @rule(i=st.integers(0, CLIENTS - 1), data=st.data())
-    def read_past(self, i: int, data: st.DataObject) -> None:
-        lsn = data.draw(st.integers(1, self.latest))
-        c = self.clients[i]
+    @rule(i=st.integers(0, CLIENTS - 1), fresh=st.booleans(), data=st.data())
+    def read_past(self, i: int, fresh: bool, data: st.DataObject) -> None:
+        self.check_past(self.clients[i], data.draw(st.integers(1, self.latest)), fresh)
+
+    def check_past(self, c: Cache, lsn: int, fresh: bool) -> None:
+        """Open LSN ``lsn`` through ``c``'s cache, or an empty one (every page from the server)."""
+        cache = f"{self.tmp}/{self.vid}-past-{uuid.uuid4().hex[:8]}" if fresh else c.cache
         try:
-            past = graft_vfs.connect(self.vid, remote=c.url, cache_dir=c.cache, lsn=lsn)
+            past = graft_vfs.connect(self.vid, remote=c.url, cache_dir=cache, lsn=lsn)
+            name = past.open_vfs
             try:
                 seen = read(past)
             finally:
-                past.close()  # (its cache's VFS stays: the client's connections use it)
+                past.close()  # (the client's cache's VFS stays: its connections use it)
+                if fresh:
+                    graft_vfs.unregister(name)
         except apsw.IOError as exc:
-            # Below the floor: expired (or read whole from what the cache kept), never
+            # Below the floor: expired (or read whole from what a cache kept), never
             # other data; from the floor on: readable.
-            assert lsn < self.floor and "expired" in str(exc), (lsn, self.floor, exc)
+            assert lsn < self.floor and isinstance(exc.__cause__, SnapshotExpired), (
+                lsn, self.floor, exc)
             event("past read below the GC floor: expired")
             return
         assert seen == self.history[lsn]

@@ -79,7 +79,8 @@ class Commits:
 
         vol = self.index.volume(vid)
         with vol.lock:
-            self.index.refresh(vol)
+            # The floor as cached: a commit on a cache GC left behind is caught below.
+            self.index.refresh(vol, fresh_floor=False)
             self.index.check_identity(vol, expected)
             volume_id = vol.volume_id if base else new_identity()
             if base != vol.latest:
@@ -104,10 +105,24 @@ class Commits:
 
         checkpoint = None
         with vol.lock:
-            if won and vol.latest == base:
+            # If this cache was behind and GC had deleted the record at base + 1 (below
+            # its floor), the create-only write could not see it: the record written
+            # is a stray below the floor, which no reader sees and GC deletes, and the
+            # commit did not land.
+            stray = won and self.index.passed_by_gc(vol, fresh=True) and vol.floor > base + 1
+            if won and not stray and vol.latest == base:
                 vol.apply(record)
                 if (base + 1) % self.checkpoint_every == 0:
                     checkpoint = vol.checkpoint(base + 1)
+        if stray:
+            self.index.unload(vol)
+            with vol.lock:
+                self.index.refresh(vol)
+                raise CommitConflict(
+                    f"commit is based on LSN {base} but the latest LSN of {vid!r} is "
+                    f"{vol.latest}",
+                    latest_lsn=vol.latest,
+                )
         if won:
             if checkpoint is not None:
                 try:

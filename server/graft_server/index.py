@@ -235,13 +235,30 @@ class Index:
             with self._lock:
                 self._views = {k: v for k, v in self._views.items() if k[0] != vol.vid}
 
-    def refresh(self, vol: VolumeLog) -> None:
-        """Bring the cache up to the store's latest record. Caller holds ``vol.lock``."""
-        if not vol.loaded:
+    def refresh(self, vol: VolumeLog, *, fresh_floor: bool = True) -> None:
+        """Bring the cache up to the store's latest record. Caller holds ``vol.lock``.
+
+        When no newer record is found, the GC floor is read too (``fresh_floor``; else
+        the one read within FLOOR_RECHECK seconds): see passed_by_gc.
+        """
+        just_loaded = not vol.loaded
+        if just_loaded:
             self._load(vol)
         # Other processes may have committed since the listing or the last probe.
         while (record := read_record(self.store, vol.vid, vol.latest + 1)) is not None:
             vol.apply(record)
+        if not just_loaded and self.passed_by_gc(vol, fresh=fresh_floor):
+            # GC deleted the records after this cache's latest (they are below its
+            # floor): the probe above cannot see past them, the latest checkpoint can.
+            self._load(vol)
+            while (record := read_record(self.store, vol.vid, vol.latest + 1)) is not None:
+                vol.apply(record)
+
+    def passed_by_gc(self, vol: VolumeLog, *, fresh: bool = False) -> bool:
+        """Whether GC raised the floor above this cache's latest LSN (the floor re-read at
+        most every FLOOR_RECHECK seconds, or now if ``fresh``). Caller holds ``vol.lock``."""
+        self._read_floor(vol, fresh)
+        return vol.floor > vol.latest
 
     def latest(self, vol: VolumeLog) -> int:
         """The latest LSN, refreshed. Caller holds ``vol.lock``; VolumeNotFound without one."""
@@ -317,15 +334,18 @@ class Index:
         GC may run in another process; the floor it records is re-read at most every
         FLOOR_RECHECK seconds, so old LSNs turn 410 that soon after it.
         """
-        now = time.monotonic()
-        if now - vol.floor_read >= FLOOR_RECHECK:
-            vol.floor = max(vol.floor, read_floor(self.store, vol.vid))
-            vol.floor_read = now
+        self._read_floor(vol)
         if lsn < vol.floor:
             raise SnapshotExpired(
                 f"LSN {lsn} of {vol.vid!r} is older than its retained history (LSN "
                 f"{vol.floor} and later); pull a newer snapshot"
             )
+
+    def _read_floor(self, vol: VolumeLog, fresh: bool = False) -> None:
+        now = time.monotonic()
+        if fresh or now - vol.floor_read >= FLOOR_RECHECK:
+            vol.floor = max(vol.floor, read_floor(self.store, vol.vid))
+            vol.floor_read = now
 
     def store_id(self) -> bytes:
         """The store's identity, created (once, whoever comes first) if it has none yet."""

@@ -10,12 +10,13 @@ import zstandard
 from pyroaring import BitMap
 
 from graft_server.gc import Retention, collect
+from graft_server.keys import log_key
 from graft_server.objstore import MemoryStore
 from graft_server.segments import SegmentCache
 from graft_server.volumes import Volumes
-from graft_vfs.core.errors import SnapshotExpired
+from graft_vfs.core.errors import CommitConflict, SnapshotExpired
 from graft_vfs.core.ids import PAGE_SIZE
-from support.commits import commit, random_page
+from support.commits import commit, page, random_page
 
 
 def contents(vols: Volumes, vid: str, lsn: int, count: int | None = None) -> list[bytes]:
@@ -153,3 +154,29 @@ def test_time_retention_sees_history_older_than_the_loaded_checkpoint():
     assert report.records_deleted == 0 and report.floors == {}
     later = collect(cold, Retention(seconds=3600), grace=0, now=time.time() + 7200)
     assert later.floors == {"v": 20}  # an hour later only the latest stays readable
+
+
+
+def test_servers_gc_left_behind_see_the_latest_and_refuse_a_stale_commit():
+    """Servers whose caches stopped at LSN 1 while others committed and GC deleted the
+    records after it: a pull sees the latest, and a commit on LSN 1 is a conflict, never
+    a record written into the hole GC left (an acknowledged commit no one would see)."""
+    store = MemoryStore()
+    reader, writer, ahead = Volumes(store), Volumes(store), Volumes(store)
+    commit(ahead, "v", 0, 2, {0: page(1), 1: page(2)})
+    assert reader.reads.head("v").lsn == writer.reads.head("v").lsn == 1
+    assert contents(writer, "v", 1) == [page(1), page(2)]  # (its floor read: 0, cached)
+    for lsn in (1, 2):
+        commit(ahead, "v", lsn, 2, {0: page(10 + lsn)})
+    assert collect(Volumes(store), Retention(lsns=1), grace=0).floors["v"] == 3
+    assert store.get(log_key("v", 2)) is None  # the record after their latest: deleted
+
+    assert reader.reads.head("v").lsn == 3
+    assert contents(reader, "v", 3) == [page(12), page(2)]
+    with pytest.raises(CommitConflict) as conflict:
+        commit(writer, "v", 1, 2, {1: page(99)})
+    assert conflict.value.latest_lsn == 3
+    for vols in (Volumes(store), writer, ahead):
+        assert vols.reads.head("v").lsn == 3
+        assert contents(vols, "v", 3) == [page(12), page(2)]
+    assert commit(writer, "v", 3, 2, {1: page(99)}) == 4
