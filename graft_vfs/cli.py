@@ -28,6 +28,8 @@ S3_ENDPOINT = click.option(
     help="URL of an S3-compatible service for s3:// stores (MinIO, R2, Tigris); "
     "default AWS S3 (env: GRAFT_S3_ENDPOINT).",
 )
+
+
 def _retention_options(grace_flag: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The GC retention options shared by ``graft gc`` and ``graft server``."""
     options = [
@@ -99,6 +101,33 @@ CACHE_MAX = click.option(
     help="Most page data the local cache keeps, e.g. 512MiB: clean pages are evicted least "
     "recently used first, unpushed ones never (env: GRAFT_CACHE_MAX; default: no limit).",
 )
+
+
+AT = click.option(
+    "--at",
+    "at",
+    default=None,
+    metavar="TIME",
+    help="The latest LSN committed at or before TIME: ISO 8601 (2026-11-30T12:00:00Z) or "
+    "a time ago (90s, 5m, 2h, 7d); read-only. Needs --remote.",
+)
+
+
+def _lsn_at(volume: str, at: str, remote: str | None, token: str | None) -> int:
+    """The LSN ``--at TIME`` names, asked of the server."""
+    from graft_vfs.client.remote import Remote
+    from graft_vfs.client.when import parse_time
+
+    if not remote:
+        raise click.UsageError("--at needs --remote: commit times are on the server")
+    try:
+        when = parse_time(at)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--at") from None
+    try:
+        return Remote(remote, token=token).lsn_at(volume, when).lsn
+    except VolumeNotFound:
+        raise click.ClickException(_no_volume(volume, remote, "")) from None
 
 
 def CACHE(fn: Callable[..., Any]) -> Callable[..., Any]:  # noqa: N802 (an option like the rest)
@@ -444,14 +473,26 @@ def _no_volume(volume: str, remote: str | None, cache_dir: str) -> str:
 @REMOTE
 @TOKEN
 @click.option("--lsn", type=int, default=None, help="Export this past LSN (default: latest).")
+@AT
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @_fail_cleanly
 def export(
-    volume: str, output: str, remote: str, token: str | None, lsn: int | None, force: bool
+    volume: str,
+    output: str,
+    remote: str,
+    token: str | None,
+    lsn: int | None,
+    at: str | None,
+    force: bool,
 ) -> None:
     """Export VOLUME to a SQLite file OUTPUT."""
     from graft_vfs.client.dbfile import export_database
     from graft_vfs.client.remote import Remote
+
+    if at is not None:
+        if lsn is not None:
+            raise click.UsageError("give --lsn or --at, not both")
+        lsn = _lsn_at(volume, at, remote, token)
 
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
@@ -547,6 +588,7 @@ def _interruptible(con: Any, work: Callable[[threading.Event], None]) -> None:
     default=None,
     help="Query the past LSN N (read-only; nothing is pulled).",
 )
+@AT
 @click.option("--create", is_flag=True, help="Create VOLUME if it does not exist yet.")
 @_fail_cleanly
 def sql(
@@ -559,6 +601,7 @@ def sql(
     no_pull: bool,
     readonly: bool,
     lsn: int | None,
+    at: str | None,
     create: bool,
 ) -> None:
     """Run SQL STATEMENTS on VOLUME and print the rows; writes are pushed before exit.
@@ -570,8 +613,12 @@ def sql(
 
     import graft_vfs
 
+    if at is not None:
+        if lsn is not None:
+            raise click.UsageError("give --lsn or --at, not both")
+        lsn = _lsn_at(volume, at, remote, token)
     if create and (readonly or lsn is not None):
-        raise click.UsageError("--create cannot be combined with --readonly or --lsn")
+        raise click.UsageError("--create cannot be combined with --readonly, --lsn or --at")
     try:
         con = graft_vfs.connect(
             volume,
@@ -582,9 +629,7 @@ def sql(
             create=create,
             # This command pushes what it wrote itself, and nothing else: a read must
             # not fail, nor wait, because of earlier commits that cannot be pushed.
-            options=graft_vfs.Options(
-                token=token, autopush=False, cache_max_bytes=_cache_max()
-            ),
+            options=graft_vfs.Options(token=token, autopush=False, cache_max_bytes=_cache_max()),
         )
     except apsw.CantOpenError as exc:
         if isinstance(exc.__cause__, VolumeNotFound):
@@ -861,6 +906,52 @@ def volumes(remote: str, token: str | None) -> None:
             for v in Remote(remote, token=token).list_volumes()
         ]
     )
+
+
+@main.command()
+@click.argument("volume")
+@REMOTE
+@TOKEN
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=20,
+    show_default=True,
+    help="Show at most this many commits.",
+)
+@click.option(
+    "--before",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Start below this LSN (default: from the latest).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object a commit.")
+@_fail_cleanly
+def log(
+    volume: str, remote: str, token: str | None, limit: int, before: int | None, as_json: bool
+) -> None:
+    """Show VOLUME's commits on the server, newest first: LSN, time, pages and bytes.
+
+    It reads log records only (never segments), and stops at the oldest commit GC kept.
+    """
+    from datetime import datetime, timezone
+
+    from graft_vfs.client.remote import Remote
+
+    try:
+        commits = Remote(remote, token=token).history(volume, before, limit)
+    except VolumeNotFound:
+        raise click.ClickException(_no_volume(volume, remote, "")) from None
+    for c in commits:
+        stamp = datetime.fromtimestamp(c.time, timezone.utc).isoformat(timespec="milliseconds")
+        stamp = stamp.replace("+00:00", "Z")
+        if as_json:
+            _echo_json({**c._asdict(), "time": stamp, "timestamp": c.time})
+        else:
+            click.echo(
+                f"{c.lsn:>8}  {stamp}  {c.pages:>7} pages  {c.bytes:>10} bytes  "
+                f"{c.page_count:>8} pages in all"
+            )
 
 
 if __name__ == "__main__":

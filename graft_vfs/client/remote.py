@@ -61,6 +61,16 @@ class RemoteHead:
     identity: Identity | None = None
 
 
+class LoggedCommit(NamedTuple):
+    """One commit of a volume's log, as ``graft log`` shows it."""
+
+    lsn: int
+    time: float  # seconds since the epoch, by the committing server's clock
+    page_count: int  # the volume's size after it, in pages
+    pages: int  # pages it wrote
+    bytes: int  # compressed bytes of those pages
+
+
 class Committed(NamedTuple):
     """A commit the server accepted: its LSN, in the volume ``identity``."""
 
@@ -375,6 +385,42 @@ class Remote:
             raise self._invalid(what, f"pages {chunk[len(rows) :][:10]} are missing")
         self.link.observe_pages(size, len(rows))
         return out
+
+    def history(self, vid: str, before: int | None = None, limit: int = 100) -> list[LoggedCommit]:
+        """Up to ``limit`` commits of ``vid``, newest first, below LSN ``before``."""
+        what = f"the log of {vid!r}"
+        path = f"/v1/volumes/{validate_volume_id(vid)}/history"
+        answer = self._call("POST", path, {"before": int(before or 0), "limit": int(limit)})
+        commits = answer.get("commits")
+        if not isinstance(commits, list) or len(commits) > limit:
+            raise self._invalid(what, "no list of at most the commits asked for")
+        out = [self._logged_commit(c, what) for c in commits]
+        if any(a.lsn <= b.lsn for a, b in zip(out, out[1:])) or (
+            before and out and out[0].lsn >= before
+        ):
+            raise self._invalid(what, "commits out of order or beyond the LSN asked for")
+        return out
+
+    def lsn_at(self, vid: str, when: float) -> LoggedCommit:
+        """The latest commit of ``vid`` made at or before ``when`` (seconds since the epoch)."""
+        what = f"the LSN of {vid!r} at a time"
+        answer = self._call("POST", f"/v1/volumes/{validate_volume_id(vid)}/at", {"time": when})
+        commit = self._logged_commit(answer, what)
+        if commit.time > when:
+            raise self._invalid(what, "a commit made after the time asked for")
+        return commit
+
+    def _logged_commit(self, d: Any, what: str) -> LoggedCommit:
+        time_ = d.get("time") if isinstance(d, dict) else None
+        if type(time_) is not float or not 0 <= time_ < 1e11:
+            raise self._invalid(what, "no commit time")
+        return LoggedCommit(
+            lsn=self._answer_int(d, "lsn", MAX_LSN, what),
+            time=time_,
+            page_count=self._answer_int(d, "page_count", MAX_PAGES, what),
+            pages=self._answer_int(d, "pages", MAX_PAGES, what),
+            bytes=self._answer_int(d, "bytes", MAX_LSN, what),
+        )
 
     def log_entry(self, vid: str, lsn: int) -> dict[str, Any] | None:
         try:

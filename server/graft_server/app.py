@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from graft_server.auth import READ, WRITE, TokenFile, authorize
 from graft_server.direct import DirectReads
+from graft_server.history import MAX_LOG_ENTRIES
 from graft_server.limits import (
     DEFAULT_BODY_TIMEOUT,
     MAX_LOADED_VOLUMES,
@@ -394,6 +395,22 @@ def create_app(
         entry = await run_in_threadpool(volumes.reads.log_entry, request.path_params["vid"], lsn)
         return msgpack_response(entry._asdict())
 
+    async def history(request: Request) -> Response:
+        vid = request.path_params["vid"]
+        body = await read_map(request)
+        before = parse_int(body.get("before", 0), "before", MAX_LSN)
+        limit = parse_int(body.get("limit", 100), "limit", MAX_LOG_ENTRIES)
+        commits = await run_in_threadpool(volumes.history.log, vid, before or None, limit)
+        return msgpack_response({"vid": vid, "commits": [c._asdict() for c in commits]})
+
+    async def lsn_at(request: Request) -> Response:
+        vid = request.path_params["vid"]
+        when = field(await read_map(request), "time")
+        if type(when) not in (int, float) or not 0 <= when < 1e11:
+            raise InvalidRequest(f"time must be seconds since the epoch, got {_describe(when)}")
+        commit = await run_in_threadpool(volumes.history.lsn_at, vid, float(when))
+        return msgpack_response({"vid": vid, **commit._asdict()})
+
     routes = [
         Route("/v1/health", health, methods=["GET"]),
         Route("/v1/volumes", guarded(READ, list_volumes), methods=["GET"]),
@@ -403,6 +420,8 @@ def create_app(
         Route("/v1/volumes/{vid}/locate", guarded(READ, locate), methods=["POST"]),
         Route("/v1/volumes/{vid}/commit", guarded(WRITE, commit), methods=["POST"]),
         Route("/v1/volumes/{vid}/log/{lsn}", guarded(READ, log_entry), methods=["GET"]),
+        Route("/v1/volumes/{vid}/history", guarded(READ, history), methods=["POST"]),
+        Route("/v1/volumes/{vid}/at", guarded(READ, lsn_at), methods=["POST"]),
         # A segment names no volume: the commit that uses it is checked against its own.
         Route("/v1/segments", guarded(WRITE, upload), methods=["POST"]),
     ]

@@ -86,6 +86,9 @@ class Commits:
             if base != vol.latest:
                 return self._landed_or_conflict(vol, base, hash)
             previous = vol.page_count_at(base)
+            # Commit times never go backwards (History.lsn_at searches them), whatever
+            # the clocks of the servers that made them.
+            not_before = vol.timestamp_at(base) if base else 0.0
             if page_count > previous and not changed.contains_range(previous, page_count):
                 raise InvalidRequest(
                     f"commit grows the volume from {previous} to {page_count} pages "
@@ -99,7 +102,8 @@ class Commits:
             refs.insert(0, SegmentRef(put_segment(self.store, segment), inline))
         crash_point("server.commit.after_segment")
         assert volume_id is not None  # base > 0 == latest, so the cache holds commits
-        record = CommitRecord(vid, volume_id, base + 1, page_count, hash, time.time(), refs)
+        when = max(time.time(), not_before)
+        record = CommitRecord(vid, volume_id, base + 1, page_count, hash, when, refs)
         won = self.store.put_if_absent(log_key(vid, base + 1), record.encode())
         crash_point("server.commit.after_log")
 

@@ -257,8 +257,15 @@ class Index:
     def passed_by_gc(self, vol: VolumeLog, *, fresh: bool = False) -> bool:
         """Whether GC raised the floor above this cache's latest LSN (the floor re-read at
         most every FLOOR_RECHECK seconds, or now if ``fresh``). Caller holds ``vol.lock``."""
+        return self.floor(vol, fresh=fresh) > vol.latest
+
+    def floor(self, vol: VolumeLog, *, fresh: bool = False) -> int:
+        """The GC floor, re-read at most every FLOOR_RECHECK seconds (or now if ``fresh``).
+
+        Caller holds ``vol.lock``.
+        """
         self._read_floor(vol, fresh)
-        return vol.floor > vol.latest
+        return vol.floor
 
     def latest(self, vol: VolumeLog) -> int:
         """The latest LSN, refreshed. Caller holds ``vol.lock``; VolumeNotFound without one."""
