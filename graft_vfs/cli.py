@@ -909,6 +909,43 @@ def volumes(remote: str, token: str | None) -> None:
 
 
 @main.command()
+@click.argument("source")
+@click.argument("volume")
+@REMOTE
+@TOKEN
+@click.option("--lsn", type=click.IntRange(min=1), default=None, help="Fork this LSN of SOURCE.")
+@AT
+@_fail_cleanly
+def fork(
+    source: str, volume: str, remote: str, token: str | None, lsn: int | None, at: str | None
+) -> None:
+    """Create VOLUME as a zero-copy fork of SOURCE at its latest LSN (or --lsn, --at).
+
+    No page is copied: VOLUME's LSN 1 names SOURCE's frames. It then lives its own
+    life: commits, pulls, forks of its own (JSON: volume, lsn, source, source_lsn).
+    """
+    from graft_vfs.client.remote import Remote
+
+    if at is not None:
+        if lsn is not None:
+            raise click.UsageError("give --lsn or --at, not both")
+        lsn = _lsn_at(source, at, remote, token)
+    try:
+        forked = Remote(remote, token=token).fork(source, volume, lsn)
+    except VolumeNotFound:
+        raise click.ClickException(_no_volume(source, remote, "")) from None
+    _echo_json(
+        {
+            "volume": forked.vid,
+            "lsn": 1,
+            "source": forked.source,
+            "source_lsn": forked.source_lsn,
+            "page_count": forked.page_count,
+        }
+    )
+
+
+@main.command()
 @click.argument("volume")
 @REMOTE
 @TOKEN
@@ -945,12 +982,14 @@ def log(
     for c in commits:
         stamp = datetime.fromtimestamp(c.time, timezone.utc).isoformat(timespec="milliseconds")
         stamp = stamp.replace("+00:00", "Z")
+        origin = None if c.fork_of is None else {"volume": c.fork_of[0], "lsn": c.fork_of[1]}
         if as_json:
-            _echo_json({**c._asdict(), "time": stamp, "timestamp": c.time})
+            _echo_json({**c._asdict(), "time": stamp, "timestamp": c.time, "fork_of": origin})
         else:
+            forked = f"  fork of {origin['volume']} at LSN {origin['lsn']}" if origin else ""
             click.echo(
                 f"{c.lsn:>8}  {stamp}  {c.pages:>7} pages  {c.bytes:>10} bytes  "
-                f"{c.page_count:>8} pages in all"
+                f"{c.page_count:>8} pages in all{forked}"
             )
 
 

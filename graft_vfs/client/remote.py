@@ -69,6 +69,16 @@ class LoggedCommit(NamedTuple):
     page_count: int  # the volume's size after it, in pages
     pages: int  # pages it wrote
     bytes: int  # compressed bytes of those pages
+    fork_of: tuple[str, int] | None = None  # a fork's LSN 1: the volume and LSN it forked
+
+
+class Forked(NamedTuple):
+    """A fork the server created: ``vid`` at LSN 1 is ``source`` at ``source_lsn``."""
+
+    vid: str
+    source: str
+    source_lsn: int
+    page_count: int
 
 
 class Committed(NamedTuple):
@@ -410,16 +420,45 @@ class Remote:
             raise self._invalid(what, "a commit made after the time asked for")
         return commit
 
+    def fork(self, source: str, vid: str, lsn: int | None = None) -> Forked:
+        """Create ``vid`` as a zero-copy fork of ``source`` at ``lsn`` (default: latest)."""
+        what = f"the fork of {source!r} into {vid!r}"
+        body: dict[str, Any] = {"source": validate_volume_id(source)}
+        if lsn is not None:
+            body["lsn"] = int(lsn)
+        d = self._call("POST", f"/v1/volumes/{validate_volume_id(vid)}/fork", body)
+        if d.get("vid") != vid or d.get("source") != source or d.get("lsn") != 1:
+            raise self._invalid(what, "another volume, source or LSN")
+        forked = Forked(
+            vid,
+            source,
+            self._answer_int(d, "source_lsn", MAX_LSN, what),
+            self._answer_int(d, "page_count", MAX_PAGES - 1, what),
+        )
+        if lsn is not None and forked.source_lsn != lsn:
+            raise self._invalid(what, f"forked LSN {forked.source_lsn}, not {lsn}")
+        return forked
+
     def _logged_commit(self, d: Any, what: str) -> LoggedCommit:
         time_ = d.get("time") if isinstance(d, dict) else None
         if type(time_) is not float or not 0 <= time_ < 1e11:
             raise self._invalid(what, "no commit time")
+        origin = d.get("fork_of")
+        fork_of = None
+        if origin is not None:
+            if not isinstance(origin, dict) or not isinstance(origin.get("vid"), str):
+                raise self._invalid(what, "a fork origin that is not a volume and an LSN")
+            fork_of = (
+                validate_volume_id(origin["vid"]),
+                self._answer_int(origin, "lsn", MAX_LSN, what),
+            )
         return LoggedCommit(
             lsn=self._answer_int(d, "lsn", MAX_LSN, what),
             time=time_,
             page_count=self._answer_int(d, "page_count", MAX_PAGES, what),
             pages=self._answer_int(d, "pages", MAX_PAGES, what),
             bytes=self._answer_int(d, "bytes", MAX_LSN, what),
+            fork_of=fork_of,
         )
 
     def log_entry(self, vid: str, lsn: int) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from pyroaring import BitMap
 
-from graft_vfs.core.envelope import Fields, check_int, pack, unpack
+from graft_vfs.core.envelope import Fields, Packable, check_int, pack, unpack
 from graft_vfs.core.errors import CorruptData, GraftError
 from graft_vfs.core.graft import MAX_PAGES, decode_graft, encode_graft
 from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_segment_id, validate_volume_id
@@ -81,6 +81,9 @@ class CommitRecord:
     hash: bytes
     timestamp: float
     segments: list[SegmentRef] = field(default_factory=list)
+    # A fork's first record: the volume and LSN whose snapshot it starts from (its
+    # segments are that snapshot's page map, pointing at the source's segments).
+    origin: tuple[str, int] | None = None
 
     def pages(self) -> BitMap:
         bm = BitMap()
@@ -89,9 +92,11 @@ class CommitRecord:
         return bm
 
     def encode(self) -> bytes:
+        origin: dict[str, Packable] = {} if self.origin is None else {"origin": list(self.origin)}
         return pack(
             RECORD_KIND,
             {
+                **origin,
                 "vid": self.vid,
                 "volume_id": self.volume_id,
                 "lsn": self.lsn,
@@ -129,6 +134,7 @@ class CommitRecord:
             hash=f.blob("hash", HASH_SIZE),
             timestamp=f.number("time"),
             segments=segments,
+            origin=_origin(f) if "origin" in f.d else None,
         )
         try:
             listed = decode_graft(f.get("pages"))
@@ -137,6 +143,14 @@ class CommitRecord:
         if listed != seen:
             raise CorruptData("commit record page bitmap does not match its segments")
         return rec
+
+
+def _origin(f: Fields) -> tuple[str, int]:
+    raw = f.get("origin")
+    if not isinstance(raw, list) or len(raw) != 2:
+        raise f.bad("origin", "is not a volume and an LSN")
+    origin = Fields({"vid": raw[0], "lsn": raw[1]}, f.what)
+    return origin.text("vid", validate_volume_id), origin.integer("lsn", 1, MAX_LSN)
 
 
 def _entry(f: Fields, raw: object, page_count: int) -> Entry:

@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from graft_server.auth import READ, WRITE, TokenFile, authorize
 from graft_server.direct import DirectReads
-from graft_server.history import MAX_LOG_ENTRIES
+from graft_server.history import MAX_LOG_ENTRIES, Commit
 from graft_server.limits import (
     DEFAULT_BODY_TIMEOUT,
     MAX_LOADED_VOLUMES,
@@ -243,6 +243,15 @@ def parse_commit(body: Mapping[str, Any]) -> CommitRequest:
     )
 
 
+def _commit(commit: Commit) -> dict[str, Any]:
+    """A commit of the history routes; ``fork_of`` only on a fork's first."""
+    fields = commit._asdict()
+    origin = fields.pop("fork_of")
+    if origin is not None:
+        fields["fork_of"] = {"vid": origin[0], "lsn": origin[1]}
+    return fields
+
+
 def parse_lsn(text: str) -> int:
     """An LSN in a path."""
     # 20 digits hold any u64; the range is checked as for an LSN in a body.
@@ -401,7 +410,7 @@ def create_app(
         before = parse_int(body.get("before", 0), "before", MAX_LSN)
         limit = parse_int(body.get("limit", 100), "limit", MAX_LOG_ENTRIES)
         commits = await run_in_threadpool(volumes.history.log, vid, before or None, limit)
-        return msgpack_response({"vid": vid, "commits": [c._asdict() for c in commits]})
+        return msgpack_response({"vid": vid, "commits": [_commit(c) for c in commits]})
 
     async def lsn_at(request: Request) -> Response:
         vid = request.path_params["vid"]
@@ -409,7 +418,21 @@ def create_app(
         if type(when) not in (int, float) or not 0 <= when < 1e11:
             raise InvalidRequest(f"time must be seconds since the epoch, got {_describe(when)}")
         commit = await run_in_threadpool(volumes.history.lsn_at, vid, float(when))
-        return msgpack_response({"vid": vid, **commit._asdict()})
+        return msgpack_response({"vid": vid, **_commit(commit)})
+
+    async def fork(request: Request) -> Response:
+        vid = request.path_params["vid"]
+        body = await read_map(request)
+        source = field(body, "source")
+        if not isinstance(source, str):
+            raise InvalidRequest(f"source must be a volume name, got {_describe(source)}")
+        token = getattr(request.state, "token", None)
+        if token is not None and not token.allows(READ, source):
+            raise Forbidden(f"this token may not read {source[:200]!r}, the fork's source")
+        lsn = body.get("lsn")
+        lsn = None if lsn is None else parse_int(lsn, "lsn", MAX_LSN) or None
+        forked = await run_in_threadpool(volumes.forks.fork, source, vid, lsn)
+        return msgpack_response(identified(vid, forked._asdict()))
 
     routes = [
         Route("/v1/health", health, methods=["GET"]),
@@ -421,6 +444,7 @@ def create_app(
         Route("/v1/volumes/{vid}/commit", guarded(WRITE, commit), methods=["POST"]),
         Route("/v1/volumes/{vid}/log/{lsn}", guarded(READ, log_entry), methods=["GET"]),
         Route("/v1/volumes/{vid}/history", guarded(READ, history), methods=["POST"]),
+        Route("/v1/volumes/{vid}/fork", guarded(WRITE, fork), methods=["POST"]),
         Route("/v1/volumes/{vid}/at", guarded(READ, lsn_at), methods=["POST"]),
         # A segment names no volume: the commit that uses it is checked against its own.
         Route("/v1/segments", guarded(WRITE, upload), methods=["POST"]),

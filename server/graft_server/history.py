@@ -25,6 +25,7 @@ class Commit(NamedTuple):
     page_count: int  # the volume's size after the commit, in pages
     pages: int  # pages the commit wrote
     bytes: int  # compressed bytes of those pages
+    fork_of: tuple[str, int] | None = None  # a fork's LSN 1: the volume and LSN it forked
 
 
 class History:
@@ -74,7 +75,8 @@ class History:
 
     def _commit(self, vol: VolumeLog, lsn: int) -> Commit:
         with vol.lock:
-            if vol.base < lsn <= vol.latest:
+            # (LSN 1 may be a fork's, which only its record says: read it.)
+            if vol.base < lsn <= vol.latest and lsn > 1:
                 logged = vol.commit_at(lsn)
                 sizes = [entry.length for _, entry in logged.pages.values()]
                 return Commit(lsn, logged.timestamp, logged.page_count, len(sizes), sum(sizes))
@@ -87,6 +89,7 @@ class History:
         if record.lsn != lsn:
             raise CorruptData(f"log record {lsn} of {vol.vid!r} says it is LSN {record.lsn}")
         entries = [e for seg in record.segments for e in seg.entries]
-        return Commit(
-            lsn, record.timestamp, record.page_count, len(entries), sum(e.length for e in entries)
-        )
+        size = sum(e.length for e in entries)
+        if record.origin is not None:  # a fork wrote no page: it names the source's
+            return Commit(lsn, record.timestamp, record.page_count, 0, 0, record.origin)
+        return Commit(lsn, record.timestamp, record.page_count, len(entries), size)

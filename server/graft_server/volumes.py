@@ -9,6 +9,7 @@ seen by the next read in the same process without a store round trip.
 from __future__ import annotations
 
 from graft_server.commits import CHECKPOINT_EVERY, Commits
+from graft_server.forks import Forks
 from graft_server.history import History
 from graft_server.index import Index
 from graft_server.limits import MAX_LOADED_VOLUMES
@@ -37,3 +38,4 @@ class Volumes:
         self.reads = Reads(self.index, cache)
         self.commits = Commits(self.index, checkpoint_every)
         self.history = History(self.index)
+        self.forks = Forks(self.index)

@@ -6,7 +6,6 @@ import random
 import time
 
 import pytest
-import zstandard
 from pyroaring import BitMap
 
 from graft_server.gc import Retention, collect
@@ -16,15 +15,7 @@ from graft_server.segments import SegmentCache
 from graft_server.volumes import Volumes
 from graft_vfs.core.errors import CommitConflict, SnapshotExpired
 from graft_vfs.core.ids import PAGE_SIZE
-from support.commits import commit, page, random_page
-
-
-def contents(vols: Volumes, vid: str, lsn: int, count: int | None = None) -> list[bytes]:
-    """Every page at ``lsn`` (``count`` of them, else the count its log entry says)."""
-    dctx = zstandard.ZstdDecompressor()
-    count = vols.reads.log_entry(vid, lsn).page_count if count is None else count
-    frames = vols.reads.read(vid, lsn, BitMap(range(count)))
-    return [dctx.decompress(f.frame) if f.frame else bytes(PAGE_SIZE) for f in frames]
+from support.commits import commit, contents, page, random_page
 
 
 def churn(vols: Volumes, vid: str, commits: int, pages: int = 8, seed: int = 0) -> None:

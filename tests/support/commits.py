@@ -9,6 +9,8 @@ from typing import Any
 
 import msgpack
 import urllib3
+import zstandard
+from pyroaring import BitMap
 
 from graft_server.segments import upload_segment
 from graft_server.volumes import Volumes
@@ -63,3 +65,15 @@ def call(method: str, url: str, body: object = None) -> tuple[int, Any]:
     if r.headers.get("content-type", "").startswith("application/json"):
         return r.status, r.json()
     return r.status, msgpack.unpackb(r.data)
+
+
+def contents(
+    vols: Volumes, vid: str, lsn: int | None = None, count: int | None = None
+) -> list[bytes]:
+    """Every page of ``vid`` at ``lsn`` (default: the latest), read through ``vols``
+    (``count`` of them, else the page count of that LSN)."""
+    lsn = vols.reads.head(vid).lsn if lsn is None else lsn
+    count = vols.reads.log_entry(vid, lsn).page_count if count is None else count
+    frames = vols.reads.read(vid, lsn, BitMap(range(count)))
+    dctx = zstandard.ZstdDecompressor()
+    return [dctx.decompress(f.frame) if f.frame else bytes(PAGE_SIZE) for f in frames]
