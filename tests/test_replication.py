@@ -209,6 +209,27 @@ def test_conflict_diverges_keeps_local_data_and_reset_recovers(client, vid):
     assert a.execute("SELECT who FROM t ORDER BY who").fetchall() == [("a",), ("b2",)]
 
 
+def test_the_same_update_from_two_clients_is_a_conflict_not_a_retry(client, vid):
+    """Two clients increment a counter from the same snapshot: their commits are the
+    same bytes on the same base, yet only the first lands; the second is diverged, never
+    answered as a retry of the first (an update lost)."""
+    opts = graft_vfs.Options(autopush=False)
+    a = client(vid, options=opts)
+    a.execute("CREATE TABLE counter(n INTEGER); INSERT INTO counter VALUES(0)")
+    base = pragma(a, "graft_push")["remote_lsn"]
+    b = client(vid, options=opts)
+    for con in (a, b):
+        con.execute("UPDATE counter SET n = n + 1")
+    assert pragma(a, "graft_push")["remote_lsn"] == base + 1
+    with pytest.raises(apsw.SQLError, match="diverged"):
+        b.execute("PRAGMA graft_push")
+    pragma(b, "graft_reset")
+    b.execute("UPDATE counter SET n = n + 1")
+    assert pragma(b, "graft_push")["remote_lsn"] == base + 2
+    assert pragma(a, "graft_pull")["pulled"]
+    assert a.execute("SELECT n FROM counter").fetchone() == (2,)
+
+
 def test_reset_restores_every_page_of_many_local_commits(client, vid):
     con = client(vid, options=graft_vfs.Options(autopush=False))
     con.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)")

@@ -153,6 +153,7 @@ class PushIntent:
     local_lsn: int
     base: int
     hash: bytes
+    nonce: bytes = b""  # the push's random bytes, kept so its retries have its hash
 
 
 class LocalStore(Maintenance):
@@ -539,7 +540,14 @@ class LocalStore(Maintenance):
     @_boundary
     def set_push_intent(self, v: int, intent: PushIntent | None) -> None:
         blob = (
-            msgpack.packb({"local_lsn": intent.local_lsn, "base": intent.base, "hash": intent.hash})
+            msgpack.packb(
+                {
+                    "local_lsn": intent.local_lsn,
+                    "base": intent.base,
+                    "hash": intent.hash,
+                    "nonce": intent.nonce,
+                }
+            )
             if intent
             else None
         )

@@ -478,6 +478,7 @@ class Remote:
         digest: bytes,
         traffic: Traffic | None = None,
         identity: Identity | None = None,
+        nonce: bytes = b"",
     ) -> Committed:
         """Commit ``pages`` on top of ``base``; returns the new LSN or raises CommitConflict.
 
@@ -492,6 +493,7 @@ class Remote:
             "page_count": page_count,
             "hash": digest,
             **_identity_fields(identity),
+            **({"nonce": nonce} if nonce else {}),
         }
         items = sorted(pages.items())
         if len(items) <= MAX_INLINE_PAGES:

@@ -21,6 +21,7 @@ below the one the cache already has is refused: it lost history.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any, Protocol
 
@@ -29,9 +30,10 @@ from pyroaring import BitMap
 from graft_vfs.client.local import LocalStore, PushIntent, VolumeRow
 from graft_vfs.client.remote import Remote, RemoteHead, Traffic, required
 from graft_vfs.client.stats import Stats
-from graft_vfs.core.commit import commit_hash
+from graft_vfs.core.commit import NONCE_SIZE, commit_hash
 from graft_vfs.core.errors import (
     CommitConflict,
+    CorruptData,
     Diverged,
     Forbidden,
     IdentityMismatch,
@@ -139,8 +141,16 @@ class Sync:
         with self.lock:
             row = self.vol.refresh()
             intent = row.push_intent
+            nonce = os.urandom(NONCE_SIZE)
             if intent is not None:
+                # A push sent before (and maybe landed): the same commit, the same nonce.
                 target, base = intent["local_lsn"], intent["base"]
+                nonce = intent.get("nonce", b"")  # (none in an intent of an older version)
+                if not isinstance(nonce, bytes) or len(nonce) not in (0, NONCE_SIZE):
+                    raise CorruptData(
+                        f"the push intent of {self.vid!r} in the cache has a bad nonce: "
+                        "reset the volume (graft reset) to drop it"
+                    )
             elif row.pending == 0:
                 return {
                     "pushed": False,
@@ -161,13 +171,20 @@ class Sync:
                 if p < page_count
             ]
             pages = local.pages_at(self.row_id, changed, target)
-            digest = commit_hash(self.vid, base, page_count, pages.items())
-            local.set_push_intent(self.row_id, PushIntent(target, base, digest))
+            digest = commit_hash(self.vid, base, page_count, pages.items(), nonce)
+            local.set_push_intent(self.row_id, PushIntent(target, base, digest, nonce))
             crash_point("client.push.before_send")
             traffic = Traffic()
             try:
                 committed = remote.commit(
-                    self.vid, base, page_count, pages, digest, traffic, identity=row.identity
+                    self.vid,
+                    base,
+                    page_count,
+                    pages,
+                    digest,
+                    traffic,
+                    identity=row.identity,
+                    nonce=nonce,
                 )
             except IdentityMismatch as exc:
                 assert row.identity is not None

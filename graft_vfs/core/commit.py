@@ -28,10 +28,12 @@ class CommitHasher:
     The server recomputes it from the pages a commit carries without holding them all.
     """
 
-    def __init__(self, vid: str, base_lsn: int, page_count: int) -> None:
+    def __init__(self, vid: str, base_lsn: int, page_count: int, nonce: bytes = b"") -> None:
         self._h = hashlib.sha256()
         self._h.update(b"graft-commit-v1\0" + vid.encode() + b"\0")
         self._h.update(struct.pack(">QQ", base_lsn, page_count))
+        if nonce:  # one push's random bytes: see commit_hash
+            self._h.update(b"nonce\0" + nonce)
         self._last = -1
 
     def add(self, page: int, data: bytes) -> None:
@@ -45,15 +47,25 @@ class CommitHasher:
         return self._h.digest()
 
 
+NONCE_SIZE = 16
+
+
 def commit_hash(
-    vid: str, base_lsn: int, page_count: int, pages: Iterable[tuple[int, bytes]]
+    vid: str,
+    base_lsn: int,
+    page_count: int,
+    pages: Iterable[tuple[int, bytes]],
+    nonce: bytes = b"",
 ) -> bytes:
     """Content hash that identifies a commit, so a retried push is never applied twice.
 
     Computed over the uncompressed pages in page order, so it does not depend on the
-    compressor's version or settings.
+    compressor's version or settings. ``nonce`` (NONCE_SIZE random bytes a push draws
+    once and keeps for its retries) makes the hash one push's: without it, two clients
+    committing the same bytes on the same base would have one hash, and the second
+    would be answered as a retry of the first, its update lost.
     """
-    hasher = CommitHasher(vid, base_lsn, page_count)
+    hasher = CommitHasher(vid, base_lsn, page_count, nonce)
     for page, data in sorted(pages):
         hasher.add(page, data)
     return hasher.digest()

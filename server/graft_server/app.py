@@ -37,7 +37,7 @@ from graft_server.limits import (
 from graft_server.objstore import ObjectStore
 from graft_server.segments import SegmentCache, upload_segment
 from graft_server.volumes import Volumes
-from graft_vfs.core.commit import HASH_SIZE
+from graft_vfs.core.commit import HASH_SIZE, NONCE_SIZE
 from graft_vfs.core.errors import (
     CommitConflict,
     Forbidden,
@@ -229,6 +229,7 @@ class CommitRequest(NamedTuple):
     segment: bytes | None
     sids: list[str]
     expected: Identity | None
+    nonce: bytes
 
 
 def parse_commit(body: Mapping[str, Any]) -> CommitRequest:
@@ -240,6 +241,7 @@ def parse_commit(body: Mapping[str, Any]) -> CommitRequest:
         segment=parse_segment(body.get("segment")),
         sids=parse_segment_ids(body.get("segments")),
         expected=parse_identity(body),
+        nonce=b"" if body.get("nonce") is None else parse_bytes(body["nonce"], "nonce", NONCE_SIZE),
     )
 
 
@@ -393,6 +395,7 @@ def create_app(
                 segment=checked.segment,
                 sids=checked.sids,
                 expected=checked.expected,
+                nonce=checked.nonce,
             )
             # A client that created the volume learns its identity here.
             return identified(vid, {"lsn": lsn})

@@ -52,6 +52,7 @@ class Commits:
         segment: bytes | None = None,
         sids: Sequence[str] = (),
         expected: Identity | None = None,
+        nonce: bytes = b"",
     ) -> int:
         """Commit pages on top of LSN ``base``; return the new LSN, ``base + 1``.
 
@@ -75,7 +76,7 @@ class Commits:
             raise InvalidRequest(f"page {changed.max()} is beyond the page count {page_count}")
         # Before the retry check: a body claiming a landed commit's hash with other
         # pages must not be answered as that commit.
-        self._verify_hash(vid, base, page_count, hash, segment, inline, uploaded)
+        self._verify_hash(vid, base, page_count, hash, nonce, segment, inline, uploaded)
 
         vol = self.index.volume(vid)
         with vol.lock:
@@ -147,6 +148,7 @@ class Commits:
         base: int,
         page_count: int,
         digest: bytes,
+        nonce: bytes,
         segment: bytes | None,
         inline: list[Entry],
         uploaded: list[SegmentRef],
@@ -160,7 +162,7 @@ class Commits:
         if inline:
             parts.append((inline, None))
         parts.sort(key=lambda part: min(e.page for e in part[0]) if part[0] else -1)
-        hasher = CommitHasher(vid, base, page_count)
+        hasher = CommitHasher(vid, base, page_count, nonce)
         for entries, sid in parts:
             if sid is None:
                 assert segment is not None
