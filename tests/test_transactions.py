@@ -3,6 +3,7 @@ writes (PRAGMA graft_wait, min_lsn), through a real server on each store kind.""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -233,7 +234,7 @@ def test_connect_and_uri_min_lsn_open_a_replica_with_the_writers_commit(
 
 
 def test_readme_transaction_example_runs(server, tmp_path):
-    with open("README.md") as f:
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
         section = f.read().split("### Transactions and read your writes\n", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     code = code.replace("http://127.0.0.1:3000", server.url)
@@ -241,4 +242,4 @@ def test_readme_transaction_example_runs(server, tmp_path):
     code = code.replace("/tmp/reader-cache", str(tmp_path / "r"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1] == "[(1, 70), (2, 30)]"
+    assert proc.stdout.splitlines()[-1] == "[(1, 70), (2, 30)]", proc.stdout

@@ -57,6 +57,7 @@ def landed_lsn(con: apsw.Connection) -> int | None:
 
 def _pragma(con: apsw.Connection, name: str) -> dict[str, Any]:
     row = con.execute(f"PRAGMA {name}").fetchone()
+    assert row is not None  # a graft PRAGMA answers one row
     answer: dict[str, Any] = json.loads(row[0])
     return answer
 
