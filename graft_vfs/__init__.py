@@ -46,7 +46,15 @@ if TYPE_CHECKING:
     from graft_vfs.client.api import (
         runtime_of as runtime_of,
     )
+    from graft_vfs.client.catchup import LsnNotReached
     from graft_vfs.client.runtime import Options, Runtime
+    from graft_vfs.client.transaction import (
+        Transaction,
+        TransactionConflict,
+        landed_lsn,
+        transaction,
+        transactional,
+    )
 
 __version__ = VERSION
 
@@ -54,6 +62,10 @@ __all__ = [
     "register",
     "unregister",
     "connect",
+    "transaction",
+    "transactional",
+    "landed_lsn",
+    "Transaction",
     "Options",
     "Runtime",
     "GraftError",
@@ -73,6 +85,8 @@ __all__ = [
     "Unauthorized",
     "Forbidden",
     "ReadOnly",
+    "TransactionConflict",
+    "LsnNotReached",
     "__version__",
 ]
 
@@ -87,6 +101,12 @@ _CLIENT = {
     "DEFAULT_CACHE_DIR": "graft_vfs.client.api",
     "Options": "graft_vfs.client.runtime",
     "Runtime": "graft_vfs.client.runtime",
+    "transaction": "graft_vfs.client.transaction",
+    "transactional": "graft_vfs.client.transaction",
+    "landed_lsn": "graft_vfs.client.transaction",
+    "Transaction": "graft_vfs.client.transaction",
+    "TransactionConflict": "graft_vfs.client.transaction",
+    "LsnNotReached": "graft_vfs.client.catchup",
 }
 
 

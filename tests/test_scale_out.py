@@ -146,8 +146,10 @@ def bank_run(
     """Set up the bank, run the workers, check everything; return the counts.
 
     ``logs_out``, if given, receives each worker's event log; ``worker_args`` are
-    extra options of tests/support/bank_worker.py.
+    extra options of tests/support/bank_worker.py. With ``--transactional`` among them,
+    no transfer may be rejected: conflicts must have been retried instead.
     """
+    transactional = "--transactional" in worker_args
     opts = graft_vfs.Options(autopush=False)
     setup = connect(vid, remote=servers[0].url, cache_dir=str(tmp_path / "setup"), options=opts)
     with setup:
@@ -198,6 +200,7 @@ def bank_run(
         "busy_retried": sum(e["event"] == "busy" for e in every),
         "unavailable": sum(e["event"] == "unavailable" for e in every),
         "acks_background": sum(e["event"] == "ack" and e["by"] == "background" for e in every),
+        "retried": sum(e["event"] == "retried" for e in every),
         "unavailable_corrupt": sum(
             e["event"] == "unavailable" and e.get("error") == "CorruptError" for e in every
         ),
@@ -205,7 +208,15 @@ def bank_run(
     print(f"scale-out: {counts}")
     assert len(acks) >= WORKERS, "too few pushes were acknowledged to prove anything"
     by_push = sum(e["via"] == "push" for e in rejected)
-    assert by_push >= 3, "pushes did not race: the test would not test conflicts"
+    if transactional:
+        # Every transfer a worker began was acknowledged (done: transfers == acks).
+        assert not rejected, f"transactions lost transfers: {rejected[:3]}"
+        retried_pushes = sum(
+            e["event"] == "retried" and e["message"].startswith("push rejected") for e in every
+        )
+        assert retried_pushes >= 3, "pushes did not race: the test would not test conflicts"
+    else:
+        assert by_push >= 3, "pushes did not race: the test would not test conflicts"
     for e in rejected:
         assert "diverged" in e["message"] and "graft_reset" in e["message"]
 
@@ -282,10 +293,12 @@ def test_bank_transfers_with_background_push_and_pull(servers, tmp_path, vid, co
         soak_end = time.monotonic() + BACKGROUND_SOAK_SECONDS
         await_progress(
             "the background did not push, pull under a transaction and race",
-            lambda: seen("ack", by="background") > 0
-            and seen("busy") > 0
-            and seen("rejected", via="push") >= 3
-            and seen("ack") >= WORKERS,
+            lambda: (
+                seen("ack", by="background") > 0
+                and seen("busy") > 0
+                and seen("rejected", via="push") >= 3
+                and seen("ack") >= WORKERS
+            ),
         )
         while time.monotonic() < soak_end:
             time.sleep(0.2)
@@ -295,6 +308,25 @@ def test_bank_transfers_with_background_push_and_pull(servers, tmp_path, vid, co
     args = ("--background", "--stop-file", str(stop))
     counts = bank_run(servers, tmp_path, vid, connect, seconds, enough, worker_args=args)
     assert counts["acks_background"] > 0 and counts["busy_retried"] > 0
+
+
+@pytest.mark.timeout(WORKLOAD_SECONDS + WORKER_GRACE + 240)
+def test_bank_transfers_as_retried_transactions_lose_none(servers, tmp_path, vid, connect):
+    """The same workload with each transfer a ``graft_vfs.transaction``: a rejected push
+    resets and runs the transfer again, so every transfer a worker began is acknowledged
+    and in the final state, none is rejected, and no worker resets by hand."""
+    args = ("--transactional",)
+    logs: list[list[dict]] = []
+    counts = bank_run(
+        servers, tmp_path, vid, connect, WORKLOAD_SECONDS, logs_out=logs, worker_args=args
+    )
+    assert counts["conflicts"] == 0 and counts["retried"] >= 3
+    for events in logs:
+        assert not [e for e in events if e["event"] in ("reset", "rejected")]
+        done = [e for e in events if e["event"] == "done"][0]
+        assert done["transfers"] == done["acks"] > 0
+        acks = [e for e in events if e["event"] == "ack"]
+        assert all(e["by"] == "transaction" and e["remote_lsn"] for e in acks)
 
 
 def events_through(tmp_path, k: int) -> list[dict]:

@@ -75,6 +75,8 @@ def connect(
     lsn: int | None = None,
     create: bool = True,
     options: Options | None = None,
+    min_lsn: int | None = None,
+    min_lsn_timeout: float | None = None,
 ) -> apsw.Connection:
     """Open ``volume`` with ``journal_mode=MEMORY``; a shortcut around register().
 
@@ -83,6 +85,8 @@ def connect(
     default ``$GRAFT_TOKEN``) are those of its first connect(). ``lsn`` opens a read-only
     past snapshot. ``create=False`` refuses a volume that exists neither in the cache
     nor on the server (``apsw.CantOpenError`` caused by ``VolumeNotFound``).
+    ``min_lsn`` (read your writes) pulls until the cache has that remote LSN or later,
+    waiting up to ``min_lsn_timeout`` seconds (default 30; then ``LsnNotReached``).
     """
     try:
         # SQLite reads an empty name as a private temporary database: never a volume.
@@ -102,7 +106,12 @@ def connect(
         flags |= apsw.SQLITE_OPEN_READONLY
     else:
         flags |= apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
-    uri = f"file:{volume}" + (f"?lsn={int(lsn)}" if lsn is not None else "")
+    params = [] if lsn is None else [f"lsn={int(lsn)}"]
+    if min_lsn is not None:
+        params.append(f"min_lsn={int(min_lsn)}")
+    if min_lsn_timeout is not None:
+        params.append(f"min_lsn_timeout={float(min_lsn_timeout)!r}")
+    uri = f"file:{volume}" + ("?" + "&".join(params) if params else "")
     con = apsw.Connection(uri, flags=flags, vfs=name)  # con.open_vfs names the client
     con.execute("PRAGMA journal_mode=MEMORY").fetchall()
     return con

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import apsw
 
+from graft_vfs.client.catchup import parse_wait, wait_for_lsn
 from graft_vfs.client.volume import Volume
 from graft_vfs.core.errors import InvalidRequest
 from graft_vfs.core.version import VERSION
@@ -96,6 +97,11 @@ def _sync(c: Connection, value: str | None) -> dict[str, Any]:
     return {"push": c.vol.sync.push(), "pull": c.vol.sync.pull()}
 
 
+def _wait(c: Connection, value: str | None) -> dict[str, Any]:
+    lsn, timeout = parse_wait(value)
+    return wait_for_lsn(c.vol, lsn, timeout)
+
+
 # Each PRAGMA's answer, from the connection and the PRAGMA's value (None without one).
 PRAGMAS: dict[str, Callable[[Connection, str | None], dict[str, Any]]] = {
     "graft_status": lambda c, v: c.vol.status(),
@@ -104,6 +110,7 @@ PRAGMAS: dict[str, Callable[[Connection, str | None], dict[str, Any]]] = {
     "graft_push": lambda c, v: c.vol.sync.push(),
     "graft_sync": _sync,
     "graft_reset": lambda c, v: c.vol.sync.reset(),
+    "graft_wait": _wait,
     "graft_snapshot": _snapshot,
     "graft_version": _version,
     "graft_hydrate": lambda c, v: c.vol.hydrate(),

@@ -27,6 +27,12 @@ from typing import Any, TypeVar
 
 import apsw
 
+from graft_vfs.client.catchup import (
+    DEFAULT_WAIT_TIMEOUT,
+    parse_lsn,
+    parse_timeout,
+    wait_for_lsn,
+)
 from graft_vfs.client.pragmas import PRAGMA_PREFIX, PRAGMAS
 from graft_vfs.client.runtime import Runtime
 from graft_vfs.core.errors import (
@@ -223,6 +229,19 @@ class GraftFile:
         self.fixed: tuple[int, int] | None = None  # a past snapshot (lsn=N)
         self.remote_lsn: int | None = None  # past snapshot not in the local log
         self._remote_pages: dict[int, bytes] = {}
+        min_lsn = name.uri_parameter("min_lsn") if isinstance(name, apsw.URIFilename) else None
+        if min_lsn is not None:
+            assert isinstance(name, apsw.URIFilename)
+            if lsn_param is not None:
+                raise InvalidRequest("min_lsn=N waits for a newer snapshot; lsn=N opens a past one")
+            timeout = name.uri_parameter("min_lsn_timeout")
+            wait_for_lsn(
+                self.vol,
+                parse_lsn(min_lsn, "min_lsn"),
+                DEFAULT_WAIT_TIMEOUT
+                if timeout is None
+                else parse_timeout(timeout, "min_lsn_timeout"),
+            )
         if lsn_param is not None:
             self._open_past(lsn_param)
         elif immutable:

@@ -1,7 +1,7 @@
 """A bank-transfer client for tests/test_scale_out.py, run as its own process.
 
     python tests/support/bank_worker.py VOLUME URL CACHE_DIR LOG_PATH SECONDS SEED NAME
-        [--pull-in-tx P] [--faults] [--stop-file PATH] [--background]
+        [--pull-in-tx P] [--faults] [--stop-file PATH] [--background] [--transactional]
 
 Until SECONDS have passed (with ``--stop-file``, until PATH exists, SECONDS being only
 a bound) it repeats: a random short pause, sometimes a pull, one
@@ -25,6 +25,10 @@ at any moment (BUSY: run again), and may find a pending transfer diverged; a
 background push may push the transfer before the worker does, and then the worker's
 ``PRAGMA graft_push`` has nothing to push: its ack has no ``remote_lsn`` (null) and
 ``"by": "background"``.
+``--transactional``: each transfer runs as ``graft_vfs.transaction`` (BEGIN IMMEDIATE,
+commit, push at once; on a rejected push or a stale snapshot, reset, pull and run the
+transfer again): no transfer is rejected or lost, no reset is the worker's to make. Each
+retry is logged (``retried``), and the ack carries the LSN the transaction landed at.
 
 LOG_PATH receives one JSON object per line (each also has "t", its time.time()),
 flushed as it happens, so that a worker killed by a timeout still leaves what it saw:
@@ -37,6 +41,8 @@ flushed as it happens, so that a worker killed by a timeout still leaves what it
     {"event": "reset", "tid": ..., "discarded_commits": N, "pending_before": N,
      "pending_after": N}
     {"event": "pull", "remote_lsn": N, "pulled": bool, "in_tx": bool}
+    {"event": "retried", "tid": ..., "message": ...}     (--transactional: a conflict,
+        the transfer ran again)
     {"event": "busy", "stage": "write" | "commit", "tid": ..., "message": ...}
         (a pull inside the transaction moved the volume on: rolled back, run again)
     {"event": "unavailable", "where": ..., "error": "IOError" | "CorruptError",
@@ -69,6 +75,9 @@ MAX_AMOUNT = 200
 UNAVAILABLE_LIMIT = 30.0  # seconds a server may stay unreachable before the worker gives up
 RETRY_PAUSE = 0.2
 BACKGROUND_PULL_INTERVAL = 0.05  # seconds, with --background
+# With --transactional: enough that six workers racing for each LSN never run out.
+TRANSACTION_ATTEMPTS = 1000
+TRANSACTION_MAX_BACKOFF = 0.2  # seconds
 
 
 class Diverged(Exception):
@@ -89,8 +98,10 @@ class Worker:
         pull_in_tx: float = 0.0,
         faults: bool = False,
         background: bool = False,
+        transactional: bool = False,
     ) -> None:
         self.con, self.log, self.rng, self.name = con, log, rng, name
+        self.transactional = transactional
         self.pull_in_tx = pull_in_tx
         self.background = background
         # What a server may answer while it is unreachable or its store fails.
@@ -106,6 +117,7 @@ class Worker:
             "busy": 0,
             "unavailable": 0,
             "acks_background": 0,
+            "retried": 0,
         }
         self.seq = 0
 
@@ -239,11 +251,48 @@ class Worker:
             self.counts["transfers"] += 1
             return {"tid": tid, "src": src, "dst": dst, "amount": amount}
 
+    def transaction(self) -> None:
+        """One transfer as a graft_vfs.transaction, run until it lands (--transactional)."""
+        src, dst = self.rng.sample(self.accounts, 2)
+        self.seq += 1
+        tid = f"{self.name}-{self.seq}"
+        con = self.con
+        self.counts["transfers"] += 1
+        tx = graft_vfs.transaction(
+            con, attempts=TRANSACTION_ATTEMPTS, max_backoff=TRANSACTION_MAX_BACKOFF
+        )
+        for attempt in tx:
+            with attempt:  # each run reads the balance of its own snapshot
+                amount = self.rng.randint(0, min(self.balance(src), MAX_AMOUNT))
+                con.execute("UPDATE accounts SET balance = balance - ? WHERE id = ?", (amount, src))
+                con.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, dst))
+                con.execute(
+                    "INSERT INTO transfers(tid, src, dst, amount) VALUES (?, ?, ?, ?)",
+                    (tid, src, dst, amount),
+                )
+        for why in tx.conflicts:
+            self.counts["retried"] += 1
+            self.record(event="retried", tid=tid, message=why)
+        self.counts["acks"] += 1
+        self.record(
+            event="ack",
+            remote_lsn=tx.lsn,
+            by="transaction",
+            attempts=tx.attempts,
+            tid=tid,
+            src=src,
+            dst=dst,
+            amount=amount,
+        )
+
     def step(self) -> None:
         time.sleep(self.rng.uniform(0, MAX_PAUSE))
         if self.rng.random() < PULL_PROBABILITY:
             # Nothing is pending here, so a pull can never report diverged.
             self.pull()
+        if self.transactional:
+            self.transaction()
+            return
         transfer = self.transfer()
         if transfer is None:
             return
@@ -283,6 +332,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--faults", action="store_true")
     parser.add_argument("--stop-file")
     parser.add_argument("--background", action="store_true")
+    parser.add_argument("--transactional", action="store_true")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + float(args.seconds)
     options = (
@@ -293,7 +343,16 @@ def main(argv: list[str]) -> int:
     con = graft_vfs.connect(args.vid, remote=args.url, cache_dir=args.cache, options=options)
     with open(args.log_path, "a", buffering=1) as log:
         rng = random.Random(int(args.seed))
-        worker = Worker(con, log, rng, args.name, args.pull_in_tx, args.faults, args.background)
+        worker = Worker(
+            con,
+            log,
+            rng,
+            args.name,
+            args.pull_in_tx,
+            args.faults,
+            args.background,
+            args.transactional,
+        )
         worker.record(event="start")
         try:
             while time.monotonic() < deadline:
