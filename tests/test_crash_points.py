@@ -21,7 +21,7 @@ import apsw
 import pytest
 
 import graft_vfs
-from graft_server.keys import checkpoint_prefix, log_key
+from graft_server.keys import checkpoint_key, checkpoint_prefix, log_key
 from graft_vfs.client.remote import Remote
 from graft_vfs.core.protocol import MAX_INLINE_PAGES
 from support.clients import child_env, pragma
@@ -274,9 +274,11 @@ def test_client_killed_mid_pull(server, vid, tmp_path):
 
 
 def test_server_killed_before_writing_a_checkpoint(own_server, vid, tmp_path):
-    """The server writes a checkpoint every 32 LSNs after the commit's log record: killed
-    there, the commit has landed unanswered. The client's retry is answered with that LSN
-    (never applied twice), and servers started later read the volume from the log alone."""
+    """The server writes a checkpoint once the log since the last one is 32 records long,
+    after the commit's log record: killed there, the commit has landed unanswered. The
+    client's retry is answered with that LSN (never applied twice); the restarted server
+    reads the volume from the log alone and writes the missed checkpoint at its first
+    commit (LSN 33), which a cold server then starts from."""
     own_server.start(GRAFT_CRASH_AT="server.checkpoint.before_write")
     url, accounts, cache = own_server.url, 400, str(tmp_path / "cache")
     base = create_bank(vid, url, cache, accounts)
@@ -298,7 +300,7 @@ def test_server_killed_before_writing_a_checkpoint(own_server, vid, tmp_path):
     finally:
         close(con)
     own_server.stop()
-    assert own_server.objects(checkpoint_prefix(vid)) == []
-    own_server.start()  # a cold server: the volume from its log alone
+    assert own_server.objects(checkpoint_prefix(vid)) == [checkpoint_key(vid, 33)]
+    own_server.start()  # a cold server: the checkpoint, then the log after it
     converged(vid, url, tmp_path, accounts, acked, state)
 

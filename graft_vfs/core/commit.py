@@ -132,7 +132,7 @@ class CommitRecord:
             if not isinstance(raw, dict):
                 raise f.bad("segments", "holds a non-map")
             seg = Fields(raw, f.what)
-            entries = [_entry(seg, e, page_count) for e in seg.sequence("index")]
+            entries = _entries(seg, seg.sequence("index"), page_count)
             pages = BitMap(e.page for e in entries)
             if len(pages) != len(entries) or seen.intersection_cardinality(pages):
                 raise f.bad("segments", "name a page twice")
@@ -163,6 +163,24 @@ def _origin(f: Fields) -> tuple[str, int]:
         raise f.bad("origin", "is not a volume and an LSN")
     origin = Fields({"vid": raw[0], "lsn": raw[1]}, f.what)
     return origin.text("vid", validate_volume_id), origin.integer("lsn", 1, MAX_LSN)
+
+
+def _entries(f: Fields, raws: list[object], page_count: int) -> list[Entry]:
+    """A segment's index, checked a column at a time (an import's record holds a row per
+    page of the database: this is 3-4x faster than entry by entry); on a failure, again
+    by ``_entry``, which says which value is wrong."""
+    rows = [r for r in raws if type(r) is list and len(r) == 4]
+    if len(rows) == len(raws):
+        bounds = ((0, page_count - 1), (0, MAX_OFFSET), (1, MAX_OFFSET), (0, MAX_CRC))
+        if all(_ints_within(col, low, high) for col, (low, high) in zip(zip(*rows), bounds)):
+            return list(map(Entry._make, rows))
+    return [_entry(f, e, page_count) for e in raws]
+
+
+def _ints_within(values: tuple[object, ...], low: int, high: int) -> bool:
+    # Exact type: bool is an int subclass, and msgpack turns true into True.
+    ints = [v for v in values if type(v) is int]
+    return len(ints) == len(values) and low <= min(ints) and max(ints) <= high
 
 
 def _entry(f: Fields, raw: object, page_count: int) -> Entry:

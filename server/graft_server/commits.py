@@ -26,7 +26,12 @@ from graft_vfs.core.identity import Identity
 from graft_vfs.core.ids import new_identity, validate_volume_id
 from graft_vfs.core.segment import Entry, decode_page
 
-CHECKPOINT_EVERY = 32  # a cold process reads at most this many log records
+# A commit writes a checkpoint when the log since the last one it knows of is this many
+# records long, so a cold process reads one checkpoint and fewer records than this,
+# index.LOAD_PARALLEL at a time: 31 records are 4 store round trips. (A checkpoint
+# written after the GC floor pins the segments it names until a later pass drops it,
+# so checkpoints much more often would cost storage between GC passes.)
+CHECKPOINT_EVERY = 32
 
 log = logging.getLogger("graft.server")
 
@@ -34,8 +39,10 @@ log = logging.getLogger("graft.server")
 class Commits:
     """Commits to the volumes of one index. Thread-safe.
 
-    Every ``checkpoint_every`` LSNs the process that created the record also writes the
-    checkpoint of that LSN, so loading a volume never reads a long log.
+    When the log since the newest checkpoint it knows of is ``checkpoint_every`` records
+    long, the process that created a record also writes the checkpoint of its LSN (a
+    failed write is tried again at the next commit), so loading a volume never reads a
+    long log.
     """
 
     def __init__(self, index: Index, checkpoint_every: int = CHECKPOINT_EVERY) -> None:
@@ -117,7 +124,7 @@ class Commits:
             stray = won and self.index.passed_by_gc(vol, fresh=True) and vol.floor > base + 1
             if won and not stray and vol.latest == base:
                 vol.apply(record)
-                if (base + 1) % self.checkpoint_every == 0:
+                if base + 1 - vol.checkpointed >= self.checkpoint_every:
                     checkpoint = vol.checkpoint(base + 1)
         if stray:
             self.index.unload(vol)
@@ -132,8 +139,11 @@ class Commits:
             if checkpoint is not None:
                 try:
                     put_checkpoint(self.store, checkpoint)
-                except GraftError as exc:  # the commit landed; a later one checkpoints
+                except GraftError as exc:  # the commit landed; the next one checkpoints
                     log.warning("checkpoint of %s at %d failed: %s", vid, base + 1, exc)
+                else:
+                    with vol.lock:
+                        vol.checkpointed = max(vol.checkpointed, base + 1)
             return base + 1
         with vol.lock:
             # Lost the race (or someone already cached ours): the record at

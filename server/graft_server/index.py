@@ -2,11 +2,13 @@
 
 The store is the only truth. A volume's log is one ``CommitRecord`` per LSN (see
 ``keys``), each created with a create-only write, so any number of server processes
-can share one store. Checkpoints of the whole page map are written every few LSNs and
-at each compaction, so a cold process reads the latest checkpoint and only the records
-after it: loading costs the same whatever the length of the history. Records are
-immutable, so cached ones are never stale; before it answers "what is the latest", a
-process probes the store for the next LSN until it is missing.
+can share one store. Checkpoints of the whole page map are written by a commit once
+the log since the last checkpoint is ``commits.CHECKPOINT_EVERY`` records long, and at
+each compaction, so a cold process reads the latest checkpoint and only the few records
+after it, LOAD_PARALLEL at a time (each verified as it is decoded): loading costs the
+same whatever the length of the history. Records are immutable, so cached ones are
+never stale; before it answers "what is the latest", a process probes the store for
+the next LSN until it is missing.
 
 The page index maps each page to the sorted LSNs that wrote it and each LSN to where
 its pages live, so reading page p as of LSN L is one bisect. That is correct across
@@ -20,6 +22,8 @@ import threading
 import time
 from bisect import bisect_right
 from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pyroaring import BitMap
@@ -59,6 +63,10 @@ from graft_vfs.core.segment import Entry
 # process raises it, and reads below it must become 410 within this many seconds.
 FLOOR_RECHECK = 2.0
 HISTORY_VIEWS = 4  # past-LSN page maps kept for reads older than the loaded checkpoint
+# Log records read at once when a volume is loaded: one after another, each costs a
+# store round trip (5-15 ms on S3). Records are decoded and applied in LSN order.
+LOAD_PARALLEL = 8
+_load_pool = ThreadPoolExecutor(LOAD_PARALLEL, thread_name_prefix="graft-log")
 
 
 def read_record(store: ObjectStore, vid: str, lsn: int) -> CommitRecord | None:
@@ -71,6 +79,19 @@ def read_record(store: ObjectStore, vid: str, lsn: int) -> CommitRecord | None:
             if attempt:
                 raise
     raise AssertionError("unreachable")
+
+
+def read_records(
+    store: ObjectStore, vid: str, first: int, last: int
+) -> Iterator[tuple[int, CommitRecord | None]]:
+    """``(lsn, read_record(lsn))`` for ``first..last`` in LSN order, LOAD_PARALLEL reads
+    in flight at a time (a window, so memory stays bounded however long the log)."""
+    for start in range(first, last + 1, 4 * LOAD_PARALLEL):
+        lsns = range(start, min(start + 4 * LOAD_PARALLEL, last + 1))
+        if len(lsns) == 1:
+            yield lsns[0], read_record(store, vid, lsns[0])
+            continue
+        yield from zip(lsns, _load_pool.map(lambda n: read_record(store, vid, n), lsns))
 
 
 def read_floor(store: ObjectStore, vid: str) -> int:
@@ -114,6 +135,8 @@ class VolumeLog:
 
     def reset(self, checkpoint: Checkpoint | None) -> None:
         self.base = checkpoint.lsn if checkpoint else 0
+        # The newest checkpoint this process knows is in the store (read or written).
+        self.checkpointed = self.base
         self.base_page_count = checkpoint.page_count if checkpoint else 0
         self.base_time = checkpoint.timestamp if checkpoint else 0.0
         # Fixed when LSN 1 is created; None only while the cache holds no commit.
@@ -314,8 +337,7 @@ class Index:
             if data is None:
                 raise expired
             view.reset(Checkpoint.decode(data))
-        for n in range(view.base + 1, lsn + 1):
-            record = read_record(self.store, vol.vid, n)
+        for _, record in read_records(self.store, vol.vid, view.base + 1, lsn):
             if record is None:
                 raise expired
             view.apply(record)
@@ -403,7 +425,9 @@ class Index:
             for lsn, key in enumerate(keys, start=vol.base + 1):
                 if key != log_key(vol.vid, lsn):
                     raise CorruptData(f"log of {vol.vid!r} has a gap or stray key at {key!r}")
-                record = read_record(self.store, vol.vid, lsn)
+            for lsn, record in read_records(
+                self.store, vol.vid, vol.base + 1, vol.base + len(keys)
+            ):
                 if record is None:
                     raise CorruptData(f"log record {lsn} of {vol.vid!r} vanished after listing")
                 vol.apply(record)

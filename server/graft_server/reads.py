@@ -255,7 +255,9 @@ class Reads:
         A lookup that reads a B-tree's root will read one page of every interior
         level below it; sending the levels along (up to ``budget`` pages, highest
         levels first) turns one round trip per level into one per tree. B-trees are
-        balanced, so one probe per level tells whether that level is still interior.
+        balanced, so one probe per level tells whether that level is still interior;
+        the probe of the next level (the first child of this level's first page) is
+        read with this level's pages, so a level costs one round of store reads.
         """
         seen = set(requested)
         level: list[int] = []
@@ -263,17 +265,29 @@ class Reads:
             if frame.frame:
                 level += interior_children(decompress_page(frame.frame, page), page)
         extra: list[PageFrame] = []
+        probe: PageFrame | None = None  # the first page of ``level``, when already read
         while budget > 0:
             level = [p for p in dict.fromkeys(level) if p < page_count and p not in seen]
             if not level:
                 break
-            probe = self._frames(view, lsn, level[:1])[level[0]]
-            if not probe.frame or not is_interior(decompress_page(probe.frame, level[0]), level[0]):
+            if probe is None or probe.page != level[0]:
+                probe = self._frames(view, lsn, level[:1])[level[0]]
+            if not probe.frame:
+                break
+            content = decompress_page(probe.frame, probe.page)
+            if not is_interior(content, probe.page):
                 break
             batch = level[:budget]
-            frames = self._frames(view, lsn, batch)
             budget -= len(batch)
             seen.update(batch)
+            ahead = [
+                p
+                for p in interior_children(content, probe.page)[:1]
+                if budget > 0 and p < page_count and p not in seen
+            ]
+            frames = self._frames(view, lsn, [p for p in batch[1:] + ahead])
+            frames[probe.page] = probe
+            probe = frames[ahead[0]] if ahead else None
             level = []
             for page in batch:
                 frame = frames[page]

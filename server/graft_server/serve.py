@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 
+import anyio.to_thread
 import uvicorn
 from uvicorn.config import LOG_LEVELS
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -236,6 +237,9 @@ class _AnnouncingServer(uvicorn.Server):
         self.url = url
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # Handlers run in a thread pool whose event-loop backend anyio imports on first
+        # use: tens of milliseconds of a cold server's first request, paid here instead.
+        await anyio.to_thread.run_sync(lambda: None)
         await super().startup(sockets=sockets)
         if self.started:
             # Scripts and tests wait for this exact line, so it goes to stdout, flushed.

@@ -316,8 +316,20 @@ def test_read_expand_sends_interior_pages_below_an_interior_page(tmp_path):
     commit(vols, "v", 0, len(pages), pages)
     plain = vols.reads.read("v", 1, BitMap([root - 1]))
     assert [f.page for f in plain] == [root - 1]
+    rounds: list[list[int]] = []  # each call: one round of (parallel) store reads
+    frames = vols.reads._frames
+
+    def counted(view, lsn, pages):  # type: ignore[no-untyped-def]
+        rounds.append(list(pages))
+        return frames(view, lsn, pages)
+
+    vols.reads._frames = counted  # type: ignore[method-assign]
     expanded = vols.reads.read("v", 1, BitMap([root - 1]), expand=1024)
     assert {f.page for f in expanded} == interior  # every interior page, no leaf
+    # the root; the probe of the level below; that level with the next level's probe,
+    # a leaf: the end. Without reading ahead, that leaf would be a fourth round.
+    assert len(rounds) == 3, rounds
+    del vols.reads._frames
     capped = vols.reads.read("v", 1, BitMap([root - 1]), expand=1)
     assert len(capped) == 2
     leaf = min(set(pages) - interior - {0})
