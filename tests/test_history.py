@@ -6,6 +6,7 @@ import json
 import time
 from datetime import datetime, timezone
 
+import apsw
 import pytest
 
 import graft_server.commits
@@ -125,6 +126,13 @@ def test_graft_log_and_sql_and_export_at_a_time(server, vid, client, tmp_path):
     old = graft("sql", vid, "SELECT 1", "--remote", server.url, "--at", "1d",
                 "--cache", str(tmp_path / "c-old"), check=False)
     assert old.returncode == 1 and "no commit at or before" in old.stderr
+    # The same through the URI and connect().
+    past = client(vid, cache=str(tmp_path / "c-uri"), at=at)
+    assert past.execute("SELECT x FROM t").fetchall() == [(1,), (2,)]
+    with pytest.raises(apsw.ReadOnlyError):
+        past.execute("INSERT INTO t VALUES(9)")
+    with pytest.raises(apsw.SQLError, match="ISO 8601"):
+        client(vid, cache=str(tmp_path / "c-bad"), at="soon")
     bad = graft("sql", vid, "SELECT 1", "--remote", server.url, "--at", "soon", check=False)
     assert bad.returncode == 2 and "ISO 8601" in bad.stderr
     both = graft("export", vid, str(tmp_path / "x.db"), "--remote", server.url, "--at", "0s",

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import os
 import threading
+import urllib.parse
 
 import apsw
 
@@ -77,6 +78,7 @@ def connect(
     options: Options | None = None,
     min_lsn: int | None = None,
     min_lsn_timeout: float | None = None,
+    at: str | None = None,
 ) -> apsw.Connection:
     """Open ``volume`` with ``journal_mode=MEMORY``; a shortcut around register().
 
@@ -85,8 +87,10 @@ def connect(
     default ``$GRAFT_TOKEN``) are those of its first connect(). ``lsn`` opens a read-only
     past snapshot. ``create=False`` refuses a volume that exists neither in the cache
     nor on the server (``apsw.CantOpenError`` caused by ``VolumeNotFound``).
-    ``min_lsn`` (read your writes) pulls until the cache has that remote LSN or later,
-    waiting up to ``min_lsn_timeout`` seconds (default 30; then ``LsnNotReached``).
+    ``at`` (ISO 8601, or a time ago such as ``5m``) opens, read-only, the latest LSN
+    committed at or before that time. ``min_lsn`` (read your writes) pulls until the
+    cache has that remote LSN or later, waiting up to ``min_lsn_timeout`` seconds
+    (default 30; then ``LsnNotReached``).
     """
     try:
         # SQLite reads an empty name as a private temporary database: never a volume.
@@ -102,11 +106,13 @@ def connect(
     if not known:
         register(remote, cache_dir, name=name, options=options)
     flags = apsw.SQLITE_OPEN_URI
-    if readonly or lsn is not None:
+    if readonly or lsn is not None or at is not None:
         flags |= apsw.SQLITE_OPEN_READONLY
     else:
         flags |= apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
     params = [] if lsn is None else [f"lsn={int(lsn)}"]
+    if at is not None:
+        params.append(f"at={urllib.parse.quote(at)}")
     if min_lsn is not None:
         params.append(f"min_lsn={int(min_lsn)}")
     if min_lsn_timeout is not None:

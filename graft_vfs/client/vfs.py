@@ -35,6 +35,7 @@ from graft_vfs.client.catchup import (
 )
 from graft_vfs.client.pragmas import PRAGMA_PREFIX, PRAGMAS
 from graft_vfs.client.runtime import Runtime
+from graft_vfs.client.when import parse_time
 from graft_vfs.core.errors import (
     Busy,
     CorruptData,
@@ -218,6 +219,17 @@ class GraftFile:
         inflags = flags[0]
         vid = name.filename() if isinstance(name, apsw.URIFilename) else name
         lsn_param = name.uri_parameter("lsn") if isinstance(name, apsw.URIFilename) else None
+        at_param = name.uri_parameter("at") if isinstance(name, apsw.URIFilename) else None
+        if at_param is not None:
+            # The latest LSN committed at or before a time: asked of the server, then
+            # opened as lsn=N.
+            if lsn_param is not None:
+                raise InvalidRequest("give lsn=N or at=TIME in the URI, not both")
+            try:
+                when = parse_time(at_param)
+            except ValueError as exc:
+                raise InvalidRequest(f"at={at_param[:40]!r}: {exc}") from None
+            lsn_param = str(runtime.require_remote().lsn_at(vid, when).lsn)
         immutable = isinstance(name, apsw.URIFilename) and name.uri_boolean("immutable", False)
         self.readonly = (
             bool(inflags & apsw.SQLITE_OPEN_READONLY) or lsn_param is not None or immutable
