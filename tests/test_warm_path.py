@@ -175,3 +175,18 @@ def test_damage_under_a_running_store_is_refused_at_the_next_read(tmp_path):
         assert store.read_page(v, 22, lsn) == (lsn, pages[22])  # the rest reads right
     finally:
         store.close()
+
+
+def test_the_store_costs_benchmark_runs_every_operation():
+    from benchmarks.warm import store_costs
+
+    costs = store_costs(pages=300, reps=1)  # what it measures, not how fast
+    assert set(costs) == {
+        "read_page",
+        "sql, key only",
+        "sql, with data",
+        "read_run, a page of 128",
+        "commit, a page of 300 scattered",
+        "pread 4 KiB + crc32",
+    }
+    assert all(us > 0 for us in costs.values())
