@@ -284,6 +284,75 @@ def run(quick: bool = False, log: Callable[[str], None] | None = None) -> dict:
     }
 
 
+def store_costs(pages: int = 2000, reps: int = 9) -> dict[str, float]:
+    """Microseconds per page of the local store's own operations, best of ``reps``.
+
+    A store of ``pages`` random 4 KiB pages, all copied back into its file: a point read
+    (``read_page``, verified), the same query's SQL alone with and without the blob, a
+    page of a 128-page run (``read_run``), and a page of a durable commit of 300
+    scattered pages (``commit``, synced). The floor the page file of
+    docs/architecture.md would pay: ``pread`` of 4 KiB and its CRC.
+    """
+    import zlib
+
+    from graft_vfs.client.local import LocalStore
+
+    work = tempfile.mkdtemp(prefix="graft-store-costs-")
+    rng = random.Random(1)
+    data = [rng.randbytes(4096) for _ in range(pages)]
+    ids = [rng.randrange(pages) for _ in range(5000)]
+    store = LocalStore(work)
+    out: dict[str, float] = {}
+
+    def best(name: str, fn: Callable[[], object], per: int) -> None:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[name] = min(times) / per * 1e6
+
+    try:
+        v = store.create_volume("costs", 0, 0).row_id
+        lsn = store.commit(v, 0, dict(enumerate(data)), pages)
+        store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        sql = "FROM pages WHERE v=? AND pageno=? AND lsn<=? ORDER BY lsn DESC LIMIT 1"
+        best("read_page", lambda: [store.read_page(v, p, lsn) for p in ids], len(ids))
+        for name, cols in (("sql, key only", "lsn, crc"), ("sql, with data", "lsn, data, crc")):
+            query = f"SELECT {cols} {sql}"
+
+            def lookups(query: str = query) -> object:
+                return [store._db.execute(query, (v, p, lsn)).fetchone() for p in ids]
+
+            best(name, lookups, len(ids))
+        runs = range(0, pages - 128, 128)
+        best(
+            "read_run, a page of 128",
+            lambda: [store.read_run(v, f, 128, lsn) for f in runs],
+            len(runs) * 128,
+        )
+
+        def commits() -> None:
+            nonlocal lsn
+            for _ in range(3):
+                lsn = store.commit(
+                    v, lsn, {p: data[p] for p in rng.sample(range(pages), 300)}, pages
+                )
+
+        best("commit, a page of 300 scattered", commits, 900)
+        with open(os.path.join(work, "graft-cache.db"), "rb") as f:
+            fd = f.fileno()
+            best(
+                "pread 4 KiB + crc32",
+                lambda: [zlib.crc32(os.pread(fd, 4096, 4096 * (p % 64))) for p in ids],
+                len(ids),
+            )
+    finally:
+        store.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def table(result: dict) -> str:
     """The results as a text table: medians in ms and the two ratios."""
     systems = ("native", "pass", "graft", "graft-small")
@@ -310,7 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.warm", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smaller database, fewer rounds")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--store", action="store_true", help="only the local store's costs per page (store_costs)"
+    )
     args = parser.parse_args(argv)
+    if args.store:
+        for name, us in store_costs().items():
+            print(f"{name:<34}{us:>8.1f} us")
+        return 0
     result = run(args.quick)
     print(table(result))
     if args.json:
