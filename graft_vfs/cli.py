@@ -912,20 +912,44 @@ def volumes(remote: str, token: str | None) -> None:
 @click.argument("source")
 @click.argument("volume")
 @REMOTE
+@CACHE
 @TOKEN
 @click.option("--lsn", type=click.IntRange(min=1), default=None, help="Fork this LSN of SOURCE.")
 @AT
+@click.option(
+    "--local",
+    is_flag=True,
+    help="Fork what the cache has of SOURCE: the LSN its unpushed commits are based on, "
+    "plus those commits (a diverged volume keeps its work).",
+)
 @_fail_cleanly
 def fork(
-    source: str, volume: str, remote: str, token: str | None, lsn: int | None, at: str | None
+    source: str,
+    volume: str,
+    remote: str,
+    cache_dir: str,
+    token: str | None,
+    lsn: int | None,
+    at: str | None,
+    local: bool,
 ) -> None:
     """Create VOLUME as a zero-copy fork of SOURCE at its latest LSN (or --lsn, --at).
 
     No page is copied: VOLUME's LSN 1 names SOURCE's frames. It then lives its own
     life: commits, pulls, forks of its own (JSON: volume, lsn, source, source_lsn).
+    With --local, the fork also carries the cache's unpushed commits of SOURCE.
     """
     from graft_vfs.client.remote import Remote
 
+    if local:
+        if lsn is not None or at is not None:
+            raise click.UsageError("--local forks the cache's own snapshot: no --lsn or --at")
+        runtime, vol = _open_volume(source, remote, cache_dir, token)
+        try:
+            _echo_json(vol.sync.fork(volume))
+        finally:
+            runtime.close()
+        return
     if at is not None:
         if lsn is not None:
             raise click.UsageError("give --lsn or --at, not both")

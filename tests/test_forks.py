@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import apsw
 import pytest
 
+import graft_vfs
 from graft_server.gc import Retention, collect
 from graft_server.objstore import MemoryStore
 from graft_server.volumes import Volumes
@@ -131,3 +133,43 @@ def test_graft_fork_reads_like_its_source_and_logs_its_origin(server, vid, clien
     assert again.returncode == 1 and "already exists (LSN 2)" in again.stderr
     missing = graft("fork", f"{vid}-none", f"{vid}-x", "--remote", server.url, check=False)
     assert missing.returncode == 1 and f"{vid}-none" in missing.stderr
+
+
+def test_a_diverged_volume_keeps_its_work_as_a_fork(server, vid, client, tmp_path):
+    opts = graft_vfs.Options(autopush=False)
+    a = client(vid, options=opts)
+    a.execute("CREATE TABLE t(who TEXT)")
+    base = pragma(a, "graft_push")["remote_lsn"]
+    b = client(vid, options=opts)
+    a.execute("INSERT INTO t VALUES('a')")
+    pragma(a, "graft_push")
+    b.execute("INSERT INTO t VALUES('b1')")
+    b.execute("INSERT INTO t VALUES('b2')")
+    with pytest.raises(apsw.SQLError, match="diverged"):
+        b.execute("PRAGMA graft_push")
+
+    saved = f"{vid}-mine"
+    forked = pragma(b, f"graft_fork('{saved}')")
+    assert forked == {"volume": saved, "lsn": 2, "source": vid, "source_lsn": base,
+                      "local_commits": 2, "pages": forked["pages"]}
+    assert pragma(b, f"graft_fork('{saved}')")["lsn"] == 2  # a retry: recognised
+    assert pragma(b, "graft_status")["diverged"]  # the source is left as it was
+    pragma(b, "graft_reset")
+    assert b.execute("SELECT who FROM t").fetchall() == [("a",)]
+    mine = client(saved)
+    assert mine.execute("SELECT who FROM t ORDER BY who").fetchall() == [("b1",), ("b2",)]
+    log = Remote(server.url).history(saved)
+    assert [(c.lsn, c.fork_of) for c in log] == [(2, None), (1, (vid, base))]
+
+    # From the command line, for a volume with unpushed commits that never diverged.
+    cache = str(tmp_path / "cli-cache")
+    c = client(vid, cache=cache, options=opts)
+    c.execute("INSERT INTO t VALUES('c')")
+    c.close()
+    out = graft("fork", vid, f"{vid}-c", "--local", "--remote", server.url, "--cache", cache)
+    assert json.loads(out.stdout)["local_commits"] == 1
+    rows = client(f"{vid}-c").execute("SELECT who FROM t ORDER BY who").fetchall()
+    assert rows == [("a",), ("c",)]
+    taken = graft("fork", vid, saved, "--local", "--remote", server.url, "--cache", cache,
+                  check=False)
+    assert taken.returncode == 1 and "already exists" in taken.stderr

@@ -97,6 +97,13 @@ def _sync(c: Connection, value: str | None) -> dict[str, Any]:
     return {"push": c.vol.sync.push(), "pull": c.vol.sync.pull()}
 
 
+def _fork(c: Connection, value: str | None) -> dict[str, Any]:
+    name = (value or "").strip().strip("'\"").strip()
+    if not name:
+        raise InvalidRequest("PRAGMA graft_fork needs the new volume's name: graft_fork('NAME')")
+    return c.vol.sync.fork(name)
+
+
 def _wait(c: Connection, value: str | None) -> dict[str, Any]:
     lsn, timeout = parse_wait(value)
     return wait_for_lsn(c.vol, lsn, timeout)
@@ -111,6 +118,7 @@ PRAGMAS: dict[str, Callable[[Connection, str | None], dict[str, Any]]] = {
     "graft_sync": _sync,
     "graft_reset": lambda c, v: c.vol.sync.reset(),
     "graft_wait": _wait,
+    "graft_fork": _fork,
     "graft_snapshot": _snapshot,
     "graft_version": _version,
     "graft_hydrate": lambda c, v: c.vol.hydrate(),

@@ -20,6 +20,7 @@ below the one the cache already has is refused: it lost history.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -37,6 +38,7 @@ from graft_vfs.core.errors import (
     Diverged,
     Forbidden,
     IdentityMismatch,
+    InvalidRequest,
     RemoteError,
     SnapshotExpired,
     SnapshotNotFound,
@@ -44,6 +46,7 @@ from graft_vfs.core.errors import (
 )
 from graft_vfs.core.faults import crash_point
 from graft_vfs.core.identity import Identity
+from graft_vfs.core.ids import validate_volume_id
 
 log = logging.getLogger("graft_vfs")
 
@@ -218,6 +221,67 @@ class Sync:
                 "remote_lsn": remote_lsn,
                 "local_lsn": target,
                 "local_commits": target - row.sync_lsn,
+                "pages": len(pages),
+            }
+
+    def fork(self, dst: str) -> dict[str, Any]:
+        """Save this volume's snapshot and unpushed commits as a new volume ``dst``.
+
+        The server forks the remote LSN the local commits are based on (zero-copy), and
+        the local commits are committed to ``dst`` on top of it, so a diverged volume
+        keeps its work instead of losing it to a reset. This volume is left as it is
+        (``graft_reset`` then discards the local commits, now safe in ``dst``). A retry
+        after a lost answer is recognised: the commit's nonce is derived from this
+        cache's commits and ``dst``.
+        """
+        remote = required(self.remote)
+        dst = validate_volume_id(dst)
+        if dst == self.vid:
+            raise InvalidRequest(f"cannot fork {self.vid!r} onto itself: name another volume")
+        with self.lock:
+            row = self.vol.refresh()
+            if row.push_intent is not None and not row.diverged:
+                raise InvalidRequest(
+                    f"a push of {self.vid!r} is in flight: PRAGMA graft_push first, then fork"
+                )
+            base, target, local = row.remote_lsn, row.local_lsn, self.local
+            if base:
+                remote.fork(self.vid, dst, base)
+            pages: dict[int, bytes] = {}
+            lsn = 1 if base else 0
+            if row.pending:
+                page_count = local.page_count_at(self.row_id, target)
+                changed = [
+                    p
+                    for p in local.pending_changes(self.row_id, row.sync_lsn, target)
+                    if p < page_count
+                ]
+                pages = local.pages_at(self.row_id, changed, target)
+                identity = row.identity.volume_id if row.identity is not None else b""
+                nonce = hashlib.sha256(
+                    b"graft fork-local\0%s\0%d\0%s" % (identity, target, dst.encode())
+                ).digest()[:NONCE_SIZE]
+                base_dst = lsn
+                digest = commit_hash(dst, base_dst, page_count, pages.items(), nonce)
+                traffic = Traffic()
+                try:
+                    lsn = remote.commit(
+                        dst, base_dst, page_count, pages, digest, traffic, nonce=nonce
+                    ).lsn
+                except CommitConflict as exc:
+                    raise CommitConflict(
+                        f"volume {dst!r} already exists and is not this fork: name another "
+                        "volume",
+                        latest_lsn=exc.latest_lsn,
+                    ) from exc
+                finally:
+                    self.stats.count(traffic, push=True)
+            return {
+                "volume": dst,
+                "lsn": lsn,
+                "source": self.vid,
+                "source_lsn": base,
+                "local_commits": row.pending,
                 "pages": len(pages),
             }
 
