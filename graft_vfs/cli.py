@@ -973,6 +973,29 @@ def fork(
 @click.argument("volume")
 @REMOTE
 @TOKEN
+@click.option("--yes", is_flag=True, help="Delete without asking (needed without a terminal).")
+@_fail_cleanly
+def delete(volume: str, remote: str, token: str | None, yes: bool) -> None:
+    """Delete VOLUME on the server: the name disappears at once (later reads are
+    volume_not_found); GC frees its segments once no volume, no fork, names them."""
+    from graft_vfs.client.remote import Remote
+
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError("give --yes to delete a volume without a terminal to ask on")
+        click.confirm(f"Delete {volume!r} on {remote}? Its history goes too", abort=True)
+
+    try:
+        lsn = Remote(remote, token=token).delete(volume)
+    except VolumeNotFound:
+        raise click.ClickException(_no_volume(volume, remote, "")) from None
+    _echo_json({"volume": volume, "deleted": True, "lsn": lsn})
+
+
+@main.command()
+@click.argument("volume")
+@REMOTE
+@TOKEN
 @click.option(
     "--limit",
     type=click.IntRange(1, 1000),

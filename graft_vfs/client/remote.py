@@ -420,6 +420,11 @@ class Remote:
             raise self._invalid(what, "a commit made after the time asked for")
         return commit
 
+    def delete(self, vid: str) -> int:
+        """Delete volume ``vid`` on the server; returns the latest LSN it had."""
+        d = self._call("DELETE", f"/v1/volumes/{validate_volume_id(vid)}")
+        return self._answer_int(d, "lsn", MAX_LSN, f"the deletion of {vid!r}")
+
     def fork(self, source: str, vid: str, lsn: int | None = None) -> Forked:
         """Create ``vid`` as a zero-copy fork of ``source`` at ``lsn`` (default: latest)."""
         what = f"the fork of {source!r} into {vid!r}"

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from graft_server.auth import READ, WRITE, TokenFile, authorize
+from graft_server.deletion import delete
 from graft_server.direct import DirectReads
 from graft_server.history import MAX_LOG_ENTRIES, Commit
 from graft_server.limits import (
@@ -437,10 +438,16 @@ def create_app(
         forked = await run_in_threadpool(volumes.forks.fork, source, vid, lsn)
         return msgpack_response(identified(vid, forked._asdict()))
 
+    async def delete_volume(request: Request) -> Response:
+        vid = request.path_params["vid"]
+        deleted = await run_in_threadpool(delete, volumes.index, vid)
+        return msgpack_response(deleted._asdict())
+
     routes = [
         Route("/v1/health", health, methods=["GET"]),
         Route("/v1/volumes", guarded(READ, list_volumes), methods=["GET"]),
         Route("/v1/volumes/{vid}", guarded(READ, snapshot), methods=["GET"]),
+        Route("/v1/volumes/{vid}", guarded(WRITE, delete_volume), methods=["DELETE"]),
         Route("/v1/volumes/{vid}/pull", guarded(READ, pull), methods=["POST"]),
         Route("/v1/volumes/{vid}/read", guarded(READ, read), methods=["POST"]),
         Route("/v1/volumes/{vid}/locate", guarded(READ, locate), methods=["POST"]),

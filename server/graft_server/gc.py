@@ -32,7 +32,13 @@ from graft_server.segments import SEGMENTS_PREFIX, segment_key
 from graft_server.volumes import Volumes
 from graft_vfs.core.checkpoint import Checkpoint, Located
 from graft_vfs.core.commit import CommitRecord
-from graft_vfs.core.retention import decode_floor, decode_pending, encode_floor, encode_pending
+from graft_vfs.core.retention import (
+    Retained,
+    decode_pending,
+    decode_retention,
+    encode_floor,
+    encode_pending,
+)
 
 PENDING_KEY = "gc/pending"
 DEFAULT_GRACE = 900.0  # seconds an unreachable object survives before deletion
@@ -135,11 +141,13 @@ def _collect_volume(
     kept = [c for c in checkpoints if c <= floor]
     effective = max(kept) if kept else 0
     old = store.get(retention_key(vid))
-    effective = max(effective, decode_floor(old) if old is not None else 0)
+    retained = decode_retention(old) if old is not None else Retained(0)
+    effective = max(effective, retained.floor)
     if effective:
         report.floors[vid] = effective
         # Readers learn the floor before anything below it disappears.
-        store.put(retention_key(vid), encode_floor(effective))
+        # (keeping the deleted incarnations of the name it remembers)
+        store.put(retention_key(vid), encode_floor(effective, retained.deleted))
         for key in store.list(log_prefix(vid)):
             if lsn_of(key) < effective:
                 store.delete(key)

@@ -56,7 +56,7 @@ from graft_vfs.core.errors import (
 from graft_vfs.core.faults import crash_point
 from graft_vfs.core.identity import Identity, decode_store, encode_store
 from graft_vfs.core.ids import validate_volume_id
-from graft_vfs.core.retention import decode_floor
+from graft_vfs.core.retention import Retained, decode_retention
 from graft_vfs.core.segment import Entry
 
 # How long a server trusts the GC floor it read last: `graft gc` run by another
@@ -96,8 +96,13 @@ def read_records(
 
 def read_floor(store: ObjectStore, vid: str) -> int:
     """The GC floor of ``vid`` as recorded in the store (0: none yet)."""
+    return read_retention(store, vid).floor
+
+
+def read_retention(store: ObjectStore, vid: str) -> Retained:
+    """``vid``'s GC floor and deleted incarnations as recorded in the store."""
     data = store.get(retention_key(vid))
-    return decode_floor(data) if data is not None else 0
+    return decode_retention(data) if data is not None else Retained(0)
 
 
 def put_checkpoint(store: ObjectStore, checkpoint: Checkpoint) -> None:
@@ -268,14 +273,28 @@ class Index:
         if just_loaded:
             self._load(vol)
         # Other processes may have committed since the listing or the last probe.
-        while (record := read_record(self.store, vol.vid, vol.latest + 1)) is not None:
-            vol.apply(record)
-        if not just_loaded and self.passed_by_gc(vol, fresh=fresh_floor):
+        self._apply_newer(vol)
+        if just_loaded:
+            return
+        try:
+            passed = self.passed_by_gc(vol, fresh=fresh_floor)
+        except VolumeNotFound:  # the cached volume was deleted; the name may live again
+            passed = True
+        if passed:
             # GC deleted the records after this cache's latest (they are below its
-            # floor): the probe above cannot see past them, the latest checkpoint can.
+            # floor), or the volume was deleted: the probe above cannot see past them,
+            # the store's latest checkpoint and log can.
             self._load(vol)
-            while (record := read_record(self.store, vol.vid, vol.latest + 1)) is not None:
-                vol.apply(record)
+            self._apply_newer(vol)
+
+    def _apply_newer(self, vol: VolumeLog) -> None:
+        while (record := read_record(self.store, vol.vid, vol.latest + 1)) is not None:
+            if vol.volume_id is not None and record.volume_id != vol.volume_id:
+                # The name was deleted and created again (a record of the new volume):
+                # this cache is of the old one. Load the new one from its own log.
+                self._load(vol)
+                continue
+            vol.apply(record)
 
     def passed_by_gc(self, vol: VolumeLog, *, fresh: bool = False) -> bool:
         """Whether GC raised the floor above this cache's latest LSN (the floor re-read at
@@ -371,10 +390,17 @@ class Index:
             )
 
     def _read_floor(self, vol: VolumeLog, fresh: bool = False) -> None:
+        """Re-read the floor if due; VolumeNotFound if the cached volume was deleted."""
         now = time.monotonic()
         if fresh or now - vol.floor_read >= FLOOR_RECHECK:
-            vol.floor = max(vol.floor, read_floor(self.store, vol.vid))
+            retained = read_retention(self.store, vol.vid)
+            vol.floor = max(vol.floor, retained.floor)
             vol.floor_read = now
+            if vol.volume_id is not None and vol.volume_id in retained.deleted:
+                vol.loaded = False  # a new volume of that name is read from its own log
+                with self._lock:
+                    self._views = {k: v for k, v in self._views.items() if k[0] != vol.vid}
+                raise VolumeNotFound(f"volume {vol.vid!r} was deleted")
 
     def store_id(self) -> bytes:
         """The store's identity, created (once, whoever comes first) if it has none yet."""
@@ -411,6 +437,9 @@ class Index:
 
     def _load(self, vol: VolumeLog) -> None:
         """Read the latest checkpoint and the log records after it. Caller holds the lock."""
+        # The floor is read again for what is loaded (a name deleted and created again
+        # starts over).
+        vol.floor, vol.floor_read = 0, -FLOOR_RECHECK
         for _ in range(3):
             checkpoints = self.store.list(checkpoint_prefix(vol.vid))
             checkpoint = None
@@ -441,4 +470,6 @@ class Index:
         with self._lock:
             if self._volumes.get(vol.vid) is vol:
                 del self._volumes[vol.vid]
+        if read_retention(self.store, vol.vid).deleted:
+            message = f"volume {vol.vid!r} was deleted"
         return VolumeNotFound(message)

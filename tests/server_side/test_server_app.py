@@ -130,7 +130,8 @@ def test_conflict_and_idempotent_retry(client: TestClient) -> None:
         ("GET", "/v1/volumes/v/log/0", None, 404, "snapshot_not_found"),
         ("GET", "/v1/volumes/v/log/2", None, 404, "snapshot_not_found"),
         ("GET", "/v1/nothing", None, 404, "not_found"),
-        ("DELETE", "/v1/volumes/v", None, 405, "method_not_allowed"),
+        ("PUT", "/v1/volumes/v", None, 405, "method_not_allowed"),
+        ("DELETE", "/v1/volumes/none", None, 404, "volume_not_found"),
     ],
 )
 def test_error_mapping(
