@@ -365,6 +365,11 @@ _LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
     show_default=True,
     help="Seconds a presigned URL of a direct read stays valid.",
 )
+@click.option(
+    "--access-log",
+    is_flag=True,
+    help="Log one line per request (uvicorn's access log: client, method, path, status).",
+)
 @_fail_cleanly
 @_needs_server_extra
 def server(
@@ -387,6 +392,7 @@ def server(
     direct: bool,
     direct_endpoint: str | None,
     direct_expiry: int,
+    access_log: bool,
 ) -> None:
     """Run the graft server (stateless: everything is in the store)."""
     from graft_server.gc import Retention
@@ -411,6 +417,7 @@ def server(
         direct=direct,
         direct_endpoint=direct_endpoint,
         direct_expiry=direct_expiry,
+        access_log=access_log,
     )
 
 

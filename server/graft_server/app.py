@@ -23,6 +23,7 @@ from pyroaring import BitMap
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -35,6 +36,7 @@ from graft_server.limits import (
     DEFAULT_BODY_TIMEOUT,
     MAX_LOADED_VOLUMES,
 )
+from graft_server.metrics import CountRequests, Metrics
 from graft_server.objstore import ObjectStore
 from graft_server.segments import SegmentCache, upload_segment
 from graft_server.volumes import Volumes
@@ -72,8 +74,13 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
     status, code = error.status, error.code
     body: dict[str, Any] = {"error": code, "message": str(exc)}
     headers = None
+    metrics: Metrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(code).inc()
     if isinstance(exc, CommitConflict):
         body["latest_lsn"] = exc.latest_lsn
+        if metrics is not None:
+            metrics.conflicts.inc()
     if isinstance(exc, RequestTimeout):
         # The rest of the body may still be on its way: this connection is done.
         headers = {"Connection": "close"}
@@ -286,11 +293,9 @@ def create_app(
     server offers direct reads (``/locate``: see server/direct.py) and says so in
     health, snapshot and pull answers (``"direct": true``).
     """
-    volumes = Volumes(
-        store,
-        cache=SegmentCache(cache_bytes) if cache_bytes else None,
-        max_loaded=max_volumes,
-    )
+    cache = SegmentCache(cache_bytes) if cache_bytes else None
+    volumes = Volumes(store, cache=cache, max_loaded=max_volumes)
+    metrics = Metrics(store, cache)
 
     def guarded(access: str, endpoint: Endpoint) -> Endpoint:
         """``endpoint`` behind the token check, made before any of the body is read."""
@@ -398,6 +403,7 @@ def create_app(
                 expected=checked.expected,
                 nonce=checked.nonce,
             )
+            metrics.commits.inc()
             # A client that created the volume learns its identity here.
             return identified(vid, {"lsn": lsn})
 
@@ -445,6 +451,8 @@ def create_app(
 
     routes = [
         Route("/v1/health", health, methods=["GET"]),
+        # Counts by route template only, no volume names: open like health.
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
         Route("/v1/volumes", guarded(READ, list_volumes), methods=["GET"]),
         Route("/v1/volumes/{vid}", guarded(READ, snapshot), methods=["GET"]),
         Route("/v1/volumes/{vid}", guarded(WRITE, delete_volume), methods=["DELETE"]),
@@ -461,6 +469,7 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
+        middleware=[Middleware(CountRequests, metrics=metrics)],
         exception_handlers={
             HTTPException: http_error_response,
             GraftError: error_response,
@@ -469,4 +478,5 @@ def create_app(
         },
     )
     app.state.volumes = volumes
+    app.state.metrics = metrics
     return app

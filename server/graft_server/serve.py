@@ -32,6 +32,7 @@ from graft_server.limits import (
     DEFAULT_MAX_CONNECTIONS,
     MAX_LOADED_VOLUMES,
 )
+from graft_server.metrics import GcCounters
 from graft_server.objstore import TEMPORARY_GRACE, FsStore, ObjectStore, open_store
 from graft_server.s3store import S3Store
 from graft_server.volumes import Volumes
@@ -69,7 +70,11 @@ class StartupError(GraftError):
 
 
 def run_gc_periodically(
-    volumes: Volumes, interval: float, retention: Retention, grace: float
+    volumes: Volumes,
+    interval: float,
+    retention: Retention,
+    grace: float,
+    counters: GcCounters | None = None,
 ) -> threading.Thread:
     """Start a daemon thread that runs a GC pass every ``interval`` seconds.
 
@@ -85,6 +90,13 @@ def run_gc_periodically(
                 sweep_temporaries(volumes.store)
             except Exception:  # a failed pass is retried at the next interval
                 log.exception("gc pass failed")
+                if counters is not None:
+                    counters.failed += 1
+                continue
+            if counters is not None:
+                counters.runs += 1
+                counters.segments_deleted += report.segments_deleted
+                counters.records_deleted += report.records_deleted
 
     thread = threading.Thread(target=loop, name="graft-gc", daemon=True)
     thread.start()
@@ -310,6 +322,7 @@ def serve(
     direct: bool = False,
     direct_endpoint: str | None = None,
     direct_expiry: int = DEFAULT_DIRECT_EXPIRY,
+    access_log: bool = False,
 ) -> None:
     """Serve the store named by ``store_spec`` over HTTP until interrupted.
 
@@ -353,7 +366,13 @@ def serve(
         direct=offered,
     )
     if gc_interval:
-        run_gc_periodically(app.state.volumes, gc_interval, retention or Retention(), gc_grace)
+        run_gc_periodically(
+            app.state.volumes,
+            gc_interval,
+            retention or Retention(),
+            gc_grace,
+            app.state.metrics.gc,
+        )
     sock = bind_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     if tokens is None and not ipaddress.ip_address(bound_host).is_loopback:
@@ -366,7 +385,9 @@ def serve(
     config = uvicorn.Config(
         app,
         log_level=log_level.lower(),
-        access_log=False,
+        access_log=access_log,
         http=guarded_protocol(header_timeout, connection_budget(max_connections)),
     )
+    if access_log:  # its lines are INFO: shown whatever --log-level (never a token: no headers)
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     _AnnouncingServer(config, f"http://{shown_host}:{bound_port}").run(sockets=[sock])
