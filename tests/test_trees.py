@@ -623,6 +623,37 @@ def test_background_requests_yield_to_demand_reads(client, tree_volume, monkeypa
     assert rows == [(ITEMS,)] and moved == 0
 
 
+def test_background_requests_wait_while_demand_reads_are_slow(client, tree_volume):
+    """Small answers taking much longer than the link's floor (a cold or busy server, a
+    queue on the link): background requests wait, and go once answers are quick again."""
+    con, vol = edge_client(client, tree_volume, background_fetch=True)
+    remote = graft_vfs.runtime_of(con.open_vfs).remote
+    read_pages = remote.read_pages
+    sent = []
+
+    def counted(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            sent.append(1)
+        return read_pages(*args, **kwargs)
+
+    remote.read_pages = counted
+    remote.link._small.append(0.020)  # the floor: 20 ms
+    remote.link.rtt = 0.060  # answers take three times that
+    ids = random.Random(8).sample(range(ITEMS), 40)
+    for i in ids[:20]:
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    assert vol.reads._fetched_trees == set() and vol.reads.sched.yielded > 0
+    assert not sent  # not one background request
+    remote.link.rtt = 0.021
+    for i in ids[20:]:
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    assert sent
+    rows, moved = requests_for(con, "SELECT count(*) FROM items NOT INDEXED")
+    assert rows == [(ITEMS,)] and moved == 0
+
+
 def test_background_requests_are_sized_to_a_quarter_round_trip_of_the_link():
     from graft_vfs.client.prefetch import TREE_BATCH, TREE_BATCH_MAX, TREE_WORKERS, tree_batch
 

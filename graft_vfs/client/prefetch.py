@@ -153,12 +153,16 @@ class Tree:
     leaves: list[int] = field(default_factory=list)  # in key order
     leafset: set[int] = field(default_factory=set)
 
+    _place: dict[int, int] | None = None  # leaf -> its place in ``leaves``
+
     def following(self, leaf: int, count: int) -> list[int]:
         """Up to ``count`` leaves after ``leaf`` in key order (its right siblings, and
         their parents' next children after them)."""
         if count <= 0 or leaf not in self.leafset:
             return []
-        i = self.leaves.index(leaf)
+        if self._place is None:
+            self._place = {p: i for i, p in enumerate(self.leaves)}
+        i = self._place[leaf]
         return self.leaves[i + 1 : i + 1 + count]
 
 
@@ -453,6 +457,10 @@ TREE_WINDOW = 2.0
 # them: up to TREE_WORKERS requests of TREE_BATCH to TREE_BATCH_MAX pages (on a slow
 # link, one of TREE_BATCH pages). LinkScheduler keeps one in flight while a demand read is.
 TREE_INFLIGHT_RTTS = 0.25
+# What is left of a tree the link moves in under TREE_CHEAP_RTTS round trips comes at
+# once, in flight a whole round trip's worth (a demand read waits at most that long,
+# for that short while).
+TREE_CHEAP_INFLIGHT_RTTS = 1.0
 TREE_BATCH = 16
 TREE_BATCH_MAX = 512
 TREE_WORKERS = 4
@@ -463,6 +471,9 @@ TREE_CHEAP_RTTS = 32  # what is left of a tree comes at once if it takes under 3
 # least this long (an edge or a slow link), off below (a loopback, a LAN), where the
 # client's CPU per fetched page costs more than the round trips it saves.
 BACKGROUND_MIN_RTT = 0.015
+# Background requests wait while small answers take this much longer than the floor.
+CONGESTED_RATIO = 1.5
+CONGESTED_SLACK = 0.005
 
 
 class LinkScheduler:
@@ -471,7 +482,10 @@ class LinkScheduler:
     A background request starts only while fewer than ``workers`` are in flight, and
     while a demand read is in flight, only if no other background request is: a demand
     read then shares the link with at most one background request, whose size
-    (``tree_batch``) the link moves in a fraction of a round trip.
+    (``tree_batch``) the link moves in a fraction of a round trip. None starts while
+    ``congested()``: demand reads take clearly longer than the link's floor (a queue on
+    the link or a busy or cold server, which background requests would only lengthen;
+    as LEDBAT yields to other traffic).
     """
 
     def __init__(self, workers: int = TREE_WORKERS) -> None:
@@ -480,6 +494,7 @@ class LinkScheduler:
         self.demand = 0  # demand reads in flight
         self.background = 0  # background requests in flight
         self.yielded = 0  # background requests that waited for demand reads
+        self.congested: Callable[[], bool] = _never
 
     @contextmanager
     def demand_read(self) -> Iterator[None]:
@@ -493,7 +508,7 @@ class LinkScheduler:
                 self._cond.notify_all()
 
     def _room(self) -> bool:
-        return self.background < (1 if self.demand else self.workers)
+        return self.background < (1 if self.demand else self.workers) and not self.congested()
 
     def acquire(self, timeout: float) -> bool:
         """Wait for room for one background request; False if none came in ``timeout``."""
@@ -519,6 +534,16 @@ class LinkScheduler:
         finally:
             if ok:
                 self.release()
+
+
+def _never() -> bool:
+    return False
+
+
+def congested(rtt: float, floor: float) -> bool:
+    """Whether small answers take clearly longer than the link's floor: more than half
+    again, and 5 ms more (a loopback's jitter)."""
+    return rtt > floor * CONGESTED_RATIO + CONGESTED_SLACK
 
 
 def background_on(setting: bool | None, floor: float) -> bool:
@@ -561,13 +586,15 @@ def tree_budget(rtt: float) -> float:
     return rtt if rtt >= TREE_MIN_RTT else 0.0
 
 
-def tree_batch(rtt: float, bandwidth: float | None, page_bytes: float) -> tuple[int, int]:
+def tree_batch(
+    rtt: float, bandwidth: float | None, page_bytes: float, rtts: float = TREE_INFLIGHT_RTTS
+) -> tuple[int, int]:
     """Background requests in flight at once and pages in each: together what the link
-    moves in TREE_INFLIGHT_RTTS of a round trip (one of TREE_BATCH pages until a round
-    has measured the bandwidth, or when that is less)."""
+    moves in ``rtts`` round trips (one of TREE_BATCH pages until a round has measured
+    the bandwidth, or when that is less)."""
     if bandwidth is None:
         return 1, TREE_BATCH
-    pages = rtt * TREE_INFLIGHT_RTTS * bandwidth / page_bytes
+    pages = rtt * rtts * bandwidth / page_bytes
     workers = int(min(TREE_WORKERS, max(1, pages // TREE_BATCH)))
     return workers, int(min(TREE_BATCH_MAX, max(TREE_BATCH, pages / workers)))
 

@@ -29,6 +29,8 @@ from graft_vfs.client.prefetch import (
     FOLLOW_MAX,
     FOLLOW_START,
     SIBLINGS_MAX,
+    TREE_CHEAP_INFLIGHT_RTTS,
+    TREE_INFLIGHT_RTTS,
     TREE_JOBS,
     TREE_MISSES,
     TREE_WINDOW,
@@ -40,6 +42,7 @@ from graft_vfs.client.prefetch import (
     TreeMap,
     TreeWatch,
     background_on,
+    congested,
     tree_batch,
     tree_budget,
     tree_is_cheap,
@@ -140,6 +143,7 @@ class ReadPath:
         self.watch = TreeWatch()
         self.background: bool | None = None
         self.sched = LinkScheduler()  # demand reads first, background in what is left
+        self.sched.congested = self._congested
         self.hints = True  # index -> table follow-ups (they ride along demand requests)
         self._trees: TreeMap | None = None
         self._trees_at = 0.0
@@ -182,6 +186,10 @@ class ReadPath:
             if pageno and data[0] == LEAF_INDEX:
                 self.follow.index_leaf(lsn, pageno, self._next_leaf(pageno, lsn))
         return data
+
+    def _congested(self) -> bool:
+        link = self.remote.link if self.remote is not None else None
+        return link is not None and congested(link.rtt, link.floor)
 
     def background_on(self) -> bool:
         """Whether the background fetch runs now (None: by the measured round trip)."""
@@ -553,15 +561,17 @@ class ReadPath:
                 i = 0
                 while i < len(todo) and self._latest() == job.lsn:
                     rate = budget = self._tree_rate
+                    share = TREE_INFLIGHT_RTTS
                     if rate is not None and tree_is_cheap(
                         (len(todo) - i) * link.page_bytes, link.rtt, rate
                     ):
                         budget = float("inf")  # the rest costs little: all of it now
+                        share = TREE_CHEAP_INFLIGHT_RTTS
                     if not job.wait_for_budget(budget):
                         break
                     # Sized by the link, never by the budget: a demand read waits at most
-                    # about a round trip behind the requests in flight.
-                    workers, size = tree_batch(link.floor, rate, link.page_bytes)
+                    # a fraction of a round trip behind the requests in flight.
+                    workers, size = tree_batch(link.floor, rate, link.page_bytes, share)
                     self.sched.workers = workers
                     chunks = []
                     for _ in range(workers):
@@ -573,6 +583,8 @@ class ReadPath:
                     job.spend(nbytes)
                     if self.sched.yielded == yielded:  # the link was the round's alone
                         self._measure(nbytes, time.monotonic() - started, link.floor)
+                    if skipped.is_set():
+                        break  # the link stayed busy: a later miss starts it over
                 job.complete = i >= len(todo) and not skipped.is_set()
         except GraftError as exc:  # a background fetch only ever saves reads
             log.debug("background fetch of the tree at page %d stopped: %s", job.root + 1, exc)
