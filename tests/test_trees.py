@@ -654,6 +654,43 @@ def test_background_requests_wait_while_demand_reads_are_slow(client, tree_volum
     assert rows == [(ITEMS,)] and moved == 0
 
 
+def test_a_tree_too_big_for_the_link_is_given_up_after_a_few_rounds(
+    client, tree_volume, monkeypatch
+):
+    """A tree whose rest takes more than 32 round trips of link time (the orders table
+    on a 2 MB/s link) is not worth the link time it takes from demand reads: after
+    TREE_PROBES rounds that measure the link, its background fetch stops for good."""
+    import graft_vfs.client.readpath as readpath
+    from graft_vfs.client.prefetch import TREE_PROBES
+
+    monkeypatch.setattr(readpath, "tree_is_cheap", lambda *args: False)
+    monkeypatch.setattr(readpath, "tree_batch", lambda *args: (1, 8))  # one small request a round
+    con, vol = edge_client(client, tree_volume, background_fetch=True)
+    remote = graft_vfs.runtime_of(con.open_vfs).remote
+    read_pages = remote.read_pages
+    sent = []
+
+    def counted(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            sent.append(1)
+        return read_pages(*args, **kwargs)
+
+    remote.read_pages = counted
+    ids = random.Random(8).sample(range(ITEMS), 40)
+    for i in ids[:20]:
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    # A few rounds of a request (those beside a demand read measure nothing), then no more.
+    assert TREE_PROBES <= len(sent) <= 40
+    assert all(job.declined for job in vol.reads._jobs.values())
+    assert vol.reads._fetched_trees  # remembered as declined at this snapshot
+    so_far = len(sent)
+    for i in ids[20:]:
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    assert len(sent) == so_far  # not started again at this snapshot
+
+
 def test_background_requests_are_sized_to_a_quarter_round_trip_of_the_link():
     from graft_vfs.client.prefetch import TREE_BATCH, TREE_BATCH_MAX, TREE_WORKERS, tree_batch
 

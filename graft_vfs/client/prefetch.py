@@ -467,6 +467,10 @@ TREE_WORKERS = 4
 TREE_JOBS = 2  # trees fetched at once (an index and its table)
 TREE_MIN_RTT = 0.010  # on a faster link the CPU a background fetch takes costs more
 TREE_CHEAP_RTTS = 32  # what is left of a tree comes at once if it takes under 32 round trips
+# Rounds that measure the link before a tree that is not cheap is given up (until the
+# snapshot moves): fetched a quarter round trip at a time, it would take link time
+# from demand reads for longer than most workloads stay in one tree.
+TREE_PROBES = 3
 # Options(background_fetch=None), the default: on while the measured round trip is at
 # least this long (an edge or a slow link), off below (a loopback, a LAN), where the
 # client's CPU per fetched page costs more than the round trips it saves.

@@ -33,6 +33,7 @@ from graft_vfs.client.prefetch import (
     TREE_INFLIGHT_RTTS,
     TREE_JOBS,
     TREE_MISSES,
+    TREE_PROBES,
     TREE_WINDOW,
     TREE_WORKERS,
     FrameSizer,
@@ -149,7 +150,8 @@ class ReadPath:
         self._trees_at = 0.0
         self._stamp = 0  # interior pages stored so far (in batches): a TreeMap's age
         self._jobs: dict[int, _TreeJob] = {}  # root -> its background fetch
-        self._fetched_trees: set[tuple[int, int]] = set()  # (root, lsn) fetched whole
+        # (root, lsn) fetched whole, or declined as too big for the link
+        self._fetched_trees: set[tuple[int, int]] = set()
         self._job_lock = threading.Lock()
         self._inflight: set[int] = set()  # pages in background batches now
         self._tree_rate: float | None = None  # bytes/s background rounds measured
@@ -470,7 +472,7 @@ class ReadPath:
             jobs = self._jobs
             for r, other in list(jobs.items()):
                 if other.finished.is_set():
-                    if other.complete:
+                    if other.complete or other.declined:
                         if any(lsn_ != other.lsn for _, lsn_ in self._fetched_trees):
                             self._fetched_trees.clear()  # only the latest snapshot's
                         self._fetched_trees.add((r, other.lsn))
@@ -498,18 +500,19 @@ class ReadPath:
             target=self._run_job, args=(job,), name="graft-tree-fetch", daemon=True
         ).start()
 
-    def _measure(self, nbytes: int, seconds: float, rtt: float) -> None:
+    def _measure(self, nbytes: int, seconds: float, rtt: float) -> bool:
         """The bandwidth one round of parallel background requests saw.
 
         Link.bandwidth is measured per request, so it reads a link shared by parallel
         requests as a fraction of what it is: a round measures it whole.
         """
-        if nbytes < 16 * 1024:
-            return
+        if nbytes < 4096:
+            return False
         # ``rtt`` is the link's floor: the rate errs low, and may grow 16-fold a round.
         rate = nbytes / max(seconds - rtt, seconds / 16)
         old = self._tree_rate
         self._tree_rate = rate if old is None else old + 0.5 * (rate - old)
+        return True
 
     def _absent(self, pageno: int, lsn: int) -> bool:
         row = self.local.read_page(self.row_id, pageno, lsn)
@@ -530,6 +533,7 @@ class ReadPath:
             # From the far end: a scan reading the tree forward meets it in the middle.
             todo = [p for p in reversed(job.pages) if p in missing]
             skipped = threading.Event()
+            probes = 0  # rounds that measured the link
 
             def fetch(chunk: list[int]) -> int:
                 # What demand reads have not fetched meanwhile; then demand reads go
@@ -563,10 +567,15 @@ class ReadPath:
                     rate = budget = self._tree_rate
                     share = TREE_INFLIGHT_RTTS
                     if rate is not None and tree_is_cheap(
-                        (len(todo) - i) * link.page_bytes, link.rtt, rate
+                        (len(todo) - i) * link.page_bytes, link.floor, rate
                     ):
                         budget = float("inf")  # the rest costs little: all of it now
                         share = TREE_CHEAP_INFLIGHT_RTTS
+                    elif rate is not None and probes >= TREE_PROBES:
+                        # Measured, and far from cheap: on this link the tree would take
+                        # link time from demand reads for longer than it could repay.
+                        job.declined = True
+                        break
                     if not job.wait_for_budget(budget):
                         break
                     # Sized by the link, never by the budget: a demand read waits at most
@@ -582,7 +591,7 @@ class ReadPath:
                     nbytes = sum(pool.map(fetch, chunks))
                     job.spend(nbytes)
                     if self.sched.yielded == yielded:  # the link was the round's alone
-                        self._measure(nbytes, time.monotonic() - started, link.floor)
+                        probes += self._measure(nbytes, time.monotonic() - started, link.floor)
                     if skipped.is_set():
                         break  # the link stayed busy: a later miss starts it over
                 job.complete = i >= len(todo) and not skipped.is_set()
@@ -850,6 +859,7 @@ class _TreeJob:
         self.root, self.lsn, self.page_count, self.pages = root, lsn, page_count, pages
         self.waited, self.bytes = waited, 0
         self.complete = False  # every page was fetched
+        self.declined = False  # measured too big for the link: not started again
         self.last_miss = now
         self.finished = threading.Event()
         self._cancelled = False
