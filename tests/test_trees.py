@@ -546,7 +546,7 @@ def test_background_fetch_can_be_turned_off(client, tree_volume):
         con.execute("PRAGMA graft_background_fetch=maybe").fetchall()
 
 
-def test_background_fetch_is_on_by_default_on_a_link_of_15_ms_or_more(client, tree_volume):
+def test_background_fetch_auto_is_on_on_a_link_of_15_ms_or_more(client, tree_volume):
     # The link's floor, not its moving round trip: a cold server's slow answers on a
     # loopback do not turn it on.
     link = Link(rtt=0.002)
@@ -555,7 +555,7 @@ def test_background_fetch_is_on_by_default_on_a_link_of_15_ms_or_more(client, tr
     assert link.rtt > 0.015 and link.floor == 0.004
     ids = random.Random(8).sample(range(ITEMS), 20)
     for rtt, on in ((0.020, True), (0.010, False)):
-        con = client(tree_volume)  # Options() as they come
+        con = client(tree_volume, options=graft_vfs.Options(background_fetch=None))  # auto
         runtime = graft_vfs.runtime_of(con.open_vfs)
         runtime.remote.link = FixedLink(rtt=rtt, bandwidth=100e6, page_bytes=1500)
         vol = runtime.volume(tree_volume, create=False)
