@@ -431,6 +431,26 @@ def test_point_lookups_by_an_index_key_stop_fetching_index_siblings(client, tree
     assert vol.reads.follow.siblings == 0  # never read: they cost bytes for nothing
 
 
+def test_an_overflow_chain_comes_with_its_first_page(client, tree_volume, tree_db, monkeypatch):
+    """A row whose payload runs over several overflow pages: the miss on the chain's
+    first page brings the pages after it (contiguous in a file written in order)."""
+    monkeypatch.setenv("GRAFT_DIRECT", "0")
+    sql = "SELECT id, hex(substr(data, -16)) FROM blobs WHERE id=?"
+    native = apsw.Connection(tree_db, flags=apsw.SQLITE_OPEN_READONLY)
+    sizes = native.execute("SELECT id, length(data) FROM blobs").fetchall()
+    blob = next(i for i, size in sizes if size > 4 * 4096)  # 5 overflow pages or more
+    expected = native.execute(sql, (blob,)).fetchall()
+    native.close()
+    con = client(tree_volume, options=graft_vfs.Options(background_fetch=False))
+    graft_vfs.runtime_of(con.open_vfs).remote.link = FixedLink(
+        rtt=0.0005, bandwidth=1e9, page_bytes=1500
+    )
+    con.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+    rows, moved = requests_for(con, sql, (blob,))
+    assert rows == expected
+    assert moved == 3  # the table's root (interior pages along), its leaf, the chain
+
+
 def test_a_cold_open_reads_the_statistics_tables_in_few_round_trips(
     client, server, vid, tree_db, tmp_path, monkeypatch
 ):
