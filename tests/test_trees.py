@@ -368,6 +368,136 @@ def test_an_index_query_of_20_scattered_rows_takes_3_round_trips(
     assert rows == expected and moved >= 20  # about one request per row
 
 
+def keys_across_two_leaves(path: str, count: int) -> list[int]:
+    """``count`` consecutive keys of items_k, half at the end of one index leaf and half
+    at the start of the next (from the file)."""
+    from graft_vfs.core import btree
+
+    pages = file_pages(path)
+    usable = btree.usable_size(pages[0])
+    schema = btree.read_schema(pages.__getitem__, len(pages))
+    index = next(e for e in schema if e.name == "items_k")
+    leaves = [
+        page
+        for _, page in btree.walk(index.root, pages.__getitem__, usable, len(pages))
+        if not page.interior
+    ]
+    middle = len(leaves) // 2
+    first = [btree.decode_record(c.payload)[0] for c in leaves[middle].cells]
+    second = [btree.decode_record(c.payload)[0] for c in leaves[middle + 1].cells]
+    return first[-(count // 2) :] + second[: count - count // 2]
+
+
+def test_an_index_range_over_two_index_leaves_takes_3_round_trips(
+    client, tree_volume, tree_db, monkeypatch
+):
+    monkeypatch.setenv("GRAFT_DIRECT", "0")  # a request is a round trip (see above)
+    keys = keys_across_two_leaves(tree_db, 20)
+    sql = "SELECT id, note FROM items WHERE k BETWEEN ? AND ? ORDER BY k"
+    native = apsw.Connection(tree_db, flags=apsw.SQLITE_OPEN_READONLY)
+    expected = native.execute(sql, (keys[0], keys[-1])).fetchall()
+    native.close()
+    assert len(expected) == 21  # and the entry between the leaves, in their parent
+
+    def cold(siblings: bool):
+        con = client(tree_volume, options=graft_vfs.Options(background_fetch=False))
+        runtime = graft_vfs.runtime_of(con.open_vfs)
+        runtime.remote.link = FixedLink(rtt=0.0005, bandwidth=1e9, page_bytes=1500)
+        if not siblings:
+            runtime.volume(tree_volume, create=False).reads.follow.siblings = 0
+        con.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+        rows, moved = requests_for(con, sql, (keys[0], keys[-1]))
+        assert rows == expected
+        return moved
+
+    # The index root (the table's root along), the index leaf with the leaves after it,
+    # then the table leaves of the rowids in both index leaves.
+    assert cold(siblings=True) == 3
+    # Without the index leaf's siblings, the second index leaf and its table leaves are
+    # two more round trips.
+    assert cold(siblings=False) == 5
+
+
+def test_point_lookups_by_an_index_key_stop_fetching_index_siblings(client, tree_volume):
+    con = client(tree_volume, options=graft_vfs.Options(background_fetch=False))
+    graft_vfs.runtime_of(con.open_vfs).remote.link = FixedLink(
+        rtt=0.0005, bandwidth=1e9, page_bytes=1500
+    )
+    vol = graft_vfs.runtime_of(con.open_vfs).volume(tree_volume, create=False)
+    assert vol.reads.follow.siblings > 0
+    for i in random.Random(4).sample(range(ITEMS), 12):
+        rows = con.execute("SELECT id FROM items WHERE k=?", (i * 10,)).fetchall()
+        assert len(rows) == 1
+    assert vol.reads.follow.siblings == 0  # never read: they cost bytes for nothing
+
+
+def test_an_overflow_chain_comes_with_its_first_page(client, tree_volume, tree_db, monkeypatch):
+    """A row whose payload runs over several overflow pages: the miss on the chain's
+    first page brings the pages after it (contiguous in a file written in order)."""
+    monkeypatch.setenv("GRAFT_DIRECT", "0")
+    sql = "SELECT id, hex(substr(data, -16)) FROM blobs WHERE id=?"
+    native = apsw.Connection(tree_db, flags=apsw.SQLITE_OPEN_READONLY)
+    sizes = native.execute("SELECT id, length(data) FROM blobs").fetchall()
+    blob = next(i for i, size in sizes if size > 4 * 4096)  # 5 overflow pages or more
+    expected = native.execute(sql, (blob,)).fetchall()
+    native.close()
+    con = client(tree_volume, options=graft_vfs.Options(background_fetch=False))
+    graft_vfs.runtime_of(con.open_vfs).remote.link = FixedLink(
+        rtt=0.0005, bandwidth=1e9, page_bytes=1500
+    )
+    con.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+    rows, moved = requests_for(con, sql, (blob,))
+    assert rows == expected
+    assert moved == 3  # the table's root (interior pages along), its leaf, the chain
+
+
+def test_a_cold_open_reads_the_statistics_tables_in_few_round_trips(
+    client, server, vid, tree_db, tmp_path, monkeypatch
+):
+    """SQLite reads sqlite_stat1 and sqlite_stat4 whole as it loads the schema: their
+    roots come together, and a small tree's leaves together."""
+    monkeypatch.setenv("GRAFT_DIRECT", "0")
+    path = str(tmp_path / "analyzed.db")
+    with open(tree_db, "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read())
+    native = apsw.Connection(path)
+    with native:  # samples of long keys: a sqlite_stat4 of a few pages
+        native.execute("CREATE TABLE pad(a TEXT, b TEXT)")
+        native.executemany(
+            "INSERT INTO pad VALUES(?, ?)",
+            ((f"{i:04d}" * 100, f"{-i:05d}" * 80) for i in range(300)),
+        )
+        native.execute("CREATE INDEX pad_a ON pad(a)")
+        native.execute("CREATE INDEX pad_b ON pad(b)")
+    native.execute("ANALYZE")
+    stat4 = native.execute("SELECT count(*) FROM dbstat WHERE name='sqlite_stat4'").fetchone()[0]
+    native.close()
+    assert 3 <= stat4 <= 9  # an interior root and a few leaves
+    import_database(Remote(server.url), path, vid)
+
+    def opened(hints: bool) -> int:
+        name = f"stat-{hints}"
+        options = graft_vfs.Options(background_fetch=False)
+        graft_vfs.register(server.url, str(tmp_path / name), name=name, options=options)
+        try:
+            graft_vfs.runtime_of(name).volume(vid, create=False).reads.hints = hints
+            flags = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READONLY
+            con = apsw.Connection(f"file:{vid}", flags=flags, vfs=name)
+            try:
+                con.execute("SELECT count(*) FROM sqlite_schema").fetchall()  # loads it
+                return pragma(con, "graft_stats")["requests"]
+            finally:
+                con.close()
+        finally:
+            graft_vfs.unregister(name)
+
+    # Page 1; sqlite_stat1 with sqlite_stat4's root; sqlite_stat4's leaves.
+    assert opened(hints=True) == 3
+    # Page 1, sqlite_stat1, sqlite_stat4's root, then its leaves one by one until the
+    # stride prefetch takes over.
+    assert opened(hints=False) >= 5
+
+
 # -- the background fetch of the tree being read -----------------------------------------
 
 
@@ -415,7 +545,7 @@ def test_lookups_in_one_table_fetch_the_rest_of_it_in_the_background(client, tre
 
 def test_background_fetch_can_be_turned_off(client, tree_volume):
     con, vol = edge_client(client, tree_volume, background_fetch=False)
-    assert pragma(con, "graft_background_fetch") == {"background_fetch": False}
+    assert pragma(con, "graft_background_fetch") == {"background_fetch": False, "auto": False}
     for i in random.Random(8).sample(range(ITEMS), 20):
         con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall()
     stats = pragma(con, "graft_stats")
@@ -424,10 +554,173 @@ def test_background_fetch_can_be_turned_off(client, tree_volume):
     rows, moved = requests_for(con, "SELECT count(*) FROM items NOT INDEXED")
     assert moved > 0
     assert json.loads(con.execute("PRAGMA graft_background_fetch=on").fetchone()[0]) == {
-        "background_fetch": True
+        "background_fetch": True,
+        "auto": False,
     }
-    with pytest.raises(apsw.SQLError, match="give on or off"):
+    # auto: on while the measured round trip is >= 15 ms (this link's is 20 ms)
+    assert json.loads(con.execute("PRAGMA graft_background_fetch=auto").fetchone()[0]) == {
+        "background_fetch": True,
+        "auto": True,
+    }
+    with pytest.raises(apsw.SQLError, match="give on, off"):
         con.execute("PRAGMA graft_background_fetch=maybe").fetchall()
+
+
+def test_background_fetch_auto_is_on_on_a_link_of_15_ms_or_more(client, tree_volume):
+    # The link's floor, not its moving round trip: a cold server's slow answers on a
+    # loopback do not turn it on.
+    link = Link(rtt=0.002)
+    for seconds in (0.004, 0.060, 0.080, 0.050, 0.070):
+        link.observe(seconds, 2000)
+    assert link.rtt > 0.015 and link.floor == 0.004
+    ids = random.Random(8).sample(range(ITEMS), 20)
+    for rtt, on in ((0.020, True), (0.010, False)):
+        con = client(tree_volume, options=graft_vfs.Options(background_fetch=None))  # auto
+        runtime = graft_vfs.runtime_of(con.open_vfs)
+        runtime.remote.link = FixedLink(rtt=rtt, bandwidth=100e6, page_bytes=1500)
+        vol = runtime.volume(tree_volume, create=False)
+        assert pragma(con, "graft_background_fetch") == {"background_fetch": on, "auto": True}
+        for i in ids:
+            assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+        wait_for_background(vol)
+        stats = pragma(con, "graft_stats")
+        if on:
+            assert stats["pages_prefetched"] > 100
+            rows, moved = requests_for(con, "SELECT count(*) FROM items NOT INDEXED")
+            assert rows == [(ITEMS,)] and moved == 0
+        else:
+            assert not vol.reads._jobs
+            assert stats["pages_prefetched"] <= stats["pages_fetched"] - stats["cache_misses"]
+
+
+def test_background_requests_yield_to_demand_reads(client, tree_volume, monkeypatch):
+    """While SQLite waits on a demand read, at most one background request is in flight
+    (and it is small); the rest wait, and the tree still comes whole."""
+    import graft_vfs.client.readpath as readpath
+
+    monkeypatch.setattr(readpath, "tree_batch", lambda *args: (4, 8))  # many small requests
+    con, vol = edge_client(client, tree_volume, background_fetch=True)
+    remote = graft_vfs.runtime_of(con.open_vfs).remote
+    read_pages = remote.read_pages
+    sched = vol.reads.sched
+    acquire = sched.acquire
+    at_acquire: list[tuple[int, int]] = []  # (demand, background) in flight as one starts
+
+    def watched(timeout):
+        ok = acquire(timeout)
+        if ok:
+            with sched._cond:
+                at_acquire.append((sched.demand, sched.background - 1))
+        return ok
+
+    sched.acquire = watched
+    lock = threading.Lock()
+    flight = {"demand": 0, "background": 0}
+    starts: list[tuple[int, int]] = []  # (demand, background) in flight as one starts
+
+    def paced(*args, **kwargs):
+        kind = "demand" if threading.current_thread() is threading.main_thread() else "background"
+        with lock:
+            if kind == "background":
+                starts.append((flight["demand"], flight["background"]))
+            flight[kind] += 1
+        try:
+            time.sleep(0.01)  # a link where requests overlap
+            return read_pages(*args, **kwargs)
+        finally:
+            with lock:
+                flight[kind] -= 1
+
+    remote.read_pages = paced
+    for i in random.Random(8).sample(range(ITEMS), 40):
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    assert len(starts) > 8
+    # No background request starts beside a demand read and another background one...
+    assert at_acquire and all(background == 0 for demand, background in at_acquire if demand)
+    assert sched.yielded > 0  # ...they waited instead
+    rows, moved = requests_for(con, "SELECT count(*) FROM items NOT INDEXED")
+    assert rows == [(ITEMS,)] and moved == 0
+
+
+def test_background_requests_wait_while_demand_reads_are_slow(client, tree_volume):
+    """Small answers taking much longer than the link's floor (a cold or busy server, a
+    queue on the link): background requests wait, and go once answers are quick again."""
+    con, vol = edge_client(client, tree_volume, background_fetch=True)
+    remote = graft_vfs.runtime_of(con.open_vfs).remote
+    read_pages = remote.read_pages
+    sent = []
+
+    def counted(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            sent.append(1)
+        return read_pages(*args, **kwargs)
+
+    remote.read_pages = counted
+    remote.link._small.append(0.020)  # the floor: 20 ms
+    remote.link.rtt = 0.060  # answers take three times that
+    ids = random.Random(8).sample(range(ITEMS), 40)
+    for i in ids[:20]:
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    assert vol.reads._fetched_trees == set() and vol.reads.sched.yielded > 0
+    assert not sent  # not one background request
+    remote.link.rtt = 0.021
+    for i in ids[20:]:
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    assert sent
+    rows, moved = requests_for(con, "SELECT count(*) FROM items NOT INDEXED")
+    assert rows == [(ITEMS,)] and moved == 0
+
+
+def test_a_tree_too_big_for_the_link_is_given_up_after_a_few_rounds(
+    client, tree_volume, monkeypatch
+):
+    """A tree whose rest takes more than 32 round trips of link time (the orders table
+    on a 2 MB/s link) is not worth the link time it takes from demand reads: after
+    TREE_PROBES rounds that measure the link, its background fetch stops for good."""
+    import graft_vfs.client.readpath as readpath
+    from graft_vfs.client.prefetch import TREE_PROBES
+
+    monkeypatch.setattr(readpath, "tree_is_cheap", lambda *args: False)
+    monkeypatch.setattr(readpath, "tree_batch", lambda *args: (1, 8))  # one small request a round
+    con, vol = edge_client(client, tree_volume, background_fetch=True)
+    remote = graft_vfs.runtime_of(con.open_vfs).remote
+    read_pages = remote.read_pages
+    sent = []
+
+    def counted(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            sent.append(1)
+        return read_pages(*args, **kwargs)
+
+    remote.read_pages = counted
+    ids = random.Random(8).sample(range(ITEMS), 40)
+    for i in ids[:20]:
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    # A few rounds of a request (those beside a demand read measure nothing), then no more.
+    assert TREE_PROBES <= len(sent) <= 40
+    assert all(job.declined for job in vol.reads._jobs.values())
+    assert vol.reads._fetched_trees  # remembered as declined at this snapshot
+    so_far = len(sent)
+    for i in ids[20:]:
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    assert len(sent) == so_far  # not started again at this snapshot
+
+
+def test_background_requests_are_sized_to_a_quarter_round_trip_of_the_link():
+    from graft_vfs.client.prefetch import TREE_BATCH, TREE_BATCH_MAX, TREE_WORKERS, tree_batch
+
+    # All in flight together carry what the link moves in a quarter of a round trip:
+    # edge (20 ms, 100 MB/s) 500 kB in 4 requests; slow (50 ms, 2 MB/s) one of 16 pages.
+    workers, pages = tree_batch(0.020, 100e6, 1500)
+    assert workers == TREE_WORKERS and 0.9 * 500e3 <= workers * pages * 1500 <= 500e3
+    assert tree_batch(0.050, 2e6, 1500) == (1, TREE_BATCH)
+    assert tree_batch(0.1, 1e9, 1500) == (TREE_WORKERS, TREE_BATCH_MAX)
+    assert tree_batch(0.020, None, 1500) == (1, TREE_BATCH)  # until a round measured it
 
 
 def test_a_background_batch_landing_after_a_pull_never_shows_old_pages(

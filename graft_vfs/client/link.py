@@ -9,10 +9,12 @@ fetch policy weighs a round trip against the bytes a wider fetch would move
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 ALPHA = 0.2  # weight of a new sample in the moving averages
 SMALL = 16 * 1024  # answers up to this size measure the round trip
 LARGE = 32 * 1024  # answers from this size measure the bandwidth
+FLOOR_SAMPLES = 32  # the round trip's floor is the fastest of the last 32 small answers
 
 
 class Link:
@@ -27,12 +29,21 @@ class Link:
         self.bandwidth = bandwidth
         self.page_bytes = page_bytes  # compressed page size on the wire
         self._lock = threading.Lock()
+        self._small: deque[float] = deque(maxlen=FLOOR_SAMPLES)
+
+    @property
+    def floor(self) -> float:
+        """The link's own round trip: the fastest recent small answer (the moving
+        ``rtt`` includes the server's time, long while its cache is cold)."""
+        small = self._small
+        return min(small) if small else self.rtt
 
     def observe(self, seconds: float, nbytes: int) -> None:
         """One request took ``seconds`` and moved ``nbytes`` (both directions)."""
         with self._lock:
             if nbytes <= SMALL:
                 self.rtt += ALPHA * (seconds - self.rtt)
+                self._small.append(seconds)
             elif nbytes >= LARGE and seconds > self.rtt:
                 rate = nbytes / (seconds - self.rtt)
                 self.bandwidth += ALPHA * (rate - self.bandwidth)

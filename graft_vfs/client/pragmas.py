@@ -84,13 +84,15 @@ SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0"
 def _background_fetch(c: Connection, value: str | None) -> dict[str, Any]:
     reads = c.vol.reads
     if value is not None:
-        setting = SWITCH.get(value.strip().strip("'\"").lower())
-        if setting is None:
+        word = value.strip().strip("'\"").lower()
+        setting = SWITCH.get(word)
+        if setting is None and word != "auto":
             raise InvalidRequest(
-                f"PRAGMA graft_background_fetch={value}: give on or off (1/0, true/false)"
+                f"PRAGMA graft_background_fetch={value}: give on, off (1/0, true/false) "
+                "or auto (on while the round trip is >= 15 ms)"
             )
         reads.background = setting
-    return {"background_fetch": reads.background}
+    return {"background_fetch": reads.background_on(), "auto": reads.background is None}
 
 
 def _sync(c: Connection, value: str | None) -> dict[str, Any]:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from graft_vfs.core.btree import (
+    INTERIOR_INDEX,
     INTERIOR_TABLE,
     MAX_DEPTH,
     SchemaEntry,
@@ -151,6 +153,18 @@ class Tree:
     leaves: list[int] = field(default_factory=list)  # in key order
     leafset: set[int] = field(default_factory=set)
 
+    _place: dict[int, int] | None = None  # leaf -> its place in ``leaves``
+
+    def following(self, leaf: int, count: int) -> list[int]:
+        """Up to ``count`` leaves after ``leaf`` in key order (its right siblings, and
+        their parents' next children after them)."""
+        if count <= 0 or leaf not in self.leafset:
+            return []
+        if self._place is None:
+            self._place = {p: i for i, p in enumerate(self.leaves)}
+        i = self._place[leaf]
+        return self.leaves[i + 1 : i + 1 + count]
+
 
 class TreeMap:
     """Which B-tree each page of one snapshot is in, from the pages held locally.
@@ -174,6 +188,9 @@ class TreeMap:
         self.owner: dict[int, int] = {}  # page -> root of its tree
         # interior table page -> (keys, children): a rowid k is under the first key >= k
         self._keys: dict[int, tuple[list[int], list[int]]] = {}
+        # page of an index -> (its parent, its place among the parent's children): the
+        # record after the page in key order is the parent's cell at that place
+        self.parent: dict[int, tuple[int, int]] = {}
         self.usable = 0
         self._peek = peek
         self._page_count = page_count
@@ -216,6 +233,9 @@ class TreeMap:
                 if page.kind == INTERIOR_TABLE:
                     keys = [c.key if c.key is not None else 0 for c in page.cells]
                     self._keys[p] = (keys, page.children)
+                elif page.kind == INTERIOR_INDEX:
+                    for i, c in enumerate(page.children):
+                        self.parent[c] = (p, i)
             if not children:
                 return tree
             if any(c in seen or not 0 <= c < self._page_count for c in children):
@@ -266,14 +286,24 @@ def _no_peek(pageno: int) -> bytes | None:
 
 FOLLOW_START = 32  # table leaves fetched ahead of an index walk at first
 FOLLOW_MAX = 256
+FOLLOW_PLACES = 3  # places in an index walk a missed table leaf may stand for
+# Index leaves fetched along with a missed index leaf (its right siblings), so the table
+# leaves of a range that spans several index leaves come in one batch: the count starts
+# here, doubles while the siblings are read, halves to none while they are not (point
+# lookups), and comes back when a scan walks from an index leaf into the next one.
+SIBLINGS_START = 2
+SIBLINGS_MAX = 16
+
+RowidsOf = Callable[[int], tuple[list[int], Callable[[int], int | None]] | None]
 
 
 class IndexFollow:
     """SQLite reads an index leaf, then the table leaf of each rowid in it, in key order.
 
     When a table leaf misses right after an index leaf of that table was read, the
-    leaves of the rowids that follow in the index leaf are fetched in the same
-    request. How many follows the outcome: the count doubles while most of those
+    leaves of the rowids that follow in the index leaf, and in the index leaves after
+    it that are local (``siblings`` fetched them along with it), are fetched in the
+    same request. How many follows the outcome: the count doubles while most of those
     leaves are read, and halves while most are not (point lookups by an index key).
     """
 
@@ -287,12 +317,19 @@ class IndexFollow:
         self.ahead = FOLLOW_START
         self._batch: set[int] = set()
         self._batch_used = 0
+        # Right siblings of index leaves fetched along with them.
+        self.siblings = SIBLINGS_START
+        self._next: tuple[int, int] | None = None  # (lsn, the leaf after the last one read)
+        self._sib_batch: set[int] = set()
+        self._sib_used = 0
 
-    def index_leaf(self, lsn: int, pageno: int) -> None:
-        """An index leaf was read below the memory cache."""
+    def index_leaf(self, lsn: int, pageno: int, after: int | None = None) -> None:
+        """An index leaf was read below the memory cache; ``after``: the leaf after it."""
         with self._lock:
             if self.leaf != (lsn, pageno):
                 self.leaf, self._rowids, self._leaves, self._cursor = (lsn, pageno), None, [], 0
+            if after is not None:
+                self._next = (lsn, after)
 
     def read(self, pageno: int) -> None:
         """A page was read below the memory cache."""
@@ -300,19 +337,44 @@ class IndexFollow:
             with self._lock:
                 self._batch.discard(pageno)
                 self._batch_used += 1
+        if pageno in self._sib_batch:
+            with self._lock:
+                self._sib_batch.discard(pageno)
+                self._sib_used += 1
+
+    def sibling_count(self, lsn: int, pageno: int) -> int:
+        """How many right siblings to fetch along with the missed index leaf ``pageno``."""
+        with self._lock:
+            sent = len(self._sib_batch) + self._sib_used
+            if sent:
+                if self._sib_used * 2 >= sent:
+                    self.siblings = min(max(self.siblings, 1) * 2, SIBLINGS_MAX)
+                elif self._sib_used * 4 < sent:
+                    self.siblings //= 2
+            if self._next == (lsn, pageno):  # a scan walked into the next leaf
+                self.siblings = max(self.siblings, SIBLINGS_START)
+            self._sib_batch, self._sib_used = set(), 0
+            return self.siblings
+
+    def siblings_fetched(self, pages: list[int]) -> None:
+        with self._lock:
+            self._sib_batch = set(pages)
+            self._sib_used = 0
 
     def plan(
         self,
         lsn: int,
         pageno: int,
-        rowids_of: Callable[[int], tuple[list[int], Callable[[int], int | None]] | None],
+        rowids_of: RowidsOf,
         cap: int,
+        chain: Callable[[int], list[int]] | None = None,
     ) -> list[int]:
         """Table leaves to fetch along with the missed ``pageno``.
 
         ``rowids_of(index_leaf)`` answers the rowids of that index leaf and a function
         giving the table leaf of a rowid (None if not known without the network), or
-        None if the leaf is no index of a rowid table known locally.
+        None if the leaf is no index of a rowid table known locally. ``chain(leaf)``
+        names the index leaves after it that are local, whose rowids follow its own.
         """
         with self._lock:
             if self.leaf is None or self.leaf[0] != lsn:
@@ -322,29 +384,45 @@ class IndexFollow:
                 if found is None:
                     self.leaf = None
                     return []
-                self._rowids, self._leaf_of = found
-            i = self._find(pageno, self._cursor, len(self._rowids))
-            if i is None:
-                i = self._find(pageno, 0, self._cursor)
-            if i is None:
+                rowids, self._leaf_of = found
+                for leaf in chain(self.leaf[1]) if chain is not None else []:
+                    more = rowids_of(leaf)
+                    if more is None:
+                        break
+                    rowids = rowids + more[0]
+                self._rowids = rowids
+            # Many rowids share a table leaf: SQLite may be at any of the places whose
+            # rowid is in ``pageno``; the leaves after each of the first few come along.
+            places = self._find(pageno, self._cursor, len(self._rowids))
+            if not places:
+                places = self._find(pageno, 0, self._cursor)
+            if not places:
                 return []
             self._adapt()
-            self._cursor = i
+            self._cursor = places[0]
             want = min(self.ahead, cap)
             out: list[int] = []
-            for j in range(i + 1, len(self._rowids)):
-                if len(out) >= want:
-                    break
-                p = self._leaf(j)
-                if p is not None and p != pageno and p not in out:
-                    out.append(p)
+            for i in places:
+                taken = 0
+                for j in range(i + 1, len(self._rowids)):
+                    if taken >= want:
+                        break
+                    p = self._leaf(j)
+                    if p is not None and p != pageno:
+                        taken += 1
+                        if p not in out:
+                            out.append(p)
             return out
 
-    def _find(self, pageno: int, start: int, stop: int) -> int | None:
+    def _find(self, pageno: int, start: int, stop: int) -> list[int]:
+        """The first FOLLOW_PLACES places in ``[start, stop)`` whose rowid is in ``pageno``."""
+        out = []
         for j in range(start, stop):
             if self._leaf(j) == pageno:
-                return j
-        return None
+                out.append(j)
+                if len(out) >= FOLLOW_PLACES:
+                    break
+        return out
 
     def _leaf(self, j: int) -> int | None:
         """The table leaf of the ``j``-th rowid, worked out once (the lock is held)."""
@@ -374,14 +452,108 @@ class IndexFollow:
 # TREE_WINDOW seconds while reads go elsewhere, or its budget runs out and stays out.
 TREE_MISSES = 3
 TREE_WINDOW = 2.0
-# Pages per background request: what the link moves in half a round trip, so a demand
-# read sharing the link never waits long behind one.
+# Background requests in flight together carry at most what the link moves in a quarter
+# of a round trip, so a demand read sharing the link waits at most that long behind
+# them: up to TREE_WORKERS requests of TREE_BATCH to TREE_BATCH_MAX pages (on a slow
+# link, one of TREE_BATCH pages). LinkScheduler keeps one in flight while a demand read is.
+TREE_INFLIGHT_RTTS = 0.25
+# What is left of a tree the link moves in under TREE_CHEAP_RTTS round trips comes at
+# once, in flight a whole round trip's worth (a demand read waits at most that long,
+# for that short while).
+TREE_CHEAP_INFLIGHT_RTTS = 1.0
 TREE_BATCH = 16
 TREE_BATCH_MAX = 512
 TREE_WORKERS = 4
 TREE_JOBS = 2  # trees fetched at once (an index and its table)
 TREE_MIN_RTT = 0.010  # on a faster link the CPU a background fetch takes costs more
 TREE_CHEAP_RTTS = 32  # what is left of a tree comes at once if it takes under 32 round trips
+# Rounds that measure the link before a tree that is not cheap is given up (until the
+# snapshot moves): fetched a quarter round trip at a time, it would take link time
+# from demand reads for longer than most workloads stay in one tree.
+TREE_PROBES = 3
+# Options(background_fetch=None), the default: on while the measured round trip is at
+# least this long (an edge or a slow link), off below (a loopback, a LAN), where the
+# client's CPU per fetched page costs more than the round trips it saves.
+BACKGROUND_MIN_RTT = 0.015
+# Background requests wait while small answers take this much longer than the floor.
+CONGESTED_RATIO = 1.5
+CONGESTED_SLACK = 0.005
+
+
+class LinkScheduler:
+    """Demand reads (SQLite waiting in xRead) first; background requests in what is left.
+
+    A background request starts only while fewer than ``workers`` are in flight, and
+    while a demand read is in flight, only if no other background request is: a demand
+    read then shares the link with at most one background request, whose size
+    (``tree_batch``) the link moves in a fraction of a round trip. None starts while
+    ``congested()``: demand reads take clearly longer than the link's floor (a queue on
+    the link or a busy or cold server, which background requests would only lengthen;
+    as LEDBAT yields to other traffic).
+    """
+
+    def __init__(self, workers: int = TREE_WORKERS) -> None:
+        self.workers = workers  # background requests in flight while no demand read is
+        self._cond = threading.Condition()
+        self.demand = 0  # demand reads in flight
+        self.background = 0  # background requests in flight
+        self.yielded = 0  # background requests that waited for demand reads
+        self.congested: Callable[[], bool] = _never
+
+    @contextmanager
+    def demand_read(self) -> Iterator[None]:
+        with self._cond:
+            self.demand += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.demand -= 1
+                self._cond.notify_all()
+
+    def _room(self) -> bool:
+        return self.background < (1 if self.demand else self.workers) and not self.congested()
+
+    def acquire(self, timeout: float) -> bool:
+        """Wait for room for one background request; False if none came in ``timeout``."""
+        with self._cond:
+            if not self._room():
+                self.yielded += 1
+                if not self._cond.wait_for(self._room, timeout):
+                    return False
+            self.background += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self.background -= 1
+            self._cond.notify_all()
+
+    @contextmanager
+    def background_request(self, timeout: float) -> Iterator[bool]:
+        """``with sched.background_request(t) as ok:`` send only if ``ok``."""
+        ok = self.acquire(timeout)
+        try:
+            yield ok
+        finally:
+            if ok:
+                self.release()
+
+
+def _never() -> bool:
+    return False
+
+
+def congested(rtt: float, floor: float) -> bool:
+    """Whether small answers take clearly longer than the link's floor: more than half
+    again, and 5 ms more (a loopback's jitter)."""
+    return rtt > floor * CONGESTED_RATIO + CONGESTED_SLACK
+
+
+def background_on(setting: bool | None, floor: float) -> bool:
+    """Whether the background fetch runs: as set, or (None) while the link's round-trip
+    floor (``Link.floor``: a cold server's time does not count) is >= 15 ms."""
+    return setting if setting is not None else floor >= BACKGROUND_MIN_RTT
 
 
 class TreeWatch:
@@ -418,12 +590,17 @@ def tree_budget(rtt: float) -> float:
     return rtt if rtt >= TREE_MIN_RTT else 0.0
 
 
-def tree_batch(rtt: float, bandwidth: float | None, page_bytes: float) -> int:
-    """Pages per background request: what the link moves in half a round trip
-    (the fewest until a round has measured the bandwidth)."""
+def tree_batch(
+    rtt: float, bandwidth: float | None, page_bytes: float, rtts: float = TREE_INFLIGHT_RTTS
+) -> tuple[int, int]:
+    """Background requests in flight at once and pages in each: together what the link
+    moves in ``rtts`` round trips (one of TREE_BATCH pages until a round has measured
+    the bandwidth, or when that is less)."""
     if bandwidth is None:
-        return TREE_BATCH
-    return int(min(TREE_BATCH_MAX, max(TREE_BATCH, rtt * bandwidth / 2 / page_bytes)))
+        return 1, TREE_BATCH
+    pages = rtt * rtts * bandwidth / page_bytes
+    workers = int(min(TREE_WORKERS, max(1, pages // TREE_BATCH)))
+    return workers, int(min(TREE_BATCH_MAX, max(TREE_BATCH, pages / workers)))
 
 
 def tree_is_cheap(nbytes: float, rtt: float, bandwidth: float) -> bool:

@@ -28,15 +28,22 @@ from graft_vfs.client.maintenance import USAGE_LOG
 from graft_vfs.client.prefetch import (
     FOLLOW_MAX,
     FOLLOW_START,
+    SIBLINGS_MAX,
+    TREE_CHEAP_INFLIGHT_RTTS,
+    TREE_INFLIGHT_RTTS,
     TREE_JOBS,
     TREE_MISSES,
+    TREE_PROBES,
     TREE_WINDOW,
     TREE_WORKERS,
     FrameSizer,
     IndexFollow,
+    LinkScheduler,
     Prefetcher,
     TreeMap,
     TreeWatch,
+    background_on,
+    congested,
     tree_batch,
     tree_budget,
     tree_is_cheap,
@@ -45,12 +52,17 @@ from graft_vfs.client.remote import Remote, Traffic, required
 from graft_vfs.client.stats import Stats
 from graft_vfs.core.btree import (
     LEAF_INDEX,
+    LEAVES,
+    MAX_DEPTH,
     SchemaEntry,
+    decode_record,
+    header_offset,
     index_leaf_rowids,
     is_interior,
     overflow_next,
     overflow_pages,
     page_links,
+    parse_page,
     read_schema,
     usable_size,
 )
@@ -67,6 +79,18 @@ INTERIOR_EXPAND = 256
 # A tree prefetch splits each level over its workers, in requests of at least this many
 # pages (and at most MAX_PAGES_PER_READ).
 MIN_BATCH = 32
+# An overflow chain is read page by page (each names the next): when a fetched leaf has
+# cells that overflow, a miss on the first page of a chain fetches the pages after it
+# too, guessing the chain is contiguous (SQLite allocates it so in a file written in
+# order; a wrong guess costs bytes, never a wrong page), up to this many pages.
+CHAIN_MAX = 64
+# A leaf miss in a B-tree of at most this many leaves fetches all of them: SQLite reads
+# small trees whole (sqlite_stat4 as it loads the schema, small tables), and the most it
+# can cost is a few pages.
+SMALL_TREE = 8
+# Loading the schema, SQLite reads sqlite_stat1 and then these, whole: a miss in
+# sqlite_stat1's root brings their roots along.
+STAT_TABLES = ("sqlite_stat4", "sqlite_stat3", "sqlite_stat2")
 # A sequential reader's misses in the memory cache read runs of pages from the local
 # store in one query, doubling from 1 up to this many pages (512 KiB), and at most a
 # quarter of the memory cache.
@@ -114,19 +138,25 @@ class ReadPath:
         self._used_lock = threading.Lock()
         self._schema: tuple[int, list[SchemaEntry]] | None = None  # (lsn, entries)
         # B-tree awareness: which tree a page is in, index -> table follow-ups, and the
-        # background fetch of the tree being read (``background``: on or off).
+        # background fetch of the tree being read (``background``: on, off, or None:
+        # on while the measured round trip is >= BACKGROUND_MIN_RTT).
         self.follow = IndexFollow()
         self.watch = TreeWatch()
-        self.background = False
+        self.background: bool | None = None
+        self.sched = LinkScheduler()  # demand reads first, background in what is left
+        self.sched.congested = self._congested
         self.hints = True  # index -> table follow-ups (they ride along demand requests)
         self._trees: TreeMap | None = None
         self._trees_at = 0.0
         self._stamp = 0  # interior pages stored so far (in batches): a TreeMap's age
         self._jobs: dict[int, _TreeJob] = {}  # root -> its background fetch
-        self._fetched_trees: set[tuple[int, int]] = set()  # (root, lsn) fetched whole
+        # (root, lsn) fetched whole, or declined as too big for the link
+        self._fetched_trees: set[tuple[int, int]] = set()
         self._job_lock = threading.Lock()
         self._inflight: set[int] = set()  # pages in background batches now
         self._tree_rate: float | None = None  # bytes/s background rounds measured
+        self._chains: dict[int, int] = {}  # first overflow page -> pages in its chain
+        self._usable = 0  # usable page size, once page 1 was fetched
         # Read-ahead from the local store (heuristics only: races between threads cost
         # a run of the wrong length, never a wrong page).
         self._run_end = -1  # the page after the last run read from the local store
@@ -156,8 +186,26 @@ class ReadPath:
         if not is_interior(data, pageno):  # interior pages travel by expansion instead
             self.frames.record(pageno)
             if pageno and data[0] == LEAF_INDEX:
-                self.follow.index_leaf(lsn, pageno)
+                self.follow.index_leaf(lsn, pageno, self._next_leaf(pageno, lsn))
         return data
+
+    def _congested(self) -> bool:
+        link = self.remote.link if self.remote is not None else None
+        return link is not None and congested(link.rtt, link.floor)
+
+    def background_on(self) -> bool:
+        """Whether the background fetch runs now (None: by the measured round trip)."""
+        return background_on(self.background, self.remote.link.floor if self.remote else 0.0)
+
+    def _next_leaf(self, pageno: int, lsn: int) -> int | None:
+        """The index leaf after ``pageno`` in its tree, if the current map knows it."""
+        trees = self._trees
+        if trees is None or trees.lsn != lsn:
+            return None
+        root = trees.owner.get(pageno)
+        tree = trees.trees.get(root) if root is not None else None
+        following = tree.following(pageno, 1) if tree is not None else []
+        return following[0] if following else None
 
     def _read_local(self, pageno: int, lsn: int) -> tuple[int, bytes | None] | None:
         """The latest local row of ``pageno`` at ``lsn``; a sequential reader's next pages
@@ -217,7 +265,8 @@ class ReadPath:
         remote = required(self.remote)
         traffic = Traffic()
         try:
-            got = remote.read_pages(self.vid, remote_lsn, [pageno], traffic, identity=identity)
+            with self.sched.demand_read():
+                got = remote.read_pages(self.vid, remote_lsn, [pageno], traffic, identity=identity)
         finally:
             self.stats.count(traffic)
         self.stats.add(cache_misses=1, pages_fetched=1)
@@ -234,10 +283,14 @@ class ReadPath:
         wanted = {pageno: marker if marker is not None else sync_local}
         page_count = local.page_count_at(row_id, lsn)
         ahead = self.prefetcher.predict(pageno) or self._frame(pageno, remote.link)
-        trees = self._tree_map(lsn, page_count) if self.hints or self.background else None
+        background = background_on(self.background, remote.link.floor)
+        trees = self._tree_map(lsn, page_count) if self.hints or background else None
         along = []
         if trees is not None and self.hints:
             along = self._tree_pages(trees, pageno, lsn, remote.link)
+        chain = self._chains.pop(pageno, 0)
+        if chain > 1:
+            along += range(pageno + 1, pageno + min(chain, CHAIN_MAX))
         busy = self._inflight  # a background batch brings these: no need to ask twice
         self._want_missing(
             wanted,
@@ -247,9 +300,15 @@ class ReadPath:
         )
         traffic = Traffic()
         try:
-            got = remote.read_pages(
-                self.vid, sync_remote, wanted, traffic, expand=INTERIOR_EXPAND, identity=identity
-            )
+            with self.sched.demand_read():
+                got = remote.read_pages(
+                    self.vid,
+                    sync_remote,
+                    wanted,
+                    traffic,
+                    expand=INTERIOR_EXPAND,
+                    identity=identity,
+                )
         finally:
             self.stats.count(traffic)
         # Interior pages the server sent along are stored too, if not local already.
@@ -258,16 +317,36 @@ class ReadPath:
         prefetched = [p for p in wanted if p != pageno]
         if prefetched:
             self.prefetcher.fetched(prefetched)
-        if any(is_interior(d, p) for p, (_, d) in got.items()):
-            self._stamp += 1
+        if 0 in got or any(is_interior(d, p) for p, (_, d) in got.items()):
+            self._stamp += 1  # the schema or interior pages arrived: a new TreeMap
         self.stats.add(pages_fetched=len(got), pages_prefetched=len(prefetched))
         data = got[pageno][1]
         self._remember(pageno, wanted[pageno], data, lsn)
-        if trees is not None and self.background and not is_interior(data, pageno):
+        self._note_chains(pageno, data)
+        if trees is not None and background and not is_interior(data, pageno):
             self._watch_tree(trees, pageno, lsn, page_count, remote.link)
         return data
 
     # -- B-tree awareness on the demand path ---------------------------------------
+
+    def _note_chains(self, pageno: int, data: bytes) -> None:
+        """Remember the overflow chains of a fetched leaf (first page -> length)."""
+        if pageno == 0:
+            try:
+                self._usable = usable_size(data)
+            except CorruptData:
+                return
+        off = header_offset(pageno)
+        if not self._usable or len(data) <= off or data[off] not in LEAVES:
+            return
+        try:
+            _, overflows = page_links(data, pageno, self._usable)
+        except CorruptData:
+            return  # SQLite says so when it reads the page
+        if len(self._chains) > 1024:
+            self._chains.clear()
+        for first, left in overflows:
+            self._chains[first] = overflow_pages(left, self._usable)
 
     def _tree_map(self, lsn: int, page_count: int) -> TreeMap | None:
         """The map of B-trees for hints; rebuilt when interior pages arrived or, at most
@@ -289,20 +368,51 @@ class ReadPath:
         """Pages of other B-trees that SQLite is about to read after ``pageno``.
 
         A miss in an index brings its table's root along (and with it, by expansion,
-        the table's interior pages). A table leaf missed after an index leaf of that
-        table brings the leaves of the rowids that follow in the index leaf.
+        the table's interior pages); a miss in an index leaf brings the index leaves
+        after it too (``IndexFollow.sibling_count``). A table leaf missed after an index
+        leaf of that table brings the leaves of the rowids that follow in the index
+        leaf and in the local index leaves after it: a range over several index leaves
+        costs a round trip for the index leaves and one for the table leaves.
         """
         out: list[int] = []
         root = trees.owner.get(pageno)
+        tree = trees.trees.get(root) if root is not None else None
+        if tree is not None and pageno in tree.leafset and len(tree.leaves) <= SMALL_TREE:
+            out += tree.leaves
+        if tree is not None and pageno == root and tree.entry.name.lower() == "sqlite_stat1":
+            out += [t.entry.root for t in trees.trees.values() if t.entry.name in STAT_TABLES]
         if root is not None:
             table = trees.table_of(root)
             if table is not None:
                 out.append(table.entry.root)
+                if tree is not None and pageno in tree.leafset:
+                    count = self.follow.sibling_count(lsn, pageno)
+                    siblings = [p for p in tree.following(pageno, count) if self._absent(p, lsn)]
+                    if siblings:
+                        self.follow.siblings_fetched(siblings)
+                        out += siblings
         cap = int(min(FOLLOW_MAX, max(FOLLOW_START, link.rtt * link.bandwidth / link.page_bytes)))
-        follow = self.follow.plan(lsn, pageno, lambda leaf: self._rowids_of(trees, leaf, lsn), cap)
+        follow = self.follow.plan(
+            lsn,
+            pageno,
+            lambda leaf: self._rowids_of(trees, leaf, lsn),
+            cap,
+            lambda leaf: self._local_following(trees, leaf, lsn),
+        )
         if follow:
             self.follow.fetched(follow)
         return out + follow
+
+    def _local_following(self, trees: TreeMap, leaf: int, lsn: int) -> list[int]:
+        """The index leaves after ``leaf`` held locally, up to the first that is not."""
+        root = trees.owner.get(leaf)
+        tree = trees.trees.get(root) if root is not None else None
+        out: list[int] = []
+        for p in tree.following(leaf, SIBLINGS_MAX) if tree is not None else []:
+            if self._absent(p, lsn):
+                break
+            out.append(p)
+        return out
 
     def _rowids_of(
         self, trees: TreeMap, leaf: int, lsn: int
@@ -317,8 +427,37 @@ class ReadPath:
             rowids = index_leaf_rowids(data, leaf, trees.usable)
         except CorruptData:
             return None
+        divider = self._record_after(trees, leaf, lsn)
+        if divider is not None:
+            rowids.append(divider)  # SQLite reads it between this leaf and the next
         table_root = table.entry.root
         return rowids, lambda rowid: trees.table_leaf(table_root, rowid)
+
+    def _record_after(self, trees: TreeMap, leaf: int, lsn: int) -> int | None:
+        """The rowid of the index record after the leaf ``leaf``, in an ancestor's cell
+        (None at the index's end, or if not known without the network)."""
+        node = leaf
+        for _ in range(MAX_DEPTH):
+            up = trees.parent.get(node)
+            if up is None:
+                return None
+            parent, place = up
+            data = self.peek_page(parent, lsn)
+            if data is None:
+                return None
+            try:
+                page = parse_page(data, parent, trees.usable)
+                if place < len(page.cells):
+                    cell = page.cells[place]
+                    if cell.overflow is not None:
+                        return None
+                    values = decode_record(cell.payload, whole=True)
+                    last = values[-1] if values else None
+                    return last if type(last) is int else None
+            except CorruptData:
+                return None
+            node = parent  # the rightmost child: the record is further up
+        return None
 
     def _watch_tree(
         self, trees: TreeMap, pageno: int, lsn: int, page_count: int, link: Link
@@ -333,7 +472,7 @@ class ReadPath:
             jobs = self._jobs
             for r, other in list(jobs.items()):
                 if other.finished.is_set():
-                    if other.complete:
+                    if other.complete or other.declined:
                         if any(lsn_ != other.lsn for _, lsn_ in self._fetched_trees):
                             self._fetched_trees.clear()  # only the latest snapshot's
                         self._fetched_trees.add((r, other.lsn))
@@ -361,17 +500,19 @@ class ReadPath:
             target=self._run_job, args=(job,), name="graft-tree-fetch", daemon=True
         ).start()
 
-    def _measure(self, nbytes: int, seconds: float, rtt: float) -> None:
+    def _measure(self, nbytes: int, seconds: float, rtt: float) -> bool:
         """The bandwidth one round of parallel background requests saw.
 
         Link.bandwidth is measured per request, so it reads a link shared by parallel
         requests as a fraction of what it is: a round measures it whole.
         """
-        if nbytes < 64 * 1024:
-            return
-        rate = nbytes / max(seconds - rtt, seconds / 4)
+        if nbytes < 4096:
+            return False
+        # ``rtt`` is the link's floor: the rate errs low, and may grow 16-fold a round.
+        rate = nbytes / max(seconds - rtt, seconds / 16)
         old = self._tree_rate
         self._tree_rate = rate if old is None else old + 0.5 * (rate - old)
+        return True
 
     def _absent(self, pageno: int, lsn: int) -> bool:
         row = self.local.read_page(self.row_id, pageno, lsn)
@@ -391,17 +532,24 @@ class ReadPath:
             missing = self.local.missing_pages(self.row_id, job.lsn, job.page_count)
             # From the far end: a scan reading the tree forward meets it in the middle.
             todo = [p for p in reversed(job.pages) if p in missing]
+            skipped = threading.Event()
+            probes = 0  # rounds that measured the link
 
             def fetch(chunk: list[int]) -> int:
-                # Demand reads may have fetched some meanwhile.
+                # What demand reads have not fetched meanwhile; then demand reads go
+                # first: wait for room on the link.
                 chunk = [p for p in chunk if self._absent(p, job.lsn)]
                 if not chunk:
                     return 0
-                self._inflight.update(chunk)
-                try:
-                    return fetch_now(chunk)
-                finally:
-                    self._inflight.difference_update(chunk)
+                with self.sched.background_request(TREE_WINDOW) as ok:
+                    if not ok:
+                        skipped.set()  # demand reads kept the link busy all along
+                        return 0
+                    self._inflight.update(chunk)
+                    try:
+                        return fetch_now(chunk)
+                    finally:
+                        self._inflight.difference_update(chunk)
 
             def fetch_now(chunk: list[int]) -> int:
                 traffic = Traffic()
@@ -416,24 +564,37 @@ class ReadPath:
             with ThreadPoolExecutor(max_workers=TREE_WORKERS) as pool:
                 i = 0
                 while i < len(todo) and self._latest() == job.lsn:
-                    rate = self._tree_rate
+                    rate = budget = self._tree_rate
+                    share = TREE_INFLIGHT_RTTS
                     if rate is not None and tree_is_cheap(
-                        (len(todo) - i) * link.page_bytes, link.rtt, rate
+                        (len(todo) - i) * link.page_bytes, link.floor, rate
                     ):
-                        rate = float("inf")  # the rest costs little: all of it now
-                    if not job.wait_for_budget(rate):
+                        budget = float("inf")  # the rest costs little: all of it now
+                        share = TREE_CHEAP_INFLIGHT_RTTS
+                    elif rate is not None and probes >= TREE_PROBES:
+                        # Measured, and far from cheap: on this link the tree would take
+                        # link time from demand reads for longer than it could repay.
+                        job.declined = True
                         break
-                    size = tree_batch(link.rtt, rate, link.page_bytes)
+                    if not job.wait_for_budget(budget):
+                        break
+                    # Sized by the link, never by the budget: a demand read waits at most
+                    # a fraction of a round trip behind the requests in flight.
+                    workers, size = tree_batch(link.floor, rate, link.page_bytes, share)
+                    self.sched.workers = workers
                     chunks = []
-                    for _ in range(TREE_WORKERS):
+                    for _ in range(workers):
                         if i < len(todo):
                             chunks.append(todo[i : i + size])
                             i += size
-                    started = time.monotonic()
+                    started, yielded = time.monotonic(), self.sched.yielded
                     nbytes = sum(pool.map(fetch, chunks))
                     job.spend(nbytes)
-                    self._measure(nbytes, time.monotonic() - started, link.rtt)
-                job.complete = i >= len(todo)
+                    if self.sched.yielded == yielded:  # the link was the round's alone
+                        probes += self._measure(nbytes, time.monotonic() - started, link.floor)
+                    if skipped.is_set():
+                        break  # the link stayed busy: a later miss starts it over
+                job.complete = i >= len(todo) and not skipped.is_set()
         except GraftError as exc:  # a background fetch only ever saves reads
             log.debug("background fetch of the tree at page %d stopped: %s", job.root + 1, exc)
         finally:
@@ -698,6 +859,7 @@ class _TreeJob:
         self.root, self.lsn, self.page_count, self.pages = root, lsn, page_count, pages
         self.waited, self.bytes = waited, 0
         self.complete = False  # every page was fetched
+        self.declined = False  # measured too big for the link: not started again
         self.last_miss = now
         self.finished = threading.Event()
         self._cancelled = False

@@ -38,7 +38,10 @@ class Options:
     timeout: float = 30.0
     token: str | None = field(default=None, repr=False)  # bearer token; never printed
     cache_max_bytes: int | None = None  # page data the cache directory keeps; None: no limit
-    background_fetch: bool = False  # fetch the B-tree being read in the background
+    # Fetch the B-tree being read in the background, below demand reads in priority;
+    # None: on while the link's round-trip floor is >= 15 ms (an edge or a slow link).
+    # Off by default: measured, it still lost on index-key lookups (README).
+    background_fetch: bool | None = False
 
     def __post_init__(self) -> None:
         limit = self.cache_max_bytes
