@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import apsw
 import pytest
@@ -28,8 +29,11 @@ def sample_db(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sample_volume(sample_db, server):
-    import_database(Remote(server.url), sample_db, "sample")
-    return "sample"
+    # A name of its own: with tests spread over workers, the module's fixtures may be
+    # set up more than once against one session server.
+    name = f"sample-{uuid.uuid4().hex[:8]}"
+    import_database(Remote(server.url), sample_db, name)
+    return name
 
 
 QUERIES = [
