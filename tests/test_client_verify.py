@@ -131,3 +131,19 @@ def test_sql_never_sees_a_damaged_frame(server, volume, damage, tmp_path) -> Non
         proxy.rewrite = None  # the same proxy, honest again: the right rows
         assert count_through(proxy, volume, cache) == [(ROWS, ROWS * 1000)]
     assert page_rows(cache) > 0  # and what was read then is kept: the check above can see it
+
+
+@pytest.mark.stores("fs")
+def test_an_answer_over_the_limit_is_refused_before_it_is_read_whole(
+    server, volume, monkeypatch
+) -> None:
+    """A server (or anything on the way) sending more than MAX_ANSWER bytes: refused,
+    and the connection is not reused with bytes left in it."""
+    remote = Remote(server.url)
+    head = remote.snapshot(volume)
+    good = remote.read_pages(volume, head.lsn, [1, 2, 3])
+    monkeypatch.setattr("graft_vfs.client.remote.MAX_ANSWER", 2000)
+    with pytest.raises(CorruptData, match="an answer of .* bytes .at most 2000"):
+        remote.read_pages(volume, head.lsn, list(range(1, head.page_count)))
+    monkeypatch.undo()
+    assert remote.read_pages(volume, head.lsn, [1, 2, 3]) == good  # the next call is sound

@@ -439,7 +439,17 @@ class DirectReader:
         end = max(e.offset + e.length for e in run)
         began = time.perf_counter()
         try:
-            resp = self._http.request("GET", url, headers={"Range": f"bytes={start}-{end - 1}"})
+            resp = self._http.request(
+                "GET", url, headers={"Range": f"bytes={start}-{end - 1}"}, preload_content=False
+            )
+            # Never more than the run (or, from a store that ignores ranges and sends the
+            # whole object, than the run's end): the rest is not read, and a connection
+            # with bytes left unread is closed, not reused.
+            body = resp.read(end if resp.status == 200 else max(end - start, 200))
+            if resp.read(1):
+                resp.close()
+            else:
+                resp.release_conn()
         except urllib3.exceptions.HTTPError as exc:
             raise RemoteError(f"object store unreachable for a direct read: {exc}") from exc
         if resp.status == 403:
@@ -447,13 +457,13 @@ class DirectReader:
         if resp.status == 404:
             raise Missing()
         if resp.status == 200:  # the whole object: a store that ignores ranges
-            data = resp.data[start:end]
+            data = body[start:end]
         elif resp.status == 206:
-            data = resp.data
+            data = body
         else:
             raise RemoteError(
                 f"object store answered {resp.status} to a direct read: "
-                f"{resp.data[:200].decode('utf-8', 'replace')}"
+                f"{body[:200].decode('utf-8', 'replace')}"
             )
         if len(data) != end - start:
             raise CorruptData(

@@ -61,6 +61,11 @@ class RemoteHead:
     identity: Identity | None = None
 
 
+# The largest answer a server may send (a read of MAX_PAGES_PER_READ pages is ~17 MB):
+# a bigger one is refused before it is read whole, whatever sends it.
+MAX_ANSWER = 64 << 20
+
+
 class LoggedCommit(NamedTuple):
     """One commit of a volume's log, as ``graft log`` shows it."""
 
@@ -186,32 +191,50 @@ class Remote:
             headers["Content-Type"] = content_type
         started = time.perf_counter()
         try:
-            resp = self._pool.request(method, self.url + path, body=data, headers=headers)
+            resp = self._pool.request(
+                method, self.url + path, body=data, headers=headers, preload_content=False
+            )
+            try:
+                received = self._bounded_body(resp, path)
+            except CorruptData:
+                resp.close()  # bytes left unread: the connection is not reused
+                raise
+            resp.release_conn()
         except urllib3.exceptions.HTTPError as exc:
             raise RemoteError(f"graft server {self.url} unreachable: {exc}") from exc
-        self.link.observe(time.perf_counter() - started, len(resp.data) + len(data or b""))
+        self.link.observe(time.perf_counter() - started, len(received) + len(data or b""))
         if traffic is not None:
             traffic.requests += 1
-            traffic.bytes_received += len(resp.data)
+            traffic.bytes_received += len(received)
             traffic.bytes_sent += len(data or b"")
         if resp.status >= 400:
-            raise self._error(resp)
+            raise self._error(resp, received)
         try:
             answer: dict[str, Any]
             if resp.headers.get("Content-Type", "").startswith("application/json"):
-                answer = json.loads(resp.data)
+                answer = json.loads(received)
             else:
-                answer = msgpack.unpackb(resp.data)
+                answer = msgpack.unpackb(received)
             return answer
         except Exception as exc:
             raise RemoteError(f"graft server sent an unreadable response to {path}") from exc
 
-    def _error(self, resp: urllib3.BaseHTTPResponse) -> GraftError:
+    def _bounded_body(self, resp: urllib3.BaseHTTPResponse, path: str) -> bytes:
+        """The answer's body, refused before it is read whole if over MAX_ANSWER bytes."""
+        declared = resp.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_ANSWER:
+            raise self._invalid(path, f"an answer of {int(declared)} bytes (at most {MAX_ANSWER})")
+        body = resp.read(MAX_ANSWER + 1)
+        if len(body) > MAX_ANSWER:
+            raise self._invalid(path, f"an answer of over {MAX_ANSWER} bytes")
+        return body
+
+    def _error(self, resp: urllib3.BaseHTTPResponse, body: bytes) -> GraftError:
         try:
-            info = json.loads(resp.data)
+            info = json.loads(body)
             code, message = info.get("error"), info.get("message", "")
         except Exception:
-            info, code, message = {}, None, resp.data[:200].decode("utf-8", "replace")
+            info, code, message = {}, None, body[:200].decode("utf-8", "replace")
         if code == "conflict":
             return CommitConflict(message or "commit conflict", info.get("latest_lsn"))
         if code == "unauthorized":
