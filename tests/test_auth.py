@@ -259,7 +259,8 @@ def raises(exc: type[Exception], fn) -> bool:
 def test_no_secret_in_server_logs_at_debug_level(tmp_path, capfd) -> None:
     path = str(tmp_path / "tokens.json")
     tokens = create_tokens(path)
-    srv = ServerProcess(str(tmp_path / "store"), args=["--tokens", path, "--log-level", "debug"])
+    args = ["--tokens", path, "--log-level", "debug", "--access-log"]
+    srv = ServerProcess(str(tmp_path / "store"), args=args)
     secured = Secured(srv.start(), tokens, path)
     try:
         first = {0: b"\x07" * 4096}
@@ -279,6 +280,7 @@ def test_no_secret_in_server_logs_at_debug_level(tmp_path, capfd) -> None:
     out = srv.proc.stdout.read() + capfd.readouterr().err
     assert "denied POST '/v1/volumes/app-log/commit'" in out
     assert "token 'other'" in out and "token 'ro'" in out
+    assert '"POST /v1/volumes/app-log/commit HTTP/1.1" 403' in out  # the access log too
     assert_no_secret(out, secured)
 
 
