@@ -1047,5 +1047,86 @@ def log(
             )
 
 
+@main.command()
+@click.argument("volumes", nargs=-1, required=True)
+@REMOTE
+@TOKEN
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=3001, show_default=True, help="Port (0: any free).")
+@click.option(
+    "--cache",
+    "cache_dir",
+    default=None,
+    help="Cache directory (default: a temporary one, removed at exit: the replica is stateless).",
+)
+@click.option(
+    "--pull-interval",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between background pulls.",
+)
+@click.option(
+    "--tokens",
+    "tokens_file",
+    default=None,
+    help="Token file (graft token create): queries need a token that may read the volume.",
+)
+@click.option(
+    "--max-rows",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Most rows one answer holds (more: truncated).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.01),
+    default=10.0,
+    show_default=True,
+    help="Seconds a query may run before it is interrupted (408).",
+)
+@_fail_cleanly
+@_needs_server_extra
+def replica(
+    volumes: tuple[str, ...],
+    remote: str,
+    token: str | None,
+    host: str,
+    port: int,
+    cache_dir: str | None,
+    pull_interval: float,
+    tokens_file: str | None,
+    max_rows: int,
+    timeout: float,
+) -> None:
+    """Serve read-only SQL on VOLUMES over HTTP: a stateless read replica of REMOTE.
+
+    GET or POST /v1/query with volume, sql, params (JSON), format (json, ndjson, csv),
+    min_lsn, max_rows and timeout; every answer says the LSN it read.
+    """
+    import tempfile
+
+    from graft_server.auth import TokenFile
+    from graft_server.serve import serve_app
+    from graft_vfs.replica import Replica, create_app
+
+    with tempfile.TemporaryDirectory(prefix="graft-replica-") as scratch:
+        served = Replica(
+            list(volumes),
+            remote,
+            cache_dir or scratch,
+            token=token,
+            pull_interval=pull_interval,
+            max_rows=max_rows,
+            timeout=timeout,
+        )
+        try:
+            tokens = TokenFile(tokens_file) if tokens_file else None
+            serve_app(create_app(served, tokens), host, port, "graft replica listening on ")
+        finally:
+            served.close()
+
+
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ import logging
 import socket
 import threading
 import time
+from typing import Any
 
 import anyio.to_thread
 import uvicorn
@@ -244,9 +245,9 @@ def connection_budget(wanted: int) -> int:
 class _AnnouncingServer(uvicorn.Server):
     """A uvicorn server that prints its URL once it accepts connections."""
 
-    def __init__(self, config: uvicorn.Config, url: str) -> None:
+    def __init__(self, config: uvicorn.Config, url: str, announce: str = LISTENING) -> None:
         super().__init__(config)
-        self.url = url
+        self.url, self.announce = url, announce
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # Handlers run in a thread pool whose event-loop backend anyio imports on first
@@ -255,7 +256,17 @@ class _AnnouncingServer(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started:
             # Scripts and tests wait for this exact line, so it goes to stdout, flushed.
-            print(f"{LISTENING}{self.url}", flush=True)
+            print(f"{self.announce}{self.url}", flush=True)
+
+
+def serve_app(app: Any, host: str, port: int, announce: str, log_level: str = "warning") -> None:
+    """Serve another app (``graft replica``) as the server is served: bound, announced."""
+    configure_logging(log_level)
+    sock = bind_socket(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False)
+    _AnnouncingServer(config, f"http://{shown_host}:{bound_port}", announce).run(sockets=[sock])
 
 
 def configure_logging(level: str) -> None:
