@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,22 @@ def test_python_m_graft_vfs_is_graft():
     assert proc.stdout.startswith("Usage: graft ")
     for command in ("shell", "export", "sql", "server"):
         assert f"  {command} " in proc.stdout
+
+
+def test_readme_vacuum_into_example_runs(server, vid, tmp_path):
+    """README's VACUUM INTO example, run as written (server, cache, file and name swapped)."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    code = readme.split("python - <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    source = str(tmp_path / "app.db")
+    plain_database(source, rows=300)
+    code = code.replace("http://127.0.0.1:3000", server.url)
+    code = code.replace("/tmp/graft-cache", str(tmp_path / "cache"))
+    code = code.replace('"app.db"', repr(source)).replace("file:orders?", f"file:{vid}?")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["remote_lsn"] == 1
+    fresh = graft_vfs.connect(vid, remote=server.url, cache_dir=str(tmp_path / "reader"))
+    try:
+        assert fresh.execute("SELECT count(*) FROM t").fetchall() == [(300,)]
+    finally:
+        fresh.close()
