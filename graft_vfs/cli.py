@@ -492,7 +492,7 @@ def export(
     at: str | None,
     force: bool,
 ) -> None:
-    """Export VOLUME to a SQLite file OUTPUT."""
+    """Export VOLUME to a SQLite file OUTPUT (``-``: write the database to stdout)."""
     from graft_vfs.client.dbfile import export_database
     from graft_vfs.client.remote import Remote
 
@@ -501,6 +501,9 @@ def export(
             raise click.UsageError("give --lsn or --at, not both")
         lsn = _lsn_at(volume, at, remote, token)
 
+    if output == "-":
+        _export_to_stdout(volume, remote, token, lsn)
+        return
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise click.ClickException(
@@ -514,6 +517,24 @@ def export(
     with _progress(total, "writing") as update:
         got = export_database(client, volume, output, lsn=lsn, overwrite=force, progress=update)
     _echo_json({"volume": volume, "lsn": got, "file": output})
+
+
+def _export_to_stdout(volume: str, remote: str, token: str | None, lsn: int | None) -> None:
+    """``graft export VOLUME -``: the database on stdout, nothing else (errors on stderr)."""
+    from graft_vfs.client.dbfile import write_database
+    from graft_vfs.client.remote import Remote
+
+    if sys.stdout.isatty():
+        raise click.UsageError(
+            "OUTPUT - writes a binary database to stdout, which is a terminal: redirect it "
+            "(graft export VOLUME - > file.db) or pipe it (| sqlite3 ...)"
+        )
+    out = sys.stdout.buffer
+    try:
+        write_database(Remote(remote, token=token), volume, out, lsn=lsn)
+    except VolumeNotFound:
+        raise click.ClickException(_no_volume(volume, remote, "")) from None
+    out.flush()
 
 
 # ``PRAGMA graft_status`` and friends answer one JSON text in a column named after
@@ -664,6 +685,93 @@ def sql(
     finally:
         con.close()
         graft_vfs.unregister(name)  # so nothing is pushed at exit behind the user's back
+
+
+@main.command()
+@click.argument("volume")
+@REMOTE_OPTIONAL
+@CACHE
+@TOKEN
+@click.option("--readonly", is_flag=True, help="Open VOLUME read-only: writes are refused.")
+@click.option(
+    "--lsn",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Open the past LSN N (read-only; nothing is pulled).",
+)
+@click.option("--create", is_flag=True, help="Create VOLUME if it does not exist yet.")
+@click.option(
+    "--file",
+    "script",
+    type=click.File("r"),
+    default=None,
+    help="Run the SQL and dot-commands of this file, then exit (as with a pipe on stdin).",
+)
+@_fail_cleanly
+def shell(
+    volume: str,
+    remote: str | None,
+    cache_dir: str,
+    token: str | None,
+    readonly: bool,
+    lsn: int | None,
+    create: bool,
+    script: Any,
+) -> None:
+    """An interactive SQL shell on VOLUME: the sqlite3 shell's dot-commands and output
+    modes, Ctrl-C cancels the running statement, and .graft status|pull|push|log.
+
+    Without a terminal it runs the SQL on stdin (or --file) and exits (1 if any input
+    failed). With a remote, VOLUME is pulled first; writes are pushed at exit.
+    """
+    import apsw
+
+    import graft_vfs
+    from graft_vfs.shell import GraftShell, run
+
+    if create and (readonly or lsn is not None):
+        raise click.UsageError("--create cannot be combined with --readonly or --lsn")
+    try:
+        con = graft_vfs.connect(
+            volume,
+            remote=remote,
+            cache_dir=cache_dir,
+            readonly=readonly,
+            lsn=lsn,
+            create=create,
+            options=graft_vfs.Options(token=token, autopush=False, cache_max_bytes=_cache_max()),
+        )
+    except apsw.CantOpenError as exc:
+        if isinstance(exc.__cause__, VolumeNotFound):
+            hint = "" if readonly or lsn is not None else "; --create creates it"
+            raise click.ClickException(_no_volume(volume, remote, cache_dir) + hint) from None
+        raise
+    name = con.open_vfs
+    try:
+        vol = graft_vfs.runtime_of(name).volume(volume, create=False)
+        if remote and lsn is None:
+            _pull_before_reading(vol, remote)
+        before = vol.refresh().local_lsn
+        where = remote or f"local cache {cache_dir}"
+        at = f"LSN {lsn} (read-only)" if lsn is not None else f"local LSN {before}"
+        intro = (
+            f"graft shell on {volume} ({at}, {where}); SQLite {apsw.sqlite_lib_version()}\n"
+            'Enter ".help" for the dot-commands, ".graft status|pull|push|log" for sync\n'
+        )
+        shell = GraftShell(con, volume, remote, token, stdin=script)
+        exit_status = run(shell, intro)
+        if remote and vol.refresh().local_lsn != before and vol.status()["pending_push"]:
+            try:
+                vol.sync.push()
+            except GraftError as exc:
+                raise click.ClickException(
+                    f"the writes are committed in the local cache but were not pushed: {exc}; "
+                    "`graft push` sends them later"
+                ) from exc
+    finally:
+        con.close()  # closing twice (after .close or .open) is harmless
+        graft_vfs.unregister(name)  # so nothing is pushed at exit behind the user's back
+    sys.exit(exit_status)
 
 
 def _pull_before_reading(vol: Any, remote: str) -> None:

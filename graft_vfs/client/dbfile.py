@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import BinaryIO
 
 import apsw
 
@@ -86,6 +87,26 @@ def export_database(
     validate_volume_id(vid)
     if os.path.exists(path) and not overwrite:
         raise InvalidRequest(f"{path} exists; pass --force to overwrite it")
+    tmp = path + ".graft-export"
+    with open(tmp, "wb") as f:
+        lsn = write_database(remote, vid, f, lsn=lsn, progress=progress)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return lsn
+
+
+def write_database(
+    remote: Remote,
+    vid: str,
+    out: BinaryIO,
+    *,
+    lsn: int | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Write volume ``vid`` at ``lsn`` (default: latest) to a binary stream (a file,
+    stdout) as a SQLite database; returns the LSN. Pages are verified as they arrive."""
+    validate_volume_id(vid)
     snap = remote.snapshot(vid)
     if lsn is None:
         lsn, page_count = snap.lsn, snap.page_count
@@ -94,18 +115,13 @@ def export_database(
         if entry is None:
             raise InvalidRequest(f"volume {vid!r} has no LSN {lsn}")
         page_count = int(entry["page_count"])
-    tmp = path + ".graft-export"
-    with open(tmp, "wb") as f:
-        for start in range(0, page_count, MAX_PAGES_PER_READ):
-            chunk = range(start, min(start + MAX_PAGES_PER_READ, page_count))
-            # Every chunk from the same volume, even if it is created again meanwhile.
-            got = remote.read_pages(vid, lsn, chunk, identity=snap.identity)
-            for pageno in chunk:
-                data = got[pageno][1]
-                f.write(with_counter(data, lsn) if pageno == 0 else data)
-            if progress is not None:
-                progress(len(chunk))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    for start in range(0, page_count, MAX_PAGES_PER_READ):
+        chunk = range(start, min(start + MAX_PAGES_PER_READ, page_count))
+        # Every chunk from the same volume, even if it is created again meanwhile.
+        got = remote.read_pages(vid, lsn, chunk, identity=snap.identity)
+        for pageno in chunk:
+            data = got[pageno][1]
+            out.write(with_counter(data, lsn) if pageno == 0 else data)
+        if progress is not None:
+            progress(len(chunk))
     return lsn
