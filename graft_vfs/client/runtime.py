@@ -39,6 +39,9 @@ class Options:
     token: str | None = field(default=None, repr=False)  # bearer token; never printed
     cache_max_bytes: int | None = None  # page data the cache directory keeps; None: no limit
     background_fetch: bool = False  # fetch the B-tree being read in the background
+    # Rebase a rejected push onto the server's new head when no page the local
+    # transactions read changed there (see sync.Sync.rebase); else diverged, as without.
+    rebase: bool = False
 
     def __post_init__(self) -> None:
         limit = self.cache_max_bytes
@@ -86,6 +89,7 @@ class Runtime:
                 row = self.local.create_volume(vid, snap.lsn, snap.page_count, snap.identity)
             vol = Volume(row, self.local, self.remote, self.schedule_push, self.options.cache_pages)
             vol.reads.background = self.options.background_fetch
+            vol.sync.rebase = self.options.rebase
             if known:
                 self._check_identity(vol)
             row = vol.row
