@@ -578,14 +578,28 @@ class LocalStore(Maintenance):
         commits' pages, rebased (``pages``, page 1 merged), one local commit on top of
         it, pending push and carrying ``reads``. Returns ``(new_lsn, changed_pages)``.
         Raises Busy if a local commit landed since ``target`` (the caller tries again).
+        The new snapshot of the server's holds none of the pending commits' pages, so a
+        reset after a later refusal discards them as it would without the rebase.
         """
         with self._change():
             _, _, head, sync, *_ = self._volume_by_id(v)
             if head != target or head == sync:
                 raise Busy(f"volume {v} moved on locally during its rebase: retry")
             pulled = head + 1
-            self._insert_pages(v, pulled, ((p, None) for p in remote_changed))
-            self._insert_log(v, pulled, remote_page_count, remote_lsn, encode_graft(remote_changed))
+            # The server's snapshot exactly: the pages it changed are markers, and the
+            # pages only the pending commits changed are back at their content at the
+            # sync point (a reset after a later refusal reads them there).
+            rows: list[tuple[int, bytes | None]] = [(p, None) for p in remote_changed]
+            restored = BitMap()
+            for p in self.pending_changes(v, sync, head) - remote_changed:
+                if p < remote_page_count:
+                    row = self.read_page(v, p, sync)
+                    rows.append((p, row[1] if row else None))
+                    restored.add(p)
+            self._insert_pages(v, pulled, rows)
+            self._insert_log(
+                v, pulled, remote_page_count, remote_lsn, encode_graft(remote_changed | restored)
+            )
             lsn = pulled + 1
             self._insert_pages(v, lsn, sorted(pages.items()))
             self._insert_log(v, lsn, page_count, None, encode_graft(pages.keys()))
