@@ -11,6 +11,7 @@ import apsw
 import pytest
 
 import graft_vfs
+from graft_vfs.client import sync, vfs
 from graft_vfs.core.ids import PAGE_SIZE
 from graft_vfs.core.pages import Page1Conflict, merge_page1
 from support.clients import pragma
@@ -102,6 +103,43 @@ def test_rebase_is_off_by_default(client, vid):
         pragma(b, "graft_push")
     assert "not rebased" not in str(raised.value)
     assert pragma(b, "graft_stats")["pushes_rejected"] == 1
+
+
+def test_a_read_set_over_the_bound_is_not_rebased(client, vid, monkeypatch):
+    a, b = setup(client, vid)
+    monkeypatch.setattr(vfs, "MAX_READ_SET", 2)  # b's transaction reads more pages
+    b.execute("UPDATE t SET n = n + 7 WHERE id = ?", (ROWS,))
+    a.execute("UPDATE t SET n = n + 5 WHERE id = 1")
+    pragma(a, "graft_push")
+    with pytest.raises(apsw.SQLError, match="not rebased: a local commit has no read set"):
+        pragma(b, "graft_push")
+
+
+def test_a_reset_after_a_rebase_then_a_refusal_discards_the_local_commit(
+    client, vid, monkeypatch
+):
+    a, b = setup(client, vid)
+    b.execute("UPDATE t SET n = n + 7 WHERE id = ?", (ROWS,))
+    a.execute("UPDATE t SET n = n + 5 WHERE id = 1")
+    pragma(a, "graft_push")
+    c = client(vid, options=REBASE)  # at a's commit: its push below lands
+    rebase_onto = sync.Sync.rebase_onto
+
+    def then_another_push(self, remote):
+        why = rebase_onto(self, remote)
+        if self.vid == vid and not pragma(c, "graft_status")["pending_push"]:
+            c.execute("UPDATE t SET n = n + 1 WHERE id = 10")  # lands before b's resend
+            pragma(c, "graft_push")
+        return why
+
+    monkeypatch.setattr(sync.Sync, "rebase_onto", then_another_push)
+    monkeypatch.setattr(sync, "MAX_REBASES", 1)
+    with pytest.raises(apsw.SQLError, match="diverged") as raised:
+        pragma(b, "graft_push")  # rebased once, rejected again: no rebase left
+    assert "not rebased" not in str(raised.value), raised.value
+    assert pragma(b, "graft_stats")["rebases"] == 1
+    assert pragma(b, "graft_reset")["discarded_commits"] == 1
+    assert rows(b)[-1] == (ROWS, 0) and rows(b)[0] == (1, 5) and rows(b)[9] == (10, 1)
 
 
 def test_read_sets_survive_a_restart(client, vid, tmp_path):
