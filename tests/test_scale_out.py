@@ -36,6 +36,7 @@ import pytest
 
 import graft_vfs
 from graft_vfs.client.remote import Remote
+from support.bank_worker import SPREAD_RANGE
 from support.clients import pragma
 from support.servers import ServerProcess
 
@@ -51,6 +52,8 @@ PROGRESS_BOUND = 90.0  # seconds the workers may take to show the progress a ste
 SHORT_OUTAGE = 0.3  # seconds a server stays down when its clients are to ride it out
 WORKER_GRACE = 60.0  # beyond the workload, before a worker is killed as hung
 PAST_LSN_SAMPLES = 8
+SPREAD_ACCOUNTS = 200  # two racing transfers rarely share an account
+SPREAD_PAD = 3000  # bytes: one account (or placeholder transfer) per page in a spread layout
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "bank_worker.py")
 
 
@@ -142,25 +145,54 @@ def bank_run(
     during=None,
     logs_out: list | None = None,
     worker_args: tuple[str, ...] = (),
+    spread: bool = False,
+    accounts: int = ACCOUNTS,
 ) -> dict:
     """Set up the bank, run the workers, check everything; return the counts.
 
     ``logs_out``, if given, receives each worker's event log; ``worker_args`` are
     extra options of tests/support/bank_worker.py. With ``--transactional`` among them,
-    no transfer may be rejected: conflicts must have been retried instead.
+    no transfer may be rejected: conflicts must have been retried instead. ``spread``
+    (with ``accounts`` accounts) lays the bank out so that transfers of different
+    workers share few pages: each account on its own page, ``transfers`` without an
+    index on tid and with a padded placeholder row per worker's rowid range, and
+    workers run with ``--spread``, so each inserts into its own leaf. That is what a
+    rebase (``--rebase``) needs to land concurrent transfers.
     """
     transactional = "--transactional" in worker_args
     opts = graft_vfs.Options(autopush=False)
     setup = connect(vid, remote=servers[0].url, cache_dir=str(tmp_path / "setup"), options=opts)
     with setup:
-        setup.execute("CREATE TABLE accounts(id INTEGER PRIMARY KEY, balance INTEGER NOT NULL)")
-        setup.execute(
-            "CREATE TABLE transfers(tid TEXT PRIMARY KEY, src INTEGER, dst INTEGER, amount INTEGER)"
-        )
-        setup.executemany(
-            "INSERT INTO accounts VALUES (?, ?)",
-            ((i, INITIAL_BALANCE) for i in range(1, ACCOUNTS + 1)),
-        )
+        if spread:
+            setup.execute(
+                "CREATE TABLE accounts(id INTEGER PRIMARY KEY, balance INTEGER NOT NULL, pad TEXT)"
+            )
+            # No index on tid: its leaf would be shared by every insert.
+            setup.execute(
+                "CREATE TABLE transfers(tid TEXT NOT NULL, src INTEGER, dst INTEGER, "
+                "amount INTEGER, pad TEXT)"
+            )
+            setup.executemany(
+                "INSERT INTO transfers(rowid, tid, pad) VALUES (?, ?, ?)",
+                (
+                    (i * SPREAD_RANGE, f"placeholder{i}", "p" * SPREAD_PAD)
+                    for i in range(WORKERS + 1)
+                ),
+            )
+            setup.executemany(
+                "INSERT INTO accounts VALUES (?, ?, ?)",
+                ((i, INITIAL_BALANCE, "p" * SPREAD_PAD) for i in range(1, accounts + 1)),
+            )
+        else:
+            setup.execute("CREATE TABLE accounts(id INTEGER PRIMARY KEY, balance INTEGER NOT NULL)")
+            setup.execute(
+                "CREATE TABLE transfers(tid TEXT PRIMARY KEY, src INTEGER, dst INTEGER, "
+                "amount INTEGER)"
+            )
+            setup.executemany(
+                "INSERT INTO accounts VALUES (?, ?)",
+                ((i, INITIAL_BALANCE) for i in range(1, accounts + 1)),
+            )
     base_lsn = pragma(setup, "graft_push")["remote_lsn"]
     assert base_lsn == 1
 
@@ -204,6 +236,10 @@ def bank_run(
         "unavailable_corrupt": sum(
             e["event"] == "unavailable" and e.get("error") == "CorruptError" for e in every
         ),
+        "pushes_rejected": sum(
+            e["stats"]["pushes_rejected"] for e in every if e["event"] == "done"
+        ),
+        "rebased": sum(e["stats"]["rebases"] for e in every if e["event"] == "done"),
     }
     print(f"scale-out: {counts}")
     assert len(acks) >= WORKERS, "too few pushes were acknowledged to prove anything"
@@ -215,6 +251,10 @@ def bank_run(
             e["event"] == "retried" and e["message"].startswith("push rejected") for e in every
         )
         assert retried_pushes >= 3, "pushes did not race: the test would not test conflicts"
+    elif "--rebase" in worker_args:
+        # Rebased pushes were rejected first, then landed: the races happened all the same.
+        raced = counts["pushes_rejected"]
+        assert raced >= 3, "pushes did not race: the test would not test conflicts"
     else:
         assert by_push >= 3, "pushes did not race: the test would not test conflicts"
     for e in rejected:
@@ -242,17 +282,18 @@ def bank_run(
     replica = connect(vid, remote=servers[1].url, cache_dir=str(tmp_path / "fresh"))
     assert pragma(replica, "graft_snapshot")["remote_lsn"] == latest
     assert replica.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    rows = replica.execute("SELECT tid, src, dst, amount FROM transfers").fetchall()
+    real = " WHERE src IS NOT NULL"  # not the placeholder rows of a spread layout
+    rows = replica.execute("SELECT tid, src, dst, amount FROM transfers" + real).fetchall()
     final = {tid: {"tid": tid, "src": s, "dst": d, "amount": a} for tid, s, d, a in rows}
     assert final == {e["tid"]: {k: e[k] for k in ("tid", "src", "dst", "amount")} for e in acks}
     assert not {e["tid"] for e in rejected} & set(final)
-    expected = {i: INITIAL_BALANCE for i in range(1, ACCOUNTS + 1)}
+    expected = {i: INITIAL_BALANCE for i in range(1, accounts + 1)}
     for e in acks:
         expected[e["src"]] -= e["amount"]
         expected[e["dst"]] += e["amount"]
     balances = dict(replica.execute("SELECT id, balance FROM accounts").fetchall())
     assert balances == expected
-    assert sum(balances.values()) == ACCOUNTS * INITIAL_BALANCE
+    assert sum(balances.values()) == accounts * INITIAL_BALANCE
     assert min(balances.values()) >= 0
 
     # Past LSNs: the state at LSN n holds exactly the transfers acknowledged at 2..n
@@ -263,12 +304,12 @@ def bank_run(
     for n in sample:
         k = n % SERVERS  # one client (cache dir) per server, reused across LSNs
         past = connect(vid, remote=servers[k].url, cache_dir=str(tmp_path / f"past{k}"), lsn=n)
-        tids = {tid for (tid,) in past.execute("SELECT tid FROM transfers")}
+        tids = {tid for (tid,) in past.execute("SELECT tid FROM transfers" + real)}
         assert len(tids) == n - base_lsn and tids <= acked_tids, f"at LSN {n}"
         for m, e in by_lsn.items():
             assert (e["tid"] in tids) == (m <= n), f"{e['tid']} (LSN {m}) at LSN {n}"
         total = past.execute("SELECT sum(balance), min(balance) FROM accounts").fetchone()
-        assert total[0] == ACCOUNTS * INITIAL_BALANCE and total[1] >= 0, f"at LSN {n}"
+        assert total[0] == accounts * INITIAL_BALANCE and total[1] >= 0, f"at LSN {n}"
     return counts
 
 
@@ -327,6 +368,49 @@ def test_bank_transfers_as_retried_transactions_lose_none(servers, tmp_path, vid
         assert done["transfers"] == done["acks"] > 0
         acks = [e for e in events if e["event"] == "ack"]
         assert all(e["by"] == "transaction" and e["remote_lsn"] for e in acks)
+
+
+@pytest.mark.timeout(WORKLOAD_SECONDS + WORKER_GRACE + 240)
+def test_bank_transfers_with_rebase_keep_every_invariant(servers, tmp_path, vid, connect):
+    """The workload with ``Options(rebase=True)``: every transfer reads and writes the one
+    page holding all accounts, so a rejected push is almost never rebasable; each
+    invariant holds whatever was rebased, and nothing rebased when it read a changed page."""
+    counts = bank_run(servers, tmp_path, vid, connect, WORKLOAD_SECONDS, worker_args=("--rebase",))
+    assert (
+        counts["pushes_rejected"]
+        == counts["rebased"] + counts["conflicts"] - counts["conflicts_by_pull"]
+    )
+
+
+@pytest.mark.timeout(2 * (WORKLOAD_SECONDS + WORKER_GRACE) + 480)
+def test_bank_transfers_spread_rejected_pushes_with_and_without_rebase(
+    servers, tmp_path, vid, connect
+):
+    """The spread layout (transfers share few pages) run without, then with, rebase: every
+    invariant holds in both, and rebased pushes land instead of being rejected. The
+    rejected pushes of both runs are printed (the closing note's comparison)."""
+    runs = {}
+    for name, args in (("without", ("--spread",)), ("with", ("--spread", "--rebase"))):
+        (tmp_path / name).mkdir()
+        runs[name] = bank_run(
+            servers,
+            tmp_path / name,
+            f"{vid}-{name}",
+            connect,
+            WORKLOAD_SECONDS,
+            worker_args=args,
+            spread=True,
+            accounts=SPREAD_ACCOUNTS,
+        )
+    without, with_rebase = runs["without"], runs["with"]
+    print(
+        "scale-out rebase: transfers rejected at push "
+        f"{without['conflicts'] - without['conflicts_by_pull']} of {without['transfers']} "
+        f"without rebase, {with_rebase['conflicts'] - with_rebase['conflicts_by_pull']} of "
+        f"{with_rebase['transfers']} with rebase ({with_rebase['rebased']} rebased of "
+        f"{with_rebase['pushes_rejected']} rejected pushes)"
+    )
+    assert without["rebased"] == 0 and with_rebase["rebased"] > 0
 
 
 def events_through(tmp_path, k: int) -> list[dict]:

@@ -53,7 +53,7 @@ from graft_vfs.client.rows import (
     _volume_crc,
 )
 from graft_vfs.client.sharing import ChangeSignal, PinTable, WriterLock
-from graft_vfs.core.errors import Busy, Diverged, SnapshotExpired, StorageError
+from graft_vfs.core.errors import Busy, Diverged, InvalidRequest, SnapshotExpired, StorageError
 from graft_vfs.core.faults import crash_point
 from graft_vfs.core.graft import decode_graft, encode_graft
 from graft_vfs.core.identity import Identity
@@ -71,8 +71,9 @@ STORE_MMAP_BYTES = 1 << 30
 WAL_KEEP_BYTES = 1 << 20  # the -wal file is cut back to this after a checkpoint
 
 # PRAGMA user_version of the store. 0: the first format; 1: every row has a crc;
-# 2: the origins table (the identity of each volume's server side).
-FORMAT = 2
+# 2: the origins table (the identity of each volume's server side); 3: the read_sets
+# table (the pages each pending local commit read, for Options(rebase=True)).
+FORMAT = 3
 
 _SCHEMA = """
 CREATE TABLE volumes(
@@ -112,6 +113,18 @@ CREATE TABLE IF NOT EXISTS origins(
     since_lsn INTEGER NOT NULL,
     crc INTEGER NOT NULL
 );
+"""
+
+# The pages each local commit not pushed yet read (a graft), kept so that a rejected push
+# can be rebased after a restart too; a commit without a row cannot be rebased.
+_READ_SETS = """
+CREATE TABLE IF NOT EXISTS read_sets(
+    v INTEGER NOT NULL,
+    lsn INTEGER NOT NULL,
+    pages BLOB NOT NULL,
+    crc INTEGER NOT NULL,
+    PRIMARY KEY(v, lsn)
+) WITHOUT ROWID;
 """
 
 # Format 0 -> 1: add the crc columns, then fill them (functions registered at open).
@@ -220,7 +233,9 @@ class LocalStore(Maintenance):
                 "SELECT count(*) FROM sqlite_schema WHERE name IN ('volumes', 'log', 'pages')"
             )
             if version == 0 and tables == 0:
-                self._db.execute(_SCHEMA + _ORIGINS)
+                self._db.execute(_SCHEMA + _ORIGINS + _READ_SETS)
+            elif version == 2 and tables == 3:
+                self._db.execute(_READ_SETS)
             elif version in (0, 1) and tables == 3:
                 if version == 0:
                     crcs: tuple[tuple[str, Callable[..., int]], ...] = (
@@ -233,7 +248,7 @@ class LocalStore(Maintenance):
                     self._db.execute(_MIGRATE_0)
                 # Volumes of an older cache have no identity yet: each takes the one of
                 # its server's volume at its first contact (see sync.Sync.reconcile).
-                self._db.execute(_ORIGINS)
+                self._db.execute(_ORIGINS + _READ_SETS)
             elif version != FORMAT:
                 raise StorageError(
                     f"the local cache {self.path} has format {version} (tables: {tables}), "
@@ -482,8 +497,18 @@ class LocalStore(Maintenance):
     # -- the local log ----------------------------------------------------------------
 
     @_boundary
-    def commit(self, v: int, base_lsn: int, pages: dict[int, bytes], page_count: int) -> int:
-        """Durably record a local commit on top of ``base_lsn``; returns its local LSN."""
+    def commit(
+        self,
+        v: int,
+        base_lsn: int,
+        pages: dict[int, bytes],
+        page_count: int,
+        reads: BitMap | None = None,
+    ) -> int:
+        """Durably record a local commit on top of ``base_lsn``; returns its local LSN.
+
+        ``reads``, the pages the transaction read, is kept with it (for a rebase).
+        """
         self._check_not_deleted()
         with self._change():
             head = self._volume_by_id(v)[2]
@@ -496,9 +521,101 @@ class LocalStore(Maintenance):
             # In key order: each leaf of the page index is filled once, then left alone.
             self._insert_pages(v, lsn, sorted(pages.items()))
             self._insert_log(v, lsn, page_count, None, encode_graft(pages.keys()))
+            if reads is not None:
+                self._insert_reads(v, lsn, reads)
             self._update_volume(v, local_lsn=lsn)
             crash_point("client.commit.before_durable")
         return lsn
+
+    def _insert_reads(self, v: int, lsn: int, reads: BitMap) -> None:
+        blob = encode_graft(reads)
+        self._db.execute(
+            "INSERT OR REPLACE INTO read_sets(v, lsn, pages, crc) VALUES(?,?,?,?)",
+            (v, lsn, blob, _log_crc(v, lsn, 0, None, blob)),
+        )
+
+    @_boundary
+    def read_sets(self, v: int, after: int, upto: int) -> BitMap | None:
+        """Union of the pages read by local commits in ``(after, upto]``; None if one is unknown.
+
+        Unknown: a commit made without ``Options(rebase=True)``, or whose read set was
+        over the bound. Each row is verified before it is decoded.
+        """
+        out = BitMap()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT lsn, pages, crc FROM read_sets WHERE v=? AND lsn>? AND lsn<=?",
+                (v, after, upto),
+            ).fetchall()
+        if len(rows) != upto - after:
+            return None
+        for lsn, blob, crc in rows:
+            what = f"the read set of local LSN {lsn} of volume {v}"
+            if not _matches(_log_crc, crc, v, lsn, 0, None, blob):
+                raise self._corrupt(f"{what} fails its checksum")
+            try:
+                out |= decode_graft(blob)
+            except InvalidRequest:
+                raise self._corrupt(f"{what} is malformed") from None
+        return out
+
+    @_boundary
+    def rebase(
+        self,
+        v: int,
+        target: int,
+        remote_lsn: int,
+        remote_page_count: int,
+        remote_changed: BitMap,
+        pages: dict[int, bytes],
+        page_count: int,
+        reads: BitMap,
+    ) -> tuple[int, BitMap]:
+        """Move the local commits up to ``target`` onto the server's ``remote_lsn``.
+
+        In one store transaction: the server's snapshot becomes a new local LSN (its
+        ``remote_changed`` pages markers, as a pull records them) and the pending
+        commits' pages, rebased (``pages``, page 1 merged), one local commit on top of
+        it, pending push and carrying ``reads``. Returns ``(new_lsn, changed_pages)``.
+        Raises Busy if a local commit landed since ``target`` (the caller tries again).
+        The new snapshot of the server's holds none of the pending commits' pages, so a
+        reset after a later refusal discards them as it would without the rebase.
+        """
+        with self._change():
+            _, _, head, sync, *_ = self._volume_by_id(v)
+            if head != target or head == sync:
+                raise Busy(f"volume {v} moved on locally during its rebase: retry")
+            pulled = head + 1
+            # The server's snapshot exactly: the pages it changed are markers, and the
+            # pages only the pending commits changed are back at their content at the
+            # sync point (a reset after a later refusal reads them there).
+            rows: list[tuple[int, bytes | None]] = [(p, None) for p in remote_changed]
+            restored = BitMap()
+            for p in self.pending_changes(v, sync, head) - remote_changed:
+                if p < remote_page_count:
+                    row = self.read_page(v, p, sync)
+                    rows.append((p, row[1] if row else None))
+                    restored.add(p)
+            self._insert_pages(v, pulled, rows)
+            self._insert_log(
+                v, pulled, remote_page_count, remote_lsn, encode_graft(remote_changed | restored)
+            )
+            lsn = pulled + 1
+            self._insert_pages(v, lsn, sorted(pages.items()))
+            self._insert_log(v, lsn, page_count, None, encode_graft(pages.keys()))
+            self._db.execute("DELETE FROM read_sets WHERE v=? AND lsn<=?", (v, head))
+            self._insert_reads(v, lsn, reads)
+            self._update_volume(
+                v,
+                local_lsn=lsn,
+                sync_lsn=pulled,
+                remote_lsn=remote_lsn,
+                diverged=0,
+                push_intent=None,
+            )
+        changed = BitMap(remote_changed)
+        changed.update(pages.keys())
+        return lsn, changed
 
     @_boundary
     def pending_changes(self, v: int, after: int, upto: int) -> BitMap:
@@ -612,6 +729,7 @@ class LocalStore(Maintenance):
             self._update_volume(
                 v, sync_lsn=local_lsn, remote_lsn=remote_lsn, push_intent=None, diverged=0
             )
+            self._db.execute("DELETE FROM read_sets WHERE v=? AND lsn<=?", (v, local_lsn))
         self._maintain_quietly(v)
 
     @_boundary
@@ -644,5 +762,6 @@ class LocalStore(Maintenance):
             self._insert_pages(v, lsn, rows)
             self._insert_log(v, lsn, page_count, remote, encode_graft(changed))
             self._update_volume(v, local_lsn=lsn, sync_lsn=lsn, push_intent=None, diverged=0)
+            self._db.execute("DELETE FROM read_sets WHERE v=?", (v,))
         self._maintain_quietly(v)
         return lsn, changed

@@ -42,6 +42,9 @@ class Options:
     # None: on while the link's round-trip floor is >= 15 ms (an edge or a slow link).
     # Off by default: measured, it still lost on index-key lookups (README).
     background_fetch: bool | None = False
+    # Rebase a rejected push onto the server's new head when no page the local
+    # transactions read changed there (see sync.Sync.rebase); else diverged, as without.
+    rebase: bool = False
 
     def __post_init__(self) -> None:
         limit = self.cache_max_bytes
@@ -89,6 +92,7 @@ class Runtime:
                 row = self.local.create_volume(vid, snap.lsn, snap.page_count, snap.identity)
             vol = Volume(row, self.local, self.remote, self.schedule_push, self.options.cache_pages)
             vol.reads.background = self.options.background_fetch
+            vol.sync.rebase = self.options.rebase
             if known:
                 self._check_identity(vol)
             row = vol.row

@@ -26,6 +26,8 @@ class Stats:
     pages_pushed: int = 0
     bytes_pushed: int = 0
     commits_pulled: int = 0
+    pushes_rejected: int = 0  # pushes the server refused as based on an old snapshot
+    rebases: int = 0  # rejected pushes rebased onto the new head and sent again
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, int]:

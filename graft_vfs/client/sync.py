@@ -47,8 +47,14 @@ from graft_vfs.core.errors import (
 from graft_vfs.core.faults import crash_point
 from graft_vfs.core.identity import Identity
 from graft_vfs.core.ids import validate_volume_id
+from graft_vfs.core.pages import Page1Conflict, header_page_count, merge_page1
 
 log = logging.getLogger("graft_vfs")
+
+# Rebases of one push before its rejection is reported as divergence.
+MAX_REBASES = 8
+# A read set larger than this is not kept: that commit is never rebased (see vfs).
+MAX_READ_SET = 100_000
 
 
 class Synced(Protocol):
@@ -63,6 +69,14 @@ class Synced(Protocol):
 
     def advance(self, lsn: int, page_count: int, changed: BitMap) -> None:
         """Make ``lsn`` the latest local snapshot, ``changed`` pages changed."""
+        ...
+
+    def read_page(self, pageno: int, lsn: int) -> bytes:
+        """Page ``pageno`` as of local snapshot ``lsn``."""
+        ...
+
+    def read_remote_page(self, pageno: int, remote_lsn: int) -> bytes:
+        """Page ``pageno`` at a remote LSN the local log does not hold."""
         ...
 
 
@@ -91,6 +105,7 @@ class Sync:
         self.stats = stats
         self.lock = threading.RLock()
         self.last_error: str | None = None
+        self.rebase = False  # Options(rebase=True): rebase a rejected push if serializable
 
     def check_identity(self, snap: RemoteHead) -> None:
         """At open: reconcile with the server's ``snap``; a mismatch opens, noted, not raised.
@@ -139,8 +154,16 @@ class Sync:
         return _pulled(snap, lsn, changed)
 
     def push(self) -> dict[str, Any]:
-        """Push pending local commits as one remote commit; raises Diverged on conflict."""
+        """Push pending local commits as one remote commit; raises Diverged on conflict.
+
+        With ``rebase`` on, a rejected push is rebased onto the server's new head and
+        sent again (up to MAX_REBASES times) when that is serializable (see ``rebase_onto``).
+        """
+        return self._push(MAX_REBASES if self.rebase else 0)
+
+    def _push(self, rebases_left: int) -> dict[str, Any]:
         remote = required(self.remote)
+        rebased = False
         with self.lock:
             row = self.vol.refresh()
             intent = row.push_intent
@@ -195,9 +218,16 @@ class Sync:
                 raise IdentityMismatch(self._mismatch_message(row.identity, server)) from exc
             except CommitConflict as exc:
                 local.set_push_intent(self.row_id, None)
-                local.set_diverged(self.row_id, True)
-                self.vol.refresh()
-                raise Diverged(self._diverged_message(exc.latest_lsn)) from exc
+                self.stats.add(pushes_rejected=1)
+                why = self.rebase_onto(remote) if rebases_left > 0 else None
+                if why is not None or rebases_left == 0:
+                    local.set_diverged(self.row_id, True)
+                    self.vol.refresh()
+                    message = self._diverged_message(exc.latest_lsn)
+                    if why:
+                        message += f" (not rebased: {why})"
+                    raise Diverged(message) from exc
+                rebased = True
             except (Unauthorized, Forbidden) as exc:
                 # The server refuses a request without a valid token in scope before
                 # applying anything, so this send certainly did not land. An intent from an
@@ -209,6 +239,9 @@ class Sync:
                 raise
             finally:
                 self.stats.count(traffic, push=True)
+            if rebased:
+                self.stats.add(rebases=1)
+                return self._push(rebases_left - 1)
             crash_point("client.push.after_ack")
             remote_lsn = committed.lsn
             local.record_push(self.row_id, target, remote_lsn, committed.identity)
@@ -223,6 +256,72 @@ class Sync:
                 "local_commits": target - row.sync_lsn,
                 "pages": len(pages),
             }
+
+    def rebase_onto(self, remote: Remote) -> str | None:
+        """Rebase the pending local commits onto the server's head; None if done, else why not.
+
+        Serializable only: refused unless no page that the pending commits read (the
+        union of their read sets, see ``vfs.GraftFile.read_set``) or wrote changed on
+        the server since their base, page 1 aside, and page 1 merges field by field
+        (``core.pages.merge_page1``). Caller holds ``lock``.
+        """
+        row = self.vol.refresh()
+        local, v = self.local, self.row_id
+        target, sync, base = row.local_lsn, row.sync_lsn, row.remote_lsn
+        if row.pending == 0:
+            return "nothing is pending"
+        reads = local.read_sets(v, sync, target)
+        if reads is None:
+            return (
+                "a local commit has no read set (made without Options(rebase=True), or it "
+                f"read more than {MAX_READ_SET} pages)"
+            )
+        traffic = Traffic()
+        try:
+            snap, changed = remote.pull(self.vid, base, traffic)
+        finally:
+            self.stats.count(traffic)
+        if snap.identity is not None and row.identity is not None and snap.identity != row.identity:
+            return "the server's volume is another one"
+        if snap.lsn <= base:
+            return "the server has no newer commit"
+        page_count = local.page_count_at(v, target)
+        written = BitMap(p for p in local.pending_changes(v, sync, target) if p < page_count)
+        pages = local.pages_at(v, written, target)
+        if 0 in changed:
+            base_page1 = self.vol.read_page(0, sync)
+            try:
+                merged = merge_page1(
+                    base_page1,
+                    pages.get(0, base_page1),
+                    self.vol.read_remote_page(0, snap.lsn),
+                )
+            except Page1Conflict as exc:
+                return str(exc)
+            pages[0] = merged
+            page_count = header_page_count(merged) or max(page_count, snap.page_count)
+        elif snap.page_count != local.page_count_at(v, sync):
+            return "the server's page count changed without page 1"
+        clash = (changed - BitMap([0])) & (reads | written)
+        if clash:
+            return (
+                f"page {clash.min()}, which a local transaction read or wrote, changed "
+                f"on the server ({len(clash)} such page(s))"
+            )
+        lsn, moved = local.rebase(
+            v, target, snap.lsn, snap.page_count, changed, pages, page_count, reads
+        )
+        self.vol.advance(lsn, page_count, moved)
+        self.stats.commits_pulled += snap.lsn - base
+        self.vol.refresh()
+        log.info(
+            "graft: %d local commit(s) of %r rebased from remote LSN %d onto %d",
+            row.pending,
+            self.vid,
+            base,
+            snap.lsn,
+        )
+        return None
 
     def fork(self, dst: str) -> dict[str, Any]:
         """Save this volume's snapshot and unpushed commits as a new volume ``dst``.
@@ -270,8 +369,7 @@ class Sync:
                     ).lsn
                 except CommitConflict as exc:
                     raise CommitConflict(
-                        f"volume {dst!r} already exists and is not this fork: name another "
-                        "volume",
+                        f"volume {dst!r} already exists and is not this fork: name another volume",
                         latest_lsn=exc.latest_lsn,
                     ) from exc
                 finally:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import apsw
+from pyroaring import BitMap
 
 from graft_vfs.client.catchup import (
     DEFAULT_WAIT_TIMEOUT,
@@ -35,6 +36,7 @@ from graft_vfs.client.catchup import (
 )
 from graft_vfs.client.pragmas import PRAGMA_PREFIX, PRAGMAS
 from graft_vfs.client.runtime import Runtime
+from graft_vfs.client.sync import MAX_READ_SET
 from graft_vfs.client.when import parse_time
 from graft_vfs.core.errors import (
     Busy,
@@ -274,6 +276,14 @@ class GraftFile:
         self.size = 0
         self._page1: tuple[int, bytes] | None = None
         self._page1_rewritten = False  # a commit changed page 1 from what SQLite wrote
+        # Options(rebase=True): every page read since SQLite's page cache was last
+        # invalidated (it serves cached pages without xRead while the change counter,
+        # the LSN, holds), so a commit's read set covers what it read from that cache
+        # too; ``_cache_lsn`` is the snapshot SQLite's cache holds pages of.
+        self.read_set: BitMap | None = (
+            BitMap() if runtime.options.rebase and not self.readonly else None
+        )
+        self._cache_lsn: int | None = None
         if self.readonly:
             flags[1] = (inflags | apsw.SQLITE_OPEN_READONLY) & ~(
                 apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
@@ -366,6 +376,9 @@ class GraftFile:
     # -- reads ------------------------------------------------------------------------
 
     def xRead(self, amount: int, offset: int) -> bytes:
+        read_set = self.read_set
+        if read_set is not None:
+            self._track(read_set, amount, offset)
         try:
             if amount == PAGE_SIZE and not offset & _PAGE_MASK:
                 # The fast path: a whole page but page 1, written by this transaction or
@@ -390,6 +403,20 @@ class GraftFile:
             return self._read_any(amount, offset)
         except GraftError as exc:
             raise to_sqlite(exc) from exc
+
+    def _track(self, read_set: BitMap, amount: int, offset: int) -> None:
+        """Add the pages of a read to the read set (Options(rebase=True))."""
+        if self._cache_lsn is None:
+            self._cache_lsn = (self.snap or self.current())[0]  # SQLite's first read
+        elif offset == CHANGE_CHECK and amount == CHANGE_CHECK_SIZE:
+            # A read transaction begins: SQLite compares the change counter (the LSN)
+            # with its cache's and drops the cache if they differ; then so does this.
+            lsn = (self.snap or self.current())[0]
+            if lsn != self._cache_lsn or self._page1_rewritten:
+                read_set.clear()
+                self._cache_lsn = lsn
+        if amount > 0:
+            read_set.add_range(offset >> _PAGE_SHIFT, ((offset + amount - 1) >> _PAGE_SHIFT) + 1)
 
     def _read_any(self, amount: int, offset: int) -> bytes:
         if self._page1_rewritten and offset <= CHANGE_CHECK < offset + amount:
@@ -534,8 +561,13 @@ class GraftFile:
             # pages stay buffered: SQLite keeps the transaction open after a failed
             # commit and a retried COMMIT does not write them again, so it must fail
             # again (or commit them all), never succeed with nothing committed.
+            reads = self.read_set
+            if reads is not None and len(reads) > MAX_READ_SET:
+                reads = None  # too many to keep: this commit will not be rebased
             try:
-                self.snap = vol.commit(base_lsn, changed, page_count)
+                self.snap = vol.commit(
+                    base_lsn, changed, page_count, None if reads is None else BitMap(reads)
+                )
             except Busy as exc:
                 if not self.exclusive:
                     raise
@@ -545,6 +577,9 @@ class GraftFile:
                     "locking_mode=NORMAL and one more transaction before retrying)"
                 ) from exc
             self.size = page_count * PAGE_SIZE
+            # SQLite keeps its cache across its own commit (the counter it wrote is the
+            # new LSN's): the read set goes on.
+            self._cache_lsn = self.snap[0]
         self.dirty = {}
 
     # -- file controls and PRAGMAs ----------------------------------------------------

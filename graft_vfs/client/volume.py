@@ -223,9 +223,14 @@ class Volume:
         self.local.track_usage(self.row_id, None)
         self._writer_file.close()
 
-    def commit(self, base: int, pages: dict[int, bytes], page_count: int) -> tuple[int, int]:
-        """Durably commit ``pages`` locally on top of ``base``; returns the new snapshot."""
-        lsn = self.local.commit(self.row_id, base, pages, page_count)
+    def commit(
+        self, base: int, pages: dict[int, bytes], page_count: int, reads: BitMap | None = None
+    ) -> tuple[int, int]:
+        """Durably commit ``pages`` locally on top of ``base``; returns the new snapshot.
+
+        ``reads``: the pages the transaction read, kept for a rebase (None: unknown).
+        """
+        lsn = self.local.commit(self.row_id, base, pages, page_count, reads)
         with self.lock:
             for pageno, data in pages.items():
                 self.reads.cache_put(pageno, lsn, data)

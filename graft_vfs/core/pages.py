@@ -94,3 +94,65 @@ def check_database_header(header: bytes, what: str) -> int:
             'PRAGMA journal_mode=DELETE" on it first, then import it'
         )
     return header_page_count(header)
+
+
+# Page 1's header fields as a rebase merges them (offset, size, name). The change
+# counter and version-valid-for (served from the LSN anyway) and the SQLite version
+# that last wrote the file merge freely; every other field may change on one side only.
+_PAGE1_FIELDS = (
+    (28, 4, "page count"),
+    (32, 8, "freelist"),  # first trunk page and free page count, one field
+    (40, 4, "schema cookie"),
+    (44, 4, "schema format"),
+    (48, 4, "default cache size"),
+    (52, 4, "largest root page (auto-vacuum)"),
+    (56, 4, "text encoding"),
+    (60, 4, "user version"),
+    (64, 4, "incremental vacuum"),
+    (68, 4, "application id"),
+)
+_FREE_MERGE = ((24, 4), (92, 8))  # change counter; version-valid-for and SQLite version
+
+
+class Page1Conflict(Exception):
+    """Both sides changed a field of page 1 that cannot merge (its message says which)."""
+
+
+def merge_page1(base: bytes, local: bytes, remote: bytes) -> bytes:
+    """Page 1 with ``local``'s changes since ``base`` applied over ``remote``'s.
+
+    A field changed on one side only takes that side's value. Raises Page1Conflict
+    when both sides changed the page count (both grew or shrank the file), the
+    freelist, or any other header field, when the remote side changed the schema
+    cookie (the local transactions were planned against the old schema: a new index
+    would miss their rows), or when both changed the schema table's part of page 1
+    (bytes 100 on).
+    """
+    for page in (base, local, remote):
+        if len(page) != PAGE_SIZE or not page.startswith(SQLITE_MAGIC):
+            raise Page1Conflict("page 1 is not a SQLite header page on every side")
+    out = bytearray(remote)
+    for offset, size, name in _PAGE1_FIELDS:
+        field = slice(offset, offset + size)
+        mine, theirs, was = local[field], remote[field], base[field]
+        if name == "schema cookie" and theirs != was:
+            raise Page1Conflict("the schema changed remotely (schema cookie)")
+        if mine == was:
+            continue
+        if theirs != was and (theirs != mine or name in ("page count", "freelist")):
+            # Both grew the file (the same new pages) or both used the freelist.
+            raise Page1Conflict(f"both sides changed the {name} of page 1")
+        out[field] = mine
+    if base[:24] != local[:24] or base[:24] != remote[:24]:
+        raise Page1Conflict("the first 24 bytes of page 1 changed")
+    body = slice(100, PAGE_SIZE)
+    if local[body] != base[body]:
+        if remote[body] != base[body] and remote[body] != local[body]:
+            raise Page1Conflict("both sides changed the schema table's part of page 1")
+        out[body] = local[body]
+    for offset, size in _FREE_MERGE:
+        out[offset : offset + size] = remote[offset : offset + size]
+    merged = bytes(out)
+    if header_page_count(merged) < max(header_page_count(local), header_page_count(remote)):
+        raise Page1Conflict("the merged page count would cut off pages")  # (a shrink)
+    return merged

@@ -2,6 +2,7 @@
 
     python tests/support/bank_worker.py VOLUME URL CACHE_DIR LOG_PATH SECONDS SEED NAME
         [--pull-in-tx P] [--faults] [--stop-file PATH] [--background] [--transactional]
+        [--rebase] [--spread]
 
 Until SECONDS have passed (with ``--stop-file``, until PATH exists, SECONDS being only
 a bound) it repeats: a random short pause, sometimes a pull, one
@@ -29,6 +30,12 @@ background push may push the transfer before the worker does, and then the worke
 commit, push at once; on a rejected push or a stale snapshot, reset, pull and run the
 transfer again): no transfer is rejected or lost, no reset is the worker's to make. Each
 retry is logged (``retried``), and the ack carries the LSN the transaction landed at.
+``--rebase``: the client runs with ``Options(rebase=True)``: a rejected push whose
+transfer read nothing the server changed is rebased and lands (an ack); only the others
+are rejected. The "done" event carries the client's ``graft_stats`` (``pushes_rejected``,
+``rebases``). ``--spread``: worker wN inserts its transfers at rowids from
+N * SPREAD_RANGE on (the spread layout of tests/test_scale_out.py gives each range its
+own leaf page), so transfers of different workers share few pages.
 
 LOG_PATH receives one JSON object per line (each also has "t", its time.time()),
 flushed as it happens, so that a worker killed by a timeout still leaves what it saw:
@@ -78,6 +85,7 @@ BACKGROUND_PULL_INTERVAL = 0.05  # seconds, with --background
 # With --transactional: enough that six workers racing for each LSN never run out.
 TRANSACTION_ATTEMPTS = 1000
 TRANSACTION_MAX_BACKOFF = 0.2  # seconds
+SPREAD_RANGE = 1_000_000  # rowids of transfers per worker with --spread
 
 
 class Diverged(Exception):
@@ -99,8 +107,10 @@ class Worker:
         faults: bool = False,
         background: bool = False,
         transactional: bool = False,
+        spread: bool = False,
     ) -> None:
         self.con, self.log, self.rng, self.name = con, log, rng, name
+        self.spread = spread
         self.transactional = transactional
         self.pull_in_tx = pull_in_tx
         self.background = background
@@ -190,6 +200,16 @@ class Worker:
             return bool(self.pull(in_tx=True)["pulled"])
         return False
 
+    def insert(self, tid: str, src: int, dst: int, amount: int) -> None:
+        """Record a transfer; with --spread at a rowid in this worker's own range."""
+        rowid = None
+        if self.spread:
+            rowid = int(self.name.lstrip("w")) * SPREAD_RANGE + self.seq
+        self.con.execute(
+            "INSERT INTO transfers(rowid, tid, src, dst, amount) VALUES (?, ?, ?, ?, ?)",
+            (rowid, tid, src, dst, amount),
+        )
+
     def balance(self, account: int) -> int:
         sql = "SELECT balance FROM accounts WHERE id = ?"
         return self.con.execute(sql, (account,)).fetchone()[0]
@@ -215,10 +235,7 @@ class Worker:
                 stage = "write"
                 con.execute("UPDATE accounts SET balance = balance - ? WHERE id = ?", (amount, src))
                 con.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, dst))
-                con.execute(
-                    "INSERT INTO transfers(tid, src, dst, amount) VALUES (?, ?, ?, ?)",
-                    (tid, src, dst, amount),
-                )
+                self.insert(tid, src, dst, amount)
                 moved = self.pull_inside() or moved
                 assert self.balance(src) == balance - amount, "a pull changed a transaction's data"
                 stage = "commit"
@@ -266,10 +283,7 @@ class Worker:
                 amount = self.rng.randint(0, min(self.balance(src), MAX_AMOUNT))
                 con.execute("UPDATE accounts SET balance = balance - ? WHERE id = ?", (amount, src))
                 con.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, dst))
-                con.execute(
-                    "INSERT INTO transfers(tid, src, dst, amount) VALUES (?, ?, ?, ?)",
-                    (tid, src, dst, amount),
-                )
+                self.insert(tid, src, dst, amount)
         for why in tx.conflicts:
             self.counts["retried"] += 1
             self.record(event="retried", tid=tid, message=why)
@@ -333,12 +347,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--stop-file")
     parser.add_argument("--background", action="store_true")
     parser.add_argument("--transactional", action="store_true")
+    parser.add_argument("--rebase", action="store_true")
+    parser.add_argument("--spread", action="store_true")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + float(args.seconds)
     options = (
-        graft_vfs.Options(autopush=True, pull_interval=BACKGROUND_PULL_INTERVAL)
+        graft_vfs.Options(autopush=True, pull_interval=BACKGROUND_PULL_INTERVAL, rebase=args.rebase)
         if args.background
-        else graft_vfs.Options(autopush=False)
+        else graft_vfs.Options(autopush=False, rebase=args.rebase)
     )
     con = graft_vfs.connect(args.vid, remote=args.url, cache_dir=args.cache, options=options)
     with open(args.log_path, "a", buffering=1) as log:
@@ -352,6 +368,7 @@ def main(argv: list[str]) -> int:
             args.faults,
             args.background,
             args.transactional,
+            args.spread,
         )
         worker.record(event="start")
         try:
@@ -362,7 +379,12 @@ def main(argv: list[str]) -> int:
         except BaseException as exc:
             worker.record(event="error", message=f"{type(exc).__name__}: {exc}")
             raise
-        worker.record(event="done", status=pragma(con, "graft_status"), **worker.counts)
+        worker.record(
+            event="done",
+            status=pragma(con, "graft_status"),
+            stats=pragma(con, "graft_stats"),
+            **worker.counts,
+        )
     con.close()
     return 0
 
