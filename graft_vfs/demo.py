@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from typing import Any
 
 import graft_vfs
@@ -111,9 +113,37 @@ def main() -> None:
             f"{total['bytes_fetched'] / 1e3:.0f} kB over {total['requests']} requests"
         )
         con.close()
+        replica_query(url)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def replica_query(url: str) -> None:
+    """Start a `graft replica` of 'orders' and query it with a plain HTTP request."""
+    replica = subprocess.Popen(
+        [sys.executable, "-m", "graft_vfs", "replica", "orders", "--remote", url, "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert replica.stdout is not None
+        ready = "graft replica listening on "
+        for line in replica.stdout:
+            if line.startswith(ready):
+                break
+        else:
+            raise SystemExit(f"graft replica exited with {replica.wait()} before it listened")
+        query = urllib.parse.urlencode(
+            {"sql": "SELECT count(*) AS orders, round(sum(amount), 2) AS total FROM orders"}
+        )
+        address = f"{line[len(ready) :].strip()}/v1/query?{query}"
+        with urllib.request.urlopen(address, timeout=60) as answer:
+            body = answer.read().decode()
+        print(f"\ngraft replica, queried over plain HTTP:\n  GET {address}\n  {body}")
+    finally:
+        replica.terminate()
+        replica.wait(timeout=10)
 
 
 if __name__ == "__main__":
