@@ -17,9 +17,13 @@ import csv
 import io
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import apsw
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -218,10 +222,72 @@ def _fields(source: dict[str, Any], replica: Replica) -> tuple[Any, ...]:
     )
 
 
+class _Lag(Collector):
+    """Each volume's lag behind the server, measured at each scrape (one request each)."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.caught_up: dict[str, float] = {}
+
+    def collect(self) -> Iterator[Any]:
+        lsns = GaugeMetricFamily(
+            "graft_replica_lag_lsns",
+            "LSNs the server has that this replica has not pulled",
+            labels=["volume"],
+        )
+        seconds = GaugeMetricFamily(
+            "graft_replica_lag_seconds",
+            "Seconds since this replica last had the server's latest LSN (0: it has it now)",
+            labels=["volume"],
+        )
+        runtime = self.replica.runtime
+        for vid in self.replica.volumes:
+            try:
+                head = runtime.require_remote().snapshot(vid).lsn
+                have = runtime.volume(vid, create=False).refresh().remote_lsn
+            except GraftError:
+                continue  # the server unreachable: no sample rather than a wrong one
+            now = time.monotonic()
+            if have >= head:
+                self.caught_up[vid] = now
+            lsns.add_metric([vid], max(head - have, 0))
+            seconds.add_metric([vid], now - self.caught_up.setdefault(vid, now))
+        yield lsns
+        yield seconds
+
+
+class _ReplicaMetrics:
+    def __init__(self, replica: Replica) -> None:
+        self.registry = CollectorRegistry()
+        self.queries = Counter(
+            "graft_replica_queries",
+            "Queries answered, by volume and HTTP status",
+            ["volume", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "graft_replica_query_seconds", "Time to answer a query", registry=self.registry
+        )
+        self.registry.register(_Lag(replica))
+
+
 def create_app(replica: Replica, tokens: Any = None) -> Starlette:
     """The replica's HTTP app; ``tokens`` a ``graft_server.auth.TokenFile`` or None."""
+    metrics = _ReplicaMetrics(replica)
+
+    async def scrape(request: Request) -> Response:
+        body = await run_in_threadpool(generate_latest, metrics.registry)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def query(request: Request) -> Response:
+        started = time.perf_counter()
+        answer = await _answer(request)
+        volume = getattr(request.state, "volume", "-")  # a served volume, or "-"
+        metrics.queries.labels(volume, str(answer.status_code)).inc()
+        metrics.latency.observe(time.perf_counter() - started)
+        return answer
+
+    async def _answer(request: Request) -> Response:
         try:
             if request.method == "POST":
                 body = await request.body()
@@ -236,6 +302,8 @@ def create_app(replica: Replica, tokens: Any = None) -> Starlette:
             else:
                 source = dict(request.query_params)
             vid, sql, params, min_lsn, max_rows, timeout, fmt = _fields(source, replica)
+            if vid in replica.volumes:
+                request.state.volume = vid
             if tokens is not None:
                 from graft_server.auth import READ, authorize
 
@@ -260,5 +328,6 @@ def create_app(replica: Replica, tokens: Any = None) -> Starlette:
         routes=[
             Route("/v1/health", health, methods=["GET"]),
             Route("/v1/query", query, methods=["GET", "POST"]),
+            Route("/metrics", scrape, methods=["GET"]),
         ]
     )

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import urllib3
+from prometheus_client.parser import text_string_to_metric_families
 
 import graft_vfs
 from support.clients import pragma
@@ -87,6 +88,21 @@ def test_three_replicas_answer_what_native_sqlite_answers_at_their_lsn(
         ).json()
         assert answer["lsn"] >= latest and answer["rows"] == [[sum(k % 9 == 8 for k in range(50))]]
     assert len(answered) > 1  # the replicas followed the writer
+
+    # /metrics: queries by volume and status, and the lag behind the server.
+    with writer:
+        writer.execute("UPDATE kv SET v = 'late'")
+    head = pragma(writer, "graft_push")["remote_lsn"]
+    samples = {}
+    for family in text_string_to_metric_families(
+        urllib3.request("GET", urls[0] + "/metrics").data.decode()
+    ):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    assert samples[("graft_replica_queries_total", (("status", "200"), ("volume", vid)))] == 9
+    lag = samples[("graft_replica_lag_lsns", (("volume", vid),))]
+    assert 0 <= lag <= head - latest
+    assert samples[("graft_replica_lag_seconds", (("volume", vid),))] >= 0
 
 
 def test_a_replica_refuses_writes_and_bounds_time_and_rows(server, vid, client, replicas):
