@@ -637,7 +637,6 @@ def sql(
     With a remote, VOLUME is pulled first, so the answer is the server's latest; a
     pull that fails is an error (--no-pull answers from the local cache instead).
     """
-    import apsw
 
     import graft_vfs
 
@@ -647,23 +646,7 @@ def sql(
         lsn = _lsn_at(volume, at, remote, token)
     if create and (readonly or lsn is not None):
         raise click.UsageError("--create cannot be combined with --readonly, --lsn or --at")
-    try:
-        con = graft_vfs.connect(
-            volume,
-            remote=remote,
-            cache_dir=cache_dir,
-            readonly=readonly,
-            lsn=lsn,
-            create=create,
-            # This command pushes what it wrote itself, and nothing else: a read must
-            # not fail, nor wait, because of earlier commits that cannot be pushed.
-            options=graft_vfs.Options(token=token, autopush=False, cache_max_bytes=_cache_max()),
-        )
-    except apsw.CantOpenError as exc:
-        if isinstance(exc.__cause__, VolumeNotFound):
-            hint = "" if readonly or lsn is not None else "; --create creates it"
-            raise click.ClickException(_no_volume(volume, remote, cache_dir) + hint) from None
-        raise
+    con = _connect_for_sql(volume, remote, cache_dir, token, readonly, lsn, create)
     name = con.open_vfs
     try:
         vol = graft_vfs.runtime_of(name).volume(volume, create=False)
@@ -731,21 +714,7 @@ def shell(
 
     if create and (readonly or lsn is not None):
         raise click.UsageError("--create cannot be combined with --readonly or --lsn")
-    try:
-        con = graft_vfs.connect(
-            volume,
-            remote=remote,
-            cache_dir=cache_dir,
-            readonly=readonly,
-            lsn=lsn,
-            create=create,
-            options=graft_vfs.Options(token=token, autopush=False, cache_max_bytes=_cache_max()),
-        )
-    except apsw.CantOpenError as exc:
-        if isinstance(exc.__cause__, VolumeNotFound):
-            hint = "" if readonly or lsn is not None else "; --create creates it"
-            raise click.ClickException(_no_volume(volume, remote, cache_dir) + hint) from None
-        raise
+    con = _connect_for_sql(volume, remote, cache_dir, token, readonly, lsn, create)
     name = con.open_vfs
     try:
         vol = graft_vfs.runtime_of(name).volume(volume, create=False)
@@ -772,6 +741,39 @@ def shell(
         con.close()  # closing twice (after .close or .open) is harmless
         graft_vfs.unregister(name)  # so nothing is pushed at exit behind the user's back
     sys.exit(exit_status)
+
+
+def _connect_for_sql(
+    volume: str,
+    remote: str | None,
+    cache_dir: str,
+    token: str | None,
+    readonly: bool,
+    lsn: int | None,
+    create: bool,
+) -> Any:
+    """The connection of `graft sql` and `graft shell`; a missing volume is one line."""
+    import apsw
+
+    import graft_vfs
+
+    try:
+        return graft_vfs.connect(
+            volume,
+            remote=remote,
+            cache_dir=cache_dir,
+            readonly=readonly,
+            lsn=lsn,
+            create=create,
+            # The command pushes what it wrote itself, and nothing else: a read must
+            # not fail, nor wait, because of earlier commits that cannot be pushed.
+            options=graft_vfs.Options(token=token, autopush=False, cache_max_bytes=_cache_max()),
+        )
+    except apsw.CantOpenError as exc:
+        if isinstance(exc.__cause__, VolumeNotFound):
+            hint = "" if readonly or lsn is not None else "; --create creates it"
+            raise click.ClickException(_no_volume(volume, remote, cache_dir) + hint) from None
+        raise
 
 
 def _pull_before_reading(vol: Any, remote: str) -> None:
