@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import apsw
 
-from graft_vfs.sample import COUNTRIES
+from graft_vfs.sample import sample_rows
 
 GENERATOR_VERSION = 3  # 3: orders.ref and its unique index orders_ref, filled with the rows
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "graft-bench")
@@ -96,30 +96,16 @@ CREATE UNIQUE INDEX orders_ref ON orders(ref);
 
 
 def _sample(con: apsw.Connection, spec: DataSpec) -> None:
-    """graft_vfs.sample.make_sample_database's rows (same random sequence), with ref."""
-    rng = random.Random(spec.seed)
-    customers = max(spec.orders // 20, 1)
+    """graft_vfs.sample's rows (the same generator and seed), each order with its ref."""
+    customer_rows, order_rows = sample_rows(spec.orders, spec.seed)
     con.execute("PRAGMA page_size=4096")
     con.execute("PRAGMA journal_mode=DELETE").fetchall()
     con.execute(SCHEMA)
     with con:
-        con.executemany(
-            "INSERT INTO customers VALUES(?,?,?)",
-            ((i, f"customer {i}", rng.choice(COUNTRIES)) for i in range(1, customers + 1)),
-        )
+        con.executemany("INSERT INTO customers VALUES(?,?,?)", customer_rows)
         con.executemany(
             "INSERT INTO orders VALUES(?,?,?,?,?,?)",
-            (
-                (
-                    i,
-                    rng.randint(1, customers),
-                    f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
-                    round(rng.uniform(1, 500), 2),
-                    "".join(rng.choices("abcdefghijklmnopqrstuvwxyz ", k=60)),
-                    order_ref(i),
-                )
-                for i in range(1, spec.orders + 1)
-            ),
+            ((*row, order_ref(row[0])) for row in order_rows),
         )
 
 
