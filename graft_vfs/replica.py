@@ -37,6 +37,7 @@ from graft_vfs.core.errors import GraftError, SnapshotExpired
 DEFAULT_MAX_ROWS = 10_000
 DEFAULT_TIMEOUT = 10.0  # seconds a query may run
 MAX_SQL = 100_000  # characters of SQL one query may send
+MAX_BODY = 4 * MAX_SQL + 1_000_000  # bytes of a POST body: the SQL and its parameters
 FORMATS = {"json", "ndjson", "csv"}
 
 # What a read-only query may do: read tables, call functions, run a SELECT. Everything
@@ -271,6 +272,21 @@ class _ReplicaMetrics:
         self.registry.register(_Lag(replica))
 
 
+async def _bounded_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes ``limit`` bytes."""
+    too_large = QueryError(413, "too_large", f"the query body is over {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(replica: Replica, tokens: Any = None) -> Starlette:
     """The replica's HTTP app; ``tokens`` a ``graft_server.auth.TokenFile`` or None."""
     metrics = _ReplicaMetrics(replica)
@@ -290,9 +306,7 @@ def create_app(replica: Replica, tokens: Any = None) -> Starlette:
     async def _answer(request: Request) -> Response:
         try:
             if request.method == "POST":
-                body = await request.body()
-                if len(body) > MAX_SQL * 4:
-                    raise QueryError(413, "too_large", "the query body is too large")
+                body = await _bounded_body(request, MAX_BODY)
                 try:
                     source = json.loads(body)
                 except ValueError:

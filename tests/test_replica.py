@@ -138,5 +138,7 @@ def test_a_replica_refuses_writes_and_bounds_time_and_rows(server, vid, client, 
     assert head["columns"] == ["x"] and rows == [[0], [1]]
 
     assert query(url, sql="SELEC nothing").status == 400
+    huge = urllib3.request("POST", url + "/v1/query", body=b"x" * 2_000_000)
+    assert huge.status == 413 and huge.json()["error"] == "too_large"
     assert query(url, sql="SELECT 1", volume="other").status == 404
     assert query(url, sql="SELECT 1", max_rows="x").status == 400
