@@ -55,6 +55,7 @@ if TYPE_CHECKING:
         transaction,
         transactional,
     )
+    from graft_vfs.client.volume_api import Volume
 
 __version__ = VERSION
 
@@ -66,6 +67,7 @@ __all__ = [
     "transactional",
     "landed_lsn",
     "Transaction",
+    "Volume",
     "Options",
     "Runtime",
     "GraftError",
@@ -107,6 +109,7 @@ _CLIENT = {
     "Transaction": "graft_vfs.client.transaction",
     "TransactionConflict": "graft_vfs.client.transaction",
     "LsnNotReached": "graft_vfs.client.catchup",
+    "Volume": "graft_vfs.client.volume_api",
 }
 
 
