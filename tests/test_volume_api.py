@@ -148,12 +148,15 @@ def test_push_and_pull_between_two_clients(open_volume, vid) -> None:
 
 def test_snapshots_at_past_lsns_from_the_cache_and_from_the_server(open_volume, vid) -> None:
     a = open_volume(vid, options=graft_vfs.Options(autopush=False))
+    body = pattern(298 * PAGE_SIZE, 6)
     for version in range(3):  # server LSNs 1, 2, 3: page 1 says which
         with a.write() as w:
             w.write(PAGE_SIZE, b"version %d" % version)
+            if not version:
+                w.write(2 * PAGE_SIZE, body)  # pages 2 to 299
         a.push()
     with a.snapshot(1) as old:
-        assert (old.lsn, old.page_count) == (1, 2)
+        assert (old.lsn, old.page_count) == (1, 300)
         assert old.read(PAGE_SIZE, 9) == b"version 0"
         with pytest.raises(ReadOnly, match="snapshot is read-only"):
             old.write()
@@ -172,6 +175,13 @@ def test_snapshots_at_past_lsns_from_the_cache_and_from_the_server(open_volume, 
     old = b.snapshot(2)
     assert old.read(PAGE_SIZE, 9) == b"version 1"
     assert b.stats()["pages_fetched"] == 1
+    before = b.stats()
+    assert old.read(0, 300 * PAGE_SIZE)[2 * PAGE_SIZE :] == body
+    after = b.stats()
+    # The other 299 pages, in requests of up to 256 pages, not one request per page.
+    assert after["pages_fetched"] - before["pages_fetched"] == 299
+    assert after["requests"] - before["requests"] == 2
+    assert old.read(PAGE_SIZE, 9) == b"version 1" and b.stats()["requests"] == after["requests"]
     with pytest.raises(SnapshotNotFound, match="no LSN 99"):
         b.snapshot(99)
 
@@ -236,6 +246,73 @@ def test_the_writer_lock_is_shared_with_sql_connections(open_volume, connect, vi
     # The bytes are no SQLite database: SQL says so, as on any such file.
     with pytest.raises(apsw.NotADBError):
         con.execute("SELECT * FROM sqlite_schema").fetchall()
+
+
+CHILD_WRITER = """
+import sys, graft_vfs
+vol = graft_vfs.Volume.open(sys.argv[1], remote=sys.argv[2], cache_dir=sys.argv[3])
+with vol.write() as w:
+    w.write(0, b"from the child")
+    print("writing", flush=True)
+    sys.stdin.readline()
+print(w.lsn, flush=True)
+"""
+
+
+def test_a_writer_in_another_process_excludes_this_one(open_volume, vid, tmp_path) -> None:
+    cache = str(tmp_path / "shared")
+    vol = open_volume(vid, cache=cache)
+    with vol.write() as w:
+        w.write(0, b"from the parent")
+    remote = vol._runtime.remote.url
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_WRITER, vid, remote, cache],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline() == "writing\n"
+        with pytest.raises(Busy, match="another writer"):
+            with vol.write(timeout=0.2):
+                pass
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "2\n"  # the child's commit, local LSN 2
+        assert child.wait(timeout=30) == 0
+    finally:
+        child.kill()
+        child.wait()
+    assert vol.read(0, 15) == b"from the childt" and vol.lsn == 2  # seen from the cache
+    with vol.write(timeout=0) as w:  # and the lock is free again
+        w.write(0, b"parent again")
+
+
+def test_rebase_lands_writes_to_other_pages_and_refuses_a_read_that_changed(
+    open_volume, vid
+) -> None:
+    opts = graft_vfs.Options(autopush=False, rebase=True)
+    a = open_volume(vid, options=opts)
+    with a.write() as w:
+        w.write(0, pattern(10 * PAGE_SIZE, 7))
+    a.push()
+    b = open_volume(vid, options=opts)
+    with a.write() as w:
+        w.write_page(3, b"a" * PAGE_SIZE)
+    with b.write() as w:
+        w.write(7 * PAGE_SIZE + 5, b"b")  # reads page 7, writes it
+    a.push()
+    assert b.push()["pushed"] and b.stats()["rebases"] == 1
+    assert b.read(3 * PAGE_SIZE, 1) == b"a" and b.read(7 * PAGE_SIZE + 5, 1) == b"b"
+    # b reads page 3, which a changes meanwhile: not serializable, so not rebased.
+    a.pull()
+    with a.write() as w:
+        w.write_page(3, b"A" * PAGE_SIZE)
+    with b.write() as w:
+        w.write_page(8, w.read_page(3))
+    a.push()
+    with pytest.raises(graft_vfs.Diverged, match="page 3, which a local transaction read"):
+        b.push()
 
 
 def test_bad_input_is_refused_with_what_to_do(open_volume, vid, tmp_path) -> None:

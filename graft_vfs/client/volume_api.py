@@ -2,9 +2,11 @@
 
 A volume is a sequence of 4096-byte pages versioned by LSN; SQLite is one way to fill
 it, and this is another: read and write pages or byte ranges, commit them atomically,
-push, pull, and read a snapshot at a past LSN, with the same laziness as SQL (only
-the pages read are fetched) and the same checks (every page comes through the
-volume's read path, hash-checked, into the same local cache).
+push, pull, and read a snapshot at a past LSN. Reads are as lazy as SQL's and checked
+the same way: every page comes through the volume's read path (memory, local cache,
+then the server, with what its prefetch adds), or, for a past snapshot the local log
+no longer holds, from the same ``Remote.read_pages``; each frame is checked against
+its checksum before anything keeps it.
 
 Pages are numbered from 0: page ``n`` holds bytes ``n * 4096`` to ``(n + 1) * 4096``
 (the VFS's page 0 is SQLite's page 1). A volume's size is a whole number of pages: it
@@ -36,6 +38,7 @@ from typing import Any
 from pyroaring import BitMap
 
 from graft_vfs.client import api
+from graft_vfs.client.remote import Traffic, required
 from graft_vfs.client.runtime import Options, Runtime
 from graft_vfs.client.sync import MAX_READ_SET
 from graft_vfs.client.volume import Volume as ClientVolume
@@ -52,8 +55,10 @@ from graft_vfs.core.pages import ZERO_PAGE
 
 # The largest byte offset a volume can hold (its page numbers are 32-bit).
 MAX_SIZE = MAX_PAGES * PAGE_SIZE
-# Pages of a past snapshot the local log no longer holds, kept in memory per snapshot.
+# Pages of a past snapshot the local log no longer holds, kept in memory per snapshot,
+# and fetched at most this many in one request when a range read misses.
 PAST_CACHE_PAGES = 1024
+PAST_BATCH = 256
 DEFAULT_WRITE_TIMEOUT = 5.0  # seconds write() waits for another writer to finish
 _WAIT_FIRST, _WAIT_MAX = 0.001, 0.05  # its polling pause, doubling
 
@@ -119,6 +124,10 @@ class _Reads:
     def _done(self, view: _Reads) -> None:
         return None
 
+    def _span(self, first: int, stop: int) -> None:
+        """Pages ``first`` to ``stop - 1`` are about to be read (a hint for fetches)."""
+        return None
+
     @property
     def size(self) -> int:
         """The size in bytes: ``page_count * 4096``."""
@@ -143,6 +152,7 @@ class _Reads:
         _check_range(offset, length)
         view = self._reading()
         try:
+            view._span(offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE))
             return _gather(view._read, view.page_count, offset, length)
         finally:
             self._done(view)
@@ -163,19 +173,41 @@ class _Pinned(_Reads):
         self.lsn_local, self.page_count = snap
         self._remote_lsn = remote_lsn  # a past snapshot the local log does not hold
         self._past: OrderedDict[int, bytes] = OrderedDict()
+        self._stop = 0  # the end of the range being read (a hint, see _span)
+
+    def _span(self, first: int, stop: int) -> None:
+        self._stop = stop
 
     def _read(self, pageno: int) -> bytes:
         if self._remote_lsn is None:
             return self._vol.reads.read_page(pageno, self.lsn_local)
         data = self._past.get(pageno)
         if data is None:
-            data = self._vol.read_remote_page(pageno, self._remote_lsn)
-            self._past[pageno] = data
-            if len(self._past) > PAST_CACHE_PAGES:
-                self._past.popitem(last=False)
-        else:
-            self._past.move_to_end(pageno)
+            stop = min(self._stop, self.page_count, pageno + PAST_BATCH)
+            self._fetch_past([p for p in range(pageno, stop) if p not in self._past] or [pageno])
+            data = self._past[pageno]
+        self._past.move_to_end(pageno)
         return data
+
+    def _fetch_past(self, pages: list[int]) -> None:
+        """Fetch ``pages`` of the past snapshot in one request, verified as every read."""
+        vol = self._vol
+        assert self._remote_lsn is not None
+        remote = required(vol.remote)
+        traffic = Traffic()
+        try:
+            with vol.reads.sched.demand_read():
+                got = remote.read_pages(
+                    vol.vid, self._remote_lsn, pages, traffic, identity=vol.row.identity
+                )
+        finally:
+            vol.stats.count(traffic)
+        vol.stats.add(cache_misses=len(pages), pages_fetched=len(pages))
+        for pageno in pages:
+            self._past[pageno] = got.get(pageno, (0, ZERO_PAGE))[1]
+            self._past.move_to_end(pageno)
+        while len(self._past) > PAST_CACHE_PAGES:
+            self._past.popitem(last=False)
 
 
 class Snapshot(_Reads):
