@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 
 import apsw
 import pytest
@@ -246,6 +247,35 @@ def test_the_writer_lock_is_shared_with_sql_connections(open_volume, connect, vi
     # The bytes are no SQLite database: SQL says so, as on any such file.
     with pytest.raises(apsw.NotADBError):
         con.execute("SELECT * FROM sqlite_schema").fetchall()
+
+
+def test_each_read_sees_one_snapshot_while_a_writer_commits(open_volume, vid) -> None:
+    vol = open_volume(vid, remote="")  # local only: this is about the cache
+    pages = 8
+    with vol.write() as w:
+        w.write(0, bytes(pages * PAGE_SIZE))
+    torn: list[bytes] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            data = vol.read(0, pages * PAGE_SIZE)
+            if len(set(data)) != 1:
+                torn.append(data)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for version in range(1, 40):  # each commit rewrites every page with one byte
+            with vol.write() as w:
+                for pageno in range(pages):
+                    w.write_page(pageno, bytes([version]) * PAGE_SIZE)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not torn and vol.read(0, pages * PAGE_SIZE) == bytes([39]) * pages * PAGE_SIZE
 
 
 CHILD_WRITER = """

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -447,6 +448,7 @@ class Volume(_Reads):
         # The name its client is registered under, as con.open_vfs of a connect() to the
         # same (remote, cache_dir): graft_vfs.unregister(client_name) stops that client.
         self.client_name = client_name
+        self._tokens = threading.local()  # each thread's pin owner for reads
 
     @classmethod
     def open(
@@ -503,7 +505,10 @@ class Volume(_Reads):
     def _reading(self) -> _Reads:
         self._catch_up()
         vol = self._volume()
-        token = _Token()
+        # One pin owner per thread, kept: its slot in the pin table is taken once.
+        token = getattr(self._tokens, "token", None)
+        if token is None:
+            token = self._tokens.token = _Token()
         return _Pinned(vol, vol.pin(token), None, token)
 
     def _done(self, view: _Reads) -> None:
@@ -572,6 +577,7 @@ class Volume(_Reads):
     def close(self) -> None:
         """End this handle; the client (its cache, background push) stays, as connect()'s."""
         self._vol = None
+        self._tokens = threading.local()  # every thread's pin owner goes with the old one
 
     def __enter__(self) -> Volume:
         return self
