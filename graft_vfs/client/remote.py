@@ -294,6 +294,27 @@ class Remote:
         self._offers_direct(d)
         return self._snapshot_of(vid, d, f"the snapshot of {vid!r}")
 
+    def opening(
+        self, vid: str, budget: int, traffic: Traffic | None = None
+    ) -> tuple[RemoteHead, dict[int, tuple[int, bytes]]]:
+        """The snapshot and up to ``budget`` of its pages that any first query reads
+        (page 1, the schema, the statistics tables, the roots and upper interior levels
+        of the B-trees), each verified as a read's are: ``{page: (version_lsn, data)}``."""
+        path = f"/v1/volumes/{validate_volume_id(vid)}?open={budget}"
+        d = self._call("GET", path, traffic=traffic)
+        self._offers_direct(d)
+        snap = self._snapshot_of(vid, d, f"the snapshot of {vid!r}")
+        pages = self._frames_of(d, vid, snap.lsn, [], budget) if "pages" in d else {}
+        first = next(iter(pages), 0)
+        if first != 0:  # page 1 is asked for first
+            raise CorruptData(
+                f"graft server {self.url} answered the opening of {vid!r} with page "
+                f"{first} where another page was asked for"
+            )
+        if pages and max(pages) >= snap.page_count:
+            raise self._invalid(f"the opening of {vid!r}", "a page is beyond its page count")
+        return snap, pages
+
     def pull(
         self, vid: str, since: int, traffic: Traffic | None = None
     ) -> tuple[RemoteHead, BitMap]:

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from graft_vfs.client.local import LocalStore
-from graft_vfs.client.remote import Remote, RemoteHead, required
+from graft_vfs.client.remote import Remote, RemoteHead, Traffic, required
 from graft_vfs.client.volume import Volume
 from graft_vfs.core.errors import (
     Diverged,
@@ -22,6 +22,11 @@ from graft_vfs.core.errors import (
 from graft_vfs.core.ids import validate_volume_id
 
 log = logging.getLogger("graft_vfs")
+
+# Pages a volume new to the cache asks for with its snapshot (Remote.opening): page 1,
+# the schema, the statistics tables and the upper levels of the B-trees, so a cold
+# client's first query starts at its leaves. 256 pages are at most 1 MiB uncompressed.
+OPENING_PAGES = 256
 
 # Retrying cannot help until someone changes the token or its scope.
 ACCESS_DENIED = (Unauthorized, Forbidden)
@@ -87,10 +92,19 @@ class Runtime:
                 return vol
             row = self.local.load_volume(vid)
             known = row is not None
+            opening: dict[int, tuple[int, bytes]] = {}
+            traffic = Traffic()
             if row is None:
-                snap = self._remote_snapshot(vid, create)
+                snap, opening = self._remote_snapshot(vid, create, traffic)
                 row = self.local.create_volume(vid, snap.lsn, snap.page_count, snap.identity)
+                if opening and (row.local_lsn, row.remote_lsn) == (1, snap.lsn):
+                    # Bootstrapped here at local LSN 1: what every first query reads.
+                    self.local.store_fetched(
+                        row.row_id, [(p, 1, data) for p, (_, data) in opening.items()]
+                    )
             vol = Volume(row, self.local, self.remote, self.schedule_push, self.options.cache_pages)
+            vol.stats.count(traffic)
+            vol.stats.add(pages_fetched=len(opening))
             vol.reads.background = self.options.background_fetch
             vol.sync.rebase = self.options.rebase
             if known:
@@ -120,16 +134,19 @@ class Runtime:
             return
         vol.sync.check_identity(snap)
 
-    def _remote_snapshot(self, vid: str, create: bool) -> RemoteHead:
+    def _remote_snapshot(
+        self, vid: str, create: bool, traffic: Traffic
+    ) -> tuple[RemoteHead, dict[int, tuple[int, bytes]]]:
+        """The server's snapshot of a volume new to this cache, with its opening pages."""
         if self.remote is None:
             if create:
-                return RemoteHead(vid, 0, 0)
+                return RemoteHead(vid, 0, 0), {}
             raise VolumeNotFound(f"volume {vid!r} is not in the local cache {self.cache_dir}")
         try:
-            return self.remote.snapshot(vid)
+            return self.remote.opening(vid, OPENING_PAGES, traffic)
         except VolumeNotFound:
             if create:
-                return RemoteHead(vid, 0, 0)
+                return RemoteHead(vid, 0, 0), {}
             raise VolumeNotFound(
                 f"volume {vid!r} does not exist on {self.remote.url} nor in {self.cache_dir}; "
                 "open it read-write with SQLITE_OPEN_CREATE to create it"

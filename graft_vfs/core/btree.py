@@ -23,6 +23,9 @@ LEAF_TABLE = 13
 INTERIOR = (INTERIOR_INDEX, INTERIOR_TABLE)
 
 
+_u32 = struct.Struct(">I").unpack_from
+
+
 def header_offset(pageno: int) -> int:
     return 100 if pageno == 0 else 0
 
@@ -41,11 +44,10 @@ def interior_children(data: bytes, pageno: int) -> list[int]:
     ptrs = off + 12
     if ptrs + 2 * ncells > len(data):
         return []
-    children = []
-    for cell in struct.unpack_from(f">{ncells}H", data, ptrs):
-        if cell + 4 > len(data):
-            return []
-        children.append(struct.unpack_from(">I", data, cell)[0] - 1)
+    cells = struct.unpack_from(f">{ncells}H", data, ptrs)
+    if cells and max(cells) + 4 > len(data):
+        return []
+    children = [_u32(data, cell)[0] - 1 for cell in cells]
     children.append(right - 1)
     return [c for c in children if c >= 0]
 

@@ -38,6 +38,7 @@ from graft_server.limits import (
 )
 from graft_server.metrics import CountRequests, Metrics
 from graft_server.objstore import ObjectStore
+from graft_server.reads import MAX_OPENING
 from graft_server.segments import SegmentCache, upload_segment
 from graft_server.volumes import Volumes
 from graft_vfs.core.commit import HASH_SIZE, NONCE_SIZE
@@ -171,6 +172,13 @@ def parse_int(value: object, name: str, maximum: int) -> int:
     if type(value) is not int or not 0 <= value <= maximum:
         raise InvalidRequest(f"{name} must be an integer in [0, {maximum}], got {_describe(value)}")
     return value
+
+
+def _query_int(request: Request, name: str) -> int | str:
+    """A query parameter as an integer (0 when absent); a malformed one stays text, for
+    ``parse_int`` to refuse with its one-line message."""
+    value = request.query_params.get(name, "0")
+    return int(value) if value.isdigit() and len(value) <= 12 else value
 
 
 def parse_bytes(value: object, name: str, size: int) -> bytes:
@@ -335,8 +343,14 @@ def create_app(
     async def snapshot(request: Request) -> Response:
         vid = request.path_params["vid"]
 
+        # ?open=N: up to N pages every first query reads come along (Reads.opening).
+        budget = parse_int(_query_int(request, "open"), "open", MAX_OPENING)
+
         def answer() -> dict[str, Any]:
-            return identified(vid, volumes.reads.head(vid)._asdict())
+            if not budget:
+                return identified(vid, volumes.reads.head(vid)._asdict())
+            head, frames = volumes.reads.opening(vid, budget)
+            return identified(vid, {**head._asdict(), "pages": [list(f) for f in frames]})
 
         return msgpack_response(await run_in_threadpool(answer))
 

@@ -9,7 +9,8 @@ floor) is checked here.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -17,7 +18,14 @@ from pyroaring import BitMap
 
 from graft_server.index import Index, VolumeLog, read_floor, read_record
 from graft_server.segments import MissingSegment, SegmentCache, fetch_segments_frames
-from graft_vfs.core.btree import interior_children, is_interior
+from graft_vfs.core.btree import (
+    interior_children,
+    is_interior,
+    overflow_next,
+    page_links,
+    read_schema,
+    usable_size,
+)
 from graft_vfs.core.checkpoint import Located
 from graft_vfs.core.errors import (
     CorruptData,
@@ -75,6 +83,17 @@ class LogEntry(NamedTuple):
     hash: bytes
 
 
+# What a first query reads before any row: SQLite loads these statistics with the schema.
+STAT_TABLES = ("sqlite_stat1", "sqlite_stat4")
+ZERO = bytes(4096)  # a page never written
+MAX_OPENING = 1024  # pages an opening may carry (~4 MiB before compression)
+OPENINGS_KEPT = 16  # openings kept in memory (one per volume and LSN)
+
+
+class _OutOfBudget(Exception):
+    """The opening's page budget ran out: send what was gathered."""
+
+
 class Reads:
     """Answers about the volumes of one index. Thread-safe.
 
@@ -85,6 +104,10 @@ class Reads:
         self.index = index
         self.store = index.store
         self.cache = cache
+        # Openings already built, by (volume, its identity, LSN, budget): immutable,
+        # and every cold client of a volume asks for the same one.
+        self._openings: OrderedDict[tuple[str, bytes, int, int], list[PageFrame]] = OrderedDict()
+        self._openings_lock = threading.Lock()
 
     def list_volumes(self, allowed: Callable[[str], bool] | None = None) -> list[Head | Unreadable]:
         """The head of every volume in the store that ``allowed`` accepts, by name.
@@ -110,6 +133,91 @@ class Reads:
         with vol.lock:
             latest = self.index.latest(vol)
             return Head(vol.vid, latest, vol.page_count_at(latest))
+
+    def opening(self, vid: str, budget: int) -> tuple[Head, list[PageFrame]]:
+        """The head, and up to ``budget`` pages of it that any first query reads.
+
+        Before its first row, a connection reads page 1, the whole schema B-tree and
+        the statistics tables (SQLite loads them with the schema), then the root and
+        the interior levels of each B-tree it queries. Sent with the head, they cost
+        the cold client no round trip of its own: an index query then needs one for
+        its index leaves and one for its table leaves. In order: page 1, the schema
+        tree (with its overflow pages), the statistics trees, every other root, then
+        interior levels below the roots, highest first. Pages are read level by level
+        (one batch of store reads per level). A damaged page ends the opening early:
+        it is an optimisation, and reading the page later reports the damage.
+        """
+        head = self.head(vid)
+        if budget <= 0 or head.page_count == 0:
+            return head, []
+        key = (vid, self.index.identity(vid).volume_id, head.lsn, budget)
+        with self._openings_lock:
+            frames = self._openings.get(key)
+            if frames is not None:
+                self._openings.move_to_end(key)
+                return head, frames
+        frames = self._opening(head, budget)
+        with self._openings_lock:
+            self._openings[key] = frames
+            while len(self._openings) > OPENINGS_KEPT:
+                self._openings.popitem(last=False)
+        return head, frames
+
+    def _opening(self, head: Head, budget: int) -> list[PageFrame]:
+        vol = self.index.volume(head.vid)
+        view = self._view(vol, head.lsn, None)
+        gathered: dict[int, PageFrame] = {}
+        contents: dict[int, bytes] = {}
+
+        def take(pages: list[int]) -> list[int]:
+            """Read ``pages`` (those not taken yet) into the opening; the pages read.
+            Takes what fits, then raises _OutOfBudget if that was not all."""
+            pages = [p for p in dict.fromkeys(pages) if p not in gathered and p < head.page_count]
+            fits = pages[: budget - len(gathered)]
+            for page, frame in self._frames(view, head.lsn, fits).items():
+                gathered[page] = frame
+                contents[page] = decompress_page(frame.frame, page) if frame.frame else ZERO
+            if len(fits) < len(pages):
+                raise _OutOfBudget
+            return fits
+
+        def read(page: int) -> bytes:
+            if page not in contents:
+                if page >= head.page_count:
+                    raise CorruptData(f"page {page + 1} is beyond the page count")
+                take([page])
+            return contents[page]
+
+        def whole_tree(root: int, usable: int) -> None:
+            level = take([root])
+            while level:
+                below: list[int] = []
+                for page in level:
+                    children, chains = page_links(contents[page], page, usable)
+                    below += children
+                    for first, _ in chains:
+                        nxt: int | None = first
+                        while nxt is not None and nxt not in contents:
+                            nxt = overflow_next(read(nxt), nxt, head.page_count)
+                level = take(below)
+
+        try:
+            take([0])
+            usable = usable_size(contents[0])
+            whole_tree(0, usable)
+            schema = read_schema(read, head.page_count)
+            stats = [e.root for e in schema if e.name in STAT_TABLES]
+            for root in stats:
+                whole_tree(root, usable)
+            roots = take([e.root for e in schema if e.root not in gathered])
+            for root in roots:  # one tree at a time: _interior_below probes one depth
+                left = budget - len(gathered)
+                below = {root: gathered[root]}
+                for frame in self._interior_below(view, head.lsn, head.page_count, below, left):
+                    gathered.setdefault(frame.page, frame)
+        except (_OutOfBudget, CorruptData):
+            pass
+        return list(gathered.values())
 
     def pull(self, vid: str, since: int) -> Pull:
         """The latest snapshot and the pages changed in ``(since, latest]`` that still exist."""

@@ -1,7 +1,8 @@
 """A real HTTP proxy in front of a graft server that rewrites its answers, for tests only.
 
 Every request is forwarded unchanged to the server; the answer to each page read
-(``POST /v1/volumes/{vid}/read``) is decoded and passed to ``rewrite`` with a way to ask
+(``POST /v1/volumes/{vid}/read``), and the pages of an opening (``GET
+/v1/volumes/{vid}?open=N``), is decoded and passed to ``rewrite`` with a way to ask
 the server for other pages, so a test can play a server that answers with damaged or
 misplaced frames. Nothing in the client is mocked: it talks HTTP to this proxy.
 """
@@ -53,12 +54,10 @@ class TamperingProxy:
                     self.command, proxy.upstream + self.path, body=body, headers=headers
                 )
                 data = resp.data
-                if (
-                    proxy.rewrite is not None
-                    and resp.status == 200
-                    and self.command == "POST"
-                    and self.path.endswith("/read")
-                ):
+                reads = (self.command == "POST" and self.path.endswith("/read")) or (
+                    self.command == "GET" and "?open=" in self.path
+                )
+                if proxy.rewrite is not None and resp.status == 200 and reads:
                     data = proxy._rewritten(self.path, body or b"", data, headers)
                 self.send_response(resp.status)
                 self.send_header("Content-Type", resp.headers.get("Content-Type", ""))
@@ -76,13 +75,16 @@ class TamperingProxy:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def _rewritten(self, path: str, request: bytes, data: bytes, headers: dict) -> bytes:
-        asked = msgpack.unpackb(request)
         answer = msgpack.unpackb(data)
+        if request:  # a read: its LSN is in the request
+            lsn, read_path = msgpack.unpackb(request)["lsn"], path
+        else:  # an opening (GET .../VOLUME?open=N): its LSN is the answer's
+            lsn, read_path = answer["lsn"], path.split("?")[0] + "/read"
 
         def fetch(pages: list[int]) -> list[list[Any]]:
-            body = {"lsn": asked["lsn"], "pages": encode_graft(pages)}
+            body = {"lsn": lsn, "pages": encode_graft(pages)}
             resp = self._http.request(
-                "POST", self.upstream + path, body=msgpack.packb(body), headers=headers
+                "POST", self.upstream + read_path, body=msgpack.packb(body), headers=headers
             )
             assert resp.status == 200, resp.data
             rows: list[list[Any]] = msgpack.unpackb(resp.data)["pages"]
