@@ -97,14 +97,7 @@ def connect(
         validate_volume_id(volume)
     except InvalidVolumeId as exc:
         raise to_sqlite(exc) from exc
-    remote = remote if remote is not None else os.environ.get("GRAFT_REMOTE") or None
-    cache_dir = os.path.abspath(cache_dir or os.environ.get("GRAFT_CACHE_DIR") or DEFAULT_CACHE_DIR)
-    key = hashlib.sha1(f"{remote}\0{cache_dir}".encode()).hexdigest()[:12]
-    name = f"graft-{key}"
-    with _lock:
-        known = name in _registered
-    if not known:
-        register(remote, cache_dir, name=name, options=options)
+    name = client_for(remote, cache_dir, options)
     flags = apsw.SQLITE_OPEN_URI
     if readonly or lsn is not None or at is not None:
         flags |= apsw.SQLITE_OPEN_READONLY
@@ -121,6 +114,20 @@ def connect(
     con = apsw.Connection(uri, flags=flags, vfs=name)  # con.open_vfs names the client
     con.execute("PRAGMA journal_mode=MEMORY").fetchall()
     return con
+
+
+def client_for(remote: str | None, cache_dir: str | None, options: Options | None) -> str:
+    """The VFS name of the client for ``(remote, cache_dir)`` (defaults from the
+    environment), registered with ``options`` if new: one client per pair, per process."""
+    remote = remote if remote is not None else os.environ.get("GRAFT_REMOTE") or None
+    cache_dir = os.path.abspath(cache_dir or os.environ.get("GRAFT_CACHE_DIR") or DEFAULT_CACHE_DIR)
+    key = hashlib.sha1(f"{remote}\0{cache_dir}".encode()).hexdigest()[:12]
+    name = f"graft-{key}"
+    with _lock:
+        known = name in _registered
+    if not known:
+        register(remote, cache_dir, name=name, options=options)
+    return name
 
 
 def runtime_of(name: str = DEFAULT_VFS) -> Runtime:

@@ -27,8 +27,6 @@ transaction on the same volume and the other way round, in this process and othe
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -69,17 +67,8 @@ def _client(
 ) -> tuple[str, Runtime]:
     """The client ``graft_vfs.connect`` uses for ``(remote, cache_dir)`` (registered if new),
     and the name it is registered under."""
-    remote = remote if remote is not None else os.environ.get("GRAFT_REMOTE") or None
-    cache_dir = os.path.abspath(
-        cache_dir or os.environ.get("GRAFT_CACHE_DIR") or api.DEFAULT_CACHE_DIR
-    )
-    # The name connect() registers this pair under (see api.connect).
-    key = hashlib.sha1(f"{remote}\0{cache_dir}".encode()).hexdigest()[:12]
-    name = f"graft-{key}"
-    try:
-        return name, api.runtime_of(name)
-    except KeyError:
-        return name, api.register(remote, cache_dir, name=name, options=options)
+    name = api.client_for(remote, cache_dir, options)
+    return name, api.runtime_of(name)
 
 
 def _check_range(offset: int, length: int) -> None:
