@@ -14,8 +14,8 @@ kept stale pages):
 - an ``immutable=1`` connection reads the snapshot of its open all its life, but SQLite
   takes no lock on it, so nothing pinned that snapshot.
 
-Each test forces its interleaving with real parts (a second process, or the volume's
-own lock); the last one runs a pulling thread against fresh connections for a while.
+Each test forces its interleaving with real parts (a second process, or the volume's or
+the store's own lock); the last one runs a pulling thread against fresh connections.
 """
 
 from __future__ import annotations
@@ -98,6 +98,41 @@ def test_a_fresh_connection_opens_after_another_process_compacted(
     # The other process's maintenance kept nothing before its new snapshot.
     assert runtime.local.settled_floor(vol.row_id) > before == vol.snapshot[0]
     assert count(vid, name) == rows  # the open read the header of the latest snapshot
+
+
+def test_a_fresh_connection_opens_while_this_process_pulls(writer, reader, vid):
+    runtime, name = reader
+    vol = runtime.volume(vid, create=False)  # nothing read yet: page 1 is not in memory
+    rows = writer()
+    got: list[object] = []
+    opening = threading.Thread(target=lambda: got.append(_count_or_error(vid, name)))
+    store = runtime.local
+    with store._lock:  # the store's own lock: the open's first read waits for it
+        opening.start()
+        deadline = time.monotonic() + BOUND
+        while not _in_store(opening) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert _in_store(opening)
+        # Meanwhile this process pulls: it commits, compacts and advances the snapshot.
+        assert vol.sync.pull()["pulled"]
+    opening.join(BOUND)
+    assert got == [rows]
+
+
+def _count_or_error(vid: str, vfs: str) -> int | BaseException:
+    try:
+        return count(vid, vfs)
+    except apsw.Error as exc:
+        return exc.__cause__ or exc
+
+
+def _in_store(thread: threading.Thread) -> bool:
+    """Whether ``thread`` runs (or waits) in the local store's code."""
+    assert thread.ident is not None
+    frame = sys._current_frames().get(thread.ident)
+    return frame is not None and frame.f_code.co_filename.endswith(
+        ("client/local.py", "client/rows.py", "client/maintenance.py")
+    )
 
 
 def test_a_reload_never_moves_the_snapshot_back(writer, reader, vid):
