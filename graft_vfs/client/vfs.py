@@ -1,14 +1,15 @@
 """The ``graft`` apsw VFS: SQLite locks, reads and writes become snapshots and commits.
 
 Locks map to snapshots the way WAL mode behaves: SHARED pins the latest local snapshot
-(readers never block writers), RESERVED takes the volume's writer lock and is refused
-with SQLITE_BUSY if another writer holds it or if the pinned snapshot is no longer the
-latest. Written pages are buffered and become one local commit (one LSN) when SQLite
-syncs the database at commit time (SQLITE_FCNTL_SYNC, sent whatever the ``synchronous``
-setting); leaving RESERVED drops whatever was not committed. The main database's
-rollback journal lives in memory (every graft main database runs in
-``journal_mode=MEMORY``); temporary databases, statement journals and sorter spills
-are real temporary files of the default VFS, as natively. In
+(readers never block writers; a read outside any lock, such as the header SQLite reads
+as it opens, pins the latest snapshot for that read), RESERVED takes the volume's writer
+lock and is refused with SQLITE_BUSY if another writer holds it or if the pinned
+snapshot is no longer the latest. Written pages are buffered and become one local commit
+(one LSN) when SQLite syncs the database at commit time (SQLITE_FCNTL_SYNC, sent
+whatever the ``synchronous`` setting); leaving RESERVED drops whatever was not
+committed. The main database's rollback journal lives in memory (every graft main
+database runs in ``journal_mode=MEMORY``); temporary databases, statement journals and
+sorter spills are real temporary files of the default VFS, as natively. In
 ``locking_mode=EXCLUSIVE`` SHARED takes the writer lock too, and keeps it.
 
 Errors: code below the VFS methods raises graft errors only; ``sqlite_errors``, wrapped
