@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 import graft_vfs
 from graft_vfs.client.catchup import LsnNotReached, wait_for_lsn
-from graft_vfs.core.errors import GraftError, SnapshotExpired
+from graft_vfs.core.errors import GraftError
 
 DEFAULT_MAX_ROWS = 10_000
 DEFAULT_TIMEOUT = 10.0  # seconds a query may run
@@ -78,18 +78,7 @@ class Replica:
     def close(self) -> None:
         graft_vfs.unregister(self.vfs)
 
-    def query(self, *args: Any) -> dict[str, Any]:
-        """``_query``, run again (up to 3 times) when the local log under its snapshot was
-        compacted by a pull meanwhile: a new transaction reads the latest snapshot."""
-        for attempt in range(3):
-            try:
-                return self._query(*args)
-            except apsw.IOError as exc:
-                if not isinstance(exc.__cause__, SnapshotExpired) or attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _query(
+    def query(
         self, vid: str, sql: str, params: Any, min_lsn: int | None, max_rows: int, timeout: float
     ) -> dict[str, Any]:
         if vid not in self.volumes:
