@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import apsw
 import pytest
@@ -12,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import graft_vfs
 from support.clients import pragma
-from support.servers import wait_until_listening
+from support.s3 import SeaweedFS, s3_env
+from support.servers import STORE_KINDS, ServerProcess, wait_until_listening
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -28,8 +31,17 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_metrics_count_requests_commits_conflicts_and_store_calls(tmp_path, vid, connect):
     log = open(tmp_path / "server.log", "w+")
-    cmd = [sys.executable, "-m", "graft_vfs.cli", "server", "--store", str(tmp_path / "store"),
-           "--port", "0", "--access-log"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "graft_vfs.cli",
+        "server",
+        "--store",
+        str(tmp_path / "store"),
+        "--port",
+        "0",
+        "--access-log",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         url = wait_until_listening(proc)
@@ -65,3 +77,103 @@ def test_metrics_count_requests_commits_conflicts_and_store_calls(tmp_path, vid,
     out = proc.stdout.read() + log.read()  # (uvicorn's access lines go to stdout)
     lines = [line for line in out.splitlines() if f"/v1/volumes/{vid}/commit" in line]
     assert len(lines) == 3 and sum("409" in line for line in lines) == 1
+
+
+def store_bytes(m: dict, family: str) -> dict[str, float]:
+    """The samples of one bytes or errors family, by their labels."""
+    return {labels: v for (name, labels), v in m.items() if name == f"{family}_total"}
+
+
+def objects(srv: ServerProcess) -> dict[str, int]:
+    """Every object in the server's store and its size, as the tests' own store sees it."""
+    backing = srv._backing()
+    return {key: len(backing.get(key) or b"") for key in backing.list("")}
+
+
+@contextmanager
+def own_store(kind: str, tmp_path) -> Iterator[tuple[ServerProcess, Callable[[], None]]]:
+    """A server (not started) on a store of its own, and a way to make that store fail:
+    for a directory, each segment replaced by a symlink to itself (ELOOP on any read);
+    for S3, its SeaweedFS stopped."""
+    if kind == "fs":
+        srv = ServerProcess(str(tmp_path / "store"))
+
+        def damage() -> None:
+            for path in (tmp_path / "store" / "segments").rglob("*"):
+                if path.is_file():
+                    path.unlink()
+                    path.symlink_to(path.name)
+
+        yield srv, damage
+        srv.stop()
+        return
+    weed = SeaweedFS().start()
+    try:
+        prefix = weed.new_prefix()
+        srv = ServerProcess(
+            weed.spec(prefix),
+            env=s3_env(),
+            kind="s3",
+            s3_endpoint=weed.endpoint,
+            backing=weed.store(prefix),
+        )
+        yield srv, weed.stop
+        srv.stop()
+    finally:
+        weed.stop()
+
+
+@pytest.mark.parametrize("store", STORE_KINDS)
+def test_store_bytes_are_what_a_commit_wrote_and_a_cold_read_fetched(store, tmp_path, vid, connect):
+    rows = 400  # about 100 pages of incompressible blobs
+    with own_store(store, tmp_path) as (srv, damage):
+        srv.start()
+        opts = graft_vfs.Options(autopush=False)
+        a = connect(vid, remote=srv.url, cache_dir=str(tmp_path / "a"), options=opts)
+        a.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, b BLOB)")
+        pragma(a, "graft_push")
+        # A missing volume is an answer (404), never a store error.
+        assert urllib3.request("GET", srv.url + "/v1/volumes/no-such-volume").status == 404
+
+        before, m = objects(srv), scrape(srv.url)
+        with a:
+            a.executemany("INSERT INTO t VALUES(?, randomblob(1000))", [(k,) for k in range(rows)])
+        pragma(a, "graft_push")
+        after, m2 = objects(srv), scrape(srv.url)
+        written = {k: size for k, size in after.items() if before.get(k) != size}
+        assert len(written) >= 2  # a segment and a log record at least
+        grew = m2[("graft_store_written_bytes_total", (("op", "puts"),))]
+        grew -= m[("graft_store_written_bytes_total", (("op", "puts"),))]
+        assert grew == sum(written.values()), (grew, written)
+        segments = sum(size for k, size in written.items() if k.startswith("segments/"))
+        assert segments > rows * 1000  # the blobs did not compress
+        assert store_bytes(m2, "graft_store_errors") == {}
+
+        # A cold server (empty frame cache, no log loaded) and a client with an empty cache.
+        srv.stop()
+        srv.start()
+        cold = scrape(srv.url)
+        b = connect(vid, remote=srv.url, cache_dir=str(tmp_path / "b"), options=opts)
+        assert b.execute("SELECT count(*), sum(length(b)) FROM t").fetchone() == (rows, rows * 1000)
+        m3 = scrape(srv.url)
+        read = {
+            op: m3[("graft_store_read_bytes_total", (("op", op),))]
+            - cold[("graft_store_read_bytes_total", (("op", op),))]
+            for op in ("gets", "range_gets")
+        }
+        # Every frame of the table's segment was read, and no object more than once.
+        assert segments * 0.95 <= sum(read.values()) <= sum(after.values()), (read, after)
+        assert read["range_gets"] >= segments * 0.95  # frames come in byte ranges
+        assert store_bytes(m3, "graft_store_errors") == {}
+
+        # The store fails: reads from it are counted as errors, by operation and kind.
+        srv.stop()
+        srv.start()  # (a server checks its store before it listens)
+        damage()
+        with pytest.raises(apsw.Error):  # (page 1 is read as the connection opens)
+            c = connect(vid, remote=srv.url, cache_dir=str(tmp_path / "c"), options=opts)
+            c.execute("SELECT sum(length(b)) FROM t").fetchall()
+        errors = store_bytes(scrape(srv.url), "graft_store_errors")
+        kind = "io" if store == "fs" else "unavailable"
+        assert errors and all(labels[0] == ("kind", kind) for labels in errors), errors
+        assert scrape(srv.url)[("graft_errors_total", (("code", "storage_error"),))] >= 1
