@@ -283,7 +283,9 @@ class CountingStore:
         return created
 
     def list(self, prefix: str, start_after: str | None = None) -> list[str]:
-        with self._failures("lists"):
+        with self._failures("lists"):  # (the call as made: start_after only when given)
+            if start_after is None:
+                return self.inner.list(prefix)
             return self.inner.list(prefix, start_after)
 
     def delete(self, key: str) -> None:
