@@ -53,7 +53,7 @@ MAX_SQL = 100_000  # characters of SQL one query may send
 MAX_BODY = 4 * MAX_SQL + 1_000_000  # bytes of a POST body: the SQL and its parameters
 FORMATS = {"json", "ndjson", "csv"}
 BATCH_ROWS = 500  # rows an NDJSON stream fetches (in a worker thread) per chunk it sends
-BATCH_BYTES = 256 * 1024  # ... or fewer, once their lines reach this size
+BATCH_BYTES = 256 * 1024  # ... or fewer, once their values (strings, blobs) reach this size
 SEND_GRACE = 5.0  # seconds past the time limit a client has to take a stream's last lines
 
 # What a read-only query may do: read tables, call functions, run a SELECT. Everything
@@ -183,7 +183,8 @@ class Rows:
         return time.monotonic() > self.deadline
 
     def fetch(self, limit: int, max_bytes: int | None = None) -> list[list[Any]]:
-        """At most ``limit`` more rows (fewer once their JSON reaches ``max_bytes``).
+        """At most ``limit`` more rows, fewer once their strings and blobs (8 bytes for any
+        other value: about their JSON's size) reach ``max_bytes``.
 
         A failure after some rows returns those, and is raised by the next call.
         """
@@ -225,7 +226,7 @@ class Rows:
                 out.append(row)
                 self.count += 1
                 if max_bytes is not None:
-                    size += len(json.dumps(row))
+                    size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in values)
                     if size >= max_bytes:
                         return
 
