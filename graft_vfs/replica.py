@@ -25,6 +25,7 @@ import base64
 import csv
 import io
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -55,6 +56,8 @@ FORMATS = {"json", "ndjson", "csv"}
 BATCH_ROWS = 500  # rows an NDJSON stream fetches (in a worker thread) per chunk it sends
 BATCH_BYTES = 256 * 1024  # ... or fewer, once their values (strings, blobs) reach this size
 SEND_GRACE = 5.0  # seconds past the time limit a client has to take a stream's last lines
+
+log = logging.getLogger("graft.server.replica")  # shown as serve_app shows the server's
 
 # What a read-only query may do: read tables, call functions, run a SELECT. Everything
 # else (writes, ATTACH, PRAGMAs, schema changes) is refused before it runs.
@@ -356,8 +359,17 @@ class _RowStream(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            with anyio.move_on_after(self.rows.deadline + SEND_GRACE - time.monotonic()):
+            limit = self.rows.deadline + SEND_GRACE - time.monotonic()
+            with anyio.move_on_after(limit) as sending:
                 await super().__call__(scope, receive, send)
+            if sending.cancelled_caught:  # (uvicorn then closes the connection)
+                log.warning(
+                    "a client stopped reading the answer of a query on %r: cut %g s past "
+                    "its time limit, %d rows fetched",
+                    self.rows.vid,
+                    SEND_GRACE,
+                    self.rows.count,
+                )
         finally:
             with anyio.CancelScope(shield=True):  # released even when cancelled
                 await run_in_threadpool(self.rows.close)

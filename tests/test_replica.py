@@ -19,6 +19,7 @@ import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
 import graft_vfs
+from graft_vfs.replica import SEND_GRACE
 from support.clients import pragma
 
 READY = "graft replica listening on "
@@ -241,7 +242,7 @@ def test_a_stream_past_its_time_limit_ends_with_an_error_line(server, vid, clien
     writer = client(vid)
     writer.execute("CREATE TABLE t(x)")
     pragma(writer, "graft_push")
-    url = replicas(vid, "--remote", server.url, "--timeout", "5")
+    url = replicas(vid, "--remote", server.url, "--timeout", "5", "--max-rows", "200000")
     # 700 rows at once (more than a batch), then a long search for more that finds none.
     slow = (
         "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c) "
@@ -258,3 +259,23 @@ def test_a_stream_past_its_time_limit_ends_with_an_error_line(server, vid, clien
     assert head["columns"] == ["n"] and rows == [[n] for n in range(1, 701)]
     assert end["error"] == "timeout" and end["rows"] == 700 and "truncated" not in end
     wait_until(lambda: open_transactions(url) == 0)
+
+    # A client that stops reading: cut (no last line) SEND_GRACE seconds past the limit.
+    many = (
+        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 200000) "
+        "SELECT n, hex(randomblob(100)) AS h FROM c"
+    )  # about 45 MB: far more than the sockets' buffers hold
+    started = time.monotonic()
+    conn, resp = stream(url, sql=many, timeout="1")
+    try:
+        assert json.loads(resp.readline())["columns"] == ["n", "h"]
+        time.sleep(0.5)
+        assert open_transactions(url) == 1  # waiting on this client
+        wait_until(lambda: open_transactions(url) == 0, timeout=15)
+        assert 1 + SEND_GRACE - 0.5 < time.monotonic() - started < 1 + SEND_GRACE + 5
+        with pytest.raises(http.client.IncompleteRead) as cut:
+            resp.read()  # what the buffers held, then the end of the connection
+    finally:
+        conn.close()
+    lines = cut.value.partial.splitlines()
+    assert 0 < len(lines) < 200_000 and not any(b'"rows"' in line for line in lines)
