@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -13,6 +17,9 @@ import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
 import graft_vfs
+from graft_server.objstore import CountingStore, FsStore
+from graft_server.s3store import S3Store
+from graft_vfs.core.errors import InvalidRequest, StorageError
 from support.clients import pragma
 from support.s3 import SeaweedFS, s3_env
 from support.servers import STORE_KINDS, ServerProcess, wait_until_listening
@@ -177,3 +184,77 @@ def test_store_bytes_are_what_a_commit_wrote_and_a_cold_read_fetched(store, tmp_
         kind = "io" if store == "fs" else "unavailable"
         assert errors and all(labels[0] == ("kind", kind) for labels in errors), errors
         assert scrape(srv.url)[("graft_errors_total", (("code", "storage_error"),))] >= 1
+
+
+class _Answering(http.server.BaseHTTPRequestHandler):
+    """An HTTP service that fails as told: a status (with S3's XML error), or silence."""
+
+    mode = "503"
+
+    def _answer(self) -> None:
+        if self.mode == "silent":
+            time.sleep(2)  # past the store's read timeout
+            return
+        body = b"<Error><Code>Failure</Code></Error>"
+        self.send_response(int(self.mode))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_failed_store_calls_are_counted_by_operation_and_kind(tmp_path):
+    # A directory: a symlink loop is an I/O error; a missing key and a bad key are not.
+    fs = CountingStore(FsStore(tmp_path / "store"))
+    fs.put("a", b"12345")
+    (tmp_path / "store" / "loop").symlink_to("loop")
+    with pytest.raises(StorageError, match="symbolic links"):
+        fs.get_range("loop", 0, 10)
+    assert fs.get("missing") is None and fs.get("a") == b"12345"
+    with pytest.raises(InvalidRequest):
+        fs.get("../escape")
+    assert fs.errors == {("range_gets", "io"): 1}
+    assert fs.read_bytes == {"gets": 5, "range_gets": 0} and fs.written_bytes == {"puts": 5}
+
+    # S3, on a real HTTP service that fails in each way, read fast and through boto3.
+    service = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answering)
+    threading.Thread(target=service.serve_forever, daemon=True).start()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        cases = {
+            f"http://127.0.0.1:{service.server_port}": {
+                "503": "server_error",
+                "403": "denied",
+                "400": "rejected",
+                "silent": "timeout",
+            },
+            f"http://127.0.0.1:{closed.getsockname()[1]}": {"-": "unavailable"},
+        }
+        try:
+            for endpoint, kinds in cases.items():
+                for mode, kind in kinds.items():
+                    _Answering.mode = mode
+                    for fast in (True, False):
+                        s3 = CountingStore(
+                            S3Store(
+                                "b",
+                                "p",
+                                endpoint_url=endpoint,
+                                max_attempts=1,
+                                read_timeout=0.5,
+                                access_key_id="k",
+                                secret_access_key="s",
+                                fast_reads=fast,
+                            )
+                        )
+                        for call in (lambda: s3.get("k"), lambda: s3.put("k", b"x")):
+                            with pytest.raises(StorageError):
+                                call()
+                        assert s3.errors == {("gets", kind): 1, ("puts", kind): 1}, (mode, fast)
+                        assert s3.read_bytes["gets"] == s3.written_bytes["puts"] == 0
+        finally:
+            service.shutdown()
