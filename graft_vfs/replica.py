@@ -46,7 +46,7 @@ from starlette.types import Receive, Scope, Send
 
 import graft_vfs
 from graft_vfs.client.catchup import LsnNotReached, wait_for_lsn
-from graft_vfs.core.errors import GraftError, SnapshotExpired
+from graft_vfs.core.errors import GraftError, RemoteError, SnapshotExpired
 
 DEFAULT_MAX_ROWS = 10_000
 DEFAULT_TIMEOUT = 10.0  # seconds a query may run
@@ -177,7 +177,7 @@ class Rows:
         self.first: list[list[Any]] = []
         self.count = 0
         self.done = self.truncated = self.closed = False
-        self.failed: QueryError | None = None
+        self.failed: QueryError | apsw.Error | None = None
         self._lock = threading.Lock()
         with replica.lock:
             replica.open_transactions += 1
@@ -202,7 +202,7 @@ class Rows:
                 return out
             try:
                 self._fetch(out, limit, max_bytes)
-            except QueryError as exc:
+            except (QueryError, apsw.Error) as exc:
                 if not out:
                     raise
                 self.failed = exc
@@ -319,6 +319,16 @@ def _render(rows: Rows, fmt: str) -> dict[str, Any] | str:
     return out.getvalue()
 
 
+def _failure_code(exc: apsw.Error) -> str:
+    """The protocol's code for a failed read of the volume (``storage_error``, ...)."""
+    from graft_vfs.core.protocol import wire_error
+
+    cause = exc.__cause__
+    if isinstance(cause, RemoteError):  # the server unreachable, or failing
+        return "remote_error"
+    return wire_error(cause).code if isinstance(cause, GraftError) else "internal_error"
+
+
 def _lines(rows: list[list[Any]]) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
@@ -350,9 +360,10 @@ class _RowStream(StreamingResponse):
         while not rows.done:
             try:
                 batch = await run_in_threadpool(rows.fetch, BATCH_ROWS, BATCH_BYTES)
-            except QueryError as exc:
-                yield json.dumps({"error": exc.code, "message": str(exc), "rows": rows.count})
-                yield "\n"
+            except (QueryError, apsw.Error) as exc:  # (apsw: the volume could not be read)
+                code = exc.code if isinstance(exc, QueryError) else _failure_code(exc)
+                end = {"error": code, "message": str(exc), "rows": rows.count}
+                yield json.dumps(end) + "\n"
                 return
             yield _lines(batch)
         yield json.dumps({"rows": rows.count, "truncated": rows.truncated}) + "\n"

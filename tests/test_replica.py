@@ -279,3 +279,32 @@ def test_a_stream_past_its_time_limit_ends_with_an_error_line(server, vid, clien
         conn.close()
     lines = cut.value.partial.splitlines()
     assert 0 < len(lines) < 200_000 and not any(b'"rows"' in line for line in lines)
+
+
+@pytest.mark.stores("fs")  # (the server goes away: its store does not matter)
+def test_a_stream_whose_server_goes_away_ends_with_an_error_line(own_server, vid, replicas):
+    own_server.start()
+    writer = graft_vfs.connect(vid, remote=own_server.url, cache_dir=own_server.store + "-w")
+    try:
+        writer.execute("CREATE TABLE big(k INTEGER PRIMARY KEY, b BLOB)")
+        with writer:
+            writer.executemany(
+                "INSERT INTO big VALUES(?, randomblob(3000))", [(k,) for k in range(3000)]
+            )
+        pragma(writer, "graft_push")
+    finally:
+        writer.close()
+    # The replica's cache is empty: it fetches the table's pages as the stream goes.
+    url = replicas(vid, "--remote", own_server.url, "--max-rows", "3000", "--pull-interval", "60")
+    conn, resp = stream(url, sql="SELECT k, length(b) FROM big")
+    try:
+        assert json.loads(resp.readline())["columns"] == ["k", "length(b)"]
+        own_server.kill()
+        lines = [json.loads(line) for line in resp.read().splitlines()]
+    finally:
+        conn.close()
+    *rows, end = lines
+    assert end["error"] == "remote_error" and "unreachable" in end["message"]
+    assert 0 < end["rows"] == len(rows) < 3000  # every row fetched was sent, then the end
+    assert all(length == 3000 for _, length in rows)
+    wait_until(lambda: open_transactions(url) == 0)
