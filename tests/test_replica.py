@@ -282,9 +282,11 @@ def test_a_stream_past_its_time_limit_ends_with_an_error_line(server, vid, clien
 
 
 @pytest.mark.stores("fs")  # (the server goes away: its store does not matter)
-def test_a_stream_whose_server_goes_away_ends_with_an_error_line(own_server, vid, replicas):
+def test_a_stream_whose_server_goes_away_ends_with_an_error_line(
+    own_server, vid, replicas, tmp_path
+):
     own_server.start()
-    writer = graft_vfs.connect(vid, remote=own_server.url, cache_dir=own_server.store + "-w")
+    writer = graft_vfs.connect(vid, remote=own_server.url, cache_dir=str(tmp_path / "w"))
     try:
         writer.execute("CREATE TABLE big(k INTEGER PRIMARY KEY, b BLOB)")
         with writer:
