@@ -8,14 +8,23 @@ interior levels, up to N pages. Checked against SQLite's own ``dbstat`` on a rea
 
 from __future__ import annotations
 
+import os
+
 import apsw
 import pytest
 import urllib3
 
 import graft_vfs
+from graft_server.objstore import FsStore
+from graft_server.segments import upload_segment
+from graft_server.volumes import Volumes
 from graft_vfs.client.dbfile import import_database
 from graft_vfs.client.remote import Remote
+from graft_vfs.core.commit import commit_hash
+from graft_vfs.core.errors import InvalidRequest
+from graft_vfs.core.segment import MAX_SEGMENT_PAGES, encode_segment, upper_first
 from support.clients import pragma
+from support.commits import contents, random_page
 
 WHOLE = ("sqlite_schema", "sqlite_stat1", "sqlite_stat4")
 
@@ -97,3 +106,66 @@ def test_a_bad_budget_is_one_line_400(server, vid, analyzed_db, value):
     assert resp.status == 400
     message = resp.json()["message"]
     assert "open must be an integer in [0, 1024]" in message and "\n" not in message
+
+
+def test_a_large_commit_keeps_upper_levels_together_for_a_cold_server(server, vid, tmp_path):
+    """A commit of more than one segment puts page 1 and every interior B-tree page in
+    its first segment: a server with nothing cached builds the opening from a few
+    ranged reads of it, not one read per page."""
+    path = str(tmp_path / "large.db")
+    con = apsw.Connection(path)
+    con.execute("PRAGMA page_size=4096")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, k TEXT, pad TEXT)")
+    con.execute("CREATE INDEX t_k ON t(k)")
+    with con:
+        con.executemany(
+            "INSERT INTO t VALUES(?, ?, ?)",
+            ((i, f"{(i * 7919) % 12000:08d}" * 6, "p" * 900) for i in range(12000)),
+        )
+    con.close()
+    import_database(Remote(server.url), path, vid)
+    wanted, content = expected_opening(path)
+    assert len(content) > 8 and os.path.getsize(path) // 4096 > MAX_SEGMENT_PAGES
+    cold = Volumes(server._backing())  # a server process started now: nothing cached
+    before = dict(cold.store.stats)
+    head, frames = cold.reads.opening(vid, 256)
+    assert sorted(f.page for f in frames) == wanted
+    vol = cold.index.volume(vid)
+    with vol.lock:
+        homes = {vol.locate(p, head.lsn).sid for p in wanted}
+    assert len(homes) == 1  # every page of the opening lives in one segment
+    reads = cold.store.stats["range_gets"] - before["range_gets"]
+    # The upper segment's head (2 reads) and its pages (1), then one probe per tree of
+    # the level below its interior ones (2): was a read per page, by level.
+    assert reads <= 5 < len(wanted), reads
+
+
+def test_commit_segments_may_hold_one_upper_segment_between_the_others(tmp_path):
+    """The hash check merges a commit's segments in page order holding at most two at
+    once: ascending ranges plus one segment whose pages fall between them land; three
+    interleaved segments are refused with a one-line error, and nothing is committed."""
+    vols = Volumes(FsStore(str(tmp_path / "store")))
+    pages = {p: random_page(p) for p in range(30)}
+    digest = commit_hash("v", 0, 30, pages.items())
+
+    def upload(group: list[int]) -> str:
+        return upload_segment(vols.store, encode_segment((p, pages[p]) for p in group)[0])
+
+    upper = [0, 7, 14, 21]  # the layout of core.segment.upper_first
+    rest = [p for p in range(30) if p not in upper]
+    sids = [upload(upper), upload(rest[:13]), upload(rest[13:])]
+    assert vols.commits.commit("v", 0, 30, digest, sids=sids) == 1
+    assert contents(vols, "v") == [pages[p] for p in range(30)]
+    woven = [upload(list(range(i, 30, 3))) for i in range(3)]  # three interleaved
+    with pytest.raises(InvalidRequest, match="interleave") as info:
+        vols.commits.commit("v", 1, 30, commit_hash("v", 1, 30, pages.items()), sids=woven)
+    assert "\n" not in str(info.value) and vols.reads.head("v").lsn == 1
+
+
+def test_upper_first_lays_page_1_and_interior_pages_apart_only_when_they_split():
+    upper = {0, 5, 9}
+    assert upper_first(range(10), upper, 10) == [list(range(10))]  # one segment: as is
+    assert upper_first(range(10), upper, 4) == [[0, 5, 9], [1, 2, 3, 4], [6, 7, 8]]
+    assert upper_first([], upper, 4) == []
+    # More upper pages than a segment holds: the first segment's worth, then the rest.
+    assert upper_first(range(10), {0, 2, 4, 6, 8}, 3) == [[0, 2, 4], [1, 3, 5], [6, 7, 8], [9]]

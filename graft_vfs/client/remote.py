@@ -39,7 +39,13 @@ from graft_vfs.core.identity import Identity
 from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_volume_id
 from graft_vfs.core.pages import ZERO_PAGE
 from graft_vfs.core.protocol import MAX_INLINE_PAGES, MSGPACK, SEGMENT_BODY, error_for_code
-from graft_vfs.core.segment import Entry, decode_page, encode_segment
+from graft_vfs.core.segment import (
+    Entry,
+    decode_page,
+    encode_segment,
+    upper_first,
+    upper_pages,
+)
 
 
 def _check_token(token: str) -> str:
@@ -549,8 +555,8 @@ class Remote:
             body["segment"] = encode_segment(items)[0]
         else:
             sids = []
-            for i in range(0, len(items), MAX_INLINE_PAGES):
-                seg, _ = encode_segment(items[i : i + MAX_INLINE_PAGES])
+            for chunk in upper_first(pages, upper_pages(items), MAX_INLINE_PAGES):
+                seg, _ = encode_segment((p, pages[p]) for p in chunk)
                 d = self._call("POST", "/v1/segments", seg, traffic, content_type=SEGMENT_BODY)
                 sids.append(d["sid"])
                 crash_point("client.push.after_segment")

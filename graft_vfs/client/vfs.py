@@ -1,14 +1,15 @@
 """The ``graft`` apsw VFS: SQLite locks, reads and writes become snapshots and commits.
 
 Locks map to snapshots the way WAL mode behaves: SHARED pins the latest local snapshot
-(readers never block writers), RESERVED takes the volume's writer lock and is refused
-with SQLITE_BUSY if another writer holds it or if the pinned snapshot is no longer the
-latest. Written pages are buffered and become one local commit (one LSN) when SQLite
-syncs the database at commit time (SQLITE_FCNTL_SYNC, sent whatever the ``synchronous``
-setting); leaving RESERVED drops whatever was not committed. The main database's
-rollback journal lives in memory (every graft main database runs in
-``journal_mode=MEMORY``); temporary databases, statement journals and sorter spills
-are real temporary files of the default VFS, as natively. In
+(readers never block writers; a read outside any lock, such as the header SQLite reads
+as it opens, pins the latest snapshot for that read), RESERVED takes the volume's writer
+lock and is refused with SQLITE_BUSY if another writer holds it or if the pinned
+snapshot is no longer the latest. Written pages are buffered and become one local commit
+(one LSN) when SQLite syncs the database at commit time (SQLITE_FCNTL_SYNC, sent
+whatever the ``synchronous`` setting); leaving RESERVED drops whatever was not
+committed. The main database's rollback journal lives in memory (every graft main
+database runs in ``journal_mode=MEMORY``); temporary databases, statement journals and
+sorter spills are real temporary files of the default VFS, as natively. In
 ``locking_mode=EXCLUSIVE`` SHARED takes the writer lock too, and keeps it.
 
 Errors: code below the VFS methods raises graft errors only; ``sqlite_errors``, wrapped
@@ -22,7 +23,8 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import apsw
@@ -79,6 +81,8 @@ TEMP_FILES = (
 # The rollback journal modes that keep a journal file; a graft main database keeps its
 # journal in memory whatever is asked (see _memory_journal).
 FILE_JOURNAL_MODES = ("delete", "truncate", "persist")
+# PRAGMAs that read the connection's snapshot: outside a transaction, the latest, pinned.
+SNAPSHOT_PRAGMAS = frozenset({"graft_snapshot"})
 _PAGE_SHIFT = 12
 _PAGE_MASK = PAGE_SIZE - 1
 
@@ -260,8 +264,10 @@ class GraftFile:
             self._open_past(lsn_param)
         elif immutable:
             # SQLite takes no lock on an immutable file and never re-checks its page
-            # cache, so the connection must read one snapshot: the latest at the open.
-            self.fixed = self.vol.snapshot
+            # cache, so the connection must read one snapshot: the latest at the open,
+            # pinned from now on (no xLock will pin it).
+            self._catch_up()
+            self.fixed = self.vol.hold(self)
         # Bound once: the read path's page read (or a past snapshot's) and the pins.
         self._read: Callable[[int, int], bytes] = (
             self.vol.reads.read_page if self.remote_lsn is None else self._read_past
@@ -300,8 +306,12 @@ class GraftFile:
             raise SnapshotNotFound(f"lsn={param!r} is not a non-negative integer") from None
         found = self.vol.local_snapshot_of(lsn)
         if found is not None:
-            self.fixed = found
-            return
+            try:
+                # Pinned from the open, before SQLite's first read (the header, unlocked).
+                self.fixed = self.vol.hold(self, found)
+                return
+            except SnapshotExpired:
+                pass  # compacted since it was found: the server has it, unless collected
         entry = self.runtime.require_remote().log_entry(self.vol.vid, lsn) if lsn else None
         if entry is None:
             raise SnapshotNotFound(f"volume {self.vol.vid!r} has no LSN {lsn} on the server")
@@ -315,9 +325,7 @@ class GraftFile:
         # transaction, and a try block costs nothing until something raises.
         try:
             if level == LOCK_SHARED:
-                runtime = self.runtime
-                if runtime.signal.value() != runtime.seen_signal:
-                    runtime.catch_up()  # another process changed the cache directory
+                self._catch_up()
                 self.snap = self._pin(self, self.fixed) if self.remote_lsn is None else self.fixed
                 if self.exclusive and not self.readonly and not self.writing:
                     # In locking_mode=EXCLUSIVE SQLite keeps its lock and its page cache
@@ -332,6 +340,11 @@ class GraftFile:
         except GraftError as exc:
             raise to_sqlite(exc) from exc
         self.level = level
+
+    def _catch_up(self) -> None:
+        runtime = self.runtime
+        if runtime.signal.value() != runtime.seen_signal:
+            runtime.catch_up()  # another process changed the cache directory
 
     def _begin_write(self) -> None:
         if self.readonly:
@@ -380,6 +393,9 @@ class GraftFile:
         if read_set is not None:
             self._track(read_set, amount, offset)
         try:
+            snap = self.snap or self.fixed
+            if snap is None:
+                return self._read_unlocked(amount, offset)
             if amount == PAGE_SIZE and not offset & _PAGE_MASK:
                 # The fast path: a whole page but page 1, written by this transaction or
                 # in its snapshot.
@@ -390,7 +406,6 @@ class GraftFile:
                         return data
                     if not pageno or pageno >= self.size >> _PAGE_SHIFT:
                         return self._read_any(amount, offset)
-                snap = self.snap or self.current()
                 if 0 < pageno < snap[1]:
                     return self._read(pageno, snap[0])
             if offset == CHANGE_CHECK and amount == CHANGE_CHECK_SIZE:
@@ -398,11 +413,32 @@ class GraftFile:
                 # page cache is still valid: page 1 of this LSN is kept ready.
                 page1 = self._page1
                 if page1 is not None and not self._page1_rewritten and not self.writing:
-                    if page1[0] == (self.snap or self.current())[0]:
+                    if page1[0] == snap[0]:
                         return page1[1][CHANGE_CHECK : CHANGE_CHECK + CHANGE_CHECK_SIZE]
             return self._read_any(amount, offset)
         except GraftError as exc:
             raise to_sqlite(exc) from exc
+
+    def _read_unlocked(self, amount: int, offset: int) -> bytes:
+        """A read outside any transaction: SQLite reads the header as it opens, unlocked.
+
+        It reads the latest snapshot, pinned for the read as a transaction's is: unpinned,
+        a pull (of this process or another) could compact it between taking the
+        snapshot and reading it, and the open would fail with SnapshotExpired.
+        """
+        with self._pinned_latest():
+            return self._read_any(amount, offset)
+
+    @contextmanager
+    def _pinned_latest(self) -> Iterator[None]:
+        """The latest snapshot, pinned while the block runs (no transaction holds one)."""
+        self._catch_up()
+        self.snap = self._pin(self)
+        try:
+            yield
+        finally:
+            self.snap = None
+            self._unpin(self)
 
     def _track(self, read_set: BitMap, amount: int, offset: int) -> None:
         """Add the pages of a read to the read set (Options(rebase=True))."""
@@ -613,7 +649,11 @@ class GraftFile:
                     f"unknown PRAGMA {name}; the graft PRAGMAs are " + ", ".join(sorted(PRAGMAS))
                 )
             return False
-        result = handler(self, p.value)
+        if name in SNAPSHOT_PRAGMAS and self.snap is None and self.fixed is None:
+            with self._pinned_latest():  # outside a transaction: the latest snapshot
+                result = handler(self, p.value)
+        else:
+            result = handler(self, p.value)
         p.result = json.dumps(result, sort_keys=True, ensure_ascii=False)
         return True
 

@@ -118,6 +118,18 @@ class Volume:
                 )
             self.reload()  # a newer latest snapshot, never compacted
 
+    def hold(self, owner: object, fixed: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Pin ``fixed``, or else the latest snapshot, for as long as ``owner`` exists.
+
+        For a connection that reads one snapshot all its life (``lsn=N``, ``immutable=1``):
+        pinned from its open on, since SQLite reads the header before it takes any lock
+        (an immutable database, never a lock), so maintenance never compacts what it reads.
+        """
+        snap = self.pin(owner, fixed)
+        with self.lock:
+            self._fixed.add(id(owner))
+        return snap
+
     def unpin(self, owner: object) -> None:
         """``owner``'s transaction ended (a lifetime pin stays until ``owner`` goes)."""
         key = id(owner)
@@ -213,6 +225,10 @@ class Volume:
         assert row is not None
         with self.lock:
             old = self.snapshot[0]
+            if row.local_lsn < old:
+                # Read before a commit, pull or reset of this process moved the snapshot
+                # on: local LSNs only grow, so this row is older than what it knows.
+                return
             if row.local_lsn != old:
                 # None: the log was compacted past ``old``, so anything may have changed.
                 self.reads.evict(self.local.changes(self.row_id, old, row.local_lsn))
@@ -246,7 +262,8 @@ class Volume:
         """A pull or reset made ``lsn`` the latest local snapshot, changing ``changed``."""
         with self.lock:
             self.reads.evict(changed)
-            self.snapshot = (lsn, page_count)
+            if lsn > self.snapshot[0]:  # a reload may have gone past it already
+                self.snapshot = (lsn, page_count)
 
     def refresh(self) -> VolumeRow:
         """Reload the sync state from the local store."""

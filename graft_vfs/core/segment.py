@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import NamedTuple
 
 import msgpack
 import zstandard
 
+from graft_vfs.core.btree import is_interior
 from graft_vfs.core.errors import CorruptData, InvalidRequest
 from graft_vfs.core.graft import MAX_PAGES
 from graft_vfs.core.ids import PAGE_SIZE
@@ -69,6 +70,31 @@ def encode_segment(pages: Iterable[tuple[int, bytes]]) -> tuple[bytes, list[Entr
             raise InvalidRequest(f"page {page} has {len(data)} bytes, expected {PAGE_SIZE}")
         frames.append((page, cctx.compress(data)))
     return encode_frames(frames)
+
+
+def upper_first(pages: Iterable[int], upper: Collection[int], size: int) -> list[list[int]]:
+    """Pages in segments of at most ``size``, sorted by page, the ``upper`` ones (page 1
+    and interior B-tree pages, see ``upper_pages``) in a segment of their own, first.
+
+    A cold reader (a server whose cache is empty, a client's opening) reads B-trees'
+    upper levels first: kept together they are a few ranged reads of one segment
+    instead of one per page scattered over all the segments of a large commit. Pages
+    that fit in one segment stay in one (a segment is sorted by page).
+    """
+    pages = sorted(pages)
+    groups = [pages]
+    if len(pages) > size:
+        # One segment of them at most: a server checking the commit's hash merges its
+        # segments in page order, holding this one and one other (MAX_OPEN_SEGMENTS).
+        first = [p for p in pages if p in upper][:size]
+        taken = set(first)
+        groups = [first, [p for p in pages if p not in taken]]
+    return [group[i : i + size] for group in groups for i in range(0, len(group), size)]
+
+
+def upper_pages(pages: Iterable[tuple[int, bytes]]) -> set[int]:
+    """Which of ``(page, content)`` are page 1 or interior B-tree pages."""
+    return {p for p, data in pages if p == 0 or is_interior(data, p)}
 
 
 def encode_frames(frames: Iterable[tuple[int, bytes]]) -> tuple[bytes, list[Entry]]:

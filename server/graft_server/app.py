@@ -37,7 +37,7 @@ from graft_server.limits import (
     MAX_LOADED_VOLUMES,
 )
 from graft_server.metrics import CountRequests, Metrics
-from graft_server.objstore import ObjectStore
+from graft_server.objstore import CountingStore, ObjectStore
 from graft_server.reads import MAX_OPENING
 from graft_server.segments import SegmentCache, upload_segment
 from graft_server.volumes import Volumes
@@ -301,9 +301,11 @@ def create_app(
     server offers direct reads (``/locate``: see server/direct.py) and says so in
     health, snapshot and pull answers (``"direct": true``).
     """
+    # Every call the app and its GC make goes through this one counter (for /metrics).
+    counted = CountingStore(store)
     cache = SegmentCache(cache_bytes) if cache_bytes else None
-    volumes = Volumes(store, cache=cache, max_loaded=max_volumes)
-    metrics = Metrics(store, cache)
+    volumes = Volumes(counted, cache=cache, max_loaded=max_volumes)
+    metrics = Metrics(counted, cache)
 
     def guarded(access: str, endpoint: Endpoint) -> Endpoint:
         """``endpoint`` behind the token check, made before any of the body is read."""
@@ -399,7 +401,7 @@ def create_app(
 
     async def upload(request: Request) -> Response:
         data = await read_body(request, max_body, body_timeout)
-        sid = await run_in_threadpool(upload_segment, store, data)
+        sid = await run_in_threadpool(upload_segment, counted, data)
         return msgpack_response({"sid": sid})
 
     async def commit(request: Request) -> Response:

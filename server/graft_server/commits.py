@@ -10,6 +10,7 @@ commit that already landed is recognised by its hash at ``base + 1``.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ from graft_vfs.core.segment import Entry, decode_page
 # written after the GC floor pins the segments it names until a later pass drops it,
 # so checkpoints much more often would cost storage between GC passes.)
 CHECKPOINT_EVERY = 32
+# Segments of one commit whose bytes the hash check holds at once (see _verify_hash).
+MAX_OPEN_SEGMENTS = 2
 
 log = logging.getLogger("graft.server")
 
@@ -165,36 +168,59 @@ class Commits:
     ) -> None:
         """Refuse a commit whose ``digest`` is not ``commit_hash`` of the pages it carries.
 
-        Pages are decoded and hashed one at a time, segment after segment in page order,
-        so the check holds one segment's bytes at a time, never the decoded commit.
+        Pages are decoded and hashed one at a time in page order, merged across the
+        segments; a segment's bytes are held from its first page to its last, and at
+        most MAX_OPEN_SEGMENTS at once: a client may send one segment of a B-tree's
+        upper levels (``core.segment.upper_first``) whose pages fall between those of
+        the others, but not interleave them all.
         """
         parts: list[tuple[list[Entry], str | None]] = [(ref.entries, ref.sid) for ref in uploaded]
         if inline:
             parts.append((inline, None))
-        parts.sort(key=lambda part: min(e.page for e in part[0]) if part[0] else -1)
         hasher = CommitHasher(vid, base, page_count, nonce)
-        for entries, sid in parts:
-            if sid is None:
-                assert segment is not None
-                data = segment
-            else:
-                stored = self.store.get(segment_key(sid))
-                if stored is None:
-                    raise InvalidRequest(f"segment {sid} was never uploaded")
-                data = stored
-            for e in sorted(entries, key=lambda e: e.page):
-                try:
-                    hasher.add(e.page, decode_page(e, data[e.offset : e.offset + e.length]))
-                except ValueError:
+        order = [(entries[0].page, i) for i, (entries, _) in enumerate(parts) if entries]
+        heapq.heapify(order)
+        at = [0] * len(parts)
+        held: dict[int, bytes] = {}
+        while order:
+            _, i = heapq.heappop(order)
+            entries, sid = parts[i]
+            if i not in held:
+                if len(held) >= MAX_OPEN_SEGMENTS:
                     raise InvalidRequest(
-                        "the segments of a commit must hold ascending, non-interleaved page ranges"
-                    ) from None
+                        "the segments of a commit interleave their pages: send ascending, "
+                        "non-interleaved page ranges, and at most one segment between them"
+                    )
+                held[i] = self._segment_bytes(segment, sid)
+            e = entries[at[i]]
+            data = held[i]
+            try:
+                hasher.add(e.page, decode_page(e, data[e.offset : e.offset + e.length]))
+            except ValueError:
+                raise InvalidRequest(
+                    f"page {e.page} is in a commit twice, or a segment is not sorted by page"
+                ) from None
+            at[i] += 1
+            if at[i] < len(entries):
+                heapq.heappush(order, (entries[at[i]].page, i))
+            else:
+                del held[i]
         if hasher.digest() != digest:
             raise InvalidRequest(
                 f"hash {digest.hex()[:16]}... is not the hash of the commit's pages "
                 f"({hasher.digest().hex()[:16]}...): compute it with "
                 "graft_vfs.core.commit.commit_hash over the pages sent"
             )
+
+    def _segment_bytes(self, inline: bytes | None, sid: str | None) -> bytes:
+        """The bytes of a commit's inline segment (``sid`` None) or of an uploaded one."""
+        if sid is None:
+            assert inline is not None
+            return inline
+        stored = self.store.get(segment_key(sid))
+        if stored is None:
+            raise InvalidRequest(f"segment {sid} was never uploaded")
+        return stored
 
     def _uploaded_segments(self, sids: Sequence[str]) -> list[SegmentRef]:
         """The uploaded segments a commit names, with their indexes read from the store."""

@@ -13,7 +13,13 @@ from collections import defaultdict
 from graft_server.index import Index, put_checkpoint
 from graft_server.segments import fetch_frames, put_segment
 from graft_vfs.core.checkpoint import Checkpoint, Located
-from graft_vfs.core.segment import MAX_SEGMENT_PAGES, encode_frames
+from graft_vfs.core.segment import (
+    MAX_SEGMENT_PAGES,
+    decompress_page,
+    encode_frames,
+    upper_first,
+    upper_pages,
+)
 
 SMALL_SEGMENT_PAGES = 256  # compaction merges segments holding fewer live pages
 MERGED_SEGMENT_PAGES = MAX_SEGMENT_PAGES  # compaction writes no segment a client could not
@@ -58,9 +64,10 @@ def compact(
         for sid in small:
             got = fetch_frames(store, sid, [loc.entry for loc in by_sid[sid]])
             frames += [(loc.entry.page, loc.version, got[loc.entry.page]) for loc in by_sid[sid]]
-        frames.sort()
-        for i in range(0, len(frames), MERGED_SEGMENT_PAGES):
-            chunk = frames[i : i + MERGED_SEGMENT_PAGES]
+        by_page = {page: (version, frame) for page, version, frame in frames}
+        upper = upper_pages((p, decompress_page(f, p)) for p, (_, f) in by_page.items())
+        for pages in upper_first(by_page, upper, MERGED_SEGMENT_PAGES):
+            chunk = [(page, *by_page[page]) for page in pages]
             data, entries = encode_frames((page, frame) for page, _, frame in chunk)
             sid = put_segment(store, data)
             for (page, version, _), entry in zip(chunk, entries):

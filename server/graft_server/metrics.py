@@ -2,7 +2,9 @@
 
 Requests are counted and timed by route template (``/v1/volumes/{vid}/read``), never by
 volume name, so the series stay few and name no volume. Object-store calls, the frame
-cache and GC are read from the counters those parts already keep, when scraped.
+cache and GC are read from the counters those parts already keep, when scraped: the
+store's requests from the store itself, its bytes and failed calls from the
+``CountingStore`` the app wraps it in.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from graft_server.objstore import ObjectStore
+from graft_server.objstore import CountingStore
 from graft_server.segments import SegmentCache
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -29,7 +31,7 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 class _Parts(Collector):
     """What the store, the frame cache and GC count, read at each scrape."""
 
-    def __init__(self, store: ObjectStore, cache: SegmentCache | None, gc: GcCounters) -> None:
+    def __init__(self, store: CountingStore, cache: SegmentCache | None, gc: GcCounters) -> None:
         self.store, self.cache, self.gc = store, cache, gc
 
     def collect(self) -> Iterator[Any]:
@@ -39,6 +41,24 @@ class _Parts(Collector):
         for op, count in sorted(getattr(self.store, "stats", {}).items()):
             calls.add_metric([op], count)
         yield calls
+        for name, direction, counts in (
+            ("graft_store_read_bytes", "read from", self.store.read_bytes),
+            ("graft_store_written_bytes", "written to", self.store.written_bytes),
+        ):
+            family = CounterMetricFamily(
+                name, f"Bytes {direction} the object store, by operation", labels=["op"]
+            )
+            for op, count in sorted(counts.items()):
+                family.add_metric([op], count)
+            yield family
+        errors = CounterMetricFamily(
+            "graft_store_errors",
+            "Object-store calls that failed (after the store's retries), by operation and kind",
+            labels=["op", "kind"],
+        )
+        for (op, kind), count in sorted(self.store.errors.items()):
+            errors.add_metric([op, kind], count)
+        yield errors
         if self.cache is not None:
             for name, value in (("hits", self.cache.hits), ("misses", self.cache.misses)):
                 yield CounterMetricFamily(
@@ -67,7 +87,7 @@ class GcCounters:
 
 
 class Metrics:
-    def __init__(self, store: ObjectStore, cache: SegmentCache | None) -> None:
+    def __init__(self, store: CountingStore, cache: SegmentCache | None) -> None:
         self.registry = CollectorRegistry()
         self.gc = GcCounters()
         self.requests = Counter(

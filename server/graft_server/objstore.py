@@ -10,6 +10,10 @@ Keys are ``/``-separated paths of ``[A-Za-z0-9._-]`` components; no component ma
 start with ``.``, which rules out ``..`` and leaves dot-names free for FsStore's
 temporary files. Filesystem errors become ``StorageError`` here; a missing key is
 not an error (``get`` returns None, ``delete`` does nothing).
+
+Each store says what kind of failure a ``StorageError`` was (``StoreFailure.kind``), and
+the server wraps its store in one ``CountingStore``: the single place where the bytes
+read and written and the failed calls are counted, whatever the store, for the metrics.
 """
 
 from __future__ import annotations
@@ -36,6 +40,42 @@ _TMP_DIR = ".tmp"  # dot-names are never keys, so temporaries cannot collide or 
 # A temporary older than this belongs to a write that was killed: a live write (of any
 # process sharing the directory) renames or removes its temporary within seconds.
 TEMPORARY_GRACE = 3600.0
+
+
+# What a failed store call was, for the metrics (a missing key is an answer, not a failure).
+ERROR_KINDS = (
+    "timeout",  # no answer in time
+    "unavailable",  # the service could not be reached (refused, reset, unresolvable)
+    "server_error",  # the service failed or throttled (HTTP 5xx, 429)
+    "denied",  # credentials or permissions refused (HTTP 401/403, EACCES)
+    "rejected",  # any other refusal of the service (an HTTP 4xx, a missing bucket)
+    "io",  # the filesystem failed (EIO, ENOSPC, a symlink loop, ...)
+    "other",
+)
+
+
+class StoreFailure(StorageError):
+    """A StorageError that says which of ``ERROR_KINDS`` it was."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind if kind in ERROR_KINDS else "other"
+
+
+def error_kind(exc: BaseException) -> str:
+    """The kind of a failed store call: its own, or the one its OS error implies."""
+    kind = getattr(exc, "kind", None)
+    if isinstance(kind, str) and kind in ERROR_KINDS:
+        return kind
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, PermissionError):
+        return "denied"
+    if isinstance(exc, ConnectionError):
+        return "unavailable"
+    if isinstance(exc, OSError):
+        return "io"
+    return error_kind(exc.__cause__) if exc.__cause__ is not None else "other"
 
 
 class ObjectStore(Protocol):
@@ -171,7 +211,89 @@ def _storage_errors(op: str, key: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise StorageError(f"object store {op} of {key!r} failed: {exc}") from exc
+        raise StoreFailure(f"object store {op} of {key!r} failed: {exc}", error_kind(exc)) from exc
+
+
+class CountingStore:
+    """An ObjectStore that counts what passes through it, whatever the store behind.
+
+    ``read_bytes`` (by operation: ``gets``, ``range_gets``) counts the bytes of the
+    objects and ranges returned, ``written_bytes`` (``puts``) the bytes of the objects
+    stored (a create that found its key taken stored nothing), and ``errors`` the calls
+    that failed, after the store's own retries, by operation and kind (``ERROR_KINDS``).
+    A missing key is no error, and a refused key (InvalidRequest) is the caller's.
+    Requests themselves are counted by the store (``stats``), which alone sees retries.
+    Any other attribute (``presigner``, ``root``, ...) is the wrapped store's.
+    """
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.stats = inner.stats  # the store's own dict, which it keeps counting in
+        self.read_bytes = {"gets": 0, "range_gets": 0}
+        self.written_bytes = {"puts": 0}
+        self.errors: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"CountingStore({self.inner!r})"
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    @contextmanager
+    def _failures(self, op: str) -> Iterator[None]:
+        try:
+            yield
+        except InvalidRequest:
+            raise
+        except Exception as exc:
+            kind = error_kind(exc)
+            with self._lock:
+                self.errors[op, kind] = self.errors.get((op, kind), 0) + 1
+            raise
+
+    def _add(self, counts: dict[str, int], op: str, size: int) -> None:
+        with self._lock:
+            counts[op] += size
+
+    def get(self, key: str) -> bytes | None:
+        with self._failures("gets"):
+            data = self.inner.get(key)
+        if data is not None:
+            self._add(self.read_bytes, "gets", len(data))
+        return data
+
+    def get_range(self, key: str, start: int, length: int) -> bytes | None:
+        with self._failures("range_gets"):
+            data = self.inner.get_range(key, start, length)
+        if data is not None:
+            self._add(self.read_bytes, "range_gets", len(data))
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._failures("puts"):
+            self.inner.put(key, data)
+        self._add(self.written_bytes, "puts", len(data))
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        with self._failures("puts"):
+            created = self.inner.put_if_absent(key, data)
+        if created:
+            self._add(self.written_bytes, "puts", len(data))
+        return created
+
+    def list(self, prefix: str, start_after: str | None = None) -> list[str]:
+        with self._failures("lists"):  # (the call as made: start_after only when given)
+            if start_after is None:
+                return self.inner.list(prefix)
+            return self.inner.list(prefix, start_after)
+
+    def delete(self, key: str) -> None:
+        with self._failures("deletes"):
+            self.inner.delete(key)
+
+    def check(self) -> None:
+        self.inner.check()
 
 
 def _fsync_dir(path: Path) -> None:

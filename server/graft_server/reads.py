@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 from pyroaring import BitMap
 
 from graft_server.index import Index, VolumeLog, read_floor, read_record
-from graft_server.segments import MissingSegment, SegmentCache, fetch_segments_frames
+from graft_server.segments import (
+    MissingSegment,
+    SegmentCache,
+    fetch_segments_frames,
+    read_segment_index,
+)
 from graft_vfs.core.btree import (
     interior_children,
     is_interior,
@@ -174,7 +179,7 @@ class Reads:
             Takes what fits, then raises _OutOfBudget if that was not all."""
             pages = [p for p in dict.fromkeys(pages) if p not in gathered and p < head.page_count]
             fits = pages[: budget - len(gathered)]
-            for page, frame in self._frames(view, head.lsn, fits).items():
+            for page, frame in self._frames(view, head.lsn, fits, known).items():
                 gathered[page] = frame
                 contents[page] = decompress_page(frame.frame, page) if frame.frame else ZERO
             if len(fits) < len(pages):
@@ -202,6 +207,7 @@ class Reads:
                 level = take(below)
 
         try:
+            known = self._home_of_page_1(view, head.lsn, budget)
             take([0])
             usable = usable_size(contents[0])
             whole_tree(0, usable)
@@ -213,11 +219,38 @@ class Reads:
             for root in roots:  # one tree at a time: _interior_below probes one depth
                 left = budget - len(gathered)
                 below = {root: gathered[root]}
-                for frame in self._interior_below(view, head.lsn, head.page_count, below, left):
+                found = self._interior_below(view, head.lsn, head.page_count, below, left, known)
+                for frame in found:
                     gathered.setdefault(frame.page, frame)
-        except (_OutOfBudget, CorruptData):
+        except (_OutOfBudget, CorruptData, MissingSegment):
             pass
         return list(gathered.values())
+
+    def _home_of_page_1(self, view: VolumeLog, lsn: int, budget: int) -> dict[int, PageFrame]:
+        """The current pages of the segment that holds page 1, read in one ranged read if
+        there are at most ``budget``: a large commit lays page 1 and every interior
+        B-tree page in segments of their own (``core.segment.upper_first``), so this is
+        most of an opening in three store reads (the segment's head, then the run)."""
+        with view.lock:
+            home = view.locate(0, lsn)
+        if home is None:
+            return {}
+        entries = read_segment_index(self.store, home.sid) or []
+        if len(entries) > budget:
+            return {}
+        current: dict[int, Located] = {}
+        with view.lock:
+            for e in entries:
+                loc = view.locate(e.page, lsn)
+                if loc is not None and loc.sid == home.sid and loc.entry == e:
+                    current[e.page] = loc
+        frames = fetch_segments_frames(
+            self.store, {home.sid: [loc.entry for loc in current.values()]}, self.cache
+        )
+        return {
+            page: PageFrame(page, loc.version, loc.entry.crc, frames[page])
+            for page, loc in current.items()
+        }
 
     def pull(self, vid: str, since: int) -> Pull:
         """The latest snapshot and the pages changed in ``(since, latest]`` that still exist."""
@@ -328,9 +361,21 @@ class Reads:
             result += self._interior_below(view, lsn, page_count, frames, expand)
         return result
 
-    def _frames(self, view: VolumeLog, lsn: int, pages: Iterable[int]) -> dict[int, PageFrame]:
-        """Each page's frame as of ``lsn`` (an empty frame for a page never written)."""
+    def _frames(
+        self,
+        view: VolumeLog,
+        lsn: int,
+        pages: Iterable[int],
+        known: Mapping[int, PageFrame] | None = None,
+    ) -> dict[int, PageFrame]:
+        """Each page's frame as of ``lsn`` (an empty frame for a page never written);
+        those in ``known`` (frames of ``lsn`` read already) are not read again."""
         located: dict[int, Located] = {}
+        result: dict[int, PageFrame] = {}
+        if known:
+            pages = list(pages)
+            result = {p: known[p] for p in pages if p in known}
+            pages = [p for p in pages if p not in result]
         with view.lock:
             for page in pages:
                 loc = view.locate(page, lsn)
@@ -341,7 +386,6 @@ class Reads:
         for loc in located.values():
             by_segment[loc.sid].append(loc.entry)
         frames = fetch_segments_frames(self.store, by_segment, self.cache)
-        result = {}
         for page in pages:
             loc = located.get(page)
             if loc is not None:
@@ -357,6 +401,7 @@ class Reads:
         page_count: int,
         requested: dict[int, PageFrame],
         budget: int,
+        known: Mapping[int, PageFrame] | None = None,
     ) -> list[PageFrame]:
         """Interior B-tree pages under the requested interior pages, level by level.
 
@@ -379,7 +424,7 @@ class Reads:
             if not level:
                 break
             if probe is None or probe.page != level[0]:
-                probe = self._frames(view, lsn, level[:1])[level[0]]
+                probe = self._frames(view, lsn, level[:1], known)[level[0]]
             if not probe.frame:
                 break
             content = decompress_page(probe.frame, probe.page)
@@ -393,7 +438,7 @@ class Reads:
                 for p in interior_children(content, probe.page)[:1]
                 if budget > 0 and p < page_count and p not in seen
             ]
-            frames = self._frames(view, lsn, [p for p in batch[1:] + ahead])
+            frames = self._frames(view, lsn, [p for p in batch[1:] + ahead], known)
             frames[probe.page] = probe
             probe = frames[ahead[0]] if ahead else None
             level = []

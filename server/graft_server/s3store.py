@@ -5,8 +5,9 @@ The create-only primitive is a PUT with ``If-None-Match: *``: the service answer
 concurrent creators wins. That is what lets any number of stateless servers share
 one bucket. Transient failures (5xx, throttling, timeouts, dropped connections)
 are retried by botocore's own bounded retry policy; a 412 is an answer, never
-retried. botocore errors become ``StorageError`` here; a missing key is not an
-error. Every HTTP request (each attempt, each list page) is counted in ``stats``.
+retried. botocore errors become ``StorageError`` here (a ``StoreFailure`` that says its
+kind: timeout, unavailable, server_error, ...); a missing key is not an error. Every
+HTTP request (each attempt, each list page) is counted in ``stats``.
 
 Reads are the hot path of a cold server (one GET per run of frames a client misses),
 and a boto3 call costs about 2 ms of CPU on top of the request itself: its event
@@ -36,9 +37,18 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
 
-from graft_server.objstore import validate_key
+from graft_server.objstore import StoreFailure, validate_key
 from graft_vfs.core.errors import InvalidRequest, StorageError
 
 DEFAULT_REGION = "us-east-1"
@@ -89,6 +99,23 @@ def _error_code(exc: ClientError) -> str:
 def _http_status(exc: ClientError) -> int | None:
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return int(status) if status is not None else None
+
+
+def _status_kind(status: int | None) -> str:
+    """The kind of failure (objstore.ERROR_KINDS) an HTTP status of S3 means."""
+    if status is None:
+        return "other"
+    if status in _RETRIED_STATUS or status >= 500:
+        return "server_error"
+    return "denied" if status in (401, 403) else "rejected"
+
+
+def _botocore_kind(exc: BotoCoreError) -> str:
+    if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
+        return "timeout"
+    if isinstance(exc, BotoConnectionError):
+        return "unavailable"
+    return "denied" if isinstance(exc, NoCredentialsError) else "other"
 
 
 def _retried(exc: ClientError) -> bool:
@@ -233,12 +260,14 @@ class S3Store:
             yield
         except ClientError as exc:
             code, status = _error_code(exc), _http_status(exc)
-            raise StorageError(
-                f"S3 {op} of {key!r} in bucket {self.bucket!r} failed: {code or status} {exc}"
+            raise StoreFailure(
+                f"S3 {op} of {key!r} in bucket {self.bucket!r} failed: {code or status} {exc}",
+                "server_error" if code in ("SlowDown", "Throttling") else _status_kind(status),
             ) from exc
         except BotoCoreError as exc:  # no credentials, endpoint unreachable, timeouts
-            raise StorageError(
-                f"S3 {op} of {key!r} in bucket {self.bucket!r} failed: {exc}"
+            raise StoreFailure(
+                f"S3 {op} of {key!r} in bucket {self.bucket!r} failed: {exc}",
+                _botocore_kind(exc),
             ) from exc
 
     def get(self, key: str) -> bytes | None:
@@ -292,7 +321,7 @@ class S3Store:
         assert self._fast is not None and self.endpoint_url is not None
         url = f"{self.endpoint_url.rstrip('/')}/{quote(self.bucket)}/{quote(full, safe='/~')}"
         stat = "gets" if byte_range is None else "range_gets"
-        failure = ""
+        failure, kind = "", "other"
         for attempt in range(self._max_attempts):
             if attempt:
                 time.sleep(random.uniform(0, min(1.0, RETRY_BASE_DELAY * 2**attempt)))
@@ -302,6 +331,11 @@ class S3Store:
                 response = self._fast.get(url, byte_range)
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 failure = f"{type(exc).__name__}: {exc}"
+                # (urllib3's NewConnectionError, a refused connection, is a timeout
+                # error by inheritance only.)
+                timeout = (urllib3.exceptions.TimeoutError, TimeoutError)
+                refused = isinstance(exc, urllib3.exceptions.NewConnectionError)
+                kind = "timeout" if isinstance(exc, timeout) and not refused else "unavailable"
                 continue
             status, body = response.status, response.data
             if status in (200, 206):
@@ -312,10 +346,10 @@ class S3Store:
                 return None
             if status == 416:
                 return b"", True
-            failure = f"{code or status} (HTTP {status})"
+            failure, kind = f"{code or status} (HTTP {status})", _status_kind(status)
             if status not in _RETRIED_STATUS:
                 break
-        raise StorageError(f"S3 {op} of {key!r} in bucket {self.bucket!r} failed: {failure}")
+        raise StoreFailure(f"S3 {op} of {key!r} in bucket {self.bucket!r} failed: {failure}", kind)
 
     def put(self, key: str, data: bytes) -> None:
         full = self._key(key)

@@ -109,6 +109,7 @@ LISTENING = "graft server listening on "  # then the URL; scripts and tests wait
 
 def sweep_temporaries(store: ObjectStore) -> None:
     """Remove what writers killed mid-write left in a directory store (nothing else has any)."""
+    store = getattr(store, "inner", store)  # the app's CountingStore wraps it
     if isinstance(store, FsStore):
         removed = store.remove_stale_temporaries(TEMPORARY_GRACE)
         if removed:

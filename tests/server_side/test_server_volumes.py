@@ -319,9 +319,9 @@ def test_read_expand_sends_interior_pages_below_an_interior_page(tmp_path):
     rounds: list[list[int]] = []  # each call: one round of (parallel) store reads
     frames = vols.reads._frames
 
-    def counted(view, lsn, pages):  # type: ignore[no-untyped-def]
+    def counted(view, lsn, pages, known=None):  # type: ignore[no-untyped-def]
         rounds.append(list(pages))
-        return frames(view, lsn, pages)
+        return frames(view, lsn, pages, known)
 
     vols.reads._frames = counted  # type: ignore[method-assign]
     expanded = vols.reads.read("v", 1, BitMap([root - 1]), expand=1024)
