@@ -223,8 +223,9 @@ def test_a_damaged_page_from_the_server_is_refused(open_volume, vid, server) -> 
     with writer.write() as w:
         w.write(0, pattern(4 * PAGE_SIZE, 5))
     writer.push()
-    with TamperingProxy(server.url, flip_byte) as proxy:
-        reader = open_volume(vid, remote=proxy.url)
+    with TamperingProxy(server.url) as proxy:
+        reader = open_volume(vid, remote=proxy.url)  # its opening passes unchanged
+        proxy.rewrite = flip_byte
         with pytest.raises(CorruptData, match="checksum mismatch"):
             reader.read(2 * PAGE_SIZE, 10)
         assert proxy.rewritten == 1

@@ -9,6 +9,7 @@ floor) is checked here.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -37,6 +38,7 @@ from graft_vfs.core.errors import (
     InvalidRequest,
     SnapshotExpired,
     SnapshotNotFound,
+    StorageError,
     VolumeNotFound,
 )
 from graft_vfs.core.graft import MAX_PAGES
@@ -87,6 +89,8 @@ class LogEntry(NamedTuple):
     page_count: int
     hash: bytes
 
+
+log = logging.getLogger("graft_server")
 
 # What a first query reads before any row: SQLite loads these statistics with the schema.
 STAT_TABLES = ("sqlite_stat1", "sqlite_stat4")
@@ -161,14 +165,16 @@ class Reads:
             if frames is not None:
                 self._openings.move_to_end(key)
                 return head, frames
-        frames = self._opening(head, budget)
-        with self._openings_lock:
-            self._openings[key] = frames
-            while len(self._openings) > OPENINGS_KEPT:
-                self._openings.popitem(last=False)
+        frames, whole = self._opening(head, budget)
+        if whole:  # cut short by a store failure: not kept, the next client asks again
+            with self._openings_lock:
+                self._openings[key] = frames
+                while len(self._openings) > OPENINGS_KEPT:
+                    self._openings.popitem(last=False)
         return head, frames
 
-    def _opening(self, head: Head, budget: int) -> list[PageFrame]:
+    def _opening(self, head: Head, budget: int) -> tuple[list[PageFrame], bool]:
+        """The opening's frames, and False if a store failure cut it short."""
         vol = self.index.volume(head.vid)
         view = self._view(vol, head.lsn, None)
         gathered: dict[int, PageFrame] = {}
@@ -222,9 +228,14 @@ class Reads:
                 found = self._interior_below(view, head.lsn, head.page_count, below, left, known)
                 for frame in found:
                     gathered.setdefault(frame.page, frame)
-        except (_OutOfBudget, CorruptData, MissingSegment):
+        except (_OutOfBudget, CorruptData):
             pass
-        return list(gathered.values())
+        except (StorageError, MissingSegment) as exc:
+            # An optimisation must not fail the open: the client reads these pages
+            # itself, and the read path says what is wrong with the store.
+            log.info("opening of %r cut short: %s", head.vid, exc)
+            return list(gathered.values()), False
+        return list(gathered.values()), True
 
     def _home_of_page_1(self, view: VolumeLog, lsn: int, budget: int) -> dict[int, PageFrame]:
         """The current pages of the segment that holds page 1, read in one ranged read if
