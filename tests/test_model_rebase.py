@@ -306,6 +306,19 @@ class RebaseModel(RuleBasedStateMachine):
         last = max(view)
         self.transact(c, j, ("insert", last + 1), {last}, {last + 1})
 
+    @rule(i=st.integers(0, CLIENTS - 1), j=st.integers(0, WRITERS - 1), k=st.integers(0, 20))
+    def peek(self, i: int, j: int, k: int) -> None:
+        """A writer reads a row in a read transaction of its own: SQLite keeps the page in
+        its cache, so the writer's next commits count it as read until the cache drops."""
+        c = self.clients[i]
+        wr = c.writers[j]
+        if wr.cache_lsn != c.local:
+            wr.seen = set()
+        key = self.key(c, k)
+        assert row(wr.con, key) == c.view[key], (c.i, j, key)
+        wr.seen.add(key)
+        wr.cache_lsn = c.local
+
     # -- sync -----------------------------------------------------------------------------
 
     def landed_since(self, base: int) -> list[Tx]:
