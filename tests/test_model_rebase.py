@@ -197,6 +197,8 @@ class RebaseModel(RuleBasedStateMachine):
             first.executemany(
                 "INSERT INTO t VALUES (?, 0, 0, ?)", ((k, "x" * PAD) for k in range(1, ROWS + 1))
             )
+        # Page 1 (the schema), the table's root, then one leaf per row: keys are pages.
+        assert first.execute("PRAGMA page_count").fetchone() == (ROWS + 2,)
         assert pragma(first, "graft_push")["remote_lsn"] == 1
         self.history.append({k: (0, 0) for k in range(1, ROWS + 1)})
         self.landed.append([])
@@ -437,6 +439,8 @@ class RebaseModel(RuleBasedStateMachine):
         """Close a client's connections and open them again (on the other server): pending
         commits keep their read sets, new connections start with empty ones."""
         c = self.clients[i]
+        if c.pending:
+            event("restart with pending commits (their read sets stay in the cache)")
         c.close()
         if switch:
             c.server = (c.server + 1) % len(self.urls)
