@@ -402,6 +402,45 @@ class RebaseModel(RuleBasedStateMachine):
         self.push(i)
         self.push(other)
 
+    @rule(
+        i=st.integers(0, CLIENTS - 1),
+        k=st.integers(1, CLIENTS - 1),
+        j=st.integers(0, WRITERS - 1),
+        a=st.integers(0, 20),
+        b=st.integers(1, 20),
+        again=st.booleans(),
+    )
+    def cached_read(self, i: int, k: int, j: int, a: int, b: int, again: bool) -> None:
+        """A writer of client ``i`` reads key x in a transaction that lands (a fast-forward:
+        the local LSN stays); another client changes x and lands; the writer then writes
+        key y, reading x ``again`` (SQLite serves that page from its cache: the local LSN
+        has not moved) or not. Either way x is in the read set of the writer's commit,
+        which must not be rebased over x."""
+        c, other = self.clients[i], self.clients[(i + k) % CLIENTS]
+        x, y = self.key(c, a), self.key(c, a + b)
+        if x == y or x not in other.view:
+            return
+        self.catch_up(c)  # each up to date before its write: its push of x lands
+        self.transact(c, j, ("rmw", x), {x}, {x})
+        self.push(i)
+        self.catch_up(other)
+        self.transact(other, 0, ("rmw", x), {x}, {x})
+        self.push(other.i)
+        if again:
+            self.transact(c, j, ("copy", x, y), {x, y}, {y})
+        else:
+            self.transact(c, j, ("rmw", y), {y}, {y})
+        self.push(i)
+        if c.diverged:
+            self.reset_client(c)
+
+    def catch_up(self, c: Client) -> None:
+        """``c`` at the server's latest with nothing pending (a reset, or a pull)."""
+        if c.pending:
+            self.reset_client(c)
+        elif c.base != self.latest:
+            self.pull(c.i)
+
     @rule(i=st.integers(0, CLIENTS - 1))
     def pull(self, i: int) -> None:
         c = self.clients[i]
@@ -421,10 +460,13 @@ class RebaseModel(RuleBasedStateMachine):
     @precondition(lambda self: any(c.pending for c in self.clients))
     @rule(i=st.integers(0, CLIENTS - 1))
     def reset(self, i: int) -> None:
-        """A client with pending transactions (a diverged one first) discards them: it then
-        reads the server's state, which holds none of them."""
+        """A client with pending transactions (a diverged one first) discards them."""
         some = [c for c in self.clients if c.diverged] or [c for c in self.clients if c.pending]
-        c = some[i % len(some)]
+        self.reset_client(some[i % len(some)])
+
+    def reset_client(self, c: Client) -> None:
+        """``c`` discards its pending transactions: it then reads the server's state, which
+        holds none of them."""
         if c.diverged:
             count("reset after divergence")
         result = pragma(c.reader, "graft_reset")
