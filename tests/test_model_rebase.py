@@ -17,6 +17,11 @@ last transaction, not at its own commits. So each client's connections are model
 the writers' read sets, and a separate reader connection that the checks read through
 (a full scan would put every page in a writer's read set).
 
+Besides single steps, two rules play the cases rebase is about: ``race`` (two clients
+write, then push one after the other) and ``cached_read`` (a writer's commit that read a
+key in an earlier, landed transaction, whose page SQLite serves from its cache, is not
+rebased over a change of that key).
+
 The push contract checked exactly: a push sends its pending local commits as one remote
 commit, so a push that lands on head ``h`` answers remote LSN ``h + 1`` whatever the
 number ``n`` of local commits; a fast-forward answers ``local_commits == n`` at the same
@@ -417,10 +422,10 @@ class RebaseModel(RuleBasedStateMachine):
         has not moved) or not. Either way x is in the read set of the writer's commit,
         which must not be rebased over x."""
         c, other = self.clients[i], self.clients[(i + k) % CLIENTS]
-        x, y = self.key(c, a), self.key(c, a + b)
-        if x == y or x not in other.view:
-            return
         self.catch_up(c)  # each up to date before its write: its push of x lands
+        x, y = self.key(c, a), self.key(c, a + b)
+        if x == y:
+            return
         self.transact(c, j, ("rmw", x), {x}, {x})
         self.push(i)
         self.catch_up(other)
