@@ -318,8 +318,13 @@ def _failure_code(exc: apsw.Error) -> str:
     return wire_error(cause).code if isinstance(cause, GraftError) else "internal_error"
 
 
+def _json(value: Any) -> str:
+    """One NDJSON line's text, compact as the JSON answers are."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def _lines(rows: list[list[Any]]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
+    return "".join(_json(r) + "\n" for r in rows)
 
 
 class _RowStream(StreamingResponse):
@@ -344,7 +349,7 @@ class _RowStream(StreamingResponse):
     async def _chunks(self) -> AsyncIterator[str]:
         rows = self.rows
         head = {"volume": rows.vid, "lsn": rows.lsn, "columns": rows.columns}
-        yield json.dumps(head) + "\n" + _lines(rows.first)
+        yield _json(head) + "\n" + _lines(rows.first)
         rows.first = []
         while not rows.done:
             try:
@@ -352,10 +357,10 @@ class _RowStream(StreamingResponse):
             except (QueryError, apsw.Error) as exc:  # (apsw: the volume could not be read)
                 code = exc.code if isinstance(exc, QueryError) else _failure_code(exc)
                 end = {"error": code, "message": str(exc), "rows": rows.count}
-                yield json.dumps(end) + "\n"
+                yield _json(end) + "\n"
                 return
             yield _lines(batch)
-        yield json.dumps({"rows": rows.count, "truncated": rows.truncated}) + "\n"
+        yield _json({"rows": rows.count, "truncated": rows.truncated}) + "\n"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
