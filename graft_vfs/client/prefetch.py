@@ -18,10 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from graft_vfs.core.btree import (
-    INTERIOR_INDEX,
     INTERIOR_TABLE,
     MAX_DEPTH,
     SchemaEntry,
+    header_offset,
+    interior_links,
     is_interior,
     parse_page,
     read_schema,
@@ -223,18 +224,18 @@ class TreeMap:
                 data = self._peek(p)
                 if data is None:
                     continue  # its subtree is unknown until it is local
-                page = parse_page(data, p, self.usable)
-                if not page.interior:
+                if not is_interior(data, p):
+                    parse_page(data, p, self.usable)  # CorruptData if it is no B-tree page
                     tree.leaves.append(p)  # a one-page tree
                     tree.leafset.add(p)
                     continue
                 tree.interior.append(p)
-                children += page.children
-                if page.kind == INTERIOR_TABLE:
-                    keys = [c.key if c.key is not None else 0 for c in page.cells]
-                    self._keys[p] = (keys, page.children)
-                elif page.kind == INTERIOR_INDEX:
-                    for i, c in enumerate(page.children):
+                below, keys = interior_links(data, p, self.usable)
+                children += below
+                if data[header_offset(p)] == INTERIOR_TABLE:
+                    self._keys[p] = (keys, below)
+                else:
+                    for i, c in enumerate(below):
                         self.parent[c] = (p, i)
             if not children:
                 return tree
