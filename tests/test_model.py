@@ -13,8 +13,6 @@ A second machine runs with background push and pull on (``autopush``,
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import subprocess
 import sys
 import textwrap
@@ -24,14 +22,13 @@ import uuid
 import apsw
 import hypothesis.strategies as st
 import pytest
-from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis import event
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 import graft_vfs
@@ -39,15 +36,10 @@ from graft_server.gc import Retention, collect
 from graft_server.volumes import Volumes
 from graft_vfs.core.errors import SnapshotExpired
 from support.clients import child_env, pragma
-from support.servers import ServerProcess
+from support.models import run_machine, two_servers
 
 CLIENTS = 3
 CONNECTIONS = 2  # per cache directory
-EXAMPLES = int(os.environ.get("GRAFT_MODEL_EXAMPLES", "25"))
-STEPS = 30
-PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + (
-    [] if os.environ.get("GRAFT_MODEL_NO_SHRINK") else [Phase.shrink]
-)
 SETTLE_BOUND = 60.0  # seconds the background may take to settle: a bound, not a timing
 
 PUSH_CHILD = textwrap.dedent(
@@ -410,32 +402,12 @@ class BackgroundReplication(Replication):
 
 @pytest.fixture
 def servers(own_server):
-    """Two server processes on one fresh store (the own_server and a second one)."""
-    own_server.start()
-    second = dataclasses.replace(own_server, port=0, proc=None).start()
-    yield [own_server, second]
-    second.stop()
-
-
-def run(machine: type[Replication], servers: list[ServerProcess], tmp_path) -> None:
-    machine.urls = [srv.url for srv in servers]
-    machine.store = servers[0]._backing()
-    machine.tmp = str(tmp_path)
-    run_state_machine_as_test(
-        machine,
-        settings=settings(
-            max_examples=EXAMPLES,
-            stateful_step_count=STEPS,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-            phases=PHASES,
-        ),
-    )
+    yield from two_servers(own_server)
 
 
 def test_replication_model(servers, tmp_path):
-    run(Replication, servers, tmp_path)
+    run_machine(Replication, servers, str(tmp_path))
 
 
 def test_replication_model_with_background_sync(servers, tmp_path):
-    run(BackgroundReplication, servers, tmp_path)
+    run_machine(BackgroundReplication, servers, str(tmp_path))

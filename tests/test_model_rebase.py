@@ -34,25 +34,24 @@ then the pending commits squashed on top of it).
 from __future__ import annotations
 
 import dataclasses
-import os
 import uuid
 from collections import Counter
 
 import apsw
 import hypothesis.strategies as st
 import pytest
-from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis import event
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 import graft_vfs
 from support.clients import pragma
+from support.models import run_machine, two_servers
 from support.servers import ServerProcess
 
 CLIENTS = 3
@@ -61,11 +60,6 @@ ROWS = 9  # rows at the start, keys 1..ROWS
 MAX_ROWS = 12  # inserts grow the table up to this many rows
 HOME = ROWS // CLIENTS  # client i's key k is the (k + HOME * i)-th: small draws are disjoint
 PAD = 2500  # bytes per row: one row per 4 KiB leaf page
-EXAMPLES = int(os.environ.get("GRAFT_MODEL_EXAMPLES", "25"))
-STEPS = 30
-PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + (
-    [] if os.environ.get("GRAFT_MODEL_NO_SHRINK") else [Phase.shrink]
-)
 REBASE = graft_vfs.Options(autopush=False, rebase=True)
 
 Row = tuple[int, int]  # (n, w): a counter, and how many transactions wrote the row
@@ -525,28 +519,12 @@ class RebaseModel(RuleBasedStateMachine):
 
 @pytest.fixture
 def servers(own_server):
-    """Two server processes on one fresh store (the own_server and a second one)."""
-    own_server.start()
-    second = dataclasses.replace(own_server, port=0, proc=None).start()
-    yield [own_server, second]
-    second.stop()
+    yield from two_servers(own_server)
 
 
 def test_rebase_model(servers: list[ServerProcess], tmp_path) -> None:
-    RebaseModel.urls = [srv.url for srv in servers]
-    RebaseModel.store = servers[0]._backing()
-    RebaseModel.tmp = str(tmp_path)
     SEEN.clear()
-    run_state_machine_as_test(
-        RebaseModel,
-        settings=settings(
-            max_examples=EXAMPLES,
-            stateful_step_count=STEPS,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-            phases=PHASES,
-        ),
-    )
+    run_machine(RebaseModel, servers, str(tmp_path))
     print(f"rebase model, pushes by outcome: {dict(SEEN)}")  # (shown with pytest -s)
     # Rebase engaged: pushes were rebased (each one predicted by the model, which
     # every push followed), and others refused.
