@@ -166,7 +166,11 @@ class Volume:
 
     def read_remote_page(self, pageno: int, remote_lsn: int) -> bytes:
         """Page ``pageno`` at a remote LSN that the local log does not hold."""
-        return self.reads.read_remote_page(pageno, remote_lsn, self.row.identity)
+        return self.read_remote_pages([pageno], remote_lsn)[pageno]
+
+    def read_remote_pages(self, pages: list[int], remote_lsn: int) -> dict[int, bytes]:
+        """``pages`` at a remote LSN that the local log does not hold, in one request."""
+        return self.reads.read_remote_pages(pages, remote_lsn, self.row.identity)
 
     def hydrate(
         self, progress: Callable[[int], None] | None = None, workers: int = 4

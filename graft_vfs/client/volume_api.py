@@ -37,7 +37,6 @@ from typing import Any
 from pyroaring import BitMap
 
 from graft_vfs.client import api
-from graft_vfs.client.remote import Traffic, required
 from graft_vfs.client.runtime import Options, Runtime
 from graft_vfs.client.sync import MAX_READ_SET
 from graft_vfs.client.volume import Volume as ClientVolume
@@ -181,20 +180,10 @@ class _Pinned(_Reads):
 
     def _fetch_past(self, pages: list[int]) -> None:
         """Fetch ``pages`` of the past snapshot in one request, verified as every read."""
-        vol = self._vol
         assert self._remote_lsn is not None
-        remote = required(vol.remote)
-        traffic = Traffic()
-        try:
-            with vol.reads.sched.demand_read():
-                got = remote.read_pages(
-                    vol.vid, self._remote_lsn, pages, traffic, identity=vol.row.identity
-                )
-        finally:
-            vol.stats.count(traffic)
-        vol.stats.add(cache_misses=len(pages), pages_fetched=len(pages))
+        got = self._vol.read_remote_pages(pages, self._remote_lsn)
         for pageno in pages:
-            self._past[pageno] = got.get(pageno, (0, ZERO_PAGE))[1]
+            self._past[pageno] = got[pageno]
             self._past.move_to_end(pageno)
         while len(self._past) > PAST_CACHE_PAGES:
             self._past.popitem(last=False)
