@@ -166,7 +166,7 @@ class Reads:
                 self._openings.move_to_end(key)
                 return head, frames
         frames, whole = self._opening(head, budget)
-        if whole:  # cut short by a store failure: not kept, the next client asks again
+        if whole:  # one cut short by a store failure is not kept: the next client asks again
             with self._openings_lock:
                 self._openings[key] = frames
                 while len(self._openings) > OPENINGS_KEPT:
