@@ -69,6 +69,7 @@ STORE_CACHE_KIB = 16384  # SQLite's page cache of the store file (SQLite's defau
 STORE_MMAP_BYTES = 1 << 30
 
 WAL_KEEP_BYTES = 1 << 20  # the -wal file is cut back to this after a checkpoint
+ABSENT_BATCH = 512  # pages per query of ``without_data``
 
 # PRAGMA user_version of the store. 0: the first format; 1: every row has a crc;
 # 2: the origins table (the identity of each volume's server side); 3: the read_sets
@@ -482,6 +483,38 @@ class LocalStore(Maintenance):
             elif not row[1]:
                 missing[pageno] = row[0]
         return missing
+
+    @_boundary
+    def without_data(self, v: int, pages: Iterable[int], lsn: int) -> dict[int, int | None]:
+        """Which of ``pages`` have no data at ``lsn``: ``{page: marker_lsn|None}``, as
+        ``missing_pages`` says for a whole snapshot, in one query per 512 pages (a run
+        of neighbours in one range query) instead of one query per page.
+
+        Unverified, as ``missing_pages``: a damaged row is checked when it is read.
+        """
+        wanted = sorted(set(pages))
+        latest: dict[int, tuple[int, bool]] = {}
+        with self._lock:
+            for i in range(0, len(wanted), ABSENT_BATCH):
+                chunk = wanted[i : i + ABSENT_BATCH]
+                if chunk[-1] - chunk[0] < 2 * len(chunk):  # dense: one range
+                    where, args = "pageno BETWEEN ? AND ?", [chunk[0], chunk[-1]]
+                else:
+                    where, args = f"pageno IN ({','.join('?' * len(chunk))})", chunk
+                for pageno, row_lsn, has_data in self._db.execute(
+                    f"SELECT pageno, lsn, data IS NOT NULL FROM pages WHERE v=? AND {where} "
+                    "AND lsn<=? ORDER BY pageno, lsn",
+                    (v, *args, lsn),
+                ):
+                    latest[pageno] = (row_lsn, bool(has_data))  # the last is the latest
+        out: dict[int, int | None] = {}
+        for pageno in wanted:
+            row = latest.get(pageno)
+            if row is None:
+                out[pageno] = None
+            elif not row[1]:
+                out[pageno] = row[0]
+        return out
 
     def pages_at(self, v: int, pages: Iterable[int], lsn: int) -> dict[int, bytes]:
         """Contents of ``pages`` at local ``lsn``; every page must be present locally."""

@@ -34,6 +34,7 @@ WINDOW = 8  # recent accesses the vote looks at
 MIN_VOTES = 3  # a stride must repeat this often before anything is prefetched
 MIN_AHEAD = 8
 MAX_AHEAD = 256  # 1 MiB of pages per request at most
+RUN_SLACK = 8  # a miss this close after a predicted run continues it
 
 
 class Prefetcher:
@@ -45,6 +46,8 @@ class Prefetcher:
         self._ahead = 0
         self._stride = 0
         self._outstanding: set[int] = set()  # prefetched and not read yet
+        self._run: list[int] = []  # the pages predicted last
+        self._expect = -1  # the page after them: a miss there means the run was read
         self._lock = threading.Lock()
         self.prefetched = 0
         self.used = 0
@@ -60,19 +63,33 @@ class Prefetcher:
     def predict(self, pageno: int) -> list[int]:
         """Pages to fetch along with ``pageno`` (which missed and was just recorded)."""
         with self._lock:
-            h = list(self._history)
-            deltas = [b - a for a, b in zip(h, h[1:])]
-            if not deltas:
-                return []
-            stride, votes = Counter(deltas).most_common(1)[0]
-            if stride == 0 or votes < MIN_VOTES or votes * 2 <= len(deltas):
-                self._ahead = 0
-                return []
-            if stride == self._stride and self._ahead:
+            if self._ahead and 0 <= (pageno - self._expect) * self._stride < RUN_SLACK * abs(
+                self._stride
+            ):
+                # The reader went through the last run (served from memory, so unseen
+                # here) and on to the page after it, or a few further (it skipped pages
+                # held locally, as a table's interior pages): the stride holds.
+                read = self._outstanding.intersection(self._run)
+                self.used += len(read)
+                self._outstanding -= read
                 self._ahead = min(self._ahead * 2, self.max_ahead)
+                stride = self._stride
             else:
-                self._stride, self._ahead = stride, MIN_AHEAD
-            return [pageno + stride * i for i in range(1, self._ahead + 1)]
+                h = list(self._history)
+                deltas = [b - a for a, b in zip(h, h[1:])]
+                if not deltas:
+                    return []
+                stride, votes = Counter(deltas).most_common(1)[0]
+                if stride == 0 or votes < MIN_VOTES or votes * 2 <= len(deltas):
+                    self._ahead, self._run, self._expect = 0, [], -1
+                    return []
+                if stride == self._stride and self._ahead:
+                    self._ahead = min(self._ahead * 2, self.max_ahead)
+                else:
+                    self._stride, self._ahead = stride, MIN_AHEAD
+            self._run = [pageno + stride * i for i in range(1, self._ahead + 1)]
+            self._expect = self._run[-1] + stride
+            return self._run
 
     def fetched(self, pages: list[int]) -> None:
         with self._lock:
@@ -187,8 +204,10 @@ class TreeMap:
         self.lsn, self.stamp = lsn, stamp
         self.trees: dict[int, Tree] = {}
         self.owner: dict[int, int] = {}  # page -> root of its tree
-        # interior table page -> (keys, children): a rowid k is under the first key >= k
+        # interior table page -> (keys, children): a rowid k is under the first key >= k;
+        # the keys are read from the page the first time a lookup goes through it
         self._keys: dict[int, tuple[list[int], list[int]]] = {}
+        self._unread: dict[int, bytes] = {}  # interior table pages whose keys are not read
         # page of an index -> (its parent, its place among the parent's children): the
         # record after the page in key order is the parent's cell at that place
         self.parent: dict[int, tuple[int, int]] = {}
@@ -230,24 +249,27 @@ class TreeMap:
                     tree.leafset.add(p)
                     continue
                 tree.interior.append(p)
-                below, keys = interior_links(data, p, self.usable)
+                below, _ = interior_links(data, p, self.usable, keys=False)
                 children += below
                 if data[header_offset(p)] == INTERIOR_TABLE:
-                    self._keys[p] = (keys, below)
+                    self._unread[p] = data
                 else:
                     for i, c in enumerate(below):
                         self.parent[c] = (p, i)
             if not children:
                 return tree
-            if any(c in seen or not 0 <= c < self._page_count for c in children):
+            if (
+                not seen.isdisjoint(children)
+                or len(set(children)) < len(children)
+                or max(children) >= self._page_count
+            ):  # (interior_links saw no child below 0)
                 raise CorruptData(f"the B-tree at page {entry.root + 1} loops")
             seen.update(children)
             probe = self._peek(children[0])
             # Balanced: one child tells the level. A child not held is taken for a leaf:
             # the interior levels come along with the root.
             if probe is None or not is_interior(probe, children[0]):
-                for c in children:
-                    self.owner[c] = entry.root
+                self.owner.update(dict.fromkeys(children, entry.root))
                 tree.leaves += children
                 tree.leafset.update(tree.leaves)
                 return tree
@@ -265,7 +287,14 @@ class TreeMap:
                 return page
             node = self._keys.get(page)
             if node is None:
-                return None
+                data = self._unread.pop(page, None)
+                if data is None:
+                    return None
+                try:
+                    below, keys = interior_links(data, page, self.usable)
+                except CorruptData:
+                    return None  # SQLite will say so when it reads the page
+                node = self._keys[page] = (keys, below)
             keys, children = node
             page = children[bisect_left(keys, rowid)]
         return None

@@ -7,7 +7,8 @@ misses read runs of pages in one query, which fill the memory cache: read-ahead)
 fetched from the server. A fetch takes along what the prefetch policy predicts
 (``prefetch.Prefetcher`` for strides, ``prefetch.FrameSizer`` for clustered random
 reads, sized with the link measured by ``link.Link``) and the interior B-tree pages the
-server adds below a missed interior page. Reads are remembered in memory (page, row,
+server adds below a missed interior page; a scan's next windows are fetched in the
+background (``readahead.ReadAhead``). Reads are remembered in memory (page, row,
 time) for the local store's eviction, which takes them in one batch: the read path
 writes nothing to disk but fetched pages.
 """
@@ -48,6 +49,7 @@ from graft_vfs.client.prefetch import (
     tree_budget,
     tree_is_cheap,
 )
+from graft_vfs.client.readahead import MARK_PAGES, ReadAhead
 from graft_vfs.client.remote import Remote, Traffic, required
 from graft_vfs.client.stats import Stats
 from graft_vfs.core.btree import (
@@ -98,6 +100,10 @@ READ_AHEAD_MAX = 128
 # A miss this close after the end of the last run still counts as sequential (a table
 # scan reads a few interior pages between runs of leaves).
 READ_AHEAD_SLACK = 8
+# A stride prefetch this long (the third in a row: 8, 16, 32 pages) shows a scan: the
+# windows after it are fetched in the background (``readahead.ReadAhead``). Shorter ones
+# are a few neighbours read together (the schema, a small table), not worth a request.
+READAHEAD_MIN = 32
 
 
 class ReadPath:
@@ -146,6 +152,7 @@ class ReadPath:
         self.sched = LinkScheduler()  # demand reads first, background in what is left
         self.sched.congested = self._congested
         self.hints = True  # index -> table follow-ups (they ride along demand requests)
+        self.ahead = ReadAhead(self._fetch_window)  # a sequential reader's next window
         self._trees: TreeMap | None = None
         self._trees_at = 0.0
         self._stamp = 0  # interior pages stored so far (in batches): a TreeMap's age
@@ -175,6 +182,9 @@ class ReadPath:
             return entry[1]
         self.prefetcher.record(pageno)
         self.follow.read(pageno)
+        marked = self._from_window(pageno, lsn)
+        if marked is not None:
+            return marked
         row = self._read_local(pageno, lsn)
         if row is not None and row[1] is not None:
             self.stats.local_hits += 1  # unlocked, as cache_hits
@@ -187,6 +197,28 @@ class ReadPath:
             self.frames.record(pageno)
             if pageno and data[0] == LEAF_INDEX:
                 self.follow.index_leaf(lsn, pageno, self._next_leaf(pageno, lsn))
+        return data
+
+    def _from_window(self, pageno: int, lsn: int) -> bytes | None:
+        """The page if a read-ahead window brought it (waiting for a window in flight):
+        its mark (which starts the next window), or a page that landed meanwhile."""
+        ahead = self.ahead
+        if not ahead.busy():
+            return None
+        ahead.wait(pageno, lsn)
+        entry = self.cache.get(pageno)
+        if entry is not None and entry[0] <= lsn:
+            self.stats.cache_hits += 1
+            return entry[1]
+        mark = ahead.take_mark(pageno, lsn)
+        if mark is None:
+            return None
+        row_lsn, data = mark
+        self.stats.cache_hits += 1
+        self._note_use(pageno, row_lsn)
+        self._remember(pageno, row_lsn, data, lsn)
+        if not is_interior(data, pageno):
+            self.frames.record(pageno)
         return data
 
     def _congested(self) -> bool:
@@ -285,7 +317,8 @@ class ReadPath:
         # known change at or before lsn) or, with no marker, from the sync point.
         wanted = {pageno: marker if marker is not None else sync_local}
         page_count = local.page_count_at(row_id, lsn)
-        ahead = self.prefetcher.predict(pageno) or self._frame(pageno, remote.link)
+        stride = self.prefetcher.predict(pageno)
+        ahead = stride or self._frame(pageno, remote.link)
         background = background_on(self.background, remote.link.floor)
         trees = self._tree_map(lsn, page_count) if self.hints or background else None
         along = []
@@ -325,10 +358,62 @@ class ReadPath:
         self.stats.add(pages_fetched=len(got), pages_prefetched=len(prefetched))
         data = got[pageno][1]
         self._remember(pageno, wanted[pageno], data, lsn)
+        if stride:
+            self._ahead_fetched([p for p in stride if p in wanted], wanted, got, lsn)
+            if len(stride) >= READAHEAD_MIN and lsn == self._latest():
+                self.ahead.start(stride[-1], stride[0] - pageno, len(stride), lsn, page_count)
         self._note_chains(pageno, data)
         if trees is not None and background and not is_interior(data, pageno):
             self._watch_tree(trees, pageno, lsn, page_count, remote.link)
         return data
+
+    def _fetch_window(self, pages: list[int], lsn: int) -> list[tuple[int, int, bytes]]:
+        """Fetch a read-ahead window (``readahead.ReadAhead``) at ``lsn``: its pages into
+        the local store and, but for the first MARK_PAGES fetched (returned as the
+        window's marks: ``(page, row_lsn, data)``), into the memory cache."""
+        if lsn != self._latest():
+            return []
+        remote = required(self.remote)
+        identity = self._identity_for(lsn)
+        sync_local, sync_remote = self.local.sync_point(self.row_id, lsn)
+        wanted: dict[int, int] = {}
+        busy = self._inflight
+        self._want_missing(wanted, (p for p in pages if p not in busy), lsn, sync_local)
+        if not wanted:
+            return []
+        traffic = Traffic()
+        busy.update(wanted)
+        try:
+            with self.sched.demand_read():  # the reader is about to wait for these
+                got = remote.read_pages(self.vid, sync_remote, wanted, traffic, identity=identity)
+        finally:
+            busy.difference_update(wanted)
+            self.stats.count(traffic)
+        self.local.store_fetched(self.row_id, [(p, wanted[p], got[p][1]) for p in wanted])
+        order = [p for p in pages if p in wanted]
+        self.stats.add(
+            pages_fetched=len(order), pages_prefetched=len(order), readahead_windows=1
+        )
+        self._ahead_fetched(order[MARK_PAGES:], wanted, got, lsn)
+        return [(p, wanted[p], got[p][1]) for p in order[:MARK_PAGES]]
+
+    def _ahead_fetched(
+        self,
+        pages: list[int],
+        rows: dict[int, int],
+        got: dict[int, tuple[int, bytes]],
+        lsn: int,
+    ) -> None:
+        """Pages a sequential reader is about to read, just fetched: into the memory
+        cache at once, not read back from the local store. Not recorded as read (they
+        are not, yet): the stride prefetcher knows its run was read when the reader
+        misses on the page after it, and the frame sizer learns from reads alone."""
+        with self._lock:
+            if lsn != self._latest():
+                return
+            for p in pages:
+                self.cache_put(p, rows[p], got[p][1])
+        self._note_uses((p, rows[p]) for p in pages)
 
     # -- B-tree awareness on the demand path ---------------------------------------
 
@@ -607,12 +692,11 @@ class ReadPath:
         self, wanted: dict[int, int], pages: Iterable[int], lsn: int, sync_local: int
     ) -> None:
         """Add the pages not held locally at ``lsn``, with the row their content is from."""
-        for p in pages:
-            if p in wanted:
-                continue
-            row = self.local.read_page(self.row_id, p, lsn)
-            if row is None or row[1] is None:
-                wanted[p] = row[0] if row is not None else sync_local
+        asked = [p for p in pages if p not in wanted]
+        if not asked:
+            return
+        for p, marker in self.local.without_data(self.row_id, asked, lsn).items():
+            wanted[p] = marker if marker is not None else sync_local
 
     def _frame(self, pageno: int, link: Link) -> range:
         """The aligned run of pages a random miss fetches (see prefetch.FrameSizer)."""

@@ -21,6 +21,7 @@ class Stats:
     cache_misses: int = 0  # pages that had to come from the server
     pages_prefetched: int = 0  # fetched ahead of a read, along with a missed page
     prefetch_unused: int = 0  # prefetched pages not read (yet)
+    readahead_windows: int = 0  # windows a sequential reader had fetched ahead of it
     commits_local: int = 0
     commits_pushed: int = 0
     pages_pushed: int = 0

@@ -198,11 +198,14 @@ def parse_page(data: bytes, pageno: int, usable: int) -> Page:
     return Page(kind, cells, right)
 
 
-def interior_links(data: bytes, pageno: int, usable: int) -> tuple[list[int], list[int]]:
+def interior_links(
+    data: bytes, pageno: int, usable: int, *, keys: bool = True
+) -> tuple[list[int], list[int]]:
     """An interior page's children and, for a table's, its keys (rowid ``k`` lives under
-    the first key ``>= k``; [] for an index's), as ``parse_page`` finds them but without
-    building its cells: what mapping a whole B-tree's upper levels needs, fast. A page
-    that is no interior page, or is damaged, is CorruptData."""
+    the first key ``>= k``; [] for an index's, or without ``keys``), as ``parse_page``
+    finds them but without building its cells: what mapping a whole B-tree's upper
+    levels needs, fast. A page that is no interior page, or is damaged, is CorruptData
+    (its keys are checked only when read)."""
     off, kind, ncells, ptrs = _page_header(data, pageno, usable)
     if kind not in INTERIOR:
         raise _corrupt(pageno, "not an interior page")
@@ -213,13 +216,13 @@ def interior_links(data: bytes, pageno: int, usable: int) -> tuple[list[int], li
     children.append(_u32(data, off + 8)[0] - 1)
     if min(children) < 0:
         raise _corrupt(pageno, "a child pointer names page 0")
-    keys: list[int] = []
-    if kind == INTERIOR_TABLE:
+    found: list[int] = []
+    if keys and kind == INTERIOR_TABLE:
         try:
-            keys = [_signed(read_varint(data, pos + 4, usable)[0]) for pos in cells]
+            found = [_signed(read_varint(data, pos + 4, usable)[0]) for pos in cells]
         except ValueError as exc:
             raise _corrupt(pageno, str(exc)) from None
-    return children, keys
+    return children, found
 
 
 def _cell(data: bytes, pos: int, kind: int, usable: int) -> Cell:

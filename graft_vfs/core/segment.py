@@ -23,6 +23,7 @@ zstd allocates what a frame declares, so a 64 KiB frame could otherwise claim 2 
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 from collections.abc import Collection, Iterable, Iterator
 from typing import NamedTuple
@@ -164,6 +165,18 @@ def decode_index(head: bytes) -> list[Entry]:
     return entries
 
 
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (one may not be shared between threads; making one
+    per page cost as much as decompressing it)."""
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
 def decompress_page(frame: bytes, page: int) -> bytes:
     """One page from its zstd frame, never allocating more than PAGE_SIZE for it.
 
@@ -178,7 +191,7 @@ def decompress_page(frame: bytes, page: int) -> bytes:
         shown = "no size" if declared == zstandard.CONTENTSIZE_UNKNOWN else f"{declared} bytes"
         raise CorruptData(f"page {page}'s frame declares {shown}, not {PAGE_SIZE}")
     try:
-        data = zstandard.ZstdDecompressor().decompress(
+        data = _decompressor().decompress(
             frame, max_output_size=PAGE_SIZE, allow_extra_data=False
         )
     except zstandard.ZstdError as exc:
