@@ -325,6 +325,13 @@ SIBLINGS_START = 2
 SIBLINGS_MAX = 16
 
 RowidsOf = Callable[[int], tuple[list[int], Callable[[int], int | None]] | None]
+# A table leaf missed whose rowid is not in the index leaf read last: SQLite may have
+# gone on into the next local index leaves, read from memory; this many are looked at.
+FIND_LEAVES = 2
+
+
+def _no_rowids(leaf: int) -> None:
+    return None
 
 
 class IndexFollow:
@@ -342,6 +349,8 @@ class IndexFollow:
         self.leaf: tuple[int, int] | None = None  # (lsn, index leaf page)
         self._rowids: list[int] | None = None  # the rowids of that leaf, in key order
         self._leaf_of: Callable[[int], int | None] | None = None
+        self._more: RowidsOf = _no_rowids  # rowids_of, for the leaves of ``_chain``
+        self._chain: list[int] = []  # local index leaves after the leaf, not read yet
         self._leaves: list[int | None] = []  # table leaf of each rowid, as far as known
         self._cursor = 0
         self.ahead = FOLLOW_START
@@ -415,17 +424,22 @@ class IndexFollow:
                     self.leaf = None
                     return []
                 rowids, self._leaf_of = found
-                for leaf in chain(self.leaf[1]) if chain is not None else []:
-                    more = rowids_of(leaf)
-                    if more is None:
-                        break
-                    rowids = rowids + more[0]
-                self._rowids = rowids
+                self._rowids = list(rowids)
+                # The local index leaves after it are read only as far as needed.
+                self._more = rowids_of
+                self._chain = list(chain(self.leaf[1])) if chain is not None else []
             # Many rowids share a table leaf: SQLite may be at any of the places whose
             # rowid is in ``pageno``; the leaves after each of the first few come along.
             places = self._find(pageno, self._cursor, len(self._rowids))
             if not places:
                 places = self._find(pageno, 0, self._cursor)
+            for _ in range(FIND_LEAVES):  # or SQLite went on into the next index leaf
+                if places:
+                    break
+                known = len(self._rowids)
+                if not self._extend():
+                    break
+                places = self._find(pageno, known, len(self._rowids))
             if not places:
                 return []
             self._adapt()
@@ -434,15 +448,27 @@ class IndexFollow:
             out: list[int] = []
             for i in places:
                 taken = 0
-                for j in range(i + 1, len(self._rowids)):
-                    if taken >= want:
-                        break
+                j = i + 1
+                while taken < want and (j < len(self._rowids) or self._extend()):
                     p = self._leaf(j)
+                    j += 1
                     if p is not None and p != pageno:
                         taken += 1
                         if p not in out:
                             out.append(p)
             return out
+
+    def _extend(self) -> bool:
+        """Append the rowids of the next local index leaf; False if there is none."""
+        while self._chain:
+            more = self._more(self._chain.pop(0))
+            if more is None:
+                break
+            if more[0]:
+                self._rowids = (self._rowids or []) + more[0]
+                return True
+        self._chain = []
+        return False
 
     def _find(self, pageno: int, start: int, stop: int) -> list[int]:
         """The first FOLLOW_PLACES places in ``[start, stop)`` whose rowid is in ``pageno``."""

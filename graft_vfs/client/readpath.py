@@ -492,15 +492,11 @@ class ReadPath:
         return out + follow
 
     def _local_following(self, trees: TreeMap, leaf: int, lsn: int) -> list[int]:
-        """The index leaves after ``leaf`` held locally, up to the first that is not."""
+        """The index leaves after ``leaf``, as far as the local interior pages tell: the
+        follow reads them only as far as it needs, up to the first not held locally."""
         root = trees.owner.get(leaf)
         tree = trees.trees.get(root) if root is not None else None
-        out: list[int] = []
-        for p in tree.following(leaf, SIBLINGS_MAX) if tree is not None else []:
-            if self._absent(p, lsn):
-                break
-            out.append(p)
-        return out
+        return tree.following(leaf, SIBLINGS_MAX) if tree is not None else []
 
     def _rowids_of(
         self, trees: TreeMap, leaf: int, lsn: int
