@@ -147,3 +147,35 @@ def test_an_answer_over_the_limit_is_refused_before_it_is_read_whole(
         remote.read_pages(volume, head.lsn, list(range(1, head.page_count)))
     monkeypatch.undo()
     assert remote.read_pages(volume, head.lsn, [1, 2, 3]) == good  # the next call is sound
+
+
+def test_each_value_of_a_read_answer_is_checked_and_named():
+    """Remote._frames_of, alone: every row of a read answer is [page, version, crc,
+    frame] with exact integers in range, in the order asked; the first bad value is
+    named and nothing of the answer is used."""
+    import zstandard
+
+    from graft_vfs.core.segment import frame_crc
+
+    frame = zstandard.ZstdCompressor().compress(b"x" * 4096)
+    good = [7, 3, frame_crc(7, frame), frame]
+    remote = Remote("http://127.0.0.1:9")
+    assert remote._frames_of({"pages": [good]}, "v", 5, [7], 0)[7] == (3, b"x" * 4096)
+    cases = [
+        ([True, 3, good[2], frame], "a page"),
+        ([7, 6, good[2], frame], "a version"),
+        ([7, -1, good[2], frame], "a version"),
+        ([7, 3, 1 << 32, frame], "a crc"),
+        ([7, 3, "1", frame], "a crc"),
+        ([1 << 40, 3, good[2], frame], "a page"),
+        ([8, 3, frame_crc(8, frame), frame], "where another page was asked for"),
+        ([7, 3, good[2] ^ 1, frame], "checksum mismatch for page 7"),
+        ([7, 3, good[2]], "not \\[page, version, crc, frame\\]"),
+    ]
+    for row, named in cases:
+        with pytest.raises(CorruptData, match=named):
+            remote._frames_of({"pages": [row]}, "v", 5, [7], 0)
+    with pytest.raises(CorruptData, match="missing"):
+        remote._frames_of({"pages": [good]}, "v", 5, [7, 9], 0)
+    with pytest.raises(CorruptData, match="too long"):
+        remote._frames_of({"pages": [good, good]}, "v", 5, [7], 0)
