@@ -47,10 +47,13 @@ bench-docs: $(BENCH_STAMP)
 
 # The bank-transfer tests (3 servers, 6 clients; servers killed and restarted; store
 # faults switched on and off; background push and pull): a 5-minute workload each
-# instead of 6-10 s; and the model tests with 400 examples each instead of 25.
+# instead of 6-10 s, and the client-side variants (background sync, transactions,
+# rebase, spread layout) on every store kind, not only on the directory store as in
+# `make test`; and the model tests (tests/test_model.py, tests/test_model_rebase.py)
+# with 400 examples each instead of `make test`'s 10.
 soak: $(STAMP)
 	GRAFT_SOAK_SECONDS=300 $(PY) -m pytest -q tests/test_scale_out.py tests/test_bank_faults.py
-	GRAFT_MODEL_EXAMPLES=400 $(PY) -m pytest -q tests/test_model.py
+	GRAFT_MODEL_EXAMPLES=400 $(PY) -m pytest -q tests/test_model.py tests/test_model_rebase.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

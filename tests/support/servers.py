@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,20 @@ class ServerProcess:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def start_all(servers: Sequence[ServerProcess]) -> list[ServerProcess]:
+    """Start ``servers`` at once (each waits for its own listening line; a second each,
+    in parallel instead of in turn); if one fails, stop those that started and raise."""
+    with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
+        futures = [pool.submit(srv.start) for srv in servers]
+        errors = [f.exception() for f in futures]
+    failed = next((e for e in errors if e is not None), None)
+    if failed is not None:
+        for srv in servers:
+            srv.stop()
+        raise failed
+    return list(servers)
 
 
 def new_server_process(request: pytest.FixtureRequest, kind: str, directory) -> ServerProcess:
