@@ -25,6 +25,11 @@ import pytest
 import graft_vfs
 from graft_vfs.client.vfs import GraftVFS
 from support.clients import pragma
+from support.servers import CLIENT_SIDE_STORES
+
+# The CLI/client side on the directory store in `make test`, on every kind in `make soak`
+# (tests/support/servers.py, CLIENT_SIDE_STORES).
+pytestmark = pytest.mark.stores(*CLIENT_SIDE_STORES)
 
 URI_RW = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
 NATIVE_VFS = "unix"
