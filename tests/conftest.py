@@ -112,6 +112,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    # The longest modules first (whole modules, so module fixtures stay together): under
+    # `-n 2 --dist worksteal` the run then ends on short tests both workers share, not on
+    # one worker's 30-second bank or model test while the other is idle.
+    items.sort(key=lambda item: item.path.name not in SLOW_MODULES)
+
+
+SLOW_MODULES = {
+    "test_scale_out.py",
+    "test_model.py",
+    "test_model_rebase.py",
+    "test_bank_faults.py",
+    "test_demo.py",
+    "test_crash_points.py",
+}
 
 
 @pytest.fixture(scope="session")
