@@ -47,10 +47,19 @@ bench-docs: $(BENCH_STAMP)
 
 # The bank-transfer tests (3 servers, 6 clients; servers killed and restarted; store
 # faults switched on and off; background push and pull): a 5-minute workload each
-# instead of 6-10 s; and the model tests with 400 examples each instead of 25.
+# instead of 6-10 s, and the client-side variants (background sync, transactions,
+# rebase, spread layout) on every store kind, not only on the directory store as in
+# `make test`; and the model tests (tests/test_model.py, tests/test_model_rebase.py)
+# with 400 examples each instead of `make test`'s 10; and the client-side modules
+# (CLIENT_SIDE_STORES in tests/support/servers.py: CLI, shell, replica, SQLite features,
+# cache, pins) on S3 as well, which `make test` runs on the directory store only.
+CLIENT_SIDE_TESTS := tests/test_cli.py tests/test_cli_sql.py tests/test_shell.py \
+	tests/test_ecosystem.py tests/test_replica.py tests/test_sqlite_compat.py \
+	tests/test_cache_size.py tests/test_pin_race.py
 soak: $(STAMP)
 	GRAFT_SOAK_SECONDS=300 $(PY) -m pytest -q tests/test_scale_out.py tests/test_bank_faults.py
-	GRAFT_MODEL_EXAMPLES=400 $(PY) -m pytest -q tests/test_model.py
+	GRAFT_MODEL_EXAMPLES=400 $(PY) -m pytest -q tests/test_model.py tests/test_model_rebase.py
+	GRAFT_ALL_STORES=1 $(PY) -m pytest -q -n 2 --dist worksteal $(CLIENT_SIDE_TESTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

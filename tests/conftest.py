@@ -8,12 +8,15 @@ uses the same kind as ``server``. S3 is a real SeaweedFS started once per sessio
 
 from __future__ import annotations
 
+import fcntl
+import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 import graft_vfs
+from graft_vfs.sample import make_sample_database
 from support.auth import Secured, create_tokens
 from support.s3 import SeaweedFS
 from support.servers import STORE_KINDS, ServerProcess, new_server_process
@@ -109,12 +112,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    # The longest modules first (whole modules, so module fixtures stay together): under
+    # `-n 2 --dist worksteal` the run then ends on short tests both workers share, not on
+    # one worker's 30-second bank or model test while the other is idle.
+    items.sort(key=lambda item: item.path.name not in SLOW_MODULES)
+
+
+SLOW_MODULES = {
+    "test_scale_out.py",
+    "test_model.py",
+    "test_model_rebase.py",
+    "test_bank_faults.py",
+    "test_demo.py",
+    "test_crash_points.py",
+}
 
 
 @pytest.fixture(scope="session")
 def seaweed() -> Iterator[SeaweedFS]:
     """SeaweedFS serving S3 on loopback for the whole session, with one bucket."""
     instance = SeaweedFS().start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="session")
+def signed_seaweed() -> Iterator[SeaweedFS]:
+    """SeaweedFS that checks the signature of every request (tests/test_direct.py and
+    tests/server_side/test_server_s3store.py share it: each uses its own prefixes)."""
+    instance = SeaweedFS(signed=True).start()
     yield instance
     instance.stop()
 
@@ -127,3 +153,23 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     srv = ServerProcess(str(directory / "store"), args=["--tokens", path]).start()
     yield Secured(srv, tokens, path)
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_db(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> str:
+    """graft_vfs.sample's default database (20+ MB, deterministic), made once per run.
+
+    Under pytest-xdist the workers share one file (made by the first to need it, under
+    a lock), instead of each worker making its own (seconds each). Tests only read it.
+    """
+    base = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        base = base.parent  # the run's directory, shared by its workers
+    path = base / "sample.db"
+    with open(base / "sample.db.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            made = make_sample_database(str(base / f"sample.db.{os.getpid()}"))
+            os.replace(made, path)
+    assert os.path.getsize(path) >= 20 * 1024 * 1024
+    return str(path)

@@ -32,7 +32,7 @@ from collections import Counter
 import pytest
 
 from support.faulty import KINDS, FaultPlan
-from support.servers import ServerProcess
+from support.servers import ServerProcess, start_all
 from test_scale_out import SERVERS, WORKER_GRACE, bank_run
 
 WORKLOAD_SECONDS = float(os.environ.get("GRAFT_SOAK_SECONDS", "6"))
@@ -81,9 +81,8 @@ def faulty_servers(own_server, tmp_path):
             }
             if own_server.s3_endpoint:
                 env["GRAFT_S3_ENDPOINT"] = own_server.s3_endpoint
-            srv = FaultyServer(**{**template, "port": 0, "proc": None, "env": env})
-            procs.append(srv.start())
-        yield procs, control, counts
+            procs.append(FaultyServer(**{**template, "port": 0, "proc": None, "env": env}))
+        yield start_all(procs), control, counts
     finally:
         for srv in procs:
             srv.stop()

@@ -12,6 +12,11 @@ import graft_vfs
 from graft_vfs.client.local import STORE_FILE
 from graft_vfs.core.ids import PAGE_SIZE
 from support.clients import SqlChild, graft
+from support.servers import CLIENT_SIDE_STORES
+
+# The CLI/client side on the directory store in `make test`, on every kind in `make soak`
+# (tests/support/servers.py, CLIENT_SIDE_STORES).
+pytestmark = pytest.mark.stores(*CLIENT_SIDE_STORES)
 
 ROWS = 40  # of about 1 KB: a database of a dozen pages
 COMMITS = 60  # each rewrites every leaf page, and is pushed

@@ -14,6 +14,11 @@ from graft_vfs.client.remote import Remote
 from graft_vfs.core.errors import VolumeNotFound
 from graft_vfs.sample import make_sample_database
 from support.clients import graft
+from support.servers import CLIENT_SIDE_STORES
+
+# The CLI/client side on the directory store in `make test`, on every kind in `make soak`
+# (tests/support/servers.py, CLIENT_SIDE_STORES).
+pytestmark = pytest.mark.stores(*CLIENT_SIDE_STORES)
 
 
 def pages_of(path: str) -> list[bytes]:

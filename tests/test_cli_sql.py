@@ -14,6 +14,11 @@ import pytest
 import graft_vfs
 from graft_vfs.client.remote import Remote
 from support.clients import graft
+from support.servers import CLIENT_SIDE_STORES
+
+# The CLI/client side on the directory store in `make test`, on every kind in `make soak`
+# (tests/support/servers.py, CLIENT_SIDE_STORES).
+pytestmark = pytest.mark.stores(*CLIENT_SIDE_STORES)
 
 # Never ends on its own: only an interrupt stops it.
 ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"

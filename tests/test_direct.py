@@ -30,13 +30,6 @@ from support.tamper import TamperingProxy
 ROWS = 3000  # rows of ~300 bytes: a table of a few hundred pages
 
 
-@pytest.fixture(scope="module")
-def signed_seaweed() -> Iterator[SeaweedFS]:
-    instance = SeaweedFS(signed=True).start()
-    yield instance
-    instance.stop()
-
-
 @pytest.fixture
 def start_server(signed_seaweed: SeaweedFS) -> Iterator[Any]:
     """Start graft servers on the signed SeaweedFS (one prefix each), stopped afterwards."""
@@ -66,9 +59,10 @@ def fill(url: str, vid: str, cache: str, token: str | None = None) -> list[tuple
     con = graft_vfs.connect(vid, remote=url, cache_dir=cache, options=options)
     try:
         con.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)")
-        con.executemany(
-            "INSERT INTO t VALUES(?, ?)", ((k, f"{k:08d}" + "x" * 290) for k in range(ROWS))
-        )
+        with con:  # one local commit, not ROWS (the push squashes them into one anyway)
+            con.executemany(
+                "INSERT INTO t VALUES(?, ?)", ((k, f"{k:08d}" + "x" * 290) for k in range(ROWS))
+            )
         con.execute("CREATE INDEX t_v ON t(v)")  # 300-byte keys: an index of 3+ levels
         json.loads(con.execute("PRAGMA graft_push").fetchone()[0])
         return con.execute("SELECT k, v FROM t ORDER BY k").fetchall()

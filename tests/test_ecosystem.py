@@ -12,6 +12,11 @@ import pytest
 
 import graft_vfs
 from support.clients import graft
+from support.servers import CLIENT_SIDE_STORES
+
+# The CLI/client side on the directory store in `make test`, on every kind in `make soak`
+# (tests/support/servers.py, CLIENT_SIDE_STORES).
+pytestmark = pytest.mark.stores(*CLIENT_SIDE_STORES)
 
 
 def plain_database(path: str, rows: int = 5000, page_size: int = 4096) -> None:

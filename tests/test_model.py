@@ -7,7 +7,7 @@ what every connection reads, and every cache's exact local and remote LSNs.
 A second machine runs with background push and pull on (``autopush``,
 ``pull_interval``) and waits after every step for the caches to settle.
 
-``GRAFT_MODEL_EXAMPLES`` (default 25) sets how many examples each machine runs
+``GRAFT_MODEL_EXAMPLES`` (default 10) sets how many examples each machine runs
 (``make soak``: many more).
 """
 

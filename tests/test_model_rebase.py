@@ -28,7 +28,7 @@ number ``n`` of local commits; a fast-forward answers ``local_commits == n`` at 
 local LSN, a rebased one ``local_commits == 1`` two local LSNs on (the server's head,
 then the pending commits squashed on top of it).
 
-``GRAFT_MODEL_EXAMPLES`` (default 25) sets how many examples run per store kind.
+``GRAFT_MODEL_EXAMPLES`` (default 10) sets how many examples run per store kind.
 """
 
 from __future__ import annotations

@@ -30,6 +30,11 @@ import pytest
 
 import graft_vfs
 from support.clients import SqlChild, pragma
+from support.servers import CLIENT_SIDE_STORES
+
+# The CLI/client side on the directory store in `make test`, on every kind in `make soak`
+# (tests/support/servers.py, CLIENT_SIDE_STORES).
+pytestmark = pytest.mark.stores(*CLIENT_SIDE_STORES)
 
 BLOB = 5000  # bytes a row: every insert grows the database, so page 1 changes each time
 STRESS_SECONDS = 3.0  # how long fresh connections race a pulling thread

@@ -21,6 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 import graft_vfs
 from graft_vfs.replica import SEND_GRACE
 from support.clients import pragma
+from support.servers import CLIENT_SIDE_STORES
+
+# The CLI/client side on the directory store in `make test`, on every kind in `make soak`
+# (tests/support/servers.py, CLIENT_SIDE_STORES).
+pytestmark = pytest.mark.stores(*CLIENT_SIDE_STORES)
 
 READY = "graft replica listening on "
 

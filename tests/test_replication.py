@@ -16,16 +16,7 @@ from graft_vfs.client.dbfile import import_database
 from graft_vfs.client.link import Link
 from graft_vfs.client.remote import Remote
 from graft_vfs.client.runtime import OPENING_PAGES
-from graft_vfs.sample import make_sample_database
 from support.clients import pragma
-
-
-@pytest.fixture(scope="module")
-def sample_db(tmp_path_factory):
-    """A 20+ MB database file, made once for the module."""
-    path = make_sample_database(str(tmp_path_factory.mktemp("sample") / "sample.db"))
-    assert os.path.getsize(path) >= 20 * 1024 * 1024
-    return path
 
 
 @pytest.fixture(scope="module")

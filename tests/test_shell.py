@@ -12,9 +12,15 @@ import sys
 import time
 
 import apsw
+import pytest
 
 import graft_vfs
 from support.clients import graft
+from support.servers import CLIENT_SIDE_STORES
+
+# The CLI/client side on the directory store in `make test`, on every kind in `make soak`
+# (tests/support/servers.py, CLIENT_SIDE_STORES).
+pytestmark = pytest.mark.stores(*CLIENT_SIDE_STORES)
 
 # Emits a row now and then and never ends: only an interrupt stops it.
 ENDLESS = (

@@ -25,6 +25,11 @@ import pytest
 import graft_vfs
 from graft_vfs.client.vfs import GraftVFS
 from support.clients import pragma
+from support.servers import CLIENT_SIDE_STORES
+
+# The CLI/client side on the directory store in `make test`, on every kind in `make soak`
+# (tests/support/servers.py, CLIENT_SIDE_STORES).
+pytestmark = pytest.mark.stores(*CLIENT_SIDE_STORES)
 
 URI_RW = apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
 NATIVE_VFS = "unix"
@@ -300,6 +305,7 @@ def test_other_page_sizes_are_refused_before_any_commit(client, vid, tmp_path, w
     if way is page_size_via_vacuum:
         con.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)")
         con.execute(f"INSERT INTO t SELECT i, printf('%0700d', i) FROM {count_to(300)}")
+        pragma(con, "graft_push")  # no background push of these left to land meanwhile
     before = pragma(con, "graft_snapshot")
     with pytest.raises(apsw.SQLError, match=f"page size {size}|page_size=0?{size}") as err:
         way(con, vid, tmp_path, size)

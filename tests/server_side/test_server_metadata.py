@@ -178,31 +178,55 @@ def fill_volume(url: str, vid: str) -> None:
 
 @pytest.mark.parametrize("target", ["log record", "checkpoint", "floor", "store"])
 def test_damaged_metadata_is_500_corrupt_data(own_server, target: str) -> None:
+    """A bit flipped at four positions (first byte, header, middle, last byte), each read
+    by a cold server. A volume's own objects are damaged in four volumes, one position
+    each, so one cold server reads them all; the store identity is one object, so each
+    of its positions gets a cold server of its own."""
     srv = own_server.start()
-    vid = "damaged"
-    fill_volume(srv.url, vid)
-    write_checkpoint(Volumes(srv._backing()).index, vid, 2)
-    srv._backing().put(retention_key(vid), encode_floor(1))
-    key = {
-        "log record": log_key(vid, 1),
-        "checkpoint": checkpoint_key(vid, 2),
-        "floor": retention_key(vid),
-        "store": STORE_KEY,
-    }[target]
-    original = srv.read_object(key)
-    assert original is not None
-    srv.stop()
-    for position in (0, 9, len(original) // 2, len(original) - 1):
-        srv.write_object(key, flip(original, position))
-        srv.start()  # a cold server: nothing of the object is cached
-        answers = [call("GET", f"{srv.url}/v1/volumes/{vid}")]
-        answers.append(call("POST", f"{srv.url}/v1/volumes/{vid}/read", read_body(1)))
-        answers.append(call("GET", f"{srv.url}/v1/volumes/{vid}/log/1"))
+    vids = ["damaged"] if target == "store" else [f"damaged{i}" for i in range(4)]
+    for vid in vids:
+        fill_volume(srv.url, vid)
+        write_checkpoint(Volumes(srv._backing()).index, vid, 2)
+        srv._backing().put(retention_key(vid), encode_floor(1))
+
+    def key_of(vid: str) -> str:
+        return {
+            "log record": log_key(vid, 1),
+            "checkpoint": checkpoint_key(vid, 2),
+            "floor": retention_key(vid),
+            "store": STORE_KEY,
+        }[target]
+
+    def positions(data: bytes) -> list[int]:
+        return [0, 9, len(data) // 2, len(data) - 1]
+
+    def served_cold(damaged: dict[str, int]) -> None:
+        """Each volume of ``damaged`` (volume: flipped position) is refused, never served."""
+        srv.start()  # a cold server: nothing of the objects is cached
+        for vid, position in damaged.items():
+            answers = [call("GET", f"{srv.url}/v1/volumes/{vid}")]
+            answers.append(call("POST", f"{srv.url}/v1/volumes/{vid}/read", read_body(1)))
+            answers.append(call("GET", f"{srv.url}/v1/volumes/{vid}/log/1"))
+            failed = [(status, body.get("error")) for status, body in answers if status != 200]
+            assert failed, f"a damaged {target} was served (bit flipped at {position})"
+            assert set(failed) == {(500, "corrupt_data")}, (position, failed)
         srv.stop()
-        failed = [(status, body.get("error")) for status, body in answers if status != 200]
-        assert failed, f"a damaged {target} was served"
-        assert set(failed) == {(500, "corrupt_data")}, failed
-    srv.write_object(key, original)
+
+    originals = {vid: srv.read_object(key_of(vid)) for vid in vids}
+    assert all(data is not None for data in originals.values())
+    srv.stop()
+    if target == "store":
+        (vid,) = vids
+        for position in positions(originals[vid]):
+            srv.write_object(key_of(vid), flip(originals[vid], position))
+            served_cold({vid: position})
+    else:
+        damaged = {vid: positions(originals[vid])[i] for i, vid in enumerate(vids)}
+        for vid, position in damaged.items():
+            srv.write_object(key_of(vid), flip(originals[vid], position))
+        served_cold(damaged)
+    for vid, data in originals.items():
+        srv.write_object(key_of(vid), data)
 
 
 def test_swapped_checkpoint_never_reaches_a_fresh_replica(own_server, client) -> None:

@@ -142,14 +142,6 @@ def _body(data: bytes):
 # -- reads outside boto3 (S3Store's fast reads) ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def signed_seaweed() -> Iterator[SeaweedFS]:
-    """SeaweedFS that checks the signature of every request."""
-    instance = SeaweedFS(signed=True).start()
-    yield instance
-    instance.stop()
-
-
 def test_fast_reads_are_signed_and_answer_as_boto3_does(signed_seaweed: SeaweedFS) -> None:
     store = signed_seaweed.store()
     assert store._fast is not None
