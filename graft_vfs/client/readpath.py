@@ -555,11 +555,7 @@ class ReadPath:
         with self._job_lock:
             jobs = self._jobs
             for r, other in list(jobs.items()):
-                if other.finished.is_set():
-                    if other.complete or other.declined:
-                        if any(lsn_ != other.lsn for _, lsn_ in self._fetched_trees):
-                            self._fetched_trees.clear()  # only the latest snapshot's
-                        self._fetched_trees.add((r, other.lsn))
+                if other.finished.is_set():  # remembered by _tree_done if it was whole
                     del jobs[r]
                 elif r != root and now - other.last_miss >= TREE_WINDOW:
                     other.cancel()  # the workload left that tree
@@ -682,7 +678,18 @@ class ReadPath:
         except GraftError as exc:  # a background fetch only ever saves reads
             log.debug("background fetch of the tree at page %d stopped: %s", job.root + 1, exc)
         finally:
+            self._tree_done(job)
             job.finished.set()
+
+    def _tree_done(self, job: _TreeJob) -> None:
+        """Remember a tree fetched whole, or declined, at its snapshot, as soon as its job
+        ends (not at the next miss, which may never come): none starts there again."""
+        if not (job.complete or job.declined):
+            return
+        with self._job_lock:
+            if any(lsn != job.lsn for _, lsn in self._fetched_trees):
+                self._fetched_trees.clear()  # only the latest snapshot's
+            self._fetched_trees.add((job.root, job.lsn))
 
     def _want_missing(
         self, wanted: dict[int, int], pages: Iterable[int], lsn: int, sync_local: int
