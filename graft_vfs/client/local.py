@@ -11,6 +11,10 @@ holds the page's content from local LSN ``lsn`` until the next row of that page,
 reading a page at snapshot S is "the latest row at or before S"; a row with NULL data
 is a page known to have changed whose content has not been fetched yet.
 
+Page data lives beside the file, in the page file (``pagefile``) at fixed 4 KiB slots
+that the page rows name (see ``rows``); rows of stores made before it keep their data
+inline and are read as they are.
+
 The store is built in layers: ``rows.StoreFile`` (the SQLite file, its transactions,
 its rows' checksums: damage), ``maintenance.Maintenance`` (pruning, eviction, space)
 and ``LocalStore`` here (the schema and its formats, volumes, identities, the local
@@ -41,8 +45,8 @@ import msgpack
 from pyroaring import BitMap
 
 from graft_vfs.client.maintenance import Checkpointer, Maintenance
+from graft_vfs.client.pagefile import PAGES_FILE, PageFile
 from graft_vfs.client.rows import (
-    _CHECK_ERRORS,
     BUSY_TIMEOUT_MS,
     VolumeFields,
     _boundary,
@@ -50,13 +54,22 @@ from graft_vfs.client.rows import (
     _matches,
     _origin_crc,
     _page_crc,
+    _slots_crc,
     _volume_crc,
 )
 from graft_vfs.client.sharing import ChangeSignal, PinTable, WriterLock
-from graft_vfs.core.errors import Busy, Diverged, InvalidRequest, SnapshotExpired, StorageError
+from graft_vfs.core.errors import (
+    Busy,
+    CorruptData,
+    Diverged,
+    InvalidRequest,
+    SnapshotExpired,
+    StorageError,
+)
 from graft_vfs.core.faults import crash_point
 from graft_vfs.core.graft import decode_graft, encode_graft
 from graft_vfs.core.identity import Identity
+from graft_vfs.core.ids import PAGE_SIZE
 
 STORE_FILE = "graft-cache.db"
 SIGNAL_FILE = "graft-cache.signal"
@@ -73,8 +86,9 @@ ABSENT_BATCH = 512  # pages per query of ``without_data``
 
 # PRAGMA user_version of the store. 0: the first format; 1: every row has a crc;
 # 2: the origins table (the identity of each volume's server side); 3: the read_sets
-# table (the pages each pending local commit read, for Options(rebase=True)).
-FORMAT = 3
+# table (the pages each pending local commit read, for Options(rebase=True)); 4: the page
+# file (pages.slot, free_slots, page_file; rows with inline data stay readable).
+FORMAT = 4
 
 _SCHEMA = """
 CREATE TABLE volumes(
@@ -105,6 +119,27 @@ CREATE TABLE pages(
     PRIMARY KEY(v, pageno, lsn)
 ) WITHOUT ROWID;
 """
+
+# Format 3 -> 4, and part of a new store: the page file's free slots and size, and the
+# triggers that free a slot in the transaction that drops or empties its row. ``slot``
+# is added to ``pages`` before this runs.
+_PAGE_FILE = """
+CREATE TABLE IF NOT EXISTS free_slots(slot INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS page_file(
+    id INTEGER PRIMARY KEY,
+    slots INTEGER NOT NULL,
+    crc INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS pages_slot_dropped AFTER DELETE ON pages
+WHEN old.slot IS NOT NULL BEGIN
+    INSERT OR IGNORE INTO free_slots(slot) VALUES(old.slot);
+END;
+CREATE TRIGGER IF NOT EXISTS pages_slot_emptied AFTER UPDATE OF slot ON pages
+WHEN old.slot IS NOT NULL AND new.slot IS NOT old.slot BEGIN
+    INSERT OR IGNORE INTO free_slots(slot) VALUES(old.slot);
+END;
+"""
+_ADD_SLOT = "ALTER TABLE pages ADD COLUMN slot INTEGER"
 
 _ORIGINS = """
 CREATE TABLE IF NOT EXISTS origins(
@@ -193,8 +228,15 @@ class LocalStore(Maintenance):
         self._usage: dict[int, Callable[[], list[tuple[int, int, int]]]] = {}
         self._fetched = 0  # pages fetched since the last eviction pass
         try:
+            self.pagefile = PageFile(os.path.join(cache_dir, PAGES_FILE))
+        except OSError as exc:
+            self.signal.close()
+            self.pins.close()
+            raise StorageError(f"cannot open the local cache {cache_dir}: {exc}") from exc
+        try:
             self._db = apsw.Connection(self.path)
         except apsw.Error as exc:
+            self.pagefile.close()
             self.signal.close()
             self.pins.close()
             raise StorageError(f"cannot open the local cache {self.path}: {exc}") from exc
@@ -210,13 +252,15 @@ class LocalStore(Maintenance):
             self._db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}").fetchall()
             self._prepare()
             self._prepare_maintenance()
+            self._check_page_file()
             self._identity = self._file_identity()
-            self._checkpoints = Checkpointer(self.path)
+            self._checkpoints = Checkpointer(self.path, self.pagefile.sync)
             self._db.set_wal_hook(self._checkpoints.hook)
         except BaseException as exc:
             if self._checkpoints is not None:
                 self._checkpoints.close()
             self._db.close()
+            self.pagefile.close()
             self.signal.close()
             self.pins.close()
             if isinstance(exc, (apsw.Error, UnicodeDecodeError)):
@@ -235,6 +279,9 @@ class LocalStore(Maintenance):
             )
             if version == 0 and tables == 0:
                 self._db.execute(_SCHEMA + _ORIGINS + _READ_SETS)
+                self.pagefile.truncate(0)  # of a store that is gone
+            elif version == 3 and tables == 3:
+                pass
             elif version == 2 and tables == 3:
                 self._db.execute(_READ_SETS)
             elif version in (0, 1) and tables == 3:
@@ -247,6 +294,15 @@ class LocalStore(Maintenance):
                     for name, fn in crcs:
                         self._db.create_scalar_function(name, fn, deterministic=True)
                     self._db.execute(_MIGRATE_0)
+                    if self._has_slots():  # (rows naming slots have an empty data)
+                        self._db.create_scalar_function(
+                            "graft_slot_crc",
+                            lambda v, p, lsn, slot: _page_crc(v, p, lsn, self.pagefile.read(slot)),
+                        )
+                        self._db.execute(
+                            "UPDATE pages SET crc = graft_slot_crc(v, pageno, lsn, slot) "
+                            "WHERE slot IS NOT NULL"
+                        )
                 # Volumes of an older cache have no identity yet: each takes the one of
                 # its server's volume at its first contact (see sync.Sync.reconcile).
                 self._db.execute(_ORIGINS + _READ_SETS)
@@ -257,14 +313,37 @@ class LocalStore(Maintenance):
                     f"that made it, or delete the directory {self.cache_dir} to rebuild it "
                     "from the server (local commits not pushed yet are lost with it)"
                 )
+            # The page file (format 4): older rows keep their inline data.
+            if not self._has_slots():
+                self._db.execute(_ADD_SLOT)
+            self._db.execute(_PAGE_FILE)
+            self._db.execute(
+                "INSERT OR IGNORE INTO page_file(id, slots, crc) VALUES(0, 0, ?)", (_slots_crc(0),)
+            )
             self._db.execute(f"PRAGMA user_version={FORMAT}")
+
+    def _has_slots(self) -> bool:
+        return "slot" in {row[1] for row in self._db.execute("PRAGMA table_info(pages)")}
+
+    def _check_page_file(self) -> None:
+        """A page file missing while rows name its slots is damage, said at open."""
+        if self.pagefile.existed:
+            return
+        free = self._scalar("SELECT count(*) FROM free_slots")
+        if self._slot_end() > free:
+            raise self._corrupt(
+                f"its page file {self.pagefile.path} is missing, and page rows name slots of it"
+            )
 
     @_boundary
     def close(self) -> None:
         if self._checkpoints is not None:
             self._checkpoints.close()
         with self._lock:
+            # Closing the last connection checkpoints the WAL: the rows' data first.
+            self.pagefile.sync()
             self._db.close()
+            self.pagefile.close()
         self.signal.close()
         self.pins.close()
 
@@ -391,24 +470,9 @@ class LocalStore(Maintenance):
     def read_page(self, v: int, pageno: int, lsn: int) -> tuple[int, bytes | None] | None:
         """The latest row of ``pageno`` at or before ``lsn``: ``(row_lsn, data|None)``."""
         try:
-            with self._lock:
-                row = self._db.execute(
-                    "SELECT lsn, data, crc FROM pages WHERE v=? AND pageno=? AND lsn<=? "
-                    "ORDER BY lsn DESC LIMIT 1",
-                    (v, pageno, lsn),
-                ).fetchone()
+            return self._read_page_row(v, pageno, lsn)
         except (apsw.Error, UnicodeDecodeError) as exc:
             raise self._error(exc) from exc
-        if row is None:
-            return None
-        row_lsn, data, crc = row
-        try:
-            ok = _page_crc(v, pageno, row_lsn, data) == crc
-        except _CHECK_ERRORS:
-            ok = False
-        if not ok:
-            raise self._corrupt(f"page {pageno} of volume {v} fails its checksum")
-        return row_lsn, data
 
     def read_run(
         self, v: int, first: int, count: int, lsn: int
@@ -417,46 +481,103 @@ class LocalStore(Maintenance):
 
         ``(pageno, row_lsn, data|None)`` for the pages that have a row, in page order:
         one query for a run of pages, so a sequential reader pays for SQL once per run
-        instead of once per page. Each row is verified as ``read_page`` verifies one:
-        ``first`` failing its checksum raises CorruptData; any other page that fails is
-        left out (it raises when it is read, and is never served).
+        instead of once per page (and neighbouring slots are read in one ``pread``).
+        Each row is verified as ``read_page`` verifies one: ``first`` failing its
+        checksum raises CorruptData; any other page that fails is left out (it raises
+        when it is read, and is never served).
         """
-        latest: dict[int, tuple[int, bytes | None, object]] = {}
+        latest: dict[int, tuple[Any, ...]] = {}
         try:
             with self._lock:
-                for pageno, row_lsn, data, crc in self._db.execute(
-                    "SELECT pageno, lsn, data, crc FROM pages WHERE v=? AND pageno>=? "
+                for pageno, row_lsn, data, crc, slot in self._db.execute(
+                    "SELECT pageno, lsn, data, crc, slot FROM pages WHERE v=? AND pageno>=? "
                     "AND pageno<? AND lsn<=? ORDER BY pageno, lsn",
                     (v, first, first + count, lsn),
                 ):
-                    latest[pageno] = (row_lsn, data, crc)  # the last is the latest
+                    latest[pageno] = (row_lsn, data, crc, slot)  # the last is the latest
+            pages = list(latest.items())
+            self._read_slots(pages)
+            out = []
+            for pageno, row in pages:
+                row_lsn, data, crc, slot = row
+                if _matches(_page_crc, crc, v, pageno, row_lsn, data):
+                    out.append((pageno, row_lsn, data))
+                    continue
+                try:  # a slot taken again since the query, or damage: look again
+                    again = self._read_page_row(v, pageno, lsn) if slot is not None else None
+                except CorruptData:
+                    again = None
+                if again is not None:
+                    out.append((pageno, *again))
+                elif pageno == first:
+                    raise self._corrupt(f"page {pageno} of volume {v} fails its checksum")
+            return out
         except (apsw.Error, UnicodeDecodeError) as exc:
             raise self._error(exc) from exc
-        out = []
-        for pageno, (row_lsn, data, crc) in latest.items():
+
+    def _read_slots(self, pages: list[tuple[int, tuple[Any, ...]]]) -> None:
+        """Replace the slot of each row ``(lsn, data, crc, slot)`` by its bytes, in place.
+
+        Rows of neighbouring slots are read with one ``pread``; bytes short of a page
+        (the file ends first) fail the row's checksum.
+        """
+        i = 0
+        while i < len(pages):
+            slot = pages[i][1][3]
+            if slot is None:
+                i += 1
+                continue
+            j = i + 1
+            while j < len(pages) and pages[j][1][3] == slot + (j - i):
+                j += 1
             try:
-                ok = _page_crc(v, pageno, row_lsn, data) == crc
-            except _CHECK_ERRORS:
-                ok = False
-            if ok:
-                out.append((pageno, row_lsn, data))
-            elif pageno == first:
-                raise self._corrupt(f"page {pageno} of volume {v} fails its checksum")
-        return out
+                block = self.pagefile.read(slot, j - i)
+            except (OSError, OverflowError, TypeError, ValueError):
+                block = b""
+            for k in range(i, j):
+                pageno, (row_lsn, _, crc, s) = pages[k]
+                off = (k - i) * PAGE_SIZE
+                pages[k] = (pageno, (row_lsn, block[off : off + PAGE_SIZE], crc, s))
+            i = j
 
     @_boundary
     def store_fetched(self, v: int, rows: Iterable[tuple[int, int, bytes]]) -> None:
         """Record fetched pages ``(pageno, row_lsn, data)``; fills markers, never overwrites."""
         # Not signalled: a fetched page changes no snapshot, only what is cached. Not
-        # synced either: a crash that loses them costs fetching them again.
+        # synced either: a crash that loses them costs fetching them again (the page
+        # file is synced before any durable commit or checkpoint makes their rows so).
         rows = list(rows)
         now = time.time_ns()
         with self._lock, self._write(durable=False):
-            self._db.executemany(
-                "INSERT INTO pages(v, pageno, lsn, data, crc, used) VALUES(?,?,?,?,?,?) "
-                "ON CONFLICT DO UPDATE SET data=excluded.data, crc=excluded.crc, "
-                "used=excluded.used WHERE data IS NULL",
-                ((v, p, lsn, data, _page_crc(v, p, lsn, data), now) for p, lsn, data in rows),
+            full = [i for i, (_, _, data) in enumerate(rows) if len(data) == PAGE_SIZE]
+            slots: dict[int, int] = {}
+            if full:
+                taken = self._take_slots(len(full))
+                self.pagefile.write(taken, [rows[i][2] for i in full])
+                slots = dict(zip(full, taken, strict=True))
+            stored = set(
+                self._db.executemany(
+                    "INSERT INTO pages(v, pageno, lsn, data, slot, crc, used) "
+                    "VALUES(?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET data=excluded.data, "
+                    "slot=excluded.slot, crc=excluded.crc, used=excluded.used "
+                    "WHERE data IS NULL RETURNING pageno, lsn",
+                    (
+                        (
+                            v,
+                            p,
+                            lsn,
+                            b"" if i in slots else data,
+                            slots.get(i),
+                            _page_crc(v, p, lsn, data),
+                            now,
+                        )
+                        for i, (p, lsn, data) in enumerate(rows)
+                    ),
+                )
+            )
+            # Rows another process filled first keep theirs: these slots stay free.
+            self._give_back_slots(
+                s for i, s in slots.items() if (rows[i][0], rows[i][1]) not in stored
             )
         self._after_fetch(v, len(rows))
 
