@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +46,9 @@ import msgpack
 from pyroaring import BitMap
 
 from graft_vfs.client.maintenance import Checkpointer, Maintenance
-from graft_vfs.client.pagefile import PAGES_FILE, PageFile
+from graft_vfs.client.pagefile import PAGES_FILE, PageFile, SlotMap
 from graft_vfs.client.rows import (
+    _KEY3,
     BUSY_TIMEOUT_MS,
     VolumeFields,
     _boundary,
@@ -81,6 +83,7 @@ STORE_CACHE_KIB = 16384  # SQLite's page cache of the store file (SQLite's defau
 # SQLite's page cache. Only reads use it; SQLite writes with pwrite as before.
 STORE_MMAP_BYTES = 1 << 30
 
+SLOT_MAP_PAGES = 1 << 20  # entries of a volume's SlotMap before it starts again (4 GiB of pages)
 WAL_KEEP_BYTES = 1 << 20  # the -wal file is cut back to this after a checkpoint
 ABSENT_BATCH = 512  # pages per query of ``without_data``
 
@@ -227,6 +230,7 @@ class LocalStore(Maintenance):
         self._lock = threading.RLock()
         self._usage: dict[int, Callable[[], list[tuple[int, int, int]]]] = {}
         self._fetched = 0  # pages fetched since the last eviction pass
+        self._maps: dict[int, SlotMap] = {}  # per volume, the page file's map (read_page)
         try:
             self.pagefile = PageFile(os.path.join(cache_dir, PAGES_FILE))
         except OSError as exc:
@@ -468,11 +472,65 @@ class LocalStore(Maintenance):
     # -- pages ----------------------------------------------------------------------
 
     def read_page(self, v: int, pageno: int, lsn: int) -> tuple[int, bytes | None] | None:
-        """The latest row of ``pageno`` at or before ``lsn``: ``(row_lsn, data|None)``."""
+        """The latest row of ``pageno`` at or before ``lsn``: ``(row_lsn, data|None)``.
+
+        A page the volume's ``SlotMap`` knows at ``lsn`` is a ``pread`` and a CRC, no SQL.
+        """
+        m = self._maps.get(v)
+        if m is not None and lsn <= m.known:
+            entry = m.rows.get(pageno)
+            if entry is not None and entry[0] <= lsn:
+                row_lsn, slot, crc = entry
+                data = self.pagefile.read(slot)
+                if zlib.crc32(data, zlib.crc32(_KEY3.pack(v, pageno, row_lsn)) ^ 1) == crc:
+                    return row_lsn, data
+                m.rows.pop(pageno, None)  # freed and taken again, or damage: SQL says
         try:
-            return self._read_page_row(v, pageno, lsn)
+            m = self._slot_map(v, lsn)
+            row = self._page_rows(v, pageno, lsn)
+            out = self._read_page_row(v, pageno, lsn, row)
         except (apsw.Error, UnicodeDecodeError) as exc:
             raise self._error(exc) from exc
+        if row is not None and row[3] is not None and out is not None and out[1] is not None:
+            self._remember_slots(m, lsn, v, [(pageno, row[0], row[3], row[2])])
+        return out
+
+    def _slot_map(self, v: int, lsn: int) -> SlotMap:
+        """Volume ``v``'s SlotMap, brought to snapshot ``lsn`` if it knows an older one.
+
+        Entries of the pages changed after what it knew are dropped (the local log
+        says which): they were superseded, by this process or another. A log pruned
+        meanwhile drops them all.
+        """
+        with self._lock:
+            m = self._maps.get(v)
+            if m is None:
+                m = self._maps[v] = SlotMap(lsn)
+            elif lsn > m.known:
+                rows = self._log_rows("v=? AND lsn>? AND lsn<=?", (v, m.known, lsn))
+                if len(rows) != lsn - m.known:
+                    m.rows.clear()
+                else:
+                    for row in rows:
+                        for p in decode_graft(row[4]):
+                            m.rows.pop(p, None)
+                m.known = lsn
+            return m
+
+    def _remember_slots(
+        self, m: SlotMap, lsn: int, v: int, rows: Iterable[tuple[int, int, int, int]]
+    ) -> None:
+        """Add ``(pageno, row_lsn, slot, crc)`` rows read at ``lsn`` to ``m``, if it is there.
+
+        A row read at an older snapshot than ``known`` may have been superseded after it.
+        """
+        with self._lock:
+            if m.known != lsn or self._maps.get(v) is not m:
+                return
+            if len(m.rows) >= SLOT_MAP_PAGES:
+                m.rows.clear()
+            for pageno, row_lsn, slot, crc in rows:
+                m.rows[pageno] = (row_lsn, slot, crc)
 
     def read_run(
         self, v: int, first: int, count: int, lsn: int
@@ -486,8 +544,12 @@ class LocalStore(Maintenance):
         checksum raises CorruptData; any other page that fails is left out (it raises
         when it is read, and is never served).
         """
+        known = self._run_from_map(v, first, count, lsn)
+        if known is not None:
+            return known
         latest: dict[int, tuple[Any, ...]] = {}
         try:
+            m = self._slot_map(v, lsn)
             with self._lock:
                 for pageno, row_lsn, data, crc, slot in self._db.execute(
                     "SELECT pageno, lsn, data, crc, slot FROM pages WHERE v=? AND pageno>=? "
@@ -496,12 +558,16 @@ class LocalStore(Maintenance):
                 ):
                     latest[pageno] = (row_lsn, data, crc, slot)  # the last is the latest
             pages = list(latest.items())
+            remember: list[tuple[int, int, int, int]] = []
+            slots = {pageno: row[3] for pageno, row in pages if row[3] is not None}
             self._read_slots(pages)
             out = []
             for pageno, row in pages:
                 row_lsn, data, crc, slot = row
                 if _matches(_page_crc, crc, v, pageno, row_lsn, data):
                     out.append((pageno, row_lsn, data))
+                    if slot is not None:
+                        remember.append((pageno, row_lsn, slots[pageno], crc))
                     continue
                 try:  # a slot taken again since the query, or damage: look again
                     again = self._read_page_row(v, pageno, lsn) if slot is not None else None
@@ -511,9 +577,32 @@ class LocalStore(Maintenance):
                     out.append((pageno, *again))
                 elif pageno == first:
                     raise self._corrupt(f"page {pageno} of volume {v} fails its checksum")
+            self._remember_slots(m, lsn, v, remember)
             return out
         except (apsw.Error, UnicodeDecodeError) as exc:
             raise self._error(exc) from exc
+
+    def _run_from_map(
+        self, v: int, first: int, count: int, lsn: int
+    ) -> list[tuple[int, int, bytes | None]] | None:
+        """``read_run`` from the SlotMap if it knows every page of the run, else None."""
+        m = self._maps.get(v)
+        if m is None or lsn > m.known:
+            return None
+        entries = []
+        for pageno in range(first, first + count):
+            entry = m.rows.get(pageno)
+            if entry is None or entry[0] > lsn:
+                return None
+            entries.append((pageno, (entry[0], b"", entry[2], entry[1])))
+        self._read_slots(entries)
+        out: list[tuple[int, int, bytes | None]] = []
+        for pageno, (row_lsn, data, crc, _) in entries:
+            if zlib.crc32(data, zlib.crc32(_KEY3.pack(v, pageno, row_lsn)) ^ 1) != crc:
+                m.rows.pop(pageno, None)
+                return None  # a slot taken again, or damage: SQL says which
+            out.append((pageno, row_lsn, data))
+        return out
 
     def _read_slots(self, pages: list[tuple[int, tuple[Any, ...]]]) -> None:
         """Replace the slot of each row ``(lsn, data, crc, slot)`` by its bytes, in place.
@@ -664,22 +753,52 @@ class LocalStore(Maintenance):
         ``reads``, the pages the transaction read, is kept with it (for a rebase).
         """
         self._check_not_deleted()
-        with self._change():
-            head = self._volume_by_id(v)[2]
-            if head != base_lsn:
-                raise Busy(
-                    f"commit based on local LSN {base_lsn}, but the volume is at {head} (a pull "
-                    "or reset moved it on during the transaction): roll back and retry it"
-                )
-            lsn = head + 1
-            # In key order: each leaf of the page index is filled once, then left alone.
-            self._insert_pages(v, lsn, sorted(pages.items()))
-            self._insert_log(v, lsn, page_count, None, encode_graft(pages.keys()))
-            if reads is not None:
-                self._insert_reads(v, lsn, reads)
-            self._update_volume(v, local_lsn=lsn)
-            crash_point("client.commit.before_durable")
+        with self._lock:
+            with self._change():
+                head = self._volume_by_id(v)[2]
+                if head != base_lsn:
+                    raise Busy(
+                        f"commit based on local LSN {base_lsn}, but the volume is at {head} (a "
+                        "pull or reset moved it on during the transaction): roll back and "
+                        "retry it"
+                    )
+                lsn = head + 1
+                # In key order: each leaf of the page index is filled once, then left alone.
+                self._insert_pages(v, lsn, sorted(pages.items()))
+                self._insert_log(v, lsn, page_count, None, encode_graft(pages.keys()))
+                if reads is not None:
+                    self._insert_reads(v, lsn, reads)
+                self._update_volume(v, local_lsn=lsn)
+                crash_point("client.commit.before_durable")
+                slots = self._db.execute(
+                    "SELECT pageno, slot, crc FROM pages WHERE v=? AND lsn=? AND slot IS NOT NULL",
+                    (v, lsn),
+                ).fetchall()
+            self._keep_slot_map(v, base_lsn, lsn, pages, slots)
         return lsn
+
+    def _keep_slot_map(
+        self,
+        v: int,
+        base_lsn: int,
+        lsn: int,
+        pages: dict[int, bytes],
+        rows: list[tuple[int, int, int]],
+    ) -> None:
+        """After this process committed ``pages`` at ``lsn`` on ``base_lsn``, their slots
+        ``rows`` ``(pageno, slot, crc)``: a SlotMap that knew ``base_lsn`` knows ``lsn``
+        (called holding the lock, after the commit: nothing landed in between).
+        """
+        m = self._maps.get(v)
+        if m is None or m.known != base_lsn:
+            return
+        for p in pages:
+            m.rows.pop(p, None)
+        if len(m.rows) + len(rows) >= SLOT_MAP_PAGES:
+            m.rows.clear()
+        for pageno, slot, crc in rows:
+            m.rows[pageno] = (lsn, slot, crc)
+        m.known = lsn
 
     def _insert_reads(self, v: int, lsn: int, reads: BitMap) -> None:
         blob = encode_graft(reads)

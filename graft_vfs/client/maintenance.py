@@ -25,6 +25,7 @@ from typing import cast
 import apsw
 from pyroaring import BitMap
 
+from graft_vfs.client.pagefile import SlotMap
 from graft_vfs.client.rows import BUSY_TIMEOUT_MS, StoreFile, _boundary, _matches, _page_crc
 from graft_vfs.client.sharing import PinTable
 from graft_vfs.core.errors import Busy
@@ -131,6 +132,7 @@ class Maintenance(StoreFile):
     max_bytes: int | None  # page data kept at most (None: no limit)
     _usage: dict[int, Callable[[], list[tuple[int, int, int]]]]
     _fetched: int  # pages fetched since the last eviction pass
+    _maps: dict[int, SlotMap]  # the page file's map of each volume (see ``local``)
     _checkpoints: Checkpointer | None = None  # None until the store is open
 
     def _committed(self) -> None:
@@ -284,6 +286,9 @@ class Maintenance(StoreFile):
         self._db.execute(
             "DELETE FROM pages WHERE v=? AND pageno>=? AND lsn<=?", (v, page_count, end)
         )
+        m = self._maps.get(v)
+        for p in [p for p, e in m.rows.items() if p >= page_count and e[0] <= end] if m else []:
+            del m.rows[p]
         pruned = self._db.total_changes() - before
         self._db.execute("DELETE FROM log WHERE v=? AND lsn<?", (v, end))
         return pruned
@@ -329,6 +334,8 @@ class Maintenance(StoreFile):
             "UPDATE pages SET slot=? WHERE v=? AND pageno=? AND lsn=?",
             ((s, v, pageno, lsn) for s, (v, pageno, lsn, _) in zip(holes, moves, strict=True)),
         )
+        for v, pageno, lsn, _ in moves:  # this process's maps read them at their old slot
+            self._forget_slot(v, pageno, lsn)
 
     def _cut_page_file(self) -> None:
         """Give the page file's free tail back to the file system (a bounded stretch).
@@ -393,7 +400,17 @@ class Maintenance(StoreFile):
             "UPDATE pages SET data=NULL, slot=NULL, crc=? WHERE v=? AND pageno=? AND lsn=?",
             ((_page_crc(v, p, lsn, None), v, p, lsn) for v, p, lsn in victims),
         )
+        # This process's maps forget them (another's find the slot taken again, or its
+        # bytes still right: the row's content never changes).
+        for v, p, lsn in victims:
+            self._forget_slot(v, p, lsn)
         return len(victims)
+
+    def _forget_slot(self, v: int, pageno: int, lsn: int) -> None:
+        m = self._maps.get(v)
+        entry = m.rows.get(pageno) if m is not None else None
+        if m is not None and entry is not None and entry[0] == lsn:
+            del m.rows[pageno]
 
     def _stamp_usage(self) -> None:
         """Record the reads the volumes remember since the last pass, with their times."""

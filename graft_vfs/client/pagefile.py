@@ -75,3 +75,23 @@ class PageFile:
             self.sync()
         finally:
             os.close(self._fd)
+
+
+class SlotMap:
+    """Where one volume's pages are in the page file, in memory: ``page -> (lsn, slot, crc)``.
+
+    Each entry is the page's latest row at or before ``known`` (a local LSN), so it
+    answers a read at any snapshot from the entry's LSN to ``known``; older snapshots,
+    and pages without an entry (markers, rows with inline data, pages not read yet),
+    are read with SQL. The store keeps it: entries are added when SQL reads a row at
+    ``known`` or this process commits on top of ``known``, and ``known`` moves on by
+    dropping the pages the local log says changed since (``LocalStore._slot_map``), so
+    another process's commits reach it through the log. An entry whose slot was freed
+    and taken again fails the row's checksum and is dropped: the read goes to SQL.
+    """
+
+    __slots__ = ("known", "rows")
+
+    def __init__(self, known: int) -> None:
+        self.known = known
+        self.rows: dict[int, tuple[int, int, int]] = {}
