@@ -39,7 +39,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import apsw
 import msgpack
@@ -299,10 +299,8 @@ class LocalStore(Maintenance):
                         self._db.create_scalar_function(name, fn, deterministic=True)
                     self._db.execute(_MIGRATE_0)
                     if self._has_slots():  # (rows naming slots have an empty data)
-                        self._db.create_scalar_function(
-                            "graft_slot_crc",
-                            lambda v, p, lsn, slot: _page_crc(v, p, lsn, self.pagefile.read(slot)),
-                        )
+                        slot_crc: Callable[..., int] = self._slot_crc
+                        self._db.create_scalar_function("graft_slot_crc", slot_crc)
                         self._db.execute(
                             "UPDATE pages SET crc = graft_slot_crc(v, pageno, lsn, slot) "
                             "WHERE slot IS NOT NULL"
@@ -325,6 +323,10 @@ class LocalStore(Maintenance):
                 "INSERT OR IGNORE INTO page_file(id, slots, crc) VALUES(0, 0, ?)", (_slots_crc(0),)
             )
             self._db.execute(f"PRAGMA user_version={FORMAT}")
+
+    def _slot_crc(self, v: Any, pageno: Any, lsn: Any, slot: Any) -> int:
+        """The crc of the page row naming ``slot`` (a SQL function of the format 0 upgrade)."""
+        return _page_crc(v, pageno, lsn, self.pagefile.read(slot))
 
     def _has_slots(self) -> bool:
         return "slot" in {row[1] for row in self._db.execute("PRAGMA table_info(pages)")}
@@ -770,10 +772,14 @@ class LocalStore(Maintenance):
                     self._insert_reads(v, lsn, reads)
                 self._update_volume(v, local_lsn=lsn)
                 crash_point("client.commit.before_durable")
-                slots = self._db.execute(
-                    "SELECT pageno, slot, crc FROM pages WHERE v=? AND lsn=? AND slot IS NOT NULL",
-                    (v, lsn),
-                ).fetchall()
+                slots = cast(
+                    "list[tuple[int, int, int]]",
+                    self._db.execute(
+                        "SELECT pageno, slot, crc FROM pages WHERE v=? AND lsn=? "
+                        "AND slot IS NOT NULL",
+                        (v, lsn),
+                    ).fetchall(),
+                )
             self._keep_slot_map(v, base_lsn, lsn, pages, slots)
         return lsn
 

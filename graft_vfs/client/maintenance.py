@@ -287,8 +287,9 @@ class Maintenance(StoreFile):
             "DELETE FROM pages WHERE v=? AND pageno>=? AND lsn<=?", (v, page_count, end)
         )
         m = self._maps.get(v)
-        for p in [p for p, e in m.rows.items() if p >= page_count and e[0] <= end] if m else []:
-            del m.rows[p]
+        if m is not None:
+            for p in [p for p, e in m.rows.items() if p >= page_count and e[0] <= end]:
+                del m.rows[p]
         pruned = self._db.total_changes() - before
         self._db.execute("DELETE FROM log WHERE v=? AND lsn<?", (v, end))
         return pruned
@@ -316,10 +317,14 @@ class Maintenance(StoreFile):
                 (live, VACUUM_BATCH_PAGES),
             )
         ]
-        movers = self._db.execute(
-            "SELECT v, pageno, lsn, crc, slot FROM pages WHERE slot>=? ORDER BY slot DESC LIMIT ?",
-            (live, len(holes)),
-        ).fetchall()
+        movers = cast(
+            "list[tuple[int, int, int, int, int]]",
+            self._db.execute(
+                "SELECT v, pageno, lsn, crc, slot FROM pages WHERE slot>=? "
+                "ORDER BY slot DESC LIMIT ?",
+                (live, len(holes)),
+            ).fetchall(),
+        )
         moves = []
         for v, pageno, lsn, crc, slot in movers:
             data = self.pagefile.read(slot)
@@ -346,10 +351,13 @@ class Maintenance(StoreFile):
         """
         end = self._slot_end()
         cut = end
-        tail = self._db.execute(
-            "SELECT slot FROM free_slots WHERE slot>=? ORDER BY slot DESC",
-            (end - VACUUM_BATCH_PAGES,),
-        ).fetchall()
+        tail = cast(
+            "list[tuple[int]]",
+            self._db.execute(
+                "SELECT slot FROM free_slots WHERE slot>=? ORDER BY slot DESC",
+                (end - VACUUM_BATCH_PAGES,),
+            ).fetchall(),
+        )
         for (slot,) in tail:
             if slot != cut - 1:
                 break
