@@ -587,23 +587,37 @@ class LocalStore(Maintenance):
     def _run_from_map(
         self, v: int, first: int, count: int, lsn: int
     ) -> list[tuple[int, int, bytes | None]] | None:
-        """``read_run`` from the SlotMap if it knows every page of the run, else None."""
+        """``read_run`` from the SlotMap if it knows every page of the run, else None.
+
+        Neighbouring slots are read with one ``pread``; every page is verified.
+        """
         m = self._maps.get(v)
         if m is None or lsn > m.known:
             return None
-        entries = []
-        for pageno in range(first, first + count):
-            entry = m.rows.get(pageno)
+        get = m.rows.get
+        entries = [get(p) for p in range(first, first + count)]
+        for entry in entries:
             if entry is None or entry[0] > lsn:
                 return None
-            entries.append((pageno, (entry[0], b"", entry[2], entry[1])))
-        self._read_slots(entries)
+        known = cast("list[tuple[int, int, int]]", entries)
+        read, crc32, pack = self.pagefile.read, zlib.crc32, _KEY3.pack
         out: list[tuple[int, int, bytes | None]] = []
-        for pageno, (row_lsn, data, crc, _) in entries:
-            if zlib.crc32(data, zlib.crc32(_KEY3.pack(v, pageno, row_lsn)) ^ 1) != crc:
-                m.rows.pop(pageno, None)
-                return None  # a slot taken again, or damage: SQL says which
-            out.append((pageno, row_lsn, data))
+        i = 0
+        while i < count:
+            slot = known[i][1]
+            j = i + 1
+            while j < count and known[j][1] == slot + j - i:
+                j += 1
+            block = read(slot, j - i)
+            for k in range(i, j):
+                row_lsn, _, crc = known[k]
+                pageno = first + k
+                data = block[(k - i) * PAGE_SIZE : (k - i + 1) * PAGE_SIZE]
+                if crc32(data, crc32(pack(v, pageno, row_lsn)) ^ 1) != crc:
+                    m.rows.pop(pageno, None)
+                    return None  # a slot taken again, or damage: SQL says which
+                out.append((pageno, row_lsn, data))
+            i = j
         return out
 
     def _read_slots(self, pages: list[tuple[int, tuple[Any, ...]]]) -> None:
