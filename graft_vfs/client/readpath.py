@@ -391,7 +391,9 @@ class ReadPath:
             self.stats.count(traffic)
         self.local.store_fetched(self.row_id, [(p, wanted[p], got[p][1]) for p in wanted])
         order = [p for p in pages if p in wanted]
-        self.stats.add(pages_fetched=len(order), pages_prefetched=len(order), readahead_windows=1)
+        self.stats.add(
+            pages_fetched=len(order), pages_prefetched=len(order), readahead_windows=1
+        )
         self._ahead_fetched(order[MARK_PAGES:], wanted, got, lsn)
         return [(p, wanted[p], got[p][1]) for p in order[:MARK_PAGES]]
 

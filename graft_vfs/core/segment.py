@@ -191,7 +191,9 @@ def decompress_page(frame: bytes, page: int) -> bytes:
         shown = "no size" if declared == zstandard.CONTENTSIZE_UNKNOWN else f"{declared} bytes"
         raise CorruptData(f"page {page}'s frame declares {shown}, not {PAGE_SIZE}")
     try:
-        data = _decompressor().decompress(frame, max_output_size=PAGE_SIZE, allow_extra_data=False)
+        data = _decompressor().decompress(
+            frame, max_output_size=PAGE_SIZE, allow_extra_data=False
+        )
     except zstandard.ZstdError as exc:
         raise CorruptData(f"page {page} does not decompress as one frame: {exc}") from exc
     if len(data) != PAGE_SIZE:
