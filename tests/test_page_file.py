@@ -289,3 +289,21 @@ def test_the_slot_map_follows_commits_of_this_process_and_of_another(tmp_path):
     finally:
         mine.close()
         other.close()
+
+
+def test_fetched_pages_another_process_stored_first_give_their_slots_back(tmp_path):
+    store = LocalStore(str(tmp_path))
+    try:
+        v = store.create_volume("v", 5, 8).row_id
+        store.store_fetched(v, [(p, 1, page(p)) for p in range(4)])
+        # The same pages again (fetched by two readers at once): rows keep their slots,
+        # the new slots go back to free_slots.
+        store.store_fetched(v, [(p, 1, page(p)) for p in range(6)])
+        assert store._slot_end() == 10
+        assert store._scalar("SELECT count(*) FROM free_slots") == 4
+        assert store.pages_at(v, range(6), 1) == {p: page(p) for p in range(6)}
+        store.store_fetched(v, [(p, 1, page(p)) for p in (6, 7)])  # the freed ones, reused
+        assert store._slot_end() == 10
+        assert sorted(slot_of(store, v, p, 1) for p in (6, 7)) == [4, 5]
+    finally:
+        store.close()
