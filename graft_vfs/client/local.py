@@ -33,6 +33,7 @@ cache never mixes pages of two incarnations of one volume name.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -258,7 +259,9 @@ class LocalStore(Maintenance):
             self._prepare_maintenance()
             self._check_page_file()
             self._identity = self._file_identity()
-            self._checkpoints = Checkpointer(self.path, self.pagefile.sync)
+            self._checkpoints = Checkpointer(
+                self.path, functools.partial(self.pagefile.sync, shared=True)
+            )
             self._db.set_wal_hook(self._checkpoints.hook)
         except BaseException as exc:
             if self._checkpoints is not None:
@@ -347,7 +350,7 @@ class LocalStore(Maintenance):
             self._checkpoints.close()
         with self._lock:
             # Closing the last connection checkpoints the WAL: the rows' data first.
-            self.pagefile.sync()
+            self.pagefile.sync(shared=True)
             self._db.close()
             self.pagefile.close()
         self.signal.close()

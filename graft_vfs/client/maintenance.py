@@ -231,9 +231,13 @@ class Maintenance(StoreFile):
         if free or pruned or evicted:
             # The file shrinks when the WAL is copied back into it; PASSIVE never waits
             # for readers (what they still need is copied by a later checkpoint). The
-            # checkpoint makes the rows of fetched pages durable: their data first.
-            self.pagefile.sync()
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            # checkpoint makes the rows of fetched pages durable: their data first. The
+            # store's lock keeps other threads' statements on this connection out (one
+            # in progress makes the checkpoint fail: SQLITE_LOCKED); a checkpoint that
+            # cannot run now runs at a later pass, or on the checkpoint thread.
+            with self._lock, suppress(apsw.LockedError, apsw.BusyError):
+                self.pagefile.sync(shared=True)
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         return {"pruned": pruned, "evicted": evicted}
 
     def _floor(self, v: int, sync_lsn: int) -> int | None:

@@ -4,9 +4,8 @@ A page row of the store (``rows``) names its slot; the bytes live here, written 
 ``pwrite`` and read with ``pread``, so a page costs one 4 KiB write instead of a B-tree
 leaf cell and an overflow page in the WAL, copied again by the checkpoint. Which slots
 are taken or free is the store's to say, in its transactions (``free_slots``, the
-``page_file`` row); this file only moves bytes, and remembers whether it wrote since its
-last sync (``sync``), because a row naming a slot must never be durable before the slot's
-bytes are.
+``page_file`` row); this file only moves bytes, and syncs it (``sync``),
+because a row naming a slot must never be durable before the slot's bytes are.
 
 Nothing read here is trusted: the caller checks each page against its row's checksum,
 which covers the volume, page and LSN, so a slot reused meanwhile, a file truncated or
@@ -53,12 +52,17 @@ class PageFile:
         """``count`` slots from ``slot`` (shorter if the file ends first: checked by the caller)."""
         return os.pread(self._fd, count * PAGE_SIZE, slot * PAGE_SIZE)
 
-    def sync(self) -> None:
-        """Make every page written so far durable (``fdatasync``), if any was written."""
-        if not self._dirty:
+    def sync(self, *, shared: bool = False) -> None:
+        """Make every page written so far durable (``fdatasync``), if this process wrote any.
+
+        ``shared``: whatever any process wrote, which this process cannot know, so always
+        (a sync with nothing to write costs about 50 us). A commit that syncs the WAL
+        makes the rows other processes committed unsynced durable too.
+        """
+        if not (self._dirty or shared):
             return
         with self._sync_lock:
-            if self._dirty:
+            if self._dirty or shared:
                 self._dirty = False
                 os.fdatasync(self._fd)
 

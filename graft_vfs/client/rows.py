@@ -172,8 +172,9 @@ class StoreFile:
                     yield
                     if durable:
                         # Data before the rows that name it: syncing the WAL makes every
-                        # earlier row durable too, fetched pages' rows included.
-                        self.pagefile.sync()
+                        # earlier row durable too, fetched pages' rows of any process
+                        # included (written before this transaction took the write lock).
+                        self.pagefile.sync(shared=True)
                     self._db.execute("COMMIT")
                 except BaseException:
                     if self._db.in_transaction:
