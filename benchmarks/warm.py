@@ -288,10 +288,11 @@ def store_costs(pages: int = 2000, reps: int = 9) -> dict[str, float]:
     """Microseconds per page of the local store's own operations, best of ``reps``.
 
     A store of ``pages`` random 4 KiB pages, all copied back into its file: a point read
-    (``read_page``, verified), the same query's SQL alone with and without the blob, a
-    page of a 128-page run (``read_run``), and a page of a durable commit of 300
-    scattered pages (``commit``, synced). The floor the page file of
-    docs/architecture.md would pay: ``pread`` of 4 KiB and its CRC.
+    (``read_page``, verified), the same query's SQL alone with and without the data
+    column (empty for a page in the page file), a page of a 128-page run (``read_run``),
+    a page of a durable commit of 300 scattered pages (``commit``, synced), a page of
+    128 fetched pages stored (``store_fetched``, not synced), and the floor of a read
+    from the page file: ``pread`` of 4 KiB and its CRC.
     """
     import zlib
 
@@ -340,7 +341,16 @@ def store_costs(pages: int = 2000, reps: int = 9) -> dict[str, float]:
                 )
 
         best("commit, a page of 300 scattered", commits, 900)
-        with open(os.path.join(work, "graft-cache.db"), "rb") as f:
+        fetch_pages = min(pages, 1024) // 128 * 128
+        fetched = iter([store.create_volume(f"fetched{i}", 5, pages).row_id for i in range(reps)])
+
+        def fetches() -> None:
+            into = next(fetched)
+            for first in range(0, fetch_pages, 128):
+                store.store_fetched(into, [(p, 1, data[p]) for p in range(first, first + 128)])
+
+        best("store_fetched, a page of 128", fetches, fetch_pages)
+        with open(os.path.join(work, "graft-cache.pages"), "rb") as f:
             fd = f.fileno()
             best(
                 "pread 4 KiB + crc32",

@@ -26,6 +26,7 @@ import pytest
 
 import graft_vfs
 from graft_vfs.client.local import FORMAT, STORE_FILE
+from graft_vfs.client.pagefile import PAGES_FILE
 from support.clients import SqlChild, pragma
 
 pytestmark = pytest.mark.stores("fs")
@@ -124,7 +125,7 @@ def test_damaged_page_is_an_error_naming_the_cache_and_the_fix(
     filled_cache, tmp_path, server, vid, connect
 ):
     cache, expected, pushed = filled_cache
-    path = os.path.join(cache, STORE_FILE)
+    path = os.path.join(cache, PAGES_FILE)  # where page data is (the rows name its slots)
     with open(path, "rb") as f:
         data = f.read()
     target = body(77)[:64]  # a pushed row, in a page of the cache (both of its versions)

@@ -6,8 +6,8 @@
 - Random reads read one page per query (no read-ahead).
 - Copying the local store's WAL back into its file runs on a thread of its own, off the
   commit path, and still happens.
-- The store file is read through a memory map: bytes damaged on disk under a running
-  store are seen, and refused, at the next read.
+- Page data is in the page file, read with ``pread``: bytes damaged on disk under a
+  running store are seen, and refused, at the next read.
 
 The server's store kind plays no part here, so these run on the directory store only.
 """
@@ -25,6 +25,7 @@ import pytest
 import graft_vfs
 from graft_vfs.client.local import STORE_FILE, LocalStore
 from graft_vfs.client.maintenance import CHECKPOINT_PAGES
+from graft_vfs.client.pagefile import PAGES_FILE
 from graft_vfs.core.errors import CorruptData
 
 pytestmark = pytest.mark.stores("fs")
@@ -108,7 +109,8 @@ def test_a_damaged_page_in_a_run_is_never_served_and_raises_when_read(hydrated, 
         run = store.read_run(v, 10, 8, lsn)
         assert [p for p, _, _ in run] == list(range(10, 18))
         assert all(store.read_page(v, p, lsn) == (row_lsn, data) for p, row_lsn, data in run)
-        store._db.execute("UPDATE pages SET crc = crc + 1 WHERE v=? AND pageno=13", (v,))
+        slot = store._page_rows(v, 13, lsn)[3]  # its bytes in the page file, damaged
+        store.pagefile.write([slot], [bytes(4096)])
         # Inside a run: left out, so never cached nor served...
         assert [p for p, _, _ in store.read_run(v, 10, 8, lsn)] == [10, 11, 12, 14, 15, 16, 17]
         # ...and the page a run starts with, the one asked for, raises.
@@ -133,25 +135,30 @@ def test_a_damaged_page_in_a_run_is_never_served_and_raises_when_read(hydrated, 
         graft_vfs.unregister("warm-damaged")
 
 
-def test_the_wal_is_copied_back_off_the_commit_path(tmp_path, vid, connect):
-    cache = str(tmp_path / "cache")
-    con = connect(vid, cache_dir=cache)
-    store_file = os.path.join(cache, STORE_FILE)
-    before = os.path.getsize(store_file)
-    con.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
-    with con:  # one local commit of more WAL frames than wake the checkpoint thread
-        con.executemany(
-            "INSERT INTO t VALUES(?, randomblob(3000))", ((k,) for k in range(CHECKPOINT_PAGES))
-        )
-    grown = before + CHECKPOINT_PAGES * 3000
-    deadline = time.monotonic() + 60
-    while os.path.getsize(store_file) < grown and time.monotonic() < deadline:
-        time.sleep(0.05)  # copied by the thread, not by the commit
-    assert os.path.getsize(store_file) >= grown
-    assert con.execute("SELECT count(*), sum(length(v)) FROM t").fetchone() == (
-        CHECKPOINT_PAGES,
-        CHECKPOINT_PAGES * 3000,
-    )
+def test_the_wal_is_copied_back_off_the_commit_path(tmp_path):
+    store = LocalStore(str(tmp_path))
+    try:
+        v = store.create_volume("v", 0, 0).row_id
+        store_file = os.path.join(str(tmp_path), STORE_FILE)
+        before = os.path.getsize(store_file)
+        rng = random.Random(5)
+        lsn = 0
+        # Page data goes to the page file, so a commit is a few WAL frames (its rows):
+        # enough commits to wake the checkpoint thread.
+        while store._checkpoints.frames < CHECKPOINT_PAGES // 2:
+            lsn = store.commit(v, lsn, {lsn % 300: rng.randbytes(4096)}, 300)
+        for _ in range(CHECKPOINT_PAGES):
+            lsn = store.commit(v, lsn, {lsn % 300: rng.randbytes(4096)}, 300)
+            if os.path.getsize(store_file) > before:
+                break
+        deadline = time.monotonic() + 60
+        while os.path.getsize(store_file) <= before and time.monotonic() < deadline:
+            time.sleep(0.05)  # copied by the thread, not by the commit
+        assert os.path.getsize(store_file) > before
+        assert os.path.getsize(os.path.join(str(tmp_path), PAGES_FILE)) == lsn * 4096  # a slot each
+        assert store.read_page(v, (lsn - 1) % 300, lsn)[0] == lsn
+    finally:
+        store.close()
 
 
 def test_damage_under_a_running_store_is_refused_at_the_next_read(tmp_path):
@@ -163,16 +170,20 @@ def test_damage_under_a_running_store_is_refused_at_the_next_read(tmp_path):
         lsn = store.commit(v, 0, pages, 64)
         store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # all in the file
         assert store._db.execute("PRAGMA mmap_size").fetchone()[0] > 0
-        assert store.read_page(v, 21, lsn) == (lsn, pages[21])  # mapped, and in its cache
-        path = os.path.join(str(tmp_path), STORE_FILE)
+        assert store.read_page(v, 21, lsn) == (lsn, pages[21])
+        path = os.path.join(str(tmp_path), PAGES_FILE)
         with open(path, "rb") as f:
-            offset = f.read().index(pages[21][-512:])  # the page's last overflow page
+            offset = f.read().index(pages[21])  # its slot in the page file
         with open(path, "r+b") as f:
             f.seek(offset + 100)
             f.write(bytes(16))
         with pytest.raises(CorruptData, match="page 21 of volume .* fails its checksum"):
             store.read_page(v, 21, lsn)
         assert store.read_page(v, 22, lsn) == (lsn, pages[22])  # the rest reads right
+        # In a run: left out, and raising when it is the page asked for.
+        assert [p for p, _, _ in store.read_run(v, 16, 8, lsn)] == [16, 17, 18, 19, 20, 22, 23]
+        with pytest.raises(CorruptData, match="page 21 of volume .* fails its checksum"):
+            store.read_run(v, 21, 8, lsn)
     finally:
         store.close()
 
@@ -187,6 +198,7 @@ def test_the_store_costs_benchmark_runs_every_operation():
         "sql, with data",
         "read_run, a page of 128",
         "commit, a page of 300 scattered",
+        "store_fetched, a page of 128",
         "pread 4 KiB + crc32",
     }
     assert all(us > 0 for us in costs.values())

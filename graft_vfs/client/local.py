@@ -11,6 +11,10 @@ holds the page's content from local LSN ``lsn`` until the next row of that page,
 reading a page at snapshot S is "the latest row at or before S"; a row with NULL data
 is a page known to have changed whose content has not been fetched yet.
 
+Page data lives beside the file, in the page file (``pagefile``) at fixed 4 KiB slots
+that the page rows name (see ``rows``); rows of stores made before it keep their data
+inline and are read as they are.
+
 The store is built in layers: ``rows.StoreFile`` (the SQLite file, its transactions,
 its rows' checksums: damage), ``maintenance.Maintenance`` (pruning, eviction, space)
 and ``LocalStore`` here (the schema and its formats, volumes, identities, the local
@@ -29,20 +33,23 @@ cache never mixes pages of two incarnations of one volume name.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import apsw
 import msgpack
 from pyroaring import BitMap
 
 from graft_vfs.client.maintenance import Checkpointer, Maintenance
+from graft_vfs.client.pagefile import PAGES_FILE, PageFile, SlotMap
 from graft_vfs.client.rows import (
-    _CHECK_ERRORS,
+    _KEY3,
     BUSY_TIMEOUT_MS,
     VolumeFields,
     _boundary,
@@ -50,13 +57,22 @@ from graft_vfs.client.rows import (
     _matches,
     _origin_crc,
     _page_crc,
+    _slots_crc,
     _volume_crc,
 )
 from graft_vfs.client.sharing import ChangeSignal, PinTable, WriterLock
-from graft_vfs.core.errors import Busy, Diverged, InvalidRequest, SnapshotExpired, StorageError
+from graft_vfs.core.errors import (
+    Busy,
+    CorruptData,
+    Diverged,
+    InvalidRequest,
+    SnapshotExpired,
+    StorageError,
+)
 from graft_vfs.core.faults import crash_point
 from graft_vfs.core.graft import decode_graft, encode_graft
 from graft_vfs.core.identity import Identity
+from graft_vfs.core.ids import PAGE_SIZE
 
 STORE_FILE = "graft-cache.db"
 SIGNAL_FILE = "graft-cache.signal"
@@ -68,13 +84,15 @@ STORE_CACHE_KIB = 16384  # SQLite's page cache of the store file (SQLite's defau
 # SQLite's page cache. Only reads use it; SQLite writes with pwrite as before.
 STORE_MMAP_BYTES = 1 << 30
 
+SLOT_MAP_PAGES = 1 << 20  # entries of a volume's SlotMap before it starts again (4 GiB of pages)
 WAL_KEEP_BYTES = 1 << 20  # the -wal file is cut back to this after a checkpoint
 ABSENT_BATCH = 512  # pages per query of ``without_data``
 
 # PRAGMA user_version of the store. 0: the first format; 1: every row has a crc;
 # 2: the origins table (the identity of each volume's server side); 3: the read_sets
-# table (the pages each pending local commit read, for Options(rebase=True)).
-FORMAT = 3
+# table (the pages each pending local commit read, for Options(rebase=True)); 4: the page
+# file (pages.slot, free_slots, page_file; rows with inline data stay readable).
+FORMAT = 4
 
 _SCHEMA = """
 CREATE TABLE volumes(
@@ -105,6 +123,27 @@ CREATE TABLE pages(
     PRIMARY KEY(v, pageno, lsn)
 ) WITHOUT ROWID;
 """
+
+# Format 3 -> 4, and part of a new store: the page file's free slots and size, and the
+# triggers that free a slot in the transaction that drops or empties its row. ``slot``
+# is added to ``pages`` before this runs.
+_PAGE_FILE = """
+CREATE TABLE IF NOT EXISTS free_slots(slot INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS page_file(
+    id INTEGER PRIMARY KEY,
+    slots INTEGER NOT NULL,
+    crc INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS pages_slot_dropped AFTER DELETE ON pages
+WHEN old.slot IS NOT NULL BEGIN
+    INSERT OR IGNORE INTO free_slots(slot) VALUES(old.slot);
+END;
+CREATE TRIGGER IF NOT EXISTS pages_slot_emptied AFTER UPDATE OF slot ON pages
+WHEN old.slot IS NOT NULL AND new.slot IS NOT old.slot BEGIN
+    INSERT OR IGNORE INTO free_slots(slot) VALUES(old.slot);
+END;
+"""
+_ADD_SLOT = "ALTER TABLE pages ADD COLUMN slot INTEGER"
 
 _ORIGINS = """
 CREATE TABLE IF NOT EXISTS origins(
@@ -192,9 +231,17 @@ class LocalStore(Maintenance):
         self._lock = threading.RLock()
         self._usage: dict[int, Callable[[], list[tuple[int, int, int]]]] = {}
         self._fetched = 0  # pages fetched since the last eviction pass
+        self._maps: dict[int, SlotMap] = {}  # per volume, the page file's map (read_page)
+        try:
+            self.pagefile = PageFile(os.path.join(cache_dir, PAGES_FILE))
+        except OSError as exc:
+            self.signal.close()
+            self.pins.close()
+            raise StorageError(f"cannot open the local cache {cache_dir}: {exc}") from exc
         try:
             self._db = apsw.Connection(self.path)
         except apsw.Error as exc:
+            self.pagefile.close()
             self.signal.close()
             self.pins.close()
             raise StorageError(f"cannot open the local cache {self.path}: {exc}") from exc
@@ -210,13 +257,17 @@ class LocalStore(Maintenance):
             self._db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}").fetchall()
             self._prepare()
             self._prepare_maintenance()
+            self._check_page_file()
             self._identity = self._file_identity()
-            self._checkpoints = Checkpointer(self.path)
+            self._checkpoints = Checkpointer(
+                self.path, functools.partial(self.pagefile.sync, shared=True)
+            )
             self._db.set_wal_hook(self._checkpoints.hook)
         except BaseException as exc:
             if self._checkpoints is not None:
                 self._checkpoints.close()
             self._db.close()
+            self.pagefile.close()
             self.signal.close()
             self.pins.close()
             if isinstance(exc, (apsw.Error, UnicodeDecodeError)):
@@ -235,6 +286,9 @@ class LocalStore(Maintenance):
             )
             if version == 0 and tables == 0:
                 self._db.execute(_SCHEMA + _ORIGINS + _READ_SETS)
+                self.pagefile.truncate(0)  # of a store that is gone
+            elif version == 3 and tables == 3:
+                pass
             elif version == 2 and tables == 3:
                 self._db.execute(_READ_SETS)
             elif version in (0, 1) and tables == 3:
@@ -247,6 +301,13 @@ class LocalStore(Maintenance):
                     for name, fn in crcs:
                         self._db.create_scalar_function(name, fn, deterministic=True)
                     self._db.execute(_MIGRATE_0)
+                    if self._has_slots():  # (rows naming slots have an empty data)
+                        slot_crc: Callable[..., int] = self._slot_crc
+                        self._db.create_scalar_function("graft_slot_crc", slot_crc)
+                        self._db.execute(
+                            "UPDATE pages SET crc = graft_slot_crc(v, pageno, lsn, slot) "
+                            "WHERE slot IS NOT NULL"
+                        )
                 # Volumes of an older cache have no identity yet: each takes the one of
                 # its server's volume at its first contact (see sync.Sync.reconcile).
                 self._db.execute(_ORIGINS + _READ_SETS)
@@ -257,14 +318,41 @@ class LocalStore(Maintenance):
                     f"that made it, or delete the directory {self.cache_dir} to rebuild it "
                     "from the server (local commits not pushed yet are lost with it)"
                 )
+            # The page file (format 4): older rows keep their inline data.
+            if not self._has_slots():
+                self._db.execute(_ADD_SLOT)
+            self._db.execute(_PAGE_FILE)
+            self._db.execute(
+                "INSERT OR IGNORE INTO page_file(id, slots, crc) VALUES(0, 0, ?)", (_slots_crc(0),)
+            )
             self._db.execute(f"PRAGMA user_version={FORMAT}")
+
+    def _slot_crc(self, v: Any, pageno: Any, lsn: Any, slot: Any) -> int:
+        """The crc of the page row naming ``slot`` (a SQL function of the format 0 upgrade)."""
+        return _page_crc(v, pageno, lsn, self.pagefile.read(slot))
+
+    def _has_slots(self) -> bool:
+        return "slot" in {row[1] for row in self._db.execute("PRAGMA table_info(pages)")}
+
+    def _check_page_file(self) -> None:
+        """A page file missing while rows name its slots is damage, said at open."""
+        if self.pagefile.existed:
+            return
+        free = self._scalar("SELECT count(*) FROM free_slots")
+        if self._slot_end() > free:
+            raise self._corrupt(
+                f"its page file {self.pagefile.path} is missing, and page rows name slots of it"
+            )
 
     @_boundary
     def close(self) -> None:
         if self._checkpoints is not None:
             self._checkpoints.close()
         with self._lock:
+            # Closing the last connection checkpoints the WAL: the rows' data first.
+            self.pagefile.sync(shared=True)
             self._db.close()
+            self.pagefile.close()
         self.signal.close()
         self.pins.close()
 
@@ -389,26 +477,65 @@ class LocalStore(Maintenance):
     # -- pages ----------------------------------------------------------------------
 
     def read_page(self, v: int, pageno: int, lsn: int) -> tuple[int, bytes | None] | None:
-        """The latest row of ``pageno`` at or before ``lsn``: ``(row_lsn, data|None)``."""
+        """The latest row of ``pageno`` at or before ``lsn``: ``(row_lsn, data|None)``.
+
+        A page the volume's ``SlotMap`` knows at ``lsn`` is a ``pread`` and a CRC, no SQL.
+        """
+        m = self._maps.get(v)
+        if m is not None and lsn <= m.known:
+            entry = m.rows.get(pageno)
+            if entry is not None and entry[0] <= lsn:
+                row_lsn, slot, crc = entry
+                data = self.pagefile.read(slot)
+                if zlib.crc32(data, zlib.crc32(_KEY3.pack(v, pageno, row_lsn)) ^ 1) == crc:
+                    return row_lsn, data
+                m.rows.pop(pageno, None)  # freed and taken again, or damage: SQL says
         try:
-            with self._lock:
-                row = self._db.execute(
-                    "SELECT lsn, data, crc FROM pages WHERE v=? AND pageno=? AND lsn<=? "
-                    "ORDER BY lsn DESC LIMIT 1",
-                    (v, pageno, lsn),
-                ).fetchone()
+            m = self._slot_map(v, lsn)
+            row = self._page_rows(v, pageno, lsn)
+            out = self._read_page_row(v, pageno, lsn, row)
         except (apsw.Error, UnicodeDecodeError) as exc:
             raise self._error(exc) from exc
-        if row is None:
-            return None
-        row_lsn, data, crc = row
-        try:
-            ok = _page_crc(v, pageno, row_lsn, data) == crc
-        except _CHECK_ERRORS:
-            ok = False
-        if not ok:
-            raise self._corrupt(f"page {pageno} of volume {v} fails its checksum")
-        return row_lsn, data
+        if row is not None and row[3] is not None and out is not None and out[1] is not None:
+            self._remember_slots(m, lsn, v, [(pageno, row[0], row[3], row[2])])
+        return out
+
+    def _slot_map(self, v: int, lsn: int) -> SlotMap:
+        """Volume ``v``'s SlotMap, brought to snapshot ``lsn`` if it knows an older one.
+
+        Entries of the pages changed after what it knew are dropped (the local log
+        says which): they were superseded, by this process or another. A log pruned
+        meanwhile drops them all.
+        """
+        with self._lock:
+            m = self._maps.get(v)
+            if m is None:
+                m = self._maps[v] = SlotMap(lsn)
+            elif lsn > m.known:
+                rows = self._log_rows("v=? AND lsn>? AND lsn<=?", (v, m.known, lsn))
+                if len(rows) != lsn - m.known:
+                    m.rows.clear()
+                else:
+                    for row in rows:
+                        for p in decode_graft(row[4]):
+                            m.rows.pop(p, None)
+                m.known = lsn
+            return m
+
+    def _remember_slots(
+        self, m: SlotMap, lsn: int, v: int, rows: Iterable[tuple[int, int, int, int]]
+    ) -> None:
+        """Add ``(pageno, row_lsn, slot, crc)`` rows read at ``lsn`` to ``m``, if it is there.
+
+        A row read at an older snapshot than ``known`` may have been superseded after it.
+        """
+        with self._lock:
+            if m.known != lsn or self._maps.get(v) is not m:
+                return
+            if len(m.rows) >= SLOT_MAP_PAGES:
+                m.rows.clear()
+            for pageno, row_lsn, slot, crc in rows:
+                m.rows[pageno] = (row_lsn, slot, crc)
 
     def read_run(
         self, v: int, first: int, count: int, lsn: int
@@ -417,46 +544,148 @@ class LocalStore(Maintenance):
 
         ``(pageno, row_lsn, data|None)`` for the pages that have a row, in page order:
         one query for a run of pages, so a sequential reader pays for SQL once per run
-        instead of once per page. Each row is verified as ``read_page`` verifies one:
-        ``first`` failing its checksum raises CorruptData; any other page that fails is
-        left out (it raises when it is read, and is never served).
+        instead of once per page (and neighbouring slots are read in one ``pread``).
+        Each row is verified as ``read_page`` verifies one: ``first`` failing its
+        checksum raises CorruptData; any other page that fails is left out (it raises
+        when it is read, and is never served).
         """
-        latest: dict[int, tuple[int, bytes | None, object]] = {}
+        known = self._run_from_map(v, first, count, lsn)
+        if known is not None:
+            return known
+        latest: dict[int, tuple[Any, ...]] = {}
         try:
+            m = self._slot_map(v, lsn)
             with self._lock:
-                for pageno, row_lsn, data, crc in self._db.execute(
-                    "SELECT pageno, lsn, data, crc FROM pages WHERE v=? AND pageno>=? "
+                for pageno, row_lsn, data, crc, slot in self._db.execute(
+                    "SELECT pageno, lsn, data, crc, slot FROM pages WHERE v=? AND pageno>=? "
                     "AND pageno<? AND lsn<=? ORDER BY pageno, lsn",
                     (v, first, first + count, lsn),
                 ):
-                    latest[pageno] = (row_lsn, data, crc)  # the last is the latest
+                    latest[pageno] = (row_lsn, data, crc, slot)  # the last is the latest
+            pages = list(latest.items())
+            remember: list[tuple[int, int, int, int]] = []
+            slots = {pageno: row[3] for pageno, row in pages if row[3] is not None}
+            self._read_slots(pages)
+            out = []
+            for pageno, row in pages:
+                row_lsn, data, crc, slot = row
+                if _matches(_page_crc, crc, v, pageno, row_lsn, data):
+                    out.append((pageno, row_lsn, data))
+                    if slot is not None:
+                        remember.append((pageno, row_lsn, slots[pageno], crc))
+                    continue
+                try:  # a slot taken again since the query, or damage: look again
+                    again = self._read_page_row(v, pageno, lsn) if slot is not None else None
+                except CorruptData:
+                    again = None
+                if again is not None:
+                    out.append((pageno, *again))
+                elif pageno == first:
+                    raise self._corrupt(f"page {pageno} of volume {v} fails its checksum")
+            self._remember_slots(m, lsn, v, remember)
+            return out
         except (apsw.Error, UnicodeDecodeError) as exc:
             raise self._error(exc) from exc
-        out = []
-        for pageno, (row_lsn, data, crc) in latest.items():
-            try:
-                ok = _page_crc(v, pageno, row_lsn, data) == crc
-            except _CHECK_ERRORS:
-                ok = False
-            if ok:
+
+    def _run_from_map(
+        self, v: int, first: int, count: int, lsn: int
+    ) -> list[tuple[int, int, bytes | None]] | None:
+        """``read_run`` from the SlotMap if it knows every page of the run, else None.
+
+        Neighbouring slots are read with one ``pread``; every page is verified.
+        """
+        m = self._maps.get(v)
+        if m is None or lsn > m.known:
+            return None
+        get = m.rows.get
+        entries = [get(p) for p in range(first, first + count)]
+        for entry in entries:
+            if entry is None or entry[0] > lsn:
+                return None
+        known = cast("list[tuple[int, int, int]]", entries)
+        read, crc32, pack = self.pagefile.read, zlib.crc32, _KEY3.pack
+        out: list[tuple[int, int, bytes | None]] = []
+        i = 0
+        while i < count:
+            slot = known[i][1]
+            j = i + 1
+            while j < count and known[j][1] == slot + j - i:
+                j += 1
+            block = read(slot, j - i)
+            for k in range(i, j):
+                row_lsn, _, crc = known[k]
+                pageno = first + k
+                data = block[(k - i) * PAGE_SIZE : (k - i + 1) * PAGE_SIZE]
+                if crc32(data, crc32(pack(v, pageno, row_lsn)) ^ 1) != crc:
+                    m.rows.pop(pageno, None)
+                    return None  # a slot taken again, or damage: SQL says which
                 out.append((pageno, row_lsn, data))
-            elif pageno == first:
-                raise self._corrupt(f"page {pageno} of volume {v} fails its checksum")
+            i = j
         return out
+
+    def _read_slots(self, pages: list[tuple[int, tuple[Any, ...]]]) -> None:
+        """Replace the slot of each row ``(lsn, data, crc, slot)`` by its bytes, in place.
+
+        Rows of neighbouring slots are read with one ``pread``; bytes short of a page
+        (the file ends first) fail the row's checksum.
+        """
+        i = 0
+        while i < len(pages):
+            slot = pages[i][1][3]
+            if slot is None:
+                i += 1
+                continue
+            j = i + 1
+            while j < len(pages) and pages[j][1][3] == slot + (j - i):
+                j += 1
+            try:
+                block = self.pagefile.read(slot, j - i)
+            except (OSError, OverflowError, TypeError, ValueError):
+                block = b""
+            for k in range(i, j):
+                pageno, (row_lsn, _, crc, s) = pages[k]
+                off = (k - i) * PAGE_SIZE
+                pages[k] = (pageno, (row_lsn, block[off : off + PAGE_SIZE], crc, s))
+            i = j
 
     @_boundary
     def store_fetched(self, v: int, rows: Iterable[tuple[int, int, bytes]]) -> None:
         """Record fetched pages ``(pageno, row_lsn, data)``; fills markers, never overwrites."""
         # Not signalled: a fetched page changes no snapshot, only what is cached. Not
-        # synced either: a crash that loses them costs fetching them again.
+        # synced either: a crash that loses them costs fetching them again (the page
+        # file is synced before any durable commit or checkpoint makes their rows so).
         rows = list(rows)
         now = time.time_ns()
         with self._lock, self._write(durable=False):
-            self._db.executemany(
-                "INSERT INTO pages(v, pageno, lsn, data, crc, used) VALUES(?,?,?,?,?,?) "
-                "ON CONFLICT DO UPDATE SET data=excluded.data, crc=excluded.crc, "
-                "used=excluded.used WHERE data IS NULL",
-                ((v, p, lsn, data, _page_crc(v, p, lsn, data), now) for p, lsn, data in rows),
+            full = [i for i, (_, _, data) in enumerate(rows) if len(data) == PAGE_SIZE]
+            slots: dict[int, int] = {}
+            if full:
+                taken = self._take_slots(len(full))
+                self.pagefile.write(taken, [rows[i][2] for i in full])
+                slots = dict(zip(full, taken, strict=True))
+            stored = set(
+                self._db.executemany(
+                    "INSERT INTO pages(v, pageno, lsn, data, slot, crc, used) "
+                    "VALUES(?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET data=excluded.data, "
+                    "slot=excluded.slot, crc=excluded.crc, used=excluded.used "
+                    "WHERE data IS NULL RETURNING pageno, lsn",
+                    (
+                        (
+                            v,
+                            p,
+                            lsn,
+                            b"" if i in slots else data,
+                            slots.get(i),
+                            _page_crc(v, p, lsn, data),
+                            now,
+                        )
+                        for i, (p, lsn, data) in enumerate(rows)
+                    ),
+                )
+            )
+            # Rows another process filled first keep theirs: these slots stay free.
+            self._give_back_slots(
+                s for i, s in slots.items() if (rows[i][0], rows[i][1]) not in stored
             )
         self._after_fetch(v, len(rows))
 
@@ -543,22 +772,56 @@ class LocalStore(Maintenance):
         ``reads``, the pages the transaction read, is kept with it (for a rebase).
         """
         self._check_not_deleted()
-        with self._change():
-            head = self._volume_by_id(v)[2]
-            if head != base_lsn:
-                raise Busy(
-                    f"commit based on local LSN {base_lsn}, but the volume is at {head} (a pull "
-                    "or reset moved it on during the transaction): roll back and retry it"
+        with self._lock:
+            with self._change():
+                head = self._volume_by_id(v)[2]
+                if head != base_lsn:
+                    raise Busy(
+                        f"commit based on local LSN {base_lsn}, but the volume is at {head} (a "
+                        "pull or reset moved it on during the transaction): roll back and "
+                        "retry it"
+                    )
+                lsn = head + 1
+                # In key order: each leaf of the page index is filled once, then left alone.
+                self._insert_pages(v, lsn, sorted(pages.items()))
+                self._insert_log(v, lsn, page_count, None, encode_graft(pages.keys()))
+                if reads is not None:
+                    self._insert_reads(v, lsn, reads)
+                self._update_volume(v, local_lsn=lsn)
+                crash_point("client.commit.before_durable")
+                slots = cast(
+                    "list[tuple[int, int, int]]",
+                    self._db.execute(
+                        "SELECT pageno, slot, crc FROM pages WHERE v=? AND lsn=? "
+                        "AND slot IS NOT NULL",
+                        (v, lsn),
+                    ).fetchall(),
                 )
-            lsn = head + 1
-            # In key order: each leaf of the page index is filled once, then left alone.
-            self._insert_pages(v, lsn, sorted(pages.items()))
-            self._insert_log(v, lsn, page_count, None, encode_graft(pages.keys()))
-            if reads is not None:
-                self._insert_reads(v, lsn, reads)
-            self._update_volume(v, local_lsn=lsn)
-            crash_point("client.commit.before_durable")
+            self._keep_slot_map(v, base_lsn, lsn, pages, slots)
         return lsn
+
+    def _keep_slot_map(
+        self,
+        v: int,
+        base_lsn: int,
+        lsn: int,
+        pages: dict[int, bytes],
+        rows: list[tuple[int, int, int]],
+    ) -> None:
+        """After this process committed ``pages`` at ``lsn`` on ``base_lsn``, their slots
+        ``rows`` ``(pageno, slot, crc)``: a SlotMap that knew ``base_lsn`` knows ``lsn``
+        (called holding the lock, after the commit: nothing landed in between).
+        """
+        m = self._maps.get(v)
+        if m is None or m.known != base_lsn:
+            return
+        for p in pages:
+            m.rows.pop(p, None)
+        if len(m.rows) + len(rows) >= SLOT_MAP_PAGES:
+            m.rows.clear()
+        for pageno, slot, crc in rows:
+            m.rows[pageno] = (lsn, slot, crc)
+        m.known = lsn
 
     def _insert_reads(self, v: int, lsn: int, reads: BitMap) -> None:
         blob = encode_graft(reads)

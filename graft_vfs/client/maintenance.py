@@ -25,7 +25,8 @@ from typing import cast
 import apsw
 from pyroaring import BitMap
 
-from graft_vfs.client.rows import BUSY_TIMEOUT_MS, StoreFile, _boundary, _page_crc
+from graft_vfs.client.pagefile import SlotMap
+from graft_vfs.client.rows import BUSY_TIMEOUT_MS, StoreFile, _boundary, _matches, _page_crc
 from graft_vfs.client.sharing import PinTable
 from graft_vfs.core.errors import Busy
 from graft_vfs.core.graft import decode_graft
@@ -34,6 +35,7 @@ from graft_vfs.core.ids import PAGE_SIZE
 PRUNE_BATCH_PAGES = 4096  # distinct pages one maintenance pass prunes old versions of
 EVICT_BATCH_PAGES = 4096  # pages one maintenance pass evicts
 VACUUM_BATCH_PAGES = 4096  # free file pages one maintenance pass returns to the file system
+COMPACT_MIN_SLOTS = 64  # free slots (and half the page file) before a pass moves pages down
 USAGE_LOG = 4096  # page reads from the cache file remembered for eviction order
 EVICT_CHECKS = 16  # eviction passes while fetches fill a cache of the limit's size
 CHECKPOINT_PAGES = 1000  # WAL frames that wake the checkpoint thread (SQLite's default)
@@ -58,7 +60,8 @@ class Checkpointer:
     WAL frames are synced.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, before: Callable[[], None]) -> None:
+        self._before = before  # run before each checkpoint: syncs the page file
         # Read-write, never create: a file deleted under the client is not made again.
         self._con = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE)
         self._con.set_busy_timeout(0)
@@ -97,7 +100,9 @@ class Checkpointer:
                 self._running = True
             try:
                 # Errors are the store connection's to report: it reads the same file.
-                with suppress(apsw.Error):
+                # A checkpoint makes the rows of fetched pages durable: their data first.
+                with suppress(apsw.Error, OSError):
+                    self._before()
                     self._con.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
             finally:
                 with self._wake:
@@ -127,6 +132,7 @@ class Maintenance(StoreFile):
     max_bytes: int | None  # page data kept at most (None: no limit)
     _usage: dict[int, Callable[[], list[tuple[int, int, int]]]]
     _fetched: int  # pages fetched since the last eviction pass
+    _maps: dict[int, SlotMap]  # the page file's map of each volume (see ``local``)
     _checkpoints: Checkpointer | None = None  # None until the store is open
 
     def _committed(self) -> None:
@@ -218,12 +224,20 @@ class Maintenance(StoreFile):
             evicted = self._evict(held) if over else 0
             with self._lock:
                 self._fetched = 0
+            self._compact_page_file()
+            self._cut_page_file()
             free = self._scalar("PRAGMA freelist_count")
             self._db.execute(f"PRAGMA incremental_vacuum({VACUUM_BATCH_PAGES})").fetchall()
-        if free:
+        if free or pruned or evicted:
             # The file shrinks when the WAL is copied back into it; PASSIVE never waits
-            # for readers (what they still need is copied by a later checkpoint).
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            # for readers (what they still need is copied by a later checkpoint). The
+            # checkpoint makes the rows of fetched pages durable: their data first. The
+            # store's lock keeps other threads' statements on this connection out (one
+            # in progress makes the checkpoint fail: SQLITE_LOCKED); a checkpoint that
+            # cannot run now runs at a later pass, or on the checkpoint thread.
+            with self._lock, suppress(apsw.LockedError, apsw.BusyError):
+                self.pagefile.sync(shared=True)
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         return {"pruned": pruned, "evicted": evicted}
 
     def _floor(self, v: int, sync_lsn: int) -> int | None:
@@ -276,9 +290,86 @@ class Maintenance(StoreFile):
         self._db.execute(
             "DELETE FROM pages WHERE v=? AND pageno>=? AND lsn<=?", (v, page_count, end)
         )
+        m = self._maps.get(v)
+        if m is not None:
+            for p in [p for p, e in m.rows.items() if p >= page_count and e[0] <= end]:
+                del m.rows[p]
         pruned = self._db.total_changes() - before
         self._db.execute("DELETE FROM log WHERE v=? AND lsn<?", (v, end))
         return pruned
+
+    def _compact_page_file(self) -> None:
+        """Move pages from the page file's tail into its free slots, once half of it is free.
+
+        A bounded batch per pass; the rows are updated in the pass's transaction (their
+        old slots freed, then cut by ``_cut_page_file``), after the bytes are written
+        and synced (the pass is a durable transaction). A reader that read a row before
+        its move reads its old slot, cut or taken again: its checksum fails and it
+        finds the moved row when it looks again. Finding the rows of the tail scans the
+        rows' keys (``slot`` has no index, which every write would pay for), hence the
+        threshold.
+        """
+        end = self._slot_end()
+        free = int(self._scalar("SELECT count(*) FROM free_slots"))
+        live = end - free
+        if free < COMPACT_MIN_SLOTS or free * 2 < end:
+            return
+        holes = [
+            s
+            for (s,) in self._db.execute(
+                "SELECT slot FROM free_slots WHERE slot<? ORDER BY slot LIMIT ?",
+                (live, VACUUM_BATCH_PAGES),
+            )
+        ]
+        movers = cast(
+            "list[tuple[int, int, int, int, int]]",
+            self._db.execute(
+                "SELECT v, pageno, lsn, crc, slot FROM pages WHERE slot>=? "
+                "ORDER BY slot DESC LIMIT ?",
+                (live, len(holes)),
+            ).fetchall(),
+        )
+        moves = []
+        for v, pageno, lsn, crc, slot in movers:
+            data = self.pagefile.read(slot)
+            if _matches(_page_crc, crc, v, pageno, lsn, data):  # damage stays where it is
+                moves.append((v, pageno, lsn, data))
+        holes = holes[: len(moves)]
+        if not moves:
+            return
+        self._db.executemany("DELETE FROM free_slots WHERE slot=?", ((s,) for s in holes))
+        self.pagefile.write(holes, [data for *_, data in moves])
+        self._db.executemany(
+            "UPDATE pages SET slot=? WHERE v=? AND pageno=? AND lsn=?",
+            ((s, v, pageno, lsn) for s, (v, pageno, lsn, _) in zip(holes, moves, strict=True)),
+        )
+        for v, pageno, lsn, _ in moves:  # this process's maps read them at their old slot
+            self._forget_slot(v, pageno, lsn)
+
+    def _cut_page_file(self) -> None:
+        """Give the page file's free tail back to the file system (a bounded stretch).
+
+        Inside the pass's transaction: the slots cut are free whether it commits or not,
+        and a reader that still reads one gets short bytes, fails the checksum, and finds
+        its row changed when it looks again.
+        """
+        end = self._slot_end()
+        cut = end
+        tail = cast(
+            "list[tuple[int]]",
+            self._db.execute(
+                "SELECT slot FROM free_slots WHERE slot>=? ORDER BY slot DESC",
+                (end - VACUUM_BATCH_PAGES,),
+            ).fetchall(),
+        )
+        for (slot,) in tail:
+            if slot != cut - 1:
+                break
+            cut = slot
+        if cut < end:
+            self._db.execute("DELETE FROM free_slots WHERE slot>=?", (cut,))
+            self._set_slot_end(cut)
+            self.pagefile.truncate(cut)
 
     def _held_bytes(self) -> int:
         """Bytes of page data in the store, every volume together."""
@@ -318,10 +409,20 @@ class Maintenance(StoreFile):
             ).fetchall(),
         )
         self._db.executemany(
-            "UPDATE pages SET data=NULL, crc=? WHERE v=? AND pageno=? AND lsn=?",
+            "UPDATE pages SET data=NULL, slot=NULL, crc=? WHERE v=? AND pageno=? AND lsn=?",
             ((_page_crc(v, p, lsn, None), v, p, lsn) for v, p, lsn in victims),
         )
+        # This process's maps forget them (another's find the slot taken again, or its
+        # bytes still right: the row's content never changes).
+        for v, p, lsn in victims:
+            self._forget_slot(v, p, lsn)
         return len(victims)
+
+    def _forget_slot(self, v: int, pageno: int, lsn: int) -> None:
+        m = self._maps.get(v)
+        entry = m.rows.get(pageno) if m is not None else None
+        if m is not None and entry is not None and entry[0] == lsn:
+            del m.rows[pageno]
 
     def _stamp_usage(self) -> None:
         """Record the reads the volumes remember since the last pass, with their times."""

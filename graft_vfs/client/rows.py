@@ -7,6 +7,16 @@ next client rebuilds it from the server) instead of returning wrong data. Errors
 underlying SQLite file (apsw exceptions) become graft errors here, once, naming the file
 (``_boundary``). ``StoreFile`` is the base of ``local.LocalStore`` (through
 ``maintenance.Maintenance``): the connection, its lock, its transactions and its rows.
+
+Page data. A page row names a slot of the page file (``pagefile``) for its 4 KiB of data
+(``slot``, with an empty ``data``), or holds its data inline (rows written before the
+page file, and pages of another size), or is a marker (no data, no slot). Slots are
+taken from ``free_slots`` or past the end of the file (the ``page_file`` row) inside the
+transaction that inserts their rows, and go back to ``free_slots`` (triggers) in the
+transaction that drops or empties their rows; a slot is never taken in the transaction
+that frees it, so a reader that finds another page's bytes in a slot finds the row
+changed when it looks again (``_page_rows``). The page file is synced before every
+durable commit, so no durable row names bytes that are not.
 """
 
 from __future__ import annotations
@@ -23,20 +33,27 @@ from typing import Any, TypeVar, cast
 
 import apsw
 
+from graft_vfs.client.pagefile import PageFile
 from graft_vfs.client.sharing import ChangeSignal
 from graft_vfs.core.errors import Busy, CorruptData, GraftError, StorageError
+from graft_vfs.core.ids import PAGE_SIZE
 
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's write
 
 _KEY3 = struct.Struct("<qqq")
 _KEY4 = struct.Struct("<qqqq")
 _VOLUME_KEY = struct.Struct("<qqqqq")
+SLOT_RETRIES = 8  # a page read whose row keeps changing under it (evicted, fetched again)
 _CHECK_ERRORS = (TypeError, ValueError, OverflowError, struct.error)  # a damaged value's type
 
 
 def _page_crc(v: int, pageno: int, lsn: int, data: bytes | None) -> int:
     crc = zlib.crc32(_KEY3.pack(v, pageno, lsn))
     return crc if data is None else zlib.crc32(data, crc ^ 1)
+
+
+def _slots_crc(slots: int) -> int:
+    return zlib.crc32(_KEY3.pack(0, slots, 4))
 
 
 def _log_crc(v: int, lsn: int, page_count: int, remote_lsn: int | None, pages: bytes) -> int:
@@ -96,6 +113,7 @@ class StoreFile:
     path: str
     cache_dir: str
     signal: ChangeSignal
+    pagefile: PageFile
     _db: apsw.Connection
     _lock: threading.RLock
     _identity: tuple[int, int] | None
@@ -152,6 +170,11 @@ class StoreFile:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield
+                    if durable:
+                        # Data before the rows that name it: syncing the WAL makes every
+                        # earlier row durable too, fetched pages' rows of any process
+                        # included (written before this transaction took the write lock).
+                        self.pagefile.sync(shared=True)
                     self._db.execute("COMMIT")
                 except BaseException:
                     if self._db.in_transaction:
@@ -241,8 +264,125 @@ class StoreFile:
         )
 
     def _insert_pages(self, v: int, lsn: int, pages: Iterable[tuple[int, bytes | None]]) -> None:
+        """Insert page rows at ``lsn``, their data written to slots of the page file."""
         now = time.time_ns()
+        rows = list(pages)
+        full = [
+            i for i, (_, data) in enumerate(rows) if data is not None and len(data) == PAGE_SIZE
+        ]
+        slots: dict[int, int] = {}
+        if full:
+            taken = self._take_slots(len(full))
+            self.pagefile.write(taken, [cast(bytes, rows[i][1]) for i in full])
+            slots = dict(zip(full, taken, strict=True))
         self._db.executemany(
-            "INSERT INTO pages(v, pageno, lsn, data, crc, used) VALUES(?,?,?,?,?,?)",
-            ((v, p, lsn, data, _page_crc(v, p, lsn, data), now) for p, data in pages),
+            "INSERT INTO pages(v, pageno, lsn, data, slot, crc, used) VALUES(?,?,?,?,?,?,?)",
+            (
+                (
+                    v,
+                    p,
+                    lsn,
+                    b"" if i in slots else data,
+                    slots.get(i),
+                    _page_crc(v, p, lsn, data),
+                    now,
+                )
+                for i, (p, data) in enumerate(rows)
+            ),
         )
+
+    # -- the page file's slots -----------------------------------------------------------
+
+    def _slot_end(self) -> int:
+        """Slots the page file has (taken or free), from its verified ``page_file`` row."""
+        row = self._db.execute("SELECT slots, crc FROM page_file WHERE id=0").fetchone()
+        if row is None or not _matches(_slots_crc, row[1], row[0]):
+            raise self._corrupt("the row of the page file's size is missing or fails its checksum")
+        return int(row[0])
+
+    def _set_slot_end(self, slots: int) -> None:
+        self._db.execute(
+            "UPDATE page_file SET slots=?, crc=? WHERE id=0", (slots, _slots_crc(slots))
+        )
+
+    def _take_slots(self, count: int) -> list[int]:
+        """``count`` free slots, lowest first, then new ones at the end (in a write transaction).
+
+        Taken in the transaction that inserts the rows naming them: a crash before its
+        commit leaves them free. Slots in ``free_slots`` were freed by transactions that
+        committed (no transaction both frees and takes), which readers rely on.
+        """
+        taken = sorted(
+            s
+            for (s,) in self._db.execute(
+                "DELETE FROM free_slots WHERE slot IN "
+                "(SELECT slot FROM free_slots ORDER BY slot LIMIT ?) RETURNING slot",
+                (count,),
+            )
+        )
+        if len(taken) < count:
+            end = self._slot_end()
+            new_end = end + count - len(taken)
+            taken.extend(range(end, new_end))
+            self._set_slot_end(new_end)
+        return taken
+
+    def _give_back_slots(self, slots: Iterable[int]) -> None:
+        self._db.executemany(
+            "INSERT OR IGNORE INTO free_slots(slot) VALUES(?)", ((s,) for s in slots)
+        )
+
+    def _page_bytes(self, v: int, pageno: int, row: tuple[Any, ...]) -> bytes | None:
+        """The data of the page row ``(lsn, data, crc, slot)`` if it matches its checksum.
+
+        None if it does not: damage, or (a slot) the row was dropped and its slot taken
+        again since the row was read; ``_page_rows`` tells which by looking again.
+        """
+        row_lsn, data, crc, slot = row
+        if slot is not None:
+            try:
+                data = self.pagefile.read(slot)
+            except (OSError, OverflowError, TypeError, ValueError):
+                return None
+        return data if _matches(_page_crc, crc, v, pageno, row_lsn, data) else None
+
+    def _page_rows(self, v: int, pageno: int, lsn: int) -> tuple[Any, ...] | None:
+        """The latest row ``(lsn, data, crc, slot)`` of ``pageno`` at or before ``lsn``."""
+        with self._lock:
+            return cast(
+                "tuple[Any, ...] | None",
+                self._db.execute(
+                    "SELECT lsn, data, crc, slot FROM pages WHERE v=? AND pageno=? AND lsn<=? "
+                    "ORDER BY lsn DESC LIMIT 1",
+                    (v, pageno, lsn),
+                ).fetchone(),
+            )
+
+    def _read_page_row(
+        self, v: int, pageno: int, lsn: int, row: tuple[Any, ...] | None = None
+    ) -> tuple[int, bytes | None] | None:
+        """The latest row of ``pageno`` at or before ``lsn``, verified: ``(row_lsn, data|None)``.
+
+        ``row``, if given, is that row as read already. A slot whose bytes fail the
+        checksum is looked up again: if the row changed meanwhile (evicted or pruned, its
+        slot taken again), the new row is read; if not, the page is damaged.
+        """
+        if row is None:
+            row = self._page_rows(v, pageno, lsn)
+        for _ in range(SLOT_RETRIES):
+            if row is None:
+                return None
+            if row[1] is None and row[3] is None:
+                if not _matches(_page_crc, row[2], v, pageno, row[0], None):
+                    break
+                return row[0], None
+            data = self._page_bytes(v, pageno, row)
+            if data is not None:
+                return row[0], data
+            if row[3] is None:
+                break
+            again = self._page_rows(v, pageno, lsn)
+            if again == row:
+                break
+            row = again
+        raise self._corrupt(f"page {pageno} of volume {v} fails its checksum")
