@@ -171,10 +171,22 @@ def open_transactions(url: str) -> float:
     raise AssertionError("no graft_replica_open_transactions in /metrics")
 
 
+class SmallWindow(http.client.HTTPConnection):
+    """A connection whose socket takes in little before its reader reads (a loopback's
+    buffers, grown by the kernel, could otherwise hold a whole answer)."""
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # before the handshake
+        sock.settimeout(self.timeout)
+        sock.connect((self.host, self.port))
+        self.sock = sock
+
+
 def stream(url: str, **fields) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     """An NDJSON query whose answer is read as it comes (``readline``), on its own socket."""
     address = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    conn = SmallWindow(address.hostname, address.port, timeout=30)
     conn.request("GET", "/v1/query?" + urllib.parse.urlencode({**fields, "format": "ndjson"}))
     return conn, conn.getresponse()
 
@@ -191,10 +203,10 @@ def test_ndjson_is_streamed_at_one_snapshot_and_released_when_the_client_goes(
 ):
     writer = client(vid, options=graft_vfs.Options(autopush=False))
     writer.execute("CREATE TABLE big(k INTEGER PRIMARY KEY, v TEXT, b BLOB)")
-    n = 30_000  # about 5 MB of NDJSON: far more than the sockets' buffers hold
+    n = 30_000  # about 13 MB of NDJSON: far more than the sockets' buffers hold
     with writer:
         writer.executemany(
-            "INSERT INTO big VALUES(?, ?, randomblob(60))", [(k, f"row {k}") for k in range(n)]
+            "INSERT INTO big VALUES(?, ?, randomblob(300))", [(k, f"row {k}") for k in range(n)]
         )
     lsn = pragma(writer, "graft_push")["remote_lsn"]
     native = [
