@@ -36,7 +36,6 @@ from __future__ import annotations
 import functools
 import os
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -655,32 +654,15 @@ class LocalStore(Maintenance):
         # synced either: a crash that loses them costs fetching them again (the page
         # file is synced before any durable commit or checkpoint makes their rows so).
         rows = list(rows)
-        now = time.time_ns()
         with self._lock, self._write(durable=False):
-            full = [i for i, (_, _, data) in enumerate(rows) if len(data) == PAGE_SIZE]
-            slots: dict[int, int] = {}
-            if full:
-                taken = self._take_slots(len(full))
-                self.pagefile.write(taken, [rows[i][2] for i in full])
-                slots = dict(zip(full, taken, strict=True))
+            values, slots = self._page_values(v, rows)
             stored = set(
                 self._db.executemany(
                     "INSERT INTO pages(v, pageno, lsn, data, slot, crc, used) "
                     "VALUES(?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET data=excluded.data, "
                     "slot=excluded.slot, crc=excluded.crc, used=excluded.used "
                     "WHERE data IS NULL RETURNING pageno, lsn",
-                    (
-                        (
-                            v,
-                            p,
-                            lsn,
-                            b"" if i in slots else data,
-                            slots.get(i),
-                            _page_crc(v, p, lsn, data),
-                            now,
-                        )
-                        for i, (p, lsn, data) in enumerate(rows)
-                    ),
+                    values,
                 )
             )
             # Rows another process filled first keep theirs: these slots stay free.
@@ -704,14 +686,7 @@ class LocalStore(Maintenance):
                 (v, lsn),
             ):
                 latest[pageno] = (row_lsn, bool(has_data))
-        missing: dict[int, int | None] = {}
-        for pageno in range(page_count):
-            row = latest.get(pageno)
-            if row is None:
-                missing[pageno] = None
-            elif not row[1]:
-                missing[pageno] = row[0]
-        return missing
+        return _lacking(latest, range(page_count))
 
     @_boundary
     def without_data(self, v: int, pages: Iterable[int], lsn: int) -> dict[int, int | None]:
@@ -736,14 +711,7 @@ class LocalStore(Maintenance):
                     (v, *args, lsn),
                 ):
                     latest[pageno] = (row_lsn, bool(has_data))  # the last is the latest
-        out: dict[int, int | None] = {}
-        for pageno in wanted:
-            row = latest.get(pageno)
-            if row is None:
-                out[pageno] = None
-            elif not row[1]:
-                out[pageno] = row[0]
-        return out
+        return _lacking(latest, wanted)
 
     def pages_at(self, v: int, pages: Iterable[int], lsn: int) -> dict[int, bytes]:
         """Contents of ``pages`` at local ``lsn``; every page must be present locally."""
@@ -1061,3 +1029,16 @@ class LocalStore(Maintenance):
             self._db.execute("DELETE FROM read_sets WHERE v=?", (v,))
         self._maintain_quietly(v)
         return lsn, changed
+
+
+def _lacking(latest: dict[int, tuple[int, bool]], pages: Iterable[int]) -> dict[int, int | None]:
+    """Of ``pages``, those whose latest row (``latest``: page -> (lsn, has data)) has no
+    data: ``{page: the row's lsn (a marker) | None (no row)}``."""
+    out: dict[int, int | None] = {}
+    for pageno in pages:
+        row = latest.get(pageno)
+        if row is None:
+            out[pageno] = None
+        elif not row[1]:
+            out[pageno] = row[0]
+    return out

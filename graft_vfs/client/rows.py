@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar, cast
 
@@ -265,31 +265,40 @@ class StoreFile:
 
     def _insert_pages(self, v: int, lsn: int, pages: Iterable[tuple[int, bytes | None]]) -> None:
         """Insert page rows at ``lsn``, their data written to slots of the page file."""
+        values, _ = self._page_values(v, [(p, lsn, data) for p, data in pages])
+        self._db.executemany(
+            "INSERT INTO pages(v, pageno, lsn, data, slot, crc, used) VALUES(?,?,?,?,?,?,?)",
+            values,
+        )
+
+    def _page_values(
+        self, v: int, rows: Sequence[tuple[int, int, bytes | None]]
+    ) -> tuple[list[tuple[Any, ...]], dict[int, int]]:
+        """The ``pages`` values of rows ``(pageno, lsn, data|None)``, each whole page's
+        data written to a slot of the page file first (its row names the slot and keeps
+        an empty data); and the slots taken, by the row's index."""
         now = time.time_ns()
-        rows = list(pages)
         full = [
-            i for i, (_, data) in enumerate(rows) if data is not None and len(data) == PAGE_SIZE
+            i for i, (_, _, data) in enumerate(rows) if data is not None and len(data) == PAGE_SIZE
         ]
         slots: dict[int, int] = {}
         if full:
             taken = self._take_slots(len(full))
-            self.pagefile.write(taken, [cast(bytes, rows[i][1]) for i in full])
+            self.pagefile.write(taken, [cast(bytes, rows[i][2]) for i in full])
             slots = dict(zip(full, taken, strict=True))
-        self._db.executemany(
-            "INSERT INTO pages(v, pageno, lsn, data, slot, crc, used) VALUES(?,?,?,?,?,?,?)",
+        values = [
             (
-                (
-                    v,
-                    p,
-                    lsn,
-                    b"" if i in slots else data,
-                    slots.get(i),
-                    _page_crc(v, p, lsn, data),
-                    now,
-                )
-                for i, (p, data) in enumerate(rows)
-            ),
-        )
+                v,
+                p,
+                lsn,
+                b"" if i in slots else data,
+                slots.get(i),
+                _page_crc(v, p, lsn, data),
+                now,
+            )
+            for i, (p, lsn, data) in enumerate(rows)
+        ]
+        return values, slots
 
     # -- the page file's slots -----------------------------------------------------------
 
