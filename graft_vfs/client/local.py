@@ -36,7 +36,6 @@ from __future__ import annotations
 import functools
 import os
 import threading
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -48,7 +47,6 @@ from pyroaring import BitMap
 from graft_vfs.client.maintenance import Checkpointer, Maintenance
 from graft_vfs.client.pagefile import PAGES_FILE, PageFile, SlotMap
 from graft_vfs.client.rows import (
-    _KEY3,
     BUSY_TIMEOUT_MS,
     VolumeFields,
     _boundary,
@@ -486,7 +484,7 @@ class LocalStore(Maintenance):
             if entry is not None and entry[0] <= lsn:
                 row_lsn, slot, crc = entry
                 data = self.pagefile.read(slot)
-                if zlib.crc32(data, zlib.crc32(_KEY3.pack(v, pageno, row_lsn)) ^ 1) == crc:
+                if _page_crc(v, pageno, row_lsn, data) == crc:
                     return row_lsn, data
                 m.rows.pop(pageno, None)  # freed and taken again, or damage: SQL says
         try:
@@ -511,13 +509,12 @@ class LocalStore(Maintenance):
             if m is None:
                 m = self._maps[v] = SlotMap(lsn)
             elif lsn > m.known:
-                rows = self._log_rows("v=? AND lsn>? AND lsn<=?", (v, m.known, lsn))
-                if len(rows) != lsn - m.known:
+                changed = self.changes(v, m.known, lsn)
+                if changed is None:
                     m.rows.clear()
                 else:
-                    for row in rows:
-                        for p in decode_graft(row[4]):
-                            m.rows.pop(p, None)
+                    for p in changed:
+                        m.rows.pop(p, None)
                 m.known = lsn
             return m
 
@@ -602,7 +599,7 @@ class LocalStore(Maintenance):
             if entry is None or entry[0] > lsn:
                 return None
         known = cast("list[tuple[int, int, int]]", entries)
-        read, crc32, pack = self.pagefile.read, zlib.crc32, _KEY3.pack
+        read = self.pagefile.read
         out: list[tuple[int, int, bytes | None]] = []
         i = 0
         while i < count:
@@ -615,7 +612,7 @@ class LocalStore(Maintenance):
                 row_lsn, _, crc = known[k]
                 pageno = first + k
                 data = block[(k - i) * PAGE_SIZE : (k - i + 1) * PAGE_SIZE]
-                if crc32(data, crc32(pack(v, pageno, row_lsn)) ^ 1) != crc:
+                if _page_crc(v, pageno, row_lsn, data) != crc:
                     m.rows.pop(pageno, None)
                     return None  # a slot taken again, or damage: SQL says which
                 out.append((pageno, row_lsn, data))

@@ -475,7 +475,7 @@ class ReadPath:
                 out.append(table.entry.root)
                 if tree is not None and pageno in tree.leafset:
                     count = self.follow.sibling_count(lsn, pageno)
-                    siblings = [p for p in tree.following(pageno, count) if self._absent(p, lsn)]
+                    siblings = self._absent(tree.following(pageno, count), lsn)
                     if siblings:
                         self.follow.siblings_fetched(siblings)
                         out += siblings
@@ -594,9 +594,10 @@ class ReadPath:
         self._tree_rate = rate if old is None else old + 0.5 * (rate - old)
         return True
 
-    def _absent(self, pageno: int, lsn: int) -> bool:
-        row = self.local.read_page(self.row_id, pageno, lsn)
-        return row is None or row[1] is None
+    def _absent(self, pages: list[int], lsn: int) -> list[int]:
+        """``pages`` not held locally at ``lsn``, in their order (one query per batch)."""
+        lacking = self.local.without_data(self.row_id, pages, lsn)
+        return [p for p in pages if p in lacking]
 
     def _run_job(self, job: _TreeJob) -> None:
         """Fetch a tree's pages in small batches while the budget and the workload last.
@@ -618,7 +619,7 @@ class ReadPath:
             def fetch(chunk: list[int]) -> int:
                 # What demand reads have not fetched meanwhile; then demand reads go
                 # first: wait for room on the link.
-                chunk = [p for p in chunk if self._absent(p, job.lsn)]
+                chunk = self._absent(chunk, job.lsn)
                 if not chunk:
                     return 0
                 with self.sched.background_request(TREE_WINDOW) as ok:
