@@ -8,6 +8,7 @@ expectation on requests is exact and read off ``PRAGMA graft_stats``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -22,7 +23,7 @@ import graft_vfs
 from graft_vfs.client import runtime
 from graft_vfs.client.dbfile import import_database
 from graft_vfs.client.link import Link
-from graft_vfs.client.remote import Remote
+from graft_vfs.client.remote import Remote, Traffic
 
 ITEMS = 20_000
 BLOBS = 60
@@ -691,7 +692,7 @@ def test_background_requests_wait_while_demand_reads_are_slow(client, tree_volum
     for i in ids[:20]:
         assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
     wait_for_background(vol)
-    assert vol.reads._fetched_trees == set() and vol.reads.sched.yielded > 0
+    assert vol.reads._fetched_trees == {} and vol.reads.sched.yielded > 0
     assert not sent  # not one background request
     remote.link.rtt = 0.021
     for i in ids[20:]:
@@ -713,6 +714,7 @@ def test_a_tree_too_big_for_the_link_is_given_up_after_a_few_rounds(
 
     monkeypatch.setattr(readpath, "tree_is_cheap", lambda *args: False)
     monkeypatch.setattr(readpath, "tree_batch", lambda *args: (1, 8))  # one small request a round
+    monkeypatch.setattr(readpath, "tree_probe", lambda pages: (1, 8))  # probes too
     con, vol = edge_client(client, tree_volume, background_fetch=True)
     remote = graft_vfs.runtime_of(con.open_vfs).remote
     read_pages = remote.read_pages
@@ -737,6 +739,134 @@ def test_a_tree_too_big_for_the_link_is_given_up_after_a_few_rounds(
         assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
     wait_for_background(vol)
     assert len(sent) == so_far  # not started again at this snapshot
+
+
+def paced_background(remote, rtt: float, bandwidth: float) -> tuple[list[int], dict]:
+    """Background requests take ``rtt`` plus their bytes at ``bandwidth`` (as on a link
+    that narrow); returns the list of their sizes in pages, filled as they go, and the
+    pace, which the caller may change."""
+    read_pages = remote.read_pages
+    sizes: list[int] = []
+    pace = {"rtt": rtt, "bandwidth": bandwidth}
+
+    def paced(vid, lsn, pages, traffic=None, **kwargs):
+        traffic = traffic or Traffic()
+        got = read_pages(vid, lsn, pages, traffic, **kwargs)
+        if threading.current_thread() is not threading.main_thread():
+            sizes.append(len(pages))
+            time.sleep(pace["rtt"] + traffic.bytes_received / pace["bandwidth"])
+        return got
+
+    remote.read_pages = paced
+    return sizes, pace
+
+
+def small_probes(monkeypatch) -> None:
+    """Probing rounds of 4, 16, 64... pages in one request each: this module's table
+    (about 230 leaves) would come whole in the default rounds before one measured."""
+    import graft_vfs.client.readpath as readpath
+
+    monkeypatch.setattr(readpath, "TREE_BATCH", 4)
+    monkeypatch.setattr(readpath, "tree_probe", lambda pages: (1, pages))
+
+
+@pytest.mark.parametrize("setting", [None, True])
+def test_auto_gives_the_background_fetch_up_on_a_narrow_link(
+    client, tree_volume, setting, monkeypatch
+):
+    """On a link whose round trip carries little (50 ms at 200 KB/s: 10 KB; this
+    module's pages compress to about 1 KB) ``auto`` stops after the probing rounds that
+    measured it; ``on`` goes on."""
+    small_probes(monkeypatch)
+    con, vol = edge_client(client, tree_volume, background_fetch=setting)
+    remote = graft_vfs.runtime_of(con.open_vfs).remote
+    remote.link = FixedLink(rtt=0.050, bandwidth=2e6, page_bytes=1500)
+    sizes, _ = paced_background(remote, 0.050, 0.2e6)
+    for i in random.Random(8).sample(range(ITEMS), 20):
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    rate = vol.reads._tree_rate
+    assert rate is not None and rate * 0.050 < 512 * 1024  # measured narrow
+    if setting is None:
+        # Rounds of 4 and 16 pages: the 16 took more than the round trip to cross.
+        assert sizes and sum(sizes) <= 4 + 16
+        assert all(job.declined for job in vol.reads._jobs.values())
+    else:
+        assert sum(sizes) > 4 + 16 + 64
+        assert not any(job.declined for job in vol.reads._jobs.values())
+        rows, moved = requests_for(con, "SELECT count(*) FROM items NOT INDEXED")
+        assert rows == [(ITEMS,)] and moved == 0
+
+
+def test_a_tree_given_up_is_tried_again_later(client, tree_volume, monkeypatch):
+    """A verdict of "too narrow" holds TREE_RETRY seconds (a cold server's slow rounds
+    look like a narrow link): then the next misses probe again, and on a link that is
+    wide now, the tree comes."""
+    import graft_vfs.client.readpath as readpath
+
+    monkeypatch.setattr(readpath, "TREE_RETRY", 1.0)
+    small_probes(monkeypatch)
+    con, vol = edge_client(client, tree_volume, background_fetch=None)
+    remote = graft_vfs.runtime_of(con.open_vfs).remote
+    remote.link = FixedLink(rtt=0.200, bandwidth=100e6, page_bytes=1500)
+    sizes, pace = paced_background(remote, 0.200, 0.1e6)  # 200 ms, 100 KB/s: 20 KB
+    # A miss brings its page alone: on this link's figures, frames of pages around each
+    # miss would bring the whole (small) table before the fetch could start again.
+    monkeypatch.setattr(vol.reads.frames, "width", lambda *args: 1)
+    ids = random.Random(8).sample(range(ITEMS), 60)
+    for i in ids[:20]:
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    assert any(job.declined for job in vol.reads._jobs.values())
+    assert any(until < math.inf for until in vol.reads._fetched_trees.values())
+    declined = len(sizes)
+    for i in ids[20:30]:  # within TREE_RETRY: not started again
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    assert len(sizes) == declined
+    pace["bandwidth"] = 100e6
+    time.sleep(1.1)
+    for i in ids[30:]:
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    assert len(sizes) > declined
+    rows, moved = requests_for(con, "SELECT count(*) FROM items NOT INDEXED")
+    assert rows == [(ITEMS,)] and moved == 0
+
+
+def test_probing_rounds_grow_until_their_bytes_take_a_round_trip(client, tree_volume, monkeypatch):
+    """A round of 16 pages crosses a 100 MB/s link in a fraction of its round trip,
+    measuring jitter: rounds grow 4-fold until their bytes take longer than the round
+    trip (never, on this wide link) or reach the largest probe, and the highest rate
+    seen is the link's. (A 200 ms round trip: at what this client's CPU moves, several
+    MB/s, it carries more than 512 KB, so ``auto`` fetches the tree.)"""
+    import graft_vfs.client.readpath as readpath
+    from graft_vfs.client.prefetch import TREE_BATCH, tree_link_wide, tree_probe
+
+    assert tree_probe(16) == (1, TREE_BATCH)
+    assert tree_probe(1024) == (4, 256)
+    assert tree_link_wide(0.020, 40e6) and not tree_link_wide(0.050, 2e6)
+    small_probes(monkeypatch)
+    monkeypatch.setattr(readpath, "TREE_PROBE_MAX", 64)
+    con, vol = edge_client(client, tree_volume, background_fetch=None)
+    remote = graft_vfs.runtime_of(con.open_vfs).remote
+    remote.link = FixedLink(rtt=0.200, bandwidth=100e6, page_bytes=1500)
+    sizes, _ = paced_background(remote, 0.200, 100e6)
+    monkeypatch.setattr(vol.reads.frames, "width", lambda *args: 1)  # misses fetch one page
+    for i in random.Random(8).sample(range(ITEMS), 20):
+        assert con.execute("SELECT id FROM items WHERE id=?", (i,)).fetchall() == [(i,)]
+    wait_for_background(vol)
+    # 4, 16, 64 pages (less what demand reads fetched meanwhile)
+    assert sizes[0] == 4 and 4 < sizes[1] <= 16 and 16 < sizes[2] <= 64
+    assert vol.reads._tree_rate is not None and vol.reads._tree_rate * 0.200 >= 512 * 1024
+    rows, moved = requests_for(con, "SELECT count(*) FROM items NOT INDEXED")
+    assert rows == [(ITEMS,)] and moved == 0  # the tree came whole
+
+
+def test_background_fetch_is_auto_by_default(client, tree_volume):
+    assert graft_vfs.Options().background_fetch is None
+    con = client(tree_volume)
+    assert pragma(con, "graft_background_fetch") == {"background_fetch": False, "auto": True}
 
 
 def test_background_requests_are_sized_to_a_quarter_round_trip_of_the_link():

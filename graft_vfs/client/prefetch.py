@@ -522,11 +522,22 @@ TREE_BATCH_MAX = 512
 TREE_WORKERS = 4
 TREE_JOBS = 2  # trees fetched at once (an index and its table)
 TREE_MIN_RTT = 0.010  # on a faster link the CPU a background fetch takes costs more
-TREE_CHEAP_RTTS = 32  # what is left of a tree comes at once if it takes under 32 round trips
+TREE_CHEAP_RTTS = 64  # what is left of a tree comes at once if it takes under 64 round trips
 # Rounds that measure the link before a tree that is not cheap is given up (until the
 # snapshot moves): fetched a quarter round trip at a time, it would take link time
 # from demand reads for longer than most workloads stay in one tree.
 TREE_PROBES = 3
+# Until a round has measured the link, rounds grow 4-fold from TREE_BATCH pages up to
+# this many in all (5 MB): a round must take long enough for its bytes to show.
+TREE_PROBE_MAX = TREE_WORKERS * TREE_BATCH_MAX
+# Options(background_fetch=None) runs it only where a round trip carries this many bytes
+# at the rate background rounds measure (the bandwidth-delay product; edge: 20 ms at 100
+# MB/s, 2 MB; slow: 50 ms at 2 MB/s, 100 KB): on a narrower link it would move many
+# bytes for few round trips saved, and such links are often metered.
+TREE_AUTO_BDP = 512 * 1024
+# A tree given up, and the rate its rounds measured, hold this many seconds: then the
+# next miss there tries again (the server may have warmed up, the link changed).
+TREE_RETRY = 60.0
 # Options(background_fetch=None), the default: on while the measured round trip is at
 # least this long (an edge or a slow link), off below (a loopback, a LAN), where the
 # client's CPU per fetched page costs more than the round trips it saves.
@@ -657,6 +668,17 @@ def tree_batch(
     pages = rtt * rtts * bandwidth / page_bytes
     workers = int(min(TREE_WORKERS, max(1, pages // TREE_BATCH)))
     return workers, int(min(TREE_BATCH_MAX, max(TREE_BATCH, pages / workers)))
+
+
+def tree_probe(pages: int) -> tuple[int, int]:
+    """Requests and pages in each of a probing round of ``pages`` pages in all."""
+    workers = int(min(TREE_WORKERS, max(1, pages // TREE_BATCH)))
+    return workers, max(TREE_BATCH, pages // workers)
+
+
+def tree_link_wide(rtt: float, bandwidth: float) -> bool:
+    """Whether a round trip carries TREE_AUTO_BDP bytes at ``bandwidth``."""
+    return rtt * bandwidth >= TREE_AUTO_BDP
 
 
 def tree_is_cheap(nbytes: float, rtt: float, bandwidth: float) -> bool:

@@ -16,6 +16,8 @@ writes nothing to disk but fetched pages.
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import threading
 import time
 from collections import OrderedDict
@@ -30,11 +32,14 @@ from graft_vfs.client.prefetch import (
     FOLLOW_MAX,
     FOLLOW_START,
     SIBLINGS_MAX,
+    TREE_BATCH,
     TREE_CHEAP_INFLIGHT_RTTS,
     TREE_INFLIGHT_RTTS,
     TREE_JOBS,
     TREE_MISSES,
+    TREE_PROBE_MAX,
     TREE_PROBES,
+    TREE_RETRY,
     TREE_WINDOW,
     TREE_WORKERS,
     FrameSizer,
@@ -48,6 +53,8 @@ from graft_vfs.client.prefetch import (
     tree_batch,
     tree_budget,
     tree_is_cheap,
+    tree_link_wide,
+    tree_probe,
 )
 from graft_vfs.client.readahead import MARK_PAGES, ReadAhead
 from graft_vfs.client.remote import Remote, Traffic, required
@@ -157,11 +164,13 @@ class ReadPath:
         self._trees_at = 0.0
         self._stamp = 0  # interior pages stored so far (in batches): a TreeMap's age
         self._jobs: dict[int, _TreeJob] = {}  # root -> its background fetch
-        # (root, lsn) fetched whole, or declined as too big for the link
-        self._fetched_trees: set[tuple[int, int]] = set()
+        # (root, lsn) fetched whole (until: inf), or declined, until TREE_RETRY later
+        self._fetched_trees: dict[tuple[int, int], float] = {}
         self._job_lock = threading.Lock()
         self._inflight: set[int] = set()  # pages in background batches now
         self._tree_rate: float | None = None  # bytes/s background rounds measured
+        self._tree_rate_at = 0.0  # when, in time.monotonic()
+        self._prober: _TreeJob | None = None  # the one job whose rounds measure the link
         self._chains: dict[int, int] = {}  # first overflow page -> pages in its chain
         self._usable = 0  # usable page size, once page 1 was fetched
         # Read-ahead from the local store (heuristics only: races between threads cost
@@ -567,8 +576,8 @@ class ReadPath:
                     return
                 job.cancel()  # a commit, pull or reset moved the snapshot on
                 del jobs[root]
-            if (root, lsn) in self._fetched_trees:
-                return  # fetched whole at this snapshot already
+            if self._fetched_trees.get((root, lsn), 0.0) > now:
+                return  # fetched whole at this snapshot already, or declined lately
             misses = self.watch.miss(root, now)
             tree = trees.trees.get(root)
             if misses < TREE_MISSES or tree is None or grant <= 0 or len(jobs) >= TREE_JOBS:
@@ -580,19 +589,26 @@ class ReadPath:
             target=self._run_job, args=(job,), name="graft-tree-fetch", daemon=True
         ).start()
 
-    def _measure(self, nbytes: int, seconds: float, rtt: float) -> bool:
-        """The bandwidth one round of parallel background requests saw.
+    def _measure(self, nbytes: int, seconds: float, rtt: float) -> float | None:
+        """The bandwidth one round of parallel background requests saw (None: too few
+        bytes to tell).
 
         Link.bandwidth is measured per request, so it reads a link shared by parallel
         requests as a fraction of what it is: a round measures it whole.
         """
         if nbytes < 4096:
+            return None
+        return nbytes / max(seconds - rtt, seconds / 16)  # ``rtt`` is the floor: errs low
+
+    def _probe_by(self, job: _TreeJob) -> bool:
+        """Whether ``job`` may send probing rounds: one job at a time does, as the
+        rounds of two trees at once would slow each other and read as a narrow link."""
+        with self._job_lock:
+            prober = self._prober
+            if prober is None or prober is job or prober.finished.is_set():
+                self._prober = job
+                return True
             return False
-        # ``rtt`` is the link's floor: the rate errs low, and may grow 16-fold a round.
-        rate = nbytes / max(seconds - rtt, seconds / 16)
-        old = self._tree_rate
-        self._tree_rate = rate if old is None else old + 0.5 * (rate - old)
-        return True
 
     def _absent(self, pages: list[int], lsn: int) -> list[int]:
         """``pages`` not held locally at ``lsn``, in their order (one query per batch)."""
@@ -615,20 +631,26 @@ class ReadPath:
             todo = [p for p in reversed(job.pages) if p in missing]
             skipped = threading.Event()
             probes = 0  # rounds that measured the link
+            if time.monotonic() - self._tree_rate_at > TREE_RETRY:
+                self._tree_rate = None  # measured long ago (a cold server, another link)
+            probe = TREE_BATCH  # pages of the next probing round (while none measured it)
+            probe_best = 0.0  # the highest rate a probing round saw
 
-            def fetch(chunk: list[int]) -> int:
+            def fetch(chunk: list[int]) -> tuple[int, float]:
+                """Bytes received and seconds on the link (0, 0.0 if nothing was sent)."""
                 # What demand reads have not fetched meanwhile; then demand reads go
                 # first: wait for room on the link.
                 chunk = self._absent(chunk, job.lsn)
                 if not chunk:
-                    return 0
+                    return 0, 0.0
                 with self.sched.background_request(TREE_WINDOW) as ok:
                     if not ok:
                         skipped.set()  # demand reads kept the link busy all along
-                        return 0
+                        return 0, 0.0
                     self._inflight.update(chunk)
+                    started = time.monotonic()
                     try:
-                        return fetch_now(chunk)
+                        return fetch_now(chunk), time.monotonic() - started
                     finally:
                         self._inflight.difference_update(chunk)
 
@@ -642,11 +664,25 @@ class ReadPath:
                 return traffic.bytes_received
 
             link = remote.link
+
+            def wide(rate: float) -> bool:
+                return tree_link_wide(link.floor, rate)
+
             with ThreadPoolExecutor(max_workers=TREE_WORKERS) as pool:
                 i = 0
                 while i < len(todo) and self._latest() == job.lsn:
                     rate = budget = self._tree_rate
+                    if rate is None and not self._probe_by(job):
+                        if not job.wait_for_budget(None):
+                            break  # cancelled
+                        time.sleep(link.floor)  # another tree's rounds are measuring it
+                        continue
                     share = TREE_INFLIGHT_RTTS
+                    if rate is not None and self.background is None and not wide(rate):
+                        # auto, on a narrow link: a round trip carries few pages, so
+                        # the fetch would move many bytes to save few round trips.
+                        job.declined = True
+                        break
                     if rate is not None and tree_is_cheap(
                         (len(todo) - i) * link.page_bytes, link.floor, rate
                     ):
@@ -661,18 +697,43 @@ class ReadPath:
                         break
                     # Sized by the link, never by the budget: a demand read waits at most
                     # a fraction of a round trip behind the requests in flight.
-                    workers, size = tree_batch(link.floor, rate, link.page_bytes, share)
+                    if rate is None:  # probing: rounds grow until one measures the link
+                        workers, size = tree_probe(probe)
+                    else:
+                        workers, size = tree_batch(link.floor, rate, link.page_bytes, share)
                     self.sched.workers = workers
                     chunks = []
                     for _ in range(workers):
                         if i < len(todo):
                             chunks.append(todo[i : i + size])
                             i += size
-                    started, yielded = time.monotonic(), self.sched.yielded
-                    nbytes = sum(pool.map(fetch, chunks))
+                    sent = list(pool.map(fetch, chunks))
+                    nbytes = sum(n for n, _ in sent)
                     job.spend(nbytes)
-                    if self.sched.yielded == yielded:  # the link was the round's alone
-                        probes += self._measure(nbytes, time.monotonic() - started, link.floor)
+                    # The round's requests ran in parallel once each had room on the link
+                    # (demand reads first), sharing it: on a narrow link they end about
+                    # together. Their median time is the round's: one straggler (a busy
+                    # server thread, a CPU shared with it) would read as a narrow link.
+                    times = [t for _, t in sent if t] or [0.0]
+                    seen = self._measure(nbytes, statistics.median(times), link.floor)
+                    if rate is not None and seen is not None:
+                        self._tree_rate = rate + 0.5 * (seen - rate)
+                        self._tree_rate_at = time.monotonic()
+                        probes += 1
+                    elif rate is None and seen is not None:
+                        # Probing: rounds grow until their bytes take longer than the
+                        # round trip itself (then they, not the jitter of the round trip
+                        # or the CPU around it, set the time). Noise only slows a round:
+                        # the highest rate seen is the link's.
+                        probe_best = max(probe_best, seen)
+                        moving = statistics.median(times) - link.floor
+                        if moving >= link.floor or probe >= TREE_PROBE_MAX:
+                            self._tree_rate, self._tree_rate_at = probe_best, time.monotonic()
+                            probes += 1
+                        else:
+                            probe = min(probe * 4, TREE_PROBE_MAX)
+                    elif rate is None and nbytes:
+                        probe = min(probe * 4, TREE_PROBE_MAX)  # too few bytes to tell
                     if skipped.is_set():
                         break  # the link stayed busy: a later miss starts it over
                 job.complete = i >= len(todo) and not skipped.is_set()
@@ -690,7 +751,8 @@ class ReadPath:
         with self._job_lock:
             if any(lsn != job.lsn for _, lsn in self._fetched_trees):
                 self._fetched_trees.clear()  # only the latest snapshot's
-            self._fetched_trees.add((job.root, job.lsn))
+            until = math.inf if job.complete else time.monotonic() + TREE_RETRY
+            self._fetched_trees[(job.root, job.lsn)] = until
 
     def _want_missing(
         self, wanted: dict[int, int], pages: Iterable[int], lsn: int, sync_local: int

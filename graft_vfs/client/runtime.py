@@ -43,10 +43,10 @@ class Options:
     timeout: float = 30.0
     token: str | None = field(default=None, repr=False)  # bearer token; never printed
     cache_max_bytes: int | None = None  # page data the cache directory keeps; None: no limit
-    # Fetch the B-tree being read in the background, below demand reads in priority;
-    # None: on while the link's round-trip floor is >= 15 ms (an edge or a slow link).
-    # Off by default: measured, it still lost on index-key lookups (README).
-    background_fetch: bool | None = False
+    # Fetch the B-tree being read in the background, below demand reads in priority.
+    # None (auto): where the link's round-trip floor is >= 15 ms and a round trip carries
+    # >= 512 KB (an edge link; not a loopback or LAN, nor a narrow, often metered link).
+    background_fetch: bool | None = None
     # Rebase a rejected push onto the server's new head when no page the local
     # transactions read changed there (see sync.Sync.rebase); else diverged, as without.
     rebase: bool = False
