@@ -10,10 +10,15 @@ same whatever the length of the history. Records are immutable, so cached ones a
 never stale; before it answers "what is the latest", a process probes the store for
 the next LSN until it is missing.
 
-The page index maps each page to the sorted LSNs that wrote it and each LSN to where
-its pages live, so reading page p as of LSN L is one bisect. That is correct across
-truncations because a commit that grows a volume must write every new page: a page cut
-off and later grown back always has a version after the regrowth.
+The page map is columns, as the checkpoint and the records decode (``PageMap``,
+``PageEntries``): a cold load makes no Python object per page, so its cost is the
+store reads (an import's record of 32,596 pages took ~190 ms of CPU to decode into a
+dict per page; as columns, ~3 ms). Reading page p as of LSN L tests the bitmaps of the
+commits after the base checkpoint, newest first, then the base's (a rank in a bitmap
+gives the row); commits past FOLD_AFTER are folded into a list of LSNs per page, so a
+long-running process answers with one bisect. That is correct across truncations
+because a commit that grows a volume must write every new page: a page cut off and
+later grown back always has a version after the regrowth.
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ from graft_server.keys import (
 )
 from graft_server.limits import MAX_LOADED_VOLUMES
 from graft_server.objstore import ObjectStore
-from graft_vfs.core.checkpoint import Checkpoint, Located
-from graft_vfs.core.commit import CommitRecord
+from graft_vfs.core.checkpoint import Checkpoint, Located, PageMap
+from graft_vfs.core.commit import CommitRecord, SegmentRef
 from graft_vfs.core.errors import (
     CorruptData,
     IdentityMismatch,
@@ -54,6 +59,7 @@ from graft_vfs.core.errors import (
     VolumeNotFound,
 )
 from graft_vfs.core.faults import crash_point
+from graft_vfs.core.graft import MAX_PAGES
 from graft_vfs.core.identity import Identity, decode_store, encode_store
 from graft_vfs.core.ids import validate_volume_id
 from graft_vfs.core.retention import Retained, decode_retention
@@ -67,6 +73,10 @@ HISTORY_VIEWS = 4  # past-LSN page maps kept for reads older than the loaded che
 # store round trip (5-15 ms on S3). Records are decoded and applied in LSN order.
 LOAD_PARALLEL = 8
 _load_pool = ThreadPoolExecutor(LOAD_PARALLEL, thread_name_prefix="graft-log")
+# Commits after the base found by testing their bitmaps newest first (~0.1 us each);
+# past this many, they are folded into a list of LSNs per page. A cold load reads fewer
+# records than commits.CHECKPOINT_EVERY, so it folds nothing: no object per page.
+FOLD_AFTER = 32
 
 
 def read_record(store: ObjectStore, vid: str, lsn: int) -> CommitRecord | None:
@@ -120,14 +130,28 @@ class LoggedCommit:
     hash: bytes
     timestamp: float
     graft: BitMap
-    pages: dict[int, tuple[str, Entry]]  # page -> (sid, where its frame is)
+    segments: list[SegmentRef]  # where its pages' frames are, as columns
+
+    def find(self, page: int) -> tuple[str, Entry] | None:
+        """The segment and entry of ``page``; None if this commit did not write it."""
+        for seg in self.segments:
+            entry = seg.columns.find(page)
+            if entry is not None:
+                return seg.sid, entry
+        return None
+
+    @property
+    def pages(self) -> dict[int, tuple[str, Entry]]:
+        """page -> (sid, where its frame is), made on each call."""
+        return {e.page: (seg.sid, e) for seg in self.segments for e in seg.entries}
 
 
 class VolumeLog:
     """The cached log of one volume from a checkpoint (or LSN 0) to the latest record.
 
-    ``versions`` maps each page to the ascending LSNs that wrote it, starting with the
-    version the base checkpoint holds; so it answers for any LSN at or after ``base``.
+    ``base_map`` is the base checkpoint's page map; ``written`` maps each page to the
+    ascending LSNs in (base, folded] that wrote it; commits after ``folded`` are found
+    by their bitmaps. So it answers for any LSN at or after ``base``.
     """
 
     def __init__(self, vid: str) -> None:
@@ -146,11 +170,10 @@ class VolumeLog:
         self.base_time = checkpoint.timestamp if checkpoint else 0.0
         # Fixed when LSN 1 is created; None only while the cache holds no commit.
         self.volume_id: bytes | None = checkpoint.volume_id if checkpoint else None
-        self.base_pages: dict[int, Located] = dict(checkpoint.pages) if checkpoint else {}
+        self.base_map = checkpoint.table if checkpoint else PageMap.empty()
         self.commits: list[LoggedCommit] = []  # commits[lsn - base - 1]
-        self.versions: dict[int, list[int]] = {
-            page: [loc.version] for page, loc in self.base_pages.items()
-        }
+        self.written: dict[int, list[int]] = {}
+        self.folded = self.base
 
     @property
     def latest(self) -> int:
@@ -167,23 +190,66 @@ class VolumeLog:
 
     def locate(self, page: int, lsn: int) -> Located | None:
         """Where page ``page`` as of ``lsn`` (>= base) lives; None if never written."""
-        lsns = self.versions.get(page, ())
-        i = bisect_right(lsns, lsn)
-        if not i:
+        version = self._version(page, lsn)
+        if version is None:
             return None
-        version = lsns[i - 1]
         if version <= self.base:
-            return self.base_pages[page]
-        sid, entry = self.commit_at(version).pages[page]
-        return Located(version, sid, entry)
+            return self.base_map.locate(page)
+        found = self.commit_at(version).find(page)
+        assert found is not None, "a commit's bitmap and its segments agree (decode checks)"
+        return Located(version, *found)
+
+    def _version(self, page: int, lsn: int) -> int | None:
+        """The LSN of ``page``'s version as of ``lsn`` (``base`` for the base map's);
+        None if it was never written."""
+        for version in range(lsn, self.folded, -1):
+            if page in self.commits[version - self.base - 1].graft:
+                return version
+        lsns = self.written.get(page)
+        if lsns:
+            i = bisect_right(lsns, lsn)
+            if i:
+                return lsns[i - 1]
+        return self.base if page in self.base_map.bitmap else None
+
+    @property
+    def versions(self) -> BitMap:
+        """Every page that has a version here (in the base map or a later commit)."""
+        pages = BitMap(self.base_map.bitmap)
+        for commit in self.commits:
+            pages |= commit.graft
+        return pages
+
+    def changed_since(self, since: int) -> BitMap:
+        """The pages whose latest version is after ``since`` (which may be below base)."""
+        pages = self.base_map.newer_than(since) if since < self.base else BitMap()
+        for lsn in range(max(since, self.base) + 1, self.latest + 1):
+            pages |= self.commit_at(lsn).graft
+        return pages
 
     def checkpoint(self, lsn: int) -> Checkpoint:
-        """The page map as of ``lsn`` (>= base)."""
-        pages = {}
-        for page in range(self.page_count_at(lsn)):
-            loc = self.locate(page, lsn)
-            if loc is not None:
-                pages[page] = loc
+        """The page map as of ``lsn`` (>= base): commits newest first, each giving the
+        pages no newer one wrote (bitmap differences), then the base map's rest."""
+        count = self.page_count_at(lsn)
+        pages: dict[int, Located] = {}
+        taken = BitMap()
+        for version in range(lsn, self.base, -1):
+            commit = self.commit_at(version)
+            fresh = commit.graft - taken
+            fresh.remove_range(count, MAX_PAGES)
+            if fresh:
+                for seg in commit.segments:
+                    for page in seg.columns.bitmap & fresh:
+                        entry = seg.columns.find(page)
+                        assert entry is not None
+                        pages[page] = Located(version, seg.sid, entry)
+            taken |= commit.graft
+        rest = self.base_map.bitmap - taken
+        rest.remove_range(count, MAX_PAGES)
+        for page in rest:
+            loc = self.base_map.locate(page)
+            assert loc is not None
+            pages[page] = loc
         assert self.volume_id is not None, "LSN 0 has no checkpoint"
         return Checkpoint(
             self.vid, self.volume_id, lsn, self.page_count_at(lsn), self.timestamp_at(lsn), pages
@@ -205,15 +271,16 @@ class VolumeLog:
                 f"log record {record.lsn} of {self.vid!r} belongs to volume "
                 f"{record.volume_id.hex()}, not {self.volume_id.hex()}"
             )
-        pages: dict[int, tuple[str, Entry]] = {}
-        for seg in record.segments:
-            for e in seg.entries:
-                pages[e.page] = (seg.sid, e)
-        for page in pages:
-            self.versions.setdefault(page, []).append(record.lsn)
         self.commits.append(
-            LoggedCommit(record.page_count, record.hash, record.timestamp, record.pages(), pages)
+            LoggedCommit(
+                record.page_count, record.hash, record.timestamp, record.pages(), record.segments
+            )
         )
+        if self.latest - self.folded > FOLD_AFTER:
+            for lsn in range(self.folded + 1, self.latest + 1):
+                for page in self.commit_at(lsn).graft:
+                    self.written.setdefault(page, []).append(lsn)
+            self.folded = self.latest
 
 
 class Index:

@@ -270,14 +270,9 @@ class Reads:
             latest = self.index.latest(vol)
             if since > latest:
                 raise SnapshotNotFound(f"LSN {since} is beyond the latest LSN {latest} of {vid!r}")
-            if since >= vol.base:
-                graft = BitMap()
-                for lsn in range(since + 1, latest + 1):
-                    graft |= vol.commit_at(lsn).graft
-            else:
-                # Older than the loaded checkpoint: a page changed in (since, latest]
-                # exactly when its latest version is newer than since.
-                graft = BitMap(p for p, lsns in vol.versions.items() if lsns[-1] > since)
+            # A page changed in (since, latest] exactly when its latest version is
+            # newer than since (since may be older than the loaded checkpoint).
+            graft = vol.changed_since(since)
             page_count = vol.page_count_at(latest)
         # Pages past the current end were truncated away: nothing to fetch for them.
         graft.remove_range(page_count, MAX_PAGES)
