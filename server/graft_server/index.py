@@ -51,6 +51,7 @@ from graft_vfs.core.checkpoint import Checkpoint, Located, PageMap
 from graft_vfs.core.commit import CommitRecord, SegmentRef
 from graft_vfs.core.errors import (
     CorruptData,
+    GraftError,
     IdentityMismatch,
     InvalidRequest,
     SnapshotExpired,
@@ -212,6 +213,24 @@ class VolumeLog:
                 return lsns[i - 1]
         return self.base if page in self.base_map.bitmap else None
 
+    def located_in(self, sid: str, lsn: int) -> dict[int, Located]:
+        """The pages whose version as of ``lsn`` lives in segment ``sid``, by page."""
+        candidates = BitMap()
+        if sid in self.base_map.sids:
+            index = self.base_map.sids.index(sid)
+            rows = [i for i, s in enumerate(self.base_map.segments) if s == index]
+            candidates.update(self.base_map.entries.pages[i] for i in rows)
+        for version in range(self.base + 1, lsn + 1):
+            for seg in self.commit_at(version).segments:
+                if seg.sid == sid:
+                    candidates |= seg.columns.bitmap
+        found = {}
+        for page in candidates:
+            loc = self.locate(page, lsn)
+            if loc is not None and loc.sid == sid:
+                found[page] = loc
+        return found
+
     @property
     def versions(self) -> BitMap:
         """Every page that has a version here (in the base map or a later commit)."""
@@ -337,10 +356,8 @@ class Index:
         the one read within FLOOR_RECHECK seconds): see passed_by_gc.
         """
         just_loaded = not vol.loaded
-        if just_loaded:
-            self._load(vol)
         # Other processes may have committed since the listing or the last probe.
-        self._apply_newer(vol)
+        self._apply_newer(vol, self._load(vol) if just_loaded else None)
         if just_loaded:
             return
         try:
@@ -351,17 +368,25 @@ class Index:
             # GC deleted the records after this cache's latest (they are below its
             # floor), or the volume was deleted: the probe above cannot see past them,
             # the store's latest checkpoint and log can.
-            self._load(vol)
-            self._apply_newer(vol)
+            self._apply_newer(vol, self._load(vol))
 
-    def _apply_newer(self, vol: VolumeLog) -> None:
-        while (record := read_record(self.store, vol.vid, vol.latest + 1)) is not None:
+    def _apply_newer(
+        self, vol: VolumeLog, probed: tuple[CommitRecord | None] | None = None
+    ) -> None:
+        """Apply the records after the cache's latest, up to the first missing one.
+        ``probed``: the record after the latest, read already (see ``_load``)."""
+        (record,) = probed if probed is not None else (self._next_record(vol),)
+        while record is not None:
             if vol.volume_id is not None and record.volume_id != vol.volume_id:
                 # The name was deleted and created again (a record of the new volume):
                 # this cache is of the old one. Load the new one from its own log.
-                self._load(vol)
+                (record,) = self._load(vol)
                 continue
             vol.apply(record)
+            record = self._next_record(vol)
+
+    def _next_record(self, vol: VolumeLog) -> CommitRecord | None:
+        return read_record(self.store, vol.vid, vol.latest + 1)
 
     def passed_by_gc(self, vol: VolumeLog, *, fresh: bool = False) -> bool:
         """Whether GC raised the floor above this cache's latest LSN (the floor re-read at
@@ -469,6 +494,12 @@ class Index:
                     self._views = {k: v for k, v in self._views.items() if k[0] != vol.vid}
                 raise VolumeNotFound(f"volume {vol.vid!r} was deleted")
 
+    def _prefetch_store_id(self) -> None:
+        try:
+            self.store_id()
+        except GraftError:
+            pass  # read again when asked for: that read says what failed
+
     def store_id(self) -> bytes:
         """The store's identity, created (once, whoever comes first) if it has none yet."""
         if self._store_id is None:
@@ -502,11 +533,22 @@ class Index:
                 "it was created again or the client was pointed at another store"
             )
 
-    def _load(self, vol: VolumeLog) -> None:
-        """Read the latest checkpoint and the log records after it. Caller holds the lock."""
+    def _load(self, vol: VolumeLog) -> tuple[CommitRecord | None]:
+        """Read the latest checkpoint and the log records after it. Caller holds the lock.
+
+        Returns the record after the listed ones, read with them (the probe ``refresh``
+        makes next, in a 1-tuple: None inside if there is none). The GC floor and the
+        store's identity, which the first request asks for next, are read meanwhile: a
+        cold server's first answer waited for 6 store round trips one after another
+        before its first segment read, now for 3 (listings, then the records).
+        """
         # The floor is read again for what is loaded (a name deleted and created again
         # starts over).
         vol.floor, vol.floor_read = 0, -FLOOR_RECHECK
+        floor_read = time.monotonic()
+        retention = _load_pool.submit(read_retention, self.store, vol.vid)
+        if self._store_id is None:
+            _load_pool.submit(self._prefetch_store_id)
         for _ in range(3):
             checkpoints = self.store.list(checkpoint_prefix(vol.vid))
             checkpoint = None
@@ -521,14 +563,25 @@ class Index:
             for lsn, key in enumerate(keys, start=vol.base + 1):
                 if key != log_key(vol.vid, lsn):
                     raise CorruptData(f"log of {vol.vid!r} has a gap or stray key at {key!r}")
-            for lsn, record in read_records(
-                self.store, vol.vid, vol.base + 1, vol.base + len(keys)
-            ):
-                if record is None:
+            last = vol.base + len(keys)
+            newer = None
+            for lsn, record in read_records(self.store, vol.vid, vol.base + 1, last + 1):
+                if lsn > last:
+                    newer = record  # committed since the listing, or None
+                elif record is None:
                     raise CorruptData(f"log record {lsn} of {vol.vid!r} vanished after listing")
-                vol.apply(record)
+                else:
+                    vol.apply(record)
             vol.loaded = True
-            return
+            try:
+                retained = retention.result()
+            except GraftError:
+                pass  # read again when asked for: that read says what failed
+            else:
+                if vol.volume_id is None or vol.volume_id not in retained.deleted:
+                    # (A deleted volume's floor is left unread: _read_floor says so.)
+                    vol.floor, vol.floor_read = retained.floor, floor_read
+            return (newer,)
         raise StorageError(f"the checkpoints of {vol.vid!r} kept changing while being read")
 
     def _not_found(self, vol: VolumeLog, message: str) -> VolumeNotFound:
