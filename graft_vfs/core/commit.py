@@ -53,8 +53,10 @@ def unpack_column(
 ) -> array[int]:
     """The column ``pack_column`` made: ``count`` items of ``code`` (any number if None)."""
     values = array(code)
-    if len(data) % values.itemsize or (count is not None and len(data) != count * values.itemsize):
-        raise bad(f"has {len(data)} bytes, not {count} integers of {values.itemsize}")
+    if len(data) % values.itemsize:
+        raise bad(f"has {len(data)} bytes, not a whole number of {values.itemsize}-byte integers")
+    if count is not None and len(data) != count * values.itemsize:
+        raise bad(f"has {len(data) // values.itemsize} integers, not {count}")
     values.frombytes(data)
     if _BIG_ENDIAN_HOST:
         values.byteswap()
