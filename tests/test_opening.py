@@ -142,6 +142,32 @@ def test_a_large_commit_keeps_upper_levels_together_for_a_cold_server(server, vi
     assert reads <= 3 < len(wanted), reads
 
 
+def test_a_cold_opening_reads_statistics_roots_and_probes_in_one_round(server, vid, analyzed_db):
+    """After page 1's segment, what the opening reads tree by tree and level by level
+    (the statistics trees' pages, each tree's probe below its interior levels) comes in
+    one batch of store reads: was one round per tree and per statistics level."""
+    import_database(Remote(server.url), analyzed_db, vid)
+    cold = Volumes(server._backing())  # a server process started now: nothing cached
+    cold.reads.head(vid)  # the page map, loaded
+    rounds: list[list[int]] = []
+    frames_of = cold.reads._frames
+
+    def counted(view, lsn, pages, known=None):
+        pages = list(pages)
+        before = cold.store.stats["range_gets"]
+        got = frames_of(view, lsn, pages, known)
+        if cold.store.stats["range_gets"] > before:
+            rounds.append(pages)
+        return got
+
+    cold.reads._frames = counted
+    head, frames = cold.reads.opening(vid, 256)
+    wanted, content = expected_opening(analyzed_db)
+    assert sorted(f.page for f in frames) == wanted
+    assert all(f.frame for f in frames)
+    assert len(rounds) == 1 and len(rounds[0]) > 3, rounds
+
+
 def test_commit_segments_may_hold_one_upper_segment_between_the_others(tmp_path):
     """The hash check merges a commit's segments in page order holding at most two at
     once: ascending ranges plus one segment whose pages fall between them land; three

@@ -214,10 +214,12 @@ class Reads:
             usable = usable_size(contents[0])
             whole_trees([0], usable)
             schema = read_schema(read, head.page_count)
-            whole_trees([e.root for e in schema if e.name in STAT_TABLES], usable)
-            roots = take([e.root for e in schema if e.root not in gathered])
+            stats = [e.root for e in schema if e.name in STAT_TABLES]
+            others = [e.root for e in schema if e.name not in STAT_TABLES]
             left = budget - len(gathered)
-            self._read_probes(view, head.lsn, head.page_count, roots, gathered, known, left)
+            self._read_ahead(view, head.lsn, head.page_count, stats, others, gathered, known, left)
+            whole_trees(stats, usable)
+            roots = take([e.root for e in schema if e.root not in gathered])
             for root in roots:  # one tree at a time: _interior_below probes one depth
                 left = budget - len(gathered)
                 below = {root: gathered[root]}
@@ -233,43 +235,67 @@ class Reads:
             return list(gathered.values()), False
         return list(gathered.values()), True
 
-    def _read_probes(
+    def _read_ahead(
         self,
         view: VolumeLog,
         lsn: int,
         page_count: int,
-        roots: list[int],
+        whole: list[int],
+        probed: list[int],
         gathered: Mapping[int, PageFrame],
         known: dict[int, PageFrame],
         limit: int,
     ) -> None:
-        """Read into ``known`` the pages ``_interior_below`` will probe below ``roots``
-        (the first child of the first page of each level), every tree's at one depth in
-        one batch of store reads. _interior_below probes one tree at a time, a round
-        trip per tree: after a cold server loaded the benchmark volume, 6 of its 17
-        sequential store reads were a probe each (all leaves: the interior pages came
-        with page 1's segment). At most ``limit`` pages per depth."""
+        """Read into ``known`` what the opening reads next one tree and one level at a
+        time, for all trees at once, one batch of store reads per depth: the roots not
+        read yet, every page of the ``whole`` trees (the statistics), and below the
+        ``probed`` roots the pages _interior_below probes (the first child of the first
+        page of each level). After a cold server loaded the benchmark volume, 8 of its
+        17 store reads one after another were these (the stat1 root, stat4's leaves, a
+        probe per tree: leaves all, as the interior pages came with page 1's segment);
+        now they are one round. At most ``limit`` pages in all."""
 
-        def first_child(page: int, frame: PageFrame) -> int | None:
+        def frame_of(page: int) -> PageFrame | None:
+            return known.get(page) or gathered.get(page)
+
+        def children(page: int, frame: PageFrame) -> list[int]:
             if not frame.frame:
-                return None
-            content = decompress_page(frame.frame, page)
-            children = interior_children(content, page) if is_interior(content, page) else []
-            return children[0] if children and children[0] < page_count else None
+                return []
+            content = decompress_page(frame.frame, page)  # [] below for any other page
+            return [c for c in interior_children(content, page) if c < page_count]
 
-        tops = [(root, gathered[root]) for root in roots if root in gathered]
-        while tops and limit > 0:
-            wanted: list[int] = []
-            for page, frame in tops:
-                while (child := first_child(page, frame)) is not None and child in known:
-                    page, frame = child, known[child]
-                if child is not None and child not in wanted:
-                    wanted.append(child)
-            wanted = wanted[:limit]
-            if not wanted:
+        while limit > 0:
+            wanted: dict[int, None] = {}
+            seen: set[int] = set()  # a damaged tree may point back up
+            level = list(whole)
+            while level:
+                below = []
+                for page in level:
+                    if page not in seen:
+                        seen.add(page)
+                        frame = frame_of(page)
+                        if frame is None:
+                            wanted[page] = None
+                        else:
+                            below += children(page, frame)
+                level = below
+            for page in probed:
+                seen.clear()
+                while page not in seen:
+                    seen.add(page)
+                    frame = frame_of(page)
+                    if frame is None:
+                        wanted[page] = None
+                        break
+                    kids = children(page, frame)
+                    if not kids:
+                        break
+                    page = kids[0]
+            batch = list(wanted)[:limit]
+            if not batch:
                 return
-            known.update(self._frames(view, lsn, wanted))
-            tops = [(page, known[page]) for page in wanted]
+            known.update(self._frames(view, lsn, batch))
+            limit -= len(batch)
 
     def _home_of_page_1(self, view: VolumeLog, lsn: int, budget: int) -> dict[int, PageFrame]:
         """The current pages of the segment that holds page 1, read in one ranged read if
