@@ -495,10 +495,14 @@ class Index:
                 raise VolumeNotFound(f"volume {vol.vid!r} was deleted")
 
     def _prefetch_store_id(self) -> None:
+        """Read the store's identity if it has one; creating it is left to store_id (a
+        load must not write, and a failed read is read again by whoever needs it)."""
         try:
-            self.store_id()
+            data = self.store.get(STORE_KEY)
+            if data is not None and self._store_id is None:
+                self._store_id = decode_store(data)
         except GraftError:
-            pass  # read again when asked for: that read says what failed
+            pass
 
     def store_id(self) -> bytes:
         """The store's identity, created (once, whoever comes first) if it has none yet."""
@@ -547,8 +551,7 @@ class Index:
         vol.floor, vol.floor_read = 0, -FLOOR_RECHECK
         floor_read = time.monotonic()
         retention = _load_pool.submit(read_retention, self.store, vol.vid)
-        if self._store_id is None:
-            _load_pool.submit(self._prefetch_store_id)
+        store_id = _load_pool.submit(self._prefetch_store_id) if self._store_id is None else None
         for _ in range(3):
             checkpoints = self.store.list(checkpoint_prefix(vol.vid))
             checkpoint = None
@@ -573,6 +576,8 @@ class Index:
                 else:
                     vol.apply(record)
             vol.loaded = True
+            if store_id is not None:
+                store_id.result()
             try:
                 retained = retention.result()
             except GraftError:
