@@ -1,10 +1,22 @@
-"""Commit records (one per LSN in a volume's log) and the commit content hash."""
+"""Commit records (one per LSN in a volume's log) and the commit content hash.
+
+A record names the segments its commit wrote and where each page's frame lives in them.
+Format LOG4 stores those entries as packed little-endian columns (``PageEntries``), so
+a record decodes in a few bulk operations whatever its size: an import's record of
+32,596 pages decodes in about 3 ms, where LOG3 (a msgpack list of 4 integers per page,
+still decoded: stores written before keep working) took about 190 ms of a cold
+server's CPU before its first answer, with the page map built from it. The columns are
+checked in bulk before any entry is used: equal lengths, pages strictly ascending and
+below the page count, lengths not zero, offsets in range.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable
+import sys
+from array import array
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pyroaring import BitMap
@@ -15,11 +27,93 @@ from graft_vfs.core.graft import MAX_PAGES, decode_graft, encode_graft
 from graft_vfs.core.ids import IDENTITY_SIZE, MAX_LSN, validate_segment_id, validate_volume_id
 from graft_vfs.core.segment import Entry
 
-# LOG1 was the unchecksummed msgpack record; LOG2 held frame crcs of segment format 1.
-RECORD_KIND = b"LOG3"
+# LOG1 was the unchecksummed msgpack record; LOG2 held frame crcs of segment format 1;
+# LOG3 held a msgpack row per page, decoded still (see ``ROW_RECORD_KIND``).
+RECORD_KIND = b"LOG4"
+ROW_RECORD_KIND = b"LOG3"
 HASH_SIZE = 32  # sha256
 MAX_OFFSET = (1 << 63) - 1
 MAX_CRC = (1 << 32) - 1
+# Packed columns: array typecodes of 4 and 8 bytes, little-endian in the store.
+U32, U64 = "I", "Q"
+assert array(U32).itemsize == 4 and array(U64).itemsize == 8
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
+
+
+def pack_column(values: array[int]) -> bytes:
+    """An array's items as little-endian bytes."""
+    if _BIG_ENDIAN_HOST:
+        values = array(values.typecode, values)
+        values.byteswap()
+    return values.tobytes()
+
+
+def unpack_column(
+    data: bytes, code: str, count: int | None, bad: Callable[[str], CorruptData]
+) -> array[int]:
+    """The column ``pack_column`` made: ``count`` items of ``code`` (any number if None)."""
+    values = array(code)
+    if len(data) % values.itemsize:
+        raise bad(f"has {len(data)} bytes, not a whole number of {values.itemsize}-byte integers")
+    if count is not None and len(data) != count * values.itemsize:
+        raise bad(f"has {len(data) // values.itemsize} integers, not {count}")
+    values.frombytes(data)
+    if _BIG_ENDIAN_HOST:
+        values.byteswap()
+    return values
+
+
+class PageEntries:
+    """Entries of one segment as columns, pages strictly ascending: where each page's
+    frame lives without a Python object per page until one is asked for (``find``)."""
+
+    __slots__ = ("pages", "offsets", "lengths", "crcs", "_bitmap")
+
+    def __init__(
+        self, pages: array[int], offsets: array[int], lengths: array[int], crcs: array[int]
+    ) -> None:
+        assert len(pages) == len(offsets) == len(lengths) == len(crcs)
+        self.pages, self.offsets, self.lengths, self.crcs = pages, offsets, lengths, crcs
+        self._bitmap: BitMap | None = None
+
+    @classmethod
+    def of(cls, entries: Iterable[Entry]) -> PageEntries:
+        """Columns of ``entries`` (sorted here). OverflowError for a value that does not
+        fit its column (a length of 4 GiB or more: no frame of a 4 KiB page is)."""
+        rows = sorted(entries)
+        cols: list[Iterable[int]] = [list(col) for col in zip(*rows)] if rows else [[]] * 4
+        return cls(
+            array(U32, cols[0]), array(U64, cols[1]), array(U32, cols[2]), array(U32, cols[3])
+        )
+
+    @property
+    def bitmap(self) -> BitMap:
+        """The pages, as a bitmap: ``rank`` of a page is its row + 1 (pages ascend)."""
+        if self._bitmap is None:
+            self._bitmap = BitMap(self.pages)
+        return self._bitmap
+
+    def __len__(self) -> int:
+        return len(self.pages)
+
+    def find(self, page: int) -> Entry | None:
+        """The entry of ``page``; None if this segment does not hold it."""
+        bitmap = self.bitmap
+        if page not in bitmap:
+            return None
+        i = bitmap.rank(page) - 1
+        return Entry(page, self.offsets[i], self.lengths[i], self.crcs[i])
+
+    def entries(self) -> list[Entry]:
+        return list(map(Entry, self.pages, self.offsets, self.lengths, self.crcs))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PageEntries):
+            return NotImplemented
+        mine = (self.pages, self.offsets, self.lengths, self.crcs)
+        return mine == (other.pages, other.offsets, other.lengths, other.crcs)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class CommitHasher:
@@ -71,15 +165,32 @@ def commit_hash(
     return hasher.digest()
 
 
-@dataclass
 class SegmentRef:
-    """A segment a commit wrote, with the index of the pages it holds."""
+    """A segment a commit wrote, with the index of the pages it holds (as columns)."""
 
-    sid: str
-    entries: list[Entry]
+    __slots__ = ("sid", "columns")
+
+    def __init__(self, sid: str, entries: Iterable[Entry] | PageEntries) -> None:
+        self.sid = sid
+        self.columns = entries if isinstance(entries, PageEntries) else PageEntries.of(entries)
+
+    @property
+    def entries(self) -> list[Entry]:
+        """The index, an Entry per page (made on each call: keep what you need)."""
+        return self.columns.entries()
 
     def pages(self) -> BitMap:
-        return BitMap(e.page for e in self.entries)
+        return BitMap(self.columns.bitmap)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SegmentRef):
+            return NotImplemented
+        return self.sid == other.sid and self.columns == other.columns
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SegmentRef({self.sid!r}, {len(self.columns)} pages)"
 
 
 @dataclass
@@ -117,14 +228,24 @@ class CommitRecord:
                 "time": self.timestamp,
                 "pages": encode_graft(self.pages()),
                 "segments": [
-                    {"sid": s.sid, "index": [list(e) for e in s.entries]} for s in self.segments
+                    {
+                        "sid": s.sid,
+                        "pages": pack_column(s.columns.pages),
+                        "offsets": pack_column(s.columns.offsets),
+                        "lengths": pack_column(s.columns.lengths),
+                        "crcs": pack_column(s.columns.crcs),
+                    }
+                    for s in self.segments
                 ],
             },
         )
 
     @classmethod
     def decode(cls, data: bytes) -> CommitRecord:
-        f = unpack(RECORD_KIND, data, "commit record")
+        """The record in ``data`` (LOG4, or LOG3 as written before); CorruptData unless
+        every field and every entry checks out."""
+        rows = data[4:8] in (ROW_RECORD_KIND, b"LOG2")  # LOG2: refused, with how to fix
+        f = unpack(ROW_RECORD_KIND if rows else RECORD_KIND, data, "commit record")
         page_count = f.integer("page_count", 0, MAX_PAGES - 1)
         segments = []
         seen = BitMap()
@@ -132,12 +253,15 @@ class CommitRecord:
             if not isinstance(raw, dict):
                 raise f.bad("segments", "holds a non-map")
             seg = Fields(raw, f.what)
-            entries = _entries(seg, seg.sequence("index"), page_count)
-            pages = BitMap(e.page for e in entries)
-            if len(pages) != len(entries) or seen.intersection_cardinality(pages):
+            if rows:
+                columns = _row_entries(seg, page_count)
+            else:
+                columns = _column_entries(seg, page_count)
+            pages = columns.bitmap
+            if seen.intersection_cardinality(pages):
                 raise f.bad("segments", "name a page twice")
             seen |= pages
-            segments.append(SegmentRef(seg.text("sid", validate_segment_id), entries))
+            segments.append(SegmentRef(seg.text("sid", validate_segment_id), columns))
         rec = cls(
             vid=f.text("vid", validate_volume_id),
             volume_id=f.blob("volume_id", IDENTITY_SIZE),
@@ -155,6 +279,74 @@ class CommitRecord:
         if listed != seen:
             raise CorruptData("commit record page bitmap does not match its segments")
         return rec
+
+
+def _column_entries(seg: Fields, page_count: int) -> PageEntries:
+    """A LOG4 segment's entries, every column checked in bulk before any is used."""
+
+    def packed(name: str) -> bytes:
+        value = seg.get(name)
+        if not isinstance(value, bytes):
+            raise seg.bad(name, "is not packed integers")
+        return value
+
+    def bad(name: str) -> Callable[[str], CorruptData]:
+        return lambda why: seg.bad(name, why)
+
+    pages = unpack_column(packed("pages"), U32, None, bad("pages"))
+    n = len(pages)
+    lengths, offsets = packed("lengths"), packed("offsets")
+    columns = PageEntries(
+        pages,
+        unpack_column(offsets, U64, n, bad("offsets")),
+        unpack_column(lengths, U32, n, bad("lengths")),
+        unpack_column(packed("crcs"), U32, n, bad("crcs")),  # any u32 is a crc
+    )
+    if n:
+        bitmap = columns.bitmap
+        # Strictly ascending: the bitmap (sorted, without duplicates) reads back the same.
+        if len(bitmap) != n or bitmap.to_array() != pages:
+            raise seg.bad("pages", "are not strictly ascending")
+        if bitmap.max() >= page_count:
+            raise seg.bad("pages", f"name a page at or beyond the page count {page_count}")
+        if has_zero_u32(lengths):
+            raise seg.bad("lengths", "hold a zero length")
+        if not below_2_63(offsets):
+            raise seg.bad("offsets", f"hold an offset beyond {MAX_OFFSET}")
+    return columns
+
+
+# Range checks of packed columns on their bytes, in C: min() and max() over the arrays
+# made an int object per value and took 3.4 ms of the 5.6 ms decoding a record of
+# 32,596 pages; these take about 0.2 ms.
+_LOW_HALF = bytes(range(0x80))
+
+
+def has_zero_u32(packed: bytes) -> bool:
+    """Whether packed little-endian u32s hold a zero: OR the 4 byte lanes of every value
+    together (as big integers), and look for a zero byte in the result."""
+    n = len(packed) // 4
+    lanes = 0
+    for lane in range(4):
+        lanes |= int.from_bytes(packed[lane::4], "little")
+    return b"\0" in lanes.to_bytes(n, "little")
+
+
+def below_2_63(packed: bytes) -> bool:
+    """Whether every packed little-endian u64 is at most 2**63 - 1 (its top bit clear)."""
+    return not packed[7::8].translate(None, _LOW_HALF)
+
+
+def _row_entries(seg: Fields, page_count: int) -> PageEntries:
+    """A LOG3 segment's entries (a list of 4 integers per page), as columns."""
+    entries = _entries(seg, seg.sequence("index"), page_count)
+    try:
+        columns = PageEntries.of(entries)
+    except OverflowError:
+        raise seg.bad("index", "holds a length of 4 GiB or more") from None
+    if len(columns.bitmap) != len(entries):
+        raise seg.bad("index", "names a page twice")
+    return columns
 
 
 def _origin(f: Fields) -> tuple[str, int]:

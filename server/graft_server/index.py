@@ -10,10 +10,15 @@ same whatever the length of the history. Records are immutable, so cached ones a
 never stale; before it answers "what is the latest", a process probes the store for
 the next LSN until it is missing.
 
-The page index maps each page to the sorted LSNs that wrote it and each LSN to where
-its pages live, so reading page p as of LSN L is one bisect. That is correct across
-truncations because a commit that grows a volume must write every new page: a page cut
-off and later grown back always has a version after the regrowth.
+The page map is columns, as the checkpoint and the records decode (``PageMap``,
+``PageEntries``): a cold load makes no Python object per page, so its cost is the
+store reads (an import's record of 32,596 pages took ~190 ms of CPU to decode into a
+dict per page; as columns, ~3 ms). Reading page p as of LSN L tests the bitmaps of the
+commits after the base checkpoint, newest first, then the base's (a rank in a bitmap
+gives the row); commits past FOLD_AFTER are folded into a list of LSNs per page, so a
+long-running process answers with one bisect. That is correct across truncations
+because a commit that grows a volume must write every new page: a page cut off and
+later grown back always has a version after the regrowth.
 """
 
 from __future__ import annotations
@@ -42,10 +47,11 @@ from graft_server.keys import (
 )
 from graft_server.limits import MAX_LOADED_VOLUMES
 from graft_server.objstore import ObjectStore
-from graft_vfs.core.checkpoint import Checkpoint, Located
-from graft_vfs.core.commit import CommitRecord
+from graft_vfs.core.checkpoint import Checkpoint, Located, PageMap
+from graft_vfs.core.commit import CommitRecord, SegmentRef
 from graft_vfs.core.errors import (
     CorruptData,
+    GraftError,
     IdentityMismatch,
     InvalidRequest,
     SnapshotExpired,
@@ -54,6 +60,7 @@ from graft_vfs.core.errors import (
     VolumeNotFound,
 )
 from graft_vfs.core.faults import crash_point
+from graft_vfs.core.graft import MAX_PAGES
 from graft_vfs.core.identity import Identity, decode_store, encode_store
 from graft_vfs.core.ids import validate_volume_id
 from graft_vfs.core.retention import Retained, decode_retention
@@ -67,6 +74,10 @@ HISTORY_VIEWS = 4  # past-LSN page maps kept for reads older than the loaded che
 # store round trip (5-15 ms on S3). Records are decoded and applied in LSN order.
 LOAD_PARALLEL = 8
 _load_pool = ThreadPoolExecutor(LOAD_PARALLEL, thread_name_prefix="graft-log")
+# Commits after the base found by testing their bitmaps newest first (~0.1 us each);
+# past this many, they are folded into a list of LSNs per page. A cold load reads fewer
+# records than commits.CHECKPOINT_EVERY, so it folds nothing: no object per page.
+FOLD_AFTER = 32
 
 
 def read_record(store: ObjectStore, vid: str, lsn: int) -> CommitRecord | None:
@@ -120,14 +131,28 @@ class LoggedCommit:
     hash: bytes
     timestamp: float
     graft: BitMap
-    pages: dict[int, tuple[str, Entry]]  # page -> (sid, where its frame is)
+    segments: list[SegmentRef]  # where its pages' frames are, as columns
+
+    def find(self, page: int) -> tuple[str, Entry] | None:
+        """The segment and entry of ``page``; None if this commit did not write it."""
+        for seg in self.segments:
+            entry = seg.columns.find(page)
+            if entry is not None:
+                return seg.sid, entry
+        return None
+
+    @property
+    def pages(self) -> dict[int, tuple[str, Entry]]:
+        """page -> (sid, where its frame is), made on each call."""
+        return {e.page: (seg.sid, e) for seg in self.segments for e in seg.entries}
 
 
 class VolumeLog:
     """The cached log of one volume from a checkpoint (or LSN 0) to the latest record.
 
-    ``versions`` maps each page to the ascending LSNs that wrote it, starting with the
-    version the base checkpoint holds; so it answers for any LSN at or after ``base``.
+    ``base_map`` is the base checkpoint's page map; ``written`` maps each page to the
+    ascending LSNs in (base, folded] that wrote it; commits after ``folded`` are found
+    by their bitmaps. So it answers for any LSN at or after ``base``.
     """
 
     def __init__(self, vid: str) -> None:
@@ -146,11 +171,10 @@ class VolumeLog:
         self.base_time = checkpoint.timestamp if checkpoint else 0.0
         # Fixed when LSN 1 is created; None only while the cache holds no commit.
         self.volume_id: bytes | None = checkpoint.volume_id if checkpoint else None
-        self.base_pages: dict[int, Located] = dict(checkpoint.pages) if checkpoint else {}
+        self.base_map = checkpoint.table if checkpoint else PageMap.empty()
         self.commits: list[LoggedCommit] = []  # commits[lsn - base - 1]
-        self.versions: dict[int, list[int]] = {
-            page: [loc.version] for page, loc in self.base_pages.items()
-        }
+        self.written: dict[int, list[int]] = {}
+        self.folded = self.base
 
     @property
     def latest(self) -> int:
@@ -167,23 +191,84 @@ class VolumeLog:
 
     def locate(self, page: int, lsn: int) -> Located | None:
         """Where page ``page`` as of ``lsn`` (>= base) lives; None if never written."""
-        lsns = self.versions.get(page, ())
-        i = bisect_right(lsns, lsn)
-        if not i:
+        version = self._version(page, lsn)
+        if version is None:
             return None
-        version = lsns[i - 1]
         if version <= self.base:
-            return self.base_pages[page]
-        sid, entry = self.commit_at(version).pages[page]
-        return Located(version, sid, entry)
+            return self.base_map.locate(page)
+        found = self.commit_at(version).find(page)
+        assert found is not None, "a commit's bitmap and its segments agree (decode checks)"
+        return Located(version, *found)
+
+    def _version(self, page: int, lsn: int) -> int | None:
+        """The LSN of ``page``'s version as of ``lsn`` (``base`` for the base map's);
+        None if it was never written."""
+        for version in range(lsn, self.folded, -1):
+            if page in self.commits[version - self.base - 1].graft:
+                return version
+        lsns = self.written.get(page)
+        if lsns:
+            i = bisect_right(lsns, lsn)
+            if i:
+                return lsns[i - 1]
+        return self.base if page in self.base_map.bitmap else None
+
+    def located_in(self, sid: str, lsn: int) -> dict[int, Located]:
+        """The pages whose version as of ``lsn`` lives in segment ``sid``, by page."""
+        candidates = BitMap()
+        if sid in self.base_map.sids:
+            index = self.base_map.sids.index(sid)
+            rows = [i for i, s in enumerate(self.base_map.segments) if s == index]
+            candidates.update(self.base_map.entries.pages[i] for i in rows)
+        for version in range(self.base + 1, lsn + 1):
+            for seg in self.commit_at(version).segments:
+                if seg.sid == sid:
+                    candidates |= seg.columns.bitmap
+        found = {}
+        for page in candidates:
+            loc = self.locate(page, lsn)
+            if loc is not None and loc.sid == sid:
+                found[page] = loc
+        return found
+
+    @property
+    def versions(self) -> BitMap:
+        """Every page that has a version here (in the base map or a later commit)."""
+        pages = BitMap(self.base_map.bitmap)
+        for commit in self.commits:
+            pages |= commit.graft
+        return pages
+
+    def changed_since(self, since: int) -> BitMap:
+        """The pages whose latest version is after ``since`` (which may be below base)."""
+        pages = self.base_map.newer_than(since) if since < self.base else BitMap()
+        for lsn in range(max(since, self.base) + 1, self.latest + 1):
+            pages |= self.commit_at(lsn).graft
+        return pages
 
     def checkpoint(self, lsn: int) -> Checkpoint:
-        """The page map as of ``lsn`` (>= base)."""
-        pages = {}
-        for page in range(self.page_count_at(lsn)):
-            loc = self.locate(page, lsn)
-            if loc is not None:
-                pages[page] = loc
+        """The page map as of ``lsn`` (>= base): commits newest first, each giving the
+        pages no newer one wrote (bitmap differences), then the base map's rest."""
+        count = self.page_count_at(lsn)
+        pages: dict[int, Located] = {}
+        taken = BitMap()
+        for version in range(lsn, self.base, -1):
+            commit = self.commit_at(version)
+            fresh = commit.graft - taken
+            fresh.remove_range(count, MAX_PAGES)
+            if fresh:
+                for seg in commit.segments:
+                    for page in seg.columns.bitmap & fresh:
+                        entry = seg.columns.find(page)
+                        assert entry is not None
+                        pages[page] = Located(version, seg.sid, entry)
+            taken |= commit.graft
+        rest = self.base_map.bitmap - taken
+        rest.remove_range(count, MAX_PAGES)
+        for page in rest:
+            loc = self.base_map.locate(page)
+            assert loc is not None
+            pages[page] = loc
         assert self.volume_id is not None, "LSN 0 has no checkpoint"
         return Checkpoint(
             self.vid, self.volume_id, lsn, self.page_count_at(lsn), self.timestamp_at(lsn), pages
@@ -205,15 +290,16 @@ class VolumeLog:
                 f"log record {record.lsn} of {self.vid!r} belongs to volume "
                 f"{record.volume_id.hex()}, not {self.volume_id.hex()}"
             )
-        pages: dict[int, tuple[str, Entry]] = {}
-        for seg in record.segments:
-            for e in seg.entries:
-                pages[e.page] = (seg.sid, e)
-        for page in pages:
-            self.versions.setdefault(page, []).append(record.lsn)
         self.commits.append(
-            LoggedCommit(record.page_count, record.hash, record.timestamp, record.pages(), pages)
+            LoggedCommit(
+                record.page_count, record.hash, record.timestamp, record.pages(), record.segments
+            )
         )
+        if self.latest - self.folded > FOLD_AFTER:
+            for lsn in range(self.folded + 1, self.latest + 1):
+                for page in self.commit_at(lsn).graft:
+                    self.written.setdefault(page, []).append(lsn)
+            self.folded = self.latest
 
 
 class Index:
@@ -270,10 +356,8 @@ class Index:
         the one read within FLOOR_RECHECK seconds): see passed_by_gc.
         """
         just_loaded = not vol.loaded
-        if just_loaded:
-            self._load(vol)
         # Other processes may have committed since the listing or the last probe.
-        self._apply_newer(vol)
+        self._apply_newer(vol, self._load(vol) if just_loaded else None)
         if just_loaded:
             return
         try:
@@ -284,17 +368,25 @@ class Index:
             # GC deleted the records after this cache's latest (they are below its
             # floor), or the volume was deleted: the probe above cannot see past them,
             # the store's latest checkpoint and log can.
-            self._load(vol)
-            self._apply_newer(vol)
+            self._apply_newer(vol, self._load(vol))
 
-    def _apply_newer(self, vol: VolumeLog) -> None:
-        while (record := read_record(self.store, vol.vid, vol.latest + 1)) is not None:
+    def _apply_newer(
+        self, vol: VolumeLog, probed: tuple[CommitRecord | None] | None = None
+    ) -> None:
+        """Apply the records after the cache's latest, up to the first missing one.
+        ``probed``: the record after the latest, read already (see ``_load``)."""
+        (record,) = probed if probed is not None else (self._next_record(vol),)
+        while record is not None:
             if vol.volume_id is not None and record.volume_id != vol.volume_id:
                 # The name was deleted and created again (a record of the new volume):
                 # this cache is of the old one. Load the new one from its own log.
-                self._load(vol)
+                (record,) = self._load(vol)
                 continue
             vol.apply(record)
+            record = self._next_record(vol)
+
+    def _next_record(self, vol: VolumeLog) -> CommitRecord | None:
+        return read_record(self.store, vol.vid, vol.latest + 1)
 
     def passed_by_gc(self, vol: VolumeLog, *, fresh: bool = False) -> bool:
         """Whether GC raised the floor above this cache's latest LSN (the floor re-read at
@@ -402,6 +494,16 @@ class Index:
                     self._views = {k: v for k, v in self._views.items() if k[0] != vol.vid}
                 raise VolumeNotFound(f"volume {vol.vid!r} was deleted")
 
+    def _prefetch_store_id(self) -> None:
+        """Read the store's identity if it has one; creating it is left to store_id (a
+        load must not write, and a failed read is read again by whoever needs it)."""
+        try:
+            data = self.store.get(STORE_KEY)
+            if data is not None and self._store_id is None:
+                self._store_id = decode_store(data)
+        except GraftError:
+            pass
+
     def store_id(self) -> bytes:
         """The store's identity, created (once, whoever comes first) if it has none yet."""
         if self._store_id is None:
@@ -435,11 +537,21 @@ class Index:
                 "it was created again or the client was pointed at another store"
             )
 
-    def _load(self, vol: VolumeLog) -> None:
-        """Read the latest checkpoint and the log records after it. Caller holds the lock."""
+    def _load(self, vol: VolumeLog) -> tuple[CommitRecord | None]:
+        """Read the latest checkpoint and the log records after it. Caller holds the lock.
+
+        Returns the record after the listed ones, read with them (the probe ``refresh``
+        makes next, in a 1-tuple: None inside if there is none). The GC floor and the
+        store's identity, which the first request asks for next, are read meanwhile: a
+        cold server's first answer waited for 6 store round trips one after another
+        before its first segment read, now for 3 (listings, then the records).
+        """
         # The floor is read again for what is loaded (a name deleted and created again
         # starts over).
         vol.floor, vol.floor_read = 0, -FLOOR_RECHECK
+        floor_read = time.monotonic()
+        retention = _load_pool.submit(read_retention, self.store, vol.vid)
+        store_id = _load_pool.submit(self._prefetch_store_id) if self._store_id is None else None
         for _ in range(3):
             checkpoints = self.store.list(checkpoint_prefix(vol.vid))
             checkpoint = None
@@ -454,14 +566,27 @@ class Index:
             for lsn, key in enumerate(keys, start=vol.base + 1):
                 if key != log_key(vol.vid, lsn):
                     raise CorruptData(f"log of {vol.vid!r} has a gap or stray key at {key!r}")
-            for lsn, record in read_records(
-                self.store, vol.vid, vol.base + 1, vol.base + len(keys)
-            ):
-                if record is None:
+            last = vol.base + len(keys)
+            newer = None
+            for lsn, record in read_records(self.store, vol.vid, vol.base + 1, last + 1):
+                if lsn > last:
+                    newer = record  # committed since the listing, or None
+                elif record is None:
                     raise CorruptData(f"log record {lsn} of {vol.vid!r} vanished after listing")
-                vol.apply(record)
+                else:
+                    vol.apply(record)
             vol.loaded = True
-            return
+            if store_id is not None:
+                store_id.result()
+            try:
+                retained = retention.result()
+            except GraftError:
+                pass  # read again when asked for: that read says what failed
+            else:
+                if vol.volume_id is None or vol.volume_id not in retained.deleted:
+                    # (A deleted volume's floor is left unread: _read_floor says so.)
+                    vol.floor, vol.floor_read = retained.floor, floor_read
+            return (newer,)
         raise StorageError(f"the checkpoints of {vol.vid!r} kept changing while being read")
 
     def _not_found(self, vol: VolumeLog, message: str) -> VolumeNotFound:

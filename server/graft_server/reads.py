@@ -12,18 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 from pyroaring import BitMap
 
 from graft_server.index import Index, VolumeLog, read_floor, read_record
-from graft_server.segments import (
-    MissingSegment,
-    SegmentCache,
-    fetch_segments_frames,
-    read_segment_index,
-)
+from graft_server.segments import MissingSegment, SegmentCache, fetch_segments_frames
 from graft_vfs.core.btree import (
     interior_children,
     is_interior,
@@ -199,8 +194,9 @@ class Reads:
                 take([page])
             return contents[page]
 
-        def whole_tree(root: int, usable: int) -> None:
-            level = take([root])
+        def whole_trees(roots: list[int], usable: int) -> None:
+            """Every page of the trees of ``roots``, level by level, the trees together."""
+            level = take(roots)
             while level:
                 below: list[int] = []
                 for page in level:
@@ -216,11 +212,13 @@ class Reads:
             known = self._home_of_page_1(view, head.lsn, budget)
             take([0])
             usable = usable_size(contents[0])
-            whole_tree(0, usable)
+            whole_trees([0], usable)
             schema = read_schema(read, head.page_count)
             stats = [e.root for e in schema if e.name in STAT_TABLES]
-            for root in stats:
-                whole_tree(root, usable)
+            others = [e.root for e in schema if e.name not in STAT_TABLES]
+            left = budget - len(gathered)
+            self._read_ahead(view, head.lsn, head.page_count, stats, others, gathered, known, left)
+            whole_trees(stats, usable)
             roots = take([e.root for e in schema if e.root not in gathered])
             for root in roots:  # one tree at a time: _interior_below probes one depth
                 left = budget - len(gathered)
@@ -237,24 +235,81 @@ class Reads:
             return list(gathered.values()), False
         return list(gathered.values()), True
 
+    def _read_ahead(
+        self,
+        view: VolumeLog,
+        lsn: int,
+        page_count: int,
+        whole: list[int],
+        probed: list[int],
+        gathered: Mapping[int, PageFrame],
+        known: dict[int, PageFrame],
+        limit: int,
+    ) -> None:
+        """Read into ``known`` what the opening reads next one tree and one level at a
+        time, for all trees at once, one batch of store reads per depth: the roots not
+        read yet, every page of the ``whole`` trees (the statistics), and below the
+        ``probed`` roots the pages _interior_below probes (the first child of the first
+        page of each level). After a cold server loaded the benchmark volume, 8 of its
+        17 store reads one after another were these (the stat1 root, stat4's leaves, a
+        probe per tree: leaves all, as the interior pages came with page 1's segment);
+        now they are one round. At most ``limit`` pages in all."""
+
+        def frame_of(page: int) -> PageFrame | None:
+            return known.get(page) or gathered.get(page)
+
+        def children(page: int, frame: PageFrame) -> list[int]:
+            if not frame.frame:
+                return []
+            content = decompress_page(frame.frame, page)  # [] below for any other page
+            return [c for c in interior_children(content, page) if c < page_count]
+
+        while limit > 0:
+            wanted: dict[int, None] = {}
+            seen: set[int] = set()  # a damaged tree may point back up
+            level = list(whole)
+            while level:
+                below = []
+                for page in level:
+                    if page not in seen:
+                        seen.add(page)
+                        frame = frame_of(page)
+                        if frame is None:
+                            wanted[page] = None
+                        else:
+                            below += children(page, frame)
+                level = below
+            for page in probed:
+                seen.clear()
+                while page not in seen:
+                    seen.add(page)
+                    frame = frame_of(page)
+                    if frame is None:
+                        wanted[page] = None
+                        break
+                    kids = children(page, frame)
+                    if not kids:
+                        break
+                    page = kids[0]
+            batch = list(wanted)[:limit]
+            if not batch:
+                return
+            known.update(self._frames(view, lsn, batch))
+            limit -= len(batch)
+
     def _home_of_page_1(self, view: VolumeLog, lsn: int, budget: int) -> dict[int, PageFrame]:
         """The current pages of the segment that holds page 1, read in one ranged read if
         there are at most ``budget``: a large commit lays page 1 and every interior
         B-tree page in segments of their own (``core.segment.upper_first``), so this is
-        most of an opening in three store reads (the segment's head, then the run)."""
+        most of an opening in one store read. Which pages those are, the page map says
+        (reading the segment's index first cost two more round trips)."""
         with view.lock:
             home = view.locate(0, lsn)
-        if home is None:
+            if home is None:
+                return {}
+            current = view.located_in(home.sid, lsn)
+        if len(current) > budget:
             return {}
-        entries = read_segment_index(self.store, home.sid) or []
-        if len(entries) > budget:
-            return {}
-        current: dict[int, Located] = {}
-        with view.lock:
-            for e in entries:
-                loc = view.locate(e.page, lsn)
-                if loc is not None and loc.sid == home.sid and loc.entry == e:
-                    current[e.page] = loc
         frames = fetch_segments_frames(
             self.store, {home.sid: [loc.entry for loc in current.values()]}, self.cache
         )
@@ -270,14 +325,9 @@ class Reads:
             latest = self.index.latest(vol)
             if since > latest:
                 raise SnapshotNotFound(f"LSN {since} is beyond the latest LSN {latest} of {vid!r}")
-            if since >= vol.base:
-                graft = BitMap()
-                for lsn in range(since + 1, latest + 1):
-                    graft |= vol.commit_at(lsn).graft
-            else:
-                # Older than the loaded checkpoint: a page changed in (since, latest]
-                # exactly when its latest version is newer than since.
-                graft = BitMap(p for p, lsns in vol.versions.items() if lsns[-1] > since)
+            # A page changed in (since, latest] exactly when its latest version is
+            # newer than since (since may be older than the loaded checkpoint).
+            graft = vol.changed_since(since)
             page_count = vol.page_count_at(latest)
         # Pages past the current end were truncated away: nothing to fetch for them.
         graft.remove_range(page_count, MAX_PAGES)
@@ -424,38 +474,53 @@ class Reads:
         read with this level's pages, so a level costs one round of store reads.
         """
         seen = set(requested)
-        level: list[int] = []
-        for page, frame in requested.items():
-            if frame.frame:
-                level += interior_children(decompress_page(frame.frame, page), page)
+        parsed: dict[int, list[int]] = {}
+
+        def children(parents: list[tuple[int, bytes]]) -> Iterator[int]:
+            """The next level's pages in order, each parent parsed when first reached:
+            the probe needs only the first, and the level above the leaves is most
+            of a tree's interior pages (parsing them all cost ~20 ms of a cold
+            opening's CPU on the benchmark volume, to learn that their children are
+            leaves)."""
+            for page, content in parents:
+                if page not in parsed:
+                    parsed[page] = interior_children(content, page)
+                for child in parsed[page]:
+                    if child < page_count and child not in seen:
+                        yield child
+
+        parents = [
+            (page, decompress_page(frame.frame, page))
+            for page, frame in requested.items()
+            if frame.frame
+        ]
         extra: list[PageFrame] = []
-        probe: PageFrame | None = None  # the first page of ``level``, when already read
+        probe: PageFrame | None = None  # the first page of the next level, when already read
         while budget > 0:
-            level = [p for p in dict.fromkeys(level) if p < page_count and p not in seen]
-            if not level:
+            first = next(children(parents), None)
+            if first is None:
                 break
-            if probe is None or probe.page != level[0]:
-                probe = self._frames(view, lsn, level[:1], known)[level[0]]
+            if probe is None or probe.page != first:
+                probe = self._frames(view, lsn, [first], known)[first]
             if not probe.frame:
                 break
             content = decompress_page(probe.frame, probe.page)
             if not is_interior(content, probe.page):
                 break
-            batch = level[:budget]
+            batch = list(dict.fromkeys(children(parents)))[:budget]
             budget -= len(batch)
             seen.update(batch)
+            parsed[probe.page] = interior_children(content, probe.page)
             ahead = [
-                p
-                for p in interior_children(content, probe.page)[:1]
-                if budget > 0 and p < page_count and p not in seen
+                p for p in parsed[probe.page][:1] if budget > 0 and p < page_count and p not in seen
             ]
             frames = self._frames(view, lsn, [p for p in batch[1:] + ahead], known)
             frames[probe.page] = probe
             probe = frames[ahead[0]] if ahead else None
-            level = []
+            parents = []
             for page in batch:
                 frame = frames[page]
                 if frame.frame:
                     extra.append(frame)
-                    level += interior_children(decompress_page(frame.frame, page), page)
+                    parents.append((page, decompress_page(frame.frame, page)))
         return extra

@@ -8,6 +8,7 @@ not the hash of its pages is a 400, never mistaken for a commit that landed.
 from __future__ import annotations
 
 import random
+from array import array
 from collections.abc import Callable
 
 import msgpack
@@ -21,8 +22,8 @@ from graft_server.keys import checkpoint_key, log_key, retention_key
 from graft_server.objstore import MemoryStore
 from graft_server.volumes import Volumes
 from graft_vfs.core import envelope
-from graft_vfs.core.checkpoint import Checkpoint
-from graft_vfs.core.commit import CommitRecord, commit_hash
+from graft_vfs.core.checkpoint import CHECKPOINT_KIND, Checkpoint
+from graft_vfs.core.commit import RECORD_KIND, CommitRecord, commit_hash, pack_column, unpack_column
 from graft_vfs.core.errors import CorruptData
 from graft_vfs.core.identity import STORE_KEY, decode_store, encode_store
 from graft_vfs.core.retention import decode_floor, decode_pending, encode_floor, encode_pending
@@ -68,20 +69,44 @@ def test_every_single_bit_flip_is_refused(kind: str) -> None:
             decode(data[:cut])
 
 
+# A checkpoint's packed columns (CKP4), each edited as a list of integers.
+COLUMNS = {
+    "pages": "I",
+    "versions": "Q",
+    "segments": "I",
+    "offsets": "Q",
+    "lengths": "I",
+    "crcs": "I",
+}
+
+
+def edit_columns(fields: dict, edit: Callable[[dict[str, list[int]]], None]) -> None:
+    cols = {
+        name: list(unpack_column(fields[name], code, None, CorruptData))
+        for name, code in COLUMNS.items()
+    }
+    edit(cols)
+    for name, code in COLUMNS.items():
+        fields[name] = pack_column(array(code, cols[name]))
+
+
 def edit_checkpoint(data: bytes, edit: Callable[[dict], None]) -> bytes:
     """The checkpoint with its map edited and recompressed, its original checksum kept."""
-    body = envelope.unseal(b"CKP3", data, "checkpoint")
+    body = envelope.unseal(CHECKPOINT_KIND, data, "checkpoint")
     fields = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body))
     edit(fields)
     new_body = zstandard.ZstdCompressor(level=3).compress(msgpack.packb(fields))
-    resealed = envelope.seal(b"CKP3", new_body)
+    resealed = envelope.seal(CHECKPOINT_KIND, new_body)
     return resealed[:-4] + data[-4:]  # an edit cannot know the checksum of its result
 
 
 def swap_pages_0_and_1(fields: dict) -> None:
     # Each page keeps a valid (offset, length, crc) triple: only the map lies.
-    for col in fields["cols"][2:]:
-        col[0], col[1] = col[1], col[0]
+    def swap(cols: dict[str, list[int]]) -> None:
+        for name in ("segments", "offsets", "lengths", "crcs"):
+            cols[name][0], cols[name][1] = cols[name][1], cols[name][0]
+
+    edit_columns(fields, swap)
 
 
 def test_swapped_page_map_is_corrupt_data_not_rows() -> None:
@@ -101,22 +126,28 @@ def test_resealed_edits_are_range_checked() -> None:
     data = store.get(checkpoint_key("v", 3))
 
     def resealed(edit: Callable[[dict], None]) -> bytes:
-        body = envelope.unseal(b"CKP3", data, "checkpoint")
+        body = envelope.unseal(CHECKPOINT_KIND, data, "checkpoint")
         fields = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body))
         edit(fields)
-        return envelope.pack(b"CKP3", fields, compress=True)
+        return envelope.pack(CHECKPOINT_KIND, fields, compress=True)
 
     def beyond_page_count(f: dict) -> None:
-        f["cols"][0][-1] = f["page_count"]
+        edit_columns(f, lambda c: c["pages"].__setitem__(-1, f["page_count"]))
 
     def unsorted(f: dict) -> None:
-        f["cols"][0][0], f["cols"][0][1] = f["cols"][0][1], f["cols"][0][0]
+        edit_columns(f, lambda c: c["pages"].reverse())
 
     def version_from_the_future(f: dict) -> None:
-        f["cols"][1][0] = f["lsn"] + 1
+        edit_columns(f, lambda c: c["versions"].__setitem__(0, f["lsn"] + 1))
 
     def no_such_segment(f: dict) -> None:
-        f["cols"][2][0] = len(f["sids"])
+        edit_columns(f, lambda c: c["segments"].__setitem__(0, len(f["sids"])))
+
+    def zero_length(f: dict) -> None:
+        edit_columns(f, lambda c: c["lengths"].__setitem__(0, 0))
+
+    def short_column(f: dict) -> None:
+        f["crcs"] = f["crcs"][:-4]
 
     def bool_for_int(f: dict) -> None:
         f["page_count"] = True
@@ -129,6 +160,8 @@ def test_resealed_edits_are_range_checked() -> None:
         unsorted,
         version_from_the_future,
         no_such_segment,
+        zero_length,
+        short_column,
         bool_for_int,
         short_identity,
     ):
@@ -140,10 +173,10 @@ def test_log_record_page_count_edit_is_refused() -> None:
     store = MemoryStore()
     volume_with_checkpoint(store)
     data = store.get(log_key("v", 2))
-    body = envelope.unseal(b"LOG3", data, "commit record")
+    body = envelope.unseal(RECORD_KIND, data, "commit record")
     fields = msgpack.unpackb(body)
     fields["page_count"] += 1
-    edited = envelope.seal(b"LOG3", msgpack.packb(fields))
+    edited = envelope.seal(RECORD_KIND, msgpack.packb(fields))
     with pytest.raises(CorruptData, match="checksum"):
         CommitRecord.decode(edited[:-4] + data[-4:])
 
