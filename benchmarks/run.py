@@ -100,7 +100,7 @@ def machine() -> dict:
     }
 
 
-SECTIONS = ("cold", "warm", "fragmented", "writes", "catchup", "passthrough")
+SECTIONS = ("cold", "prefetch", "warm", "fragmented", "writes", "catchup", "passthrough")
 
 
 def passthrough(quick: bool) -> dict:
@@ -139,6 +139,10 @@ def services(result: dict, sections, ds, s3vfs_db: str, wls, cfg, started: float
             log("cold reads")
             result["cold"] = scenarios.cold(svc, ds, s3vfs_db, wls, cfg, log)
             timed["cold"], t = time.perf_counter() - t, time.perf_counter()
+        if "prefetch" in sections:
+            log(f"one B-tree ({scenarios.PREFETCH_TREE}) against the whole volume")
+            result["prefetch"] = scenarios.prefetch(svc, ds, cfg, log)
+            timed["prefetch"], t = time.perf_counter() - t, time.perf_counter()
         client = scenarios.WarmClient(svc)
         try:
             if "warm" in sections:

@@ -57,6 +57,7 @@ class Config:
     single_commits: int
     bulk_rows: int
     server_cold_reps: int = 1  # runs with the server restarted before each, per workload
+    prefetch_reps: int = 1  # PRAGMA graft_prefetch and graft_hydrate runs per link
     breakdown_reps: int = 3  # one cold lookup, server cold and warm, per link
     fragment_commits: int = 200  # small commits before the fragmented-history runs
     fragment_reps: int = 1
@@ -91,6 +92,7 @@ class Config:
             single_commits=500,
             bulk_rows=100_000,
             server_cold_reps=3,
+            prefetch_reps=3,
             breakdown_reps=5,
             fragment_reps=3,
         )
@@ -679,6 +681,85 @@ def writes(svc: Services, ds: Dataset, client: WarmClient, cfg: Config, log) -> 
     )
     out["full_file_bytes"] = client.pragma("graft_status")["page_count"] * PAGE
     return out
+
+
+# -- one B-tree against the whole volume --------------------------------------------------
+
+
+PREFETCH_TREE = "orders"
+PREFETCH_CHECK = "SELECT count(*), sum(amount), max(id) FROM orders"
+
+
+def prefetch(svc: Services, ds: Dataset, cfg: Config, log) -> dict:
+    """Per link, a fresh client (server warm): ``PRAGMA graft_prefetch('orders')``, then a
+    full scan of orders, which must move nothing and return native SQLite's rows; next to
+    ``PRAGMA graft_hydrate`` (every page of the volume) from another fresh client. A run
+    that would take longer than the budget is computed from its loopback run."""
+    native = apsw.Connection(ds.path, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        expected = native.execute(PREFETCH_CHECK).fetchall()
+    finally:
+        native.close()
+    svc.warm_server()
+    out: dict = {}
+    for name in cfg.profiles:
+        link = PROFILES[name]
+        svc.set_link(link)
+        loop = out.get("loopback")
+        res: dict = {}
+        for what, pragma in (
+            ("prefetch", f"graft_prefetch('{PREFETCH_TREE}')"),
+            ("hydrate", "graft_hydrate"),
+        ):
+            if loop is not None and predicted_seconds(loop[what], link) > cfg.budget:
+                res[what] = modelled(loop[what], link)
+                continue
+            runs = [_fetch_run(svc, pragma, expected) for _ in range(cfg.prefetch_reps)]
+            res[what] = {
+                **sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2],  # the median run
+                "runs": [round(r["seconds"], 4) for r in runs],
+                "rows_agree": all(r["rows_agree"] for r in runs),
+            }
+        out[name] = res
+        p, h = res["prefetch"], res["hydrate"]
+        log(
+            f"  {name}: prefetch of {PREFETCH_TREE} {p['seconds']:.3f} s, "
+            f"{p['bytes_down'] / 1e6:.1f} MB; hydrate {h['seconds']:.3f} s, "
+            f"{h['bytes_down'] / 1e6:.1f} MB ({h['how']})"
+        )
+    return out
+
+
+def _fetch_run(svc: Services, pragma: str, expected: list) -> dict:
+    """One fresh client: the PRAGMA, counted by the link proxy, then the check query."""
+    system = Graft(svc, "")
+    system.prepare()
+    con = system.open()
+    try:
+        svc.reset("graft")
+        t = time.perf_counter()
+        got = json.loads(con.execute(f"PRAGMA {pragma}").fetchone()[0])
+        seconds = time.perf_counter() - t
+        stats = svc.stats("graft")
+        svc.reset("graft")
+        rows = con.execute(PREFETCH_CHECK).fetchall()
+        after = svc.stats("graft")
+    finally:
+        system.close(con)
+    return {
+        "seconds": seconds,
+        "first_row_seconds": seconds,
+        "requests": stats["requests"],
+        "round_trips": stats["busy_periods"],
+        "bytes_down": stats["bytes_down"],
+        "bytes_up": stats["bytes_up"],
+        "pages_fetched": got["pages_fetched"],
+        "pages": got.get("pages", got.get("page_count")),
+        "check_requests": after["requests"],
+        "rows_agree": rows == expected,
+        "digest": None,
+        "how": "measured",
+    }
 
 
 # -- sync catch-up ------------------------------------------------------------------------

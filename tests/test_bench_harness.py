@@ -18,9 +18,9 @@ from collections.abc import Iterator
 import apsw
 import pytest
 
-from benchmarks import capacity, report
+from benchmarks import capacity, report, scenarios
 from benchmarks.data import DataSpec, _sample, order_ref
-from benchmarks.linkproxy import Link, ProxyProcess
+from benchmarks.linkproxy import PROFILES, Link, ProxyProcess
 from graft_vfs.sample import make_sample_database
 
 DELAY = 0.05
@@ -207,3 +207,38 @@ def test_benchmark_orders_are_the_sample_rows_with_a_unique_key(tmp_path):
     finally:
         ours.close()
         sample.close()
+
+
+def test_prefetch_lines_put_one_tree_next_to_the_whole_volume():
+    assert report.prefetch_lines({}) == []
+    run = {
+        "seconds": 0.5,
+        "first_row_seconds": 0.5,
+        "requests": 6,
+        "round_trips": 3,
+        "bytes_down": 49_000_000,
+        "bytes_up": 1000,
+        "pages_fetched": 20_000,
+        "pages": 20_000,
+        "check_requests": 0,
+        "rows_agree": True,
+        "runs": [0.5],
+        "digest": None,
+        "how": "measured",
+    }
+    hydrate = run | {"seconds": 2.0, "bytes_down": 130_000_000, "pages_fetched": 32_596}
+    slow = scenarios.modelled(hydrate, PROFILES["slow"])  # as a run over the budget is
+    assert slow["how"] != "measured" and slow["pages_fetched"] == 32_596
+    assert slow["seconds"] == pytest.approx(2.0 + 7 * 0.05 + 130_001_000 / 2e6)
+    lines = report.prefetch_lines(
+        {
+            "prefetch": {
+                "loopback": {"prefetch": run, "hydrate": hydrate},
+                "slow": {"prefetch": run, "hydrate": slow},
+            }
+        }
+    )
+    assert lines[0].startswith("loopback  graft_prefetch('orders') 0.500 s, 20000 pages")
+    assert "6 requests in 3 round trips" in lines[0] and "rows agree" in lines[0]
+    assert lines[0].endswith("graft_hydrate 2.000 s, 32596 pages, 130 MB (4.0x the time)")
+    assert "graft_hydrate 67.4 s**" in lines[1]
