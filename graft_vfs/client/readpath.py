@@ -634,7 +634,7 @@ class ReadPath:
             if time.monotonic() - self._tree_rate_at > TREE_RETRY:
                 self._tree_rate = None  # measured long ago (a cold server, another link)
             probe = TREE_BATCH  # pages of the next probing round (while none measured it)
-            probe_best = 0.0  # the highest rate a probing round saw
+            last_probe: tuple[int, float] | None = None  # the last probing round's bytes, time
 
             def fetch(chunk: list[int]) -> tuple[int, float]:
                 """Bytes received and seconds on the link (0, 0.0 if nothing was sent)."""
@@ -720,20 +720,22 @@ class ReadPath:
                         self._tree_rate = rate + 0.5 * (seen - rate)
                         self._tree_rate_at = time.monotonic()
                         probes += 1
-                    elif rate is None and seen is not None:
-                        # Probing: rounds grow until their bytes take longer than the
-                        # round trip itself (then they, not the jitter of the round trip
-                        # or the CPU around it, set the time). Noise only slows a round:
-                        # the highest rate seen is the link's.
-                        probe_best = max(probe_best, seen)
-                        moving = statistics.median(times) - link.floor
-                        if moving >= link.floor or probe >= TREE_PROBE_MAX:
-                            self._tree_rate, self._tree_rate_at = probe_best, time.monotonic()
+                    elif rate is None and nbytes:
+                        # Probing: what a round's time grew by over the last round's, 4
+                        # times smaller, is its extra bytes crossing the link; the round
+                        # trip and the CPU around each request cancel out. Rounds grow
+                        # until that growth stands out of the jitter (a quarter of the
+                        # round trip), or the largest probe: then its own rate, a floor.
+                        took = statistics.median(times)
+                        got = _probe_rate(last_probe, (nbytes, took), link.floor)
+                        if got is None and probe >= TREE_PROBE_MAX:
+                            got = seen
+                        if got is not None:
+                            self._tree_rate, self._tree_rate_at = got, time.monotonic()
                             probes += 1
                         else:
+                            last_probe = (nbytes, took)
                             probe = min(probe * 4, TREE_PROBE_MAX)
-                    elif rate is None and nbytes:
-                        probe = min(probe * 4, TREE_PROBE_MAX)  # too few bytes to tell
                     if skipped.is_set():
                         break  # the link stayed busy: a later miss starts it over
                 job.complete = i >= len(todo) and not skipped.is_set()
@@ -996,6 +998,20 @@ class ReadPath:
                 used.move_to_end(pageno)
             while len(used) > USAGE_LOG:
                 used.popitem(last=False)
+
+
+def _probe_rate(
+    last: tuple[int, float] | None, this: tuple[int, float], floor: float
+) -> float | None:
+    """The link's rate from two probing rounds, ``(bytes, seconds)`` each: the bytes the
+    later one moved beyond the earlier over the time it took beyond it; None while that
+    time is within the jitter of a round trip of ``floor`` (a quarter of it)."""
+    if last is None:
+        return None
+    more, longer = this[0] - last[0], this[1] - last[1]
+    if more <= 0 or longer < floor * TREE_INFLIGHT_RTTS:
+        return None
+    return more / longer
 
 
 class _TreeJob:
