@@ -773,7 +773,7 @@ def small_probes(monkeypatch) -> None:
     (about 230 leaves) would come whole in the default rounds before one measured."""
     import graft_vfs.client.readpath as readpath
 
-    monkeypatch.setattr(readpath, "TREE_BATCH", 4)
+    monkeypatch.setattr(readpath, "TREE_PROBE_FIRST", 4)
     monkeypatch.setattr(readpath, "tree_probe", lambda pages: (1, pages))
 
 
@@ -795,11 +795,12 @@ def test_auto_gives_the_background_fetch_up_on_a_narrow_link(
     rate = vol.reads._tree_rate
     assert rate is not None and rate * 0.050 < 512 * 1024  # measured narrow
     if setting is None:
-        # Rounds of 4 and 16 pages: the 16 took clearly longer than the 4.
-        assert sizes and sum(sizes) <= 4 + 16
+        # Rounds of 4 pages (opening the connection: not compared), 16, then 64, which
+        # took clearly longer than the 16.
+        assert sizes and sum(sizes) <= 4 + 16 + 64
         assert all(job.declined for job in vol.reads._jobs.values())
     else:
-        assert sum(sizes) > 4 + 16 + 64
+        assert sum(sizes) > 4 + 16 + 64 + 64
         assert not any(job.declined for job in vol.reads._jobs.values())
         rows, moved = requests_for(con, "SELECT count(*) FROM items NOT INDEXED")
         assert rows == [(ITEMS,)] and moved == 0
@@ -844,10 +845,9 @@ def test_probing_rounds_grow_until_their_time_grows(client, tree_volume, monkeyp
     before (never, on this wide link) or is the largest probe, whose own rate is then
     taken."""
     import graft_vfs.client.readpath as readpath
-    from graft_vfs.client.prefetch import TREE_BATCH, tree_link_wide, tree_probe
+    from graft_vfs.client.prefetch import TREE_WORKERS, tree_link_wide, tree_probe
 
-    assert tree_probe(16) == (1, TREE_BATCH)
-    assert tree_probe(1024) == (4, 256)
+    assert tree_probe(4) == (TREE_WORKERS, 1) and tree_probe(1024) == (TREE_WORKERS, 256)
     assert tree_link_wide(0.020, 40e6) and not tree_link_wide(0.050, 2e6)
     import graft_vfs.client.prefetch as prefetch
 

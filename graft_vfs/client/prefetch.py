@@ -527,8 +527,10 @@ TREE_CHEAP_RTTS = 64  # what is left of a tree comes at once if it takes under 6
 # snapshot moves): fetched a quarter round trip at a time, it would take link time
 # from demand reads for longer than most workloads stay in one tree.
 TREE_PROBES = 3
-# Until a round has measured the link, rounds grow 4-fold from TREE_BATCH pages up to
-# this many in all (5 MB): a round must take long enough for its bytes to show.
+# Until a round has measured the link, rounds of TREE_WORKERS parallel requests grow
+# 4-fold from TREE_PROBE_FIRST pages (one a request: it opens their connections, each a
+# round trip more, so its time is not compared) up to TREE_PROBE_MAX in all (5 MB).
+TREE_PROBE_FIRST = TREE_WORKERS
 TREE_PROBE_MAX = TREE_WORKERS * TREE_BATCH_MAX
 # Options(background_fetch=None) runs it only where a round trip carries this many bytes
 # at the rate background rounds measure (the bandwidth-delay product; edge: 20 ms at 100
@@ -671,9 +673,9 @@ def tree_batch(
 
 
 def tree_probe(pages: int) -> tuple[int, int]:
-    """Requests and pages in each of a probing round of ``pages`` pages in all."""
-    workers = int(min(TREE_WORKERS, max(1, pages // TREE_BATCH)))
-    return workers, max(TREE_BATCH, pages // workers)
+    """Requests and pages in each of a probing round of ``pages`` pages in all: always
+    TREE_WORKERS requests, so after the first round none opens a connection."""
+    return TREE_WORKERS, max(1, pages // TREE_WORKERS)
 
 
 def tree_link_wide(rtt: float, bandwidth: float) -> bool:

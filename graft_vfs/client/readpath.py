@@ -32,11 +32,11 @@ from graft_vfs.client.prefetch import (
     FOLLOW_MAX,
     FOLLOW_START,
     SIBLINGS_MAX,
-    TREE_BATCH,
     TREE_CHEAP_INFLIGHT_RTTS,
     TREE_INFLIGHT_RTTS,
     TREE_JOBS,
     TREE_MISSES,
+    TREE_PROBE_FIRST,
     TREE_PROBE_MAX,
     TREE_PROBES,
     TREE_RETRY,
@@ -633,8 +633,11 @@ class ReadPath:
             probes = 0  # rounds that measured the link
             if time.monotonic() - self._tree_rate_at > TREE_RETRY:
                 self._tree_rate = None  # measured long ago (a cold server, another link)
-            probe = TREE_BATCH  # pages of the next probing round (while none measured it)
-            last_probe: tuple[int, float] | None = None  # the last probing round's bytes, time
+            probe = TREE_PROBE_FIRST  # pages of the next probing round (none measured it)
+            # The last probing round's (bytes, seconds); None after the first, which opened
+            # the connections of the rounds after it.
+            last_probe: tuple[int, float] | None = None
+            warmed = False
 
             def fetch(chunk: list[int]) -> tuple[int, float]:
                 """Bytes received and seconds on the link (0, 0.0 if nothing was sent)."""
@@ -734,7 +737,8 @@ class ReadPath:
                             self._tree_rate, self._tree_rate_at = got, time.monotonic()
                             probes += 1
                         else:
-                            last_probe = (nbytes, took)
+                            last_probe = (nbytes, took) if warmed else None
+                            warmed = True
                             probe = min(probe * 4, TREE_PROBE_MAX)
                     if skipped.is_set():
                         break  # the link stayed busy: a later miss starts it over
