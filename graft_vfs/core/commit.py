@@ -283,36 +283,40 @@ class CommitRecord:
 
 def _column_entries(seg: Fields, page_count: int) -> PageEntries:
     """A LOG4 segment's entries, every column checked in bulk before any is used."""
+    return packed_entries(seg, page_count)
 
-    def packed(name: str) -> bytes:
-        value = seg.get(name)
-        if not isinstance(value, bytes):
-            raise seg.bad(name, "is not packed integers")
-        return value
 
-    def bad(name: str) -> Callable[[str], CorruptData]:
-        return lambda why: seg.bad(name, why)
+def packed_column(f: Fields, name: str, code: str, count: int | None) -> array[int]:
+    """Field ``name`` of ``f``: ``count`` packed integers of ``code`` (any number: None)."""
+    value = f.get(name)
+    if not isinstance(value, bytes):
+        raise f.bad(name, "is not packed integers")
+    return unpack_column(value, code, count, lambda why: f.bad(name, why))
 
-    pages = unpack_column(packed("pages"), U32, None, bad("pages"))
+
+def packed_entries(f: Fields, page_count: int) -> PageEntries:
+    """The packed columns ``pages``, ``offsets``, ``lengths``, ``crcs`` of ``f`` (a LOG4
+    segment, a CKP4 map), checked in bulk: equal lengths, pages strictly ascending and
+    below ``page_count``, no zero length, offsets below 2**63 (any u32 is a crc)."""
+    pages = packed_column(f, "pages", U32, None)
     n = len(pages)
-    lengths, offsets = packed("lengths"), packed("offsets")
     columns = PageEntries(
         pages,
-        unpack_column(offsets, U64, n, bad("offsets")),
-        unpack_column(lengths, U32, n, bad("lengths")),
-        unpack_column(packed("crcs"), U32, n, bad("crcs")),  # any u32 is a crc
+        packed_column(f, "offsets", U64, n),
+        packed_column(f, "lengths", U32, n),
+        packed_column(f, "crcs", U32, n),
     )
     if n:
         bitmap = columns.bitmap
         # Strictly ascending: the bitmap (sorted, without duplicates) reads back the same.
         if len(bitmap) != n or bitmap.to_array() != pages:
-            raise seg.bad("pages", "are not strictly ascending")
+            raise f.bad("pages", "are not strictly ascending")
         if bitmap.max() >= page_count:
-            raise seg.bad("pages", f"name a page at or beyond the page count {page_count}")
-        if has_zero_u32(lengths):
-            raise seg.bad("lengths", "hold a zero length")
-        if not below_2_63(offsets):
-            raise seg.bad("offsets", f"hold an offset beyond {MAX_OFFSET}")
+            raise f.bad("pages", f"name a page at or beyond the page count {page_count}")
+        if has_zero_u32(pack_column(columns.lengths)):
+            raise f.bad("lengths", "hold a zero length")
+        if not below_2_63(pack_column(columns.offsets)):
+            raise f.bad("offsets", f"hold an offset beyond {MAX_OFFSET}")
     return columns
 
 
