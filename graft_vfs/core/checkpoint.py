@@ -91,13 +91,19 @@ class PageMap:
         return self.entries.bitmap
 
     def locate(self, page: int) -> Located | None:
-        bitmap = self.entries.bitmap
-        if page not in bitmap:
+        i = self.entries.row(page)
+        if i is None:
             return None
-        i = bitmap.rank(page) - 1
         e = self.entries
         entry = Entry(page, e.offsets[i], e.lengths[i], e.crcs[i])
         return Located(self.versions[i], self.sids[self.segments[i]], entry)
+
+    def pages_in(self, sid: str) -> BitMap:
+        """The pages the map places in segment ``sid``."""
+        if sid not in self.sids:
+            return BitMap()
+        index = self.sids.index(sid)
+        return BitMap(p for p, s in zip(self.entries.pages, self.segments) if s == index)
 
     def to_dict(self) -> dict[int, Located]:
         sids = self.sids

@@ -96,12 +96,16 @@ class PageEntries:
     def __len__(self) -> int:
         return len(self.pages)
 
+    def row(self, page: int) -> int | None:
+        """The row of ``page`` in the columns; None if they do not hold it."""
+        bitmap = self.bitmap
+        return bitmap.rank(page) - 1 if page in bitmap else None
+
     def find(self, page: int) -> Entry | None:
         """The entry of ``page``; None if this segment does not hold it."""
-        bitmap = self.bitmap
-        if page not in bitmap:
+        i = self.row(page)
+        if i is None:
             return None
-        i = bitmap.rank(page) - 1
         return Entry(page, self.offsets[i], self.lengths[i], self.crcs[i])
 
     def entries(self) -> list[Entry]:

@@ -215,11 +215,7 @@ class VolumeLog:
 
     def located_in(self, sid: str, lsn: int) -> dict[int, Located]:
         """The pages whose version as of ``lsn`` lives in segment ``sid``, by page."""
-        candidates = BitMap()
-        if sid in self.base_map.sids:
-            index = self.base_map.sids.index(sid)
-            rows = [i for i, s in enumerate(self.base_map.segments) if s == index]
-            candidates.update(self.base_map.entries.pages[i] for i in rows)
+        candidates = self.base_map.pages_in(sid)
         for version in range(self.base + 1, lsn + 1):
             for seg in self.commit_at(version).segments:
                 if seg.sid == sid:
